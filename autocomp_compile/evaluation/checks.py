@@ -1,0 +1,87 @@
+"""Correctness comparison with dtype-aware tolerances, and interleaved timing."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# (atol relative to the reference's RMS, rtol): bf16 outputs carry 8 mantissa bits.
+TOLERANCES = {torch.bfloat16: (1.6e-2, 1.6e-2), torch.float32: (1e-4, 1e-4)}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    return TOLERANCES[dtype]
+
+
+@dataclass
+class Mismatch:
+    ok: bool
+    max_abs_error: float
+    message: str
+
+
+def compare(name: str, out: torch.Tensor, ref: torch.Tensor) -> Mismatch:
+    """Check `out` (kernel) against `ref` (float32/64 reference): |out-ref| <= atol*rms(ref) + rtol*|ref|."""
+    atol_rel, rtol = tolerance(out.dtype)
+    o, r = out.double(), ref.double()
+    if o.shape != r.shape:
+        return Mismatch(False, float("inf"), f"{name}: shape {tuple(o.shape)} != reference {tuple(r.shape)}")
+    finite = torch.isfinite(o)
+    if not bool(finite.all()):
+        idx = tuple(int(i) for i in (~finite).nonzero()[0])
+        n_bad = int((~finite).sum())
+        return Mismatch(False, float("inf"), f"{name}: {n_bad} non-finite values, first at {idx} (unwritten output?)")
+    atol = atol_rel * float(r.pow(2).mean().sqrt())
+    err = (o - r).abs()
+    allowed = atol + rtol * r.abs()
+    worst = int((err - allowed).argmax())
+    max_err = float(err.max())
+    if bool((err <= allowed).all()):
+        return Mismatch(True, max_err, "")
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), o.shape))
+    return Mismatch(
+        False,
+        max_err,
+        f"{name}: at {idx} got {float(o.flatten()[worst]):.6g}, expected {float(r.flatten()[worst]):.6g} "
+        f"(atol={atol:.3g}, rtol={rtol:.3g}); max abs error {max_err:.4g}",
+    )
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p99_ms: float
+    runs: int
+
+
+def _summary(samples: list[float]) -> Timing:
+    t = torch.tensor(samples, dtype=torch.float64) * 1e3
+    return Timing(float(t.median()), float(torch.quantile(t, 0.99)), len(samples))
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], None]], budget_ms: float = 1500.0, min_runs: int = 5, max_runs: int = 200, warmup: int = 2
+) -> dict[str, Timing]:
+    """Time several functions in alternation (a, b, a, b, ...), so machine noise hits all alike.
+
+    The number of runs comes from a time budget, as in triton's do_bench.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    start = time.perf_counter()
+    for fn in fns.values():
+        fn()
+    estimate_ms = (time.perf_counter() - start) * 1e3
+    runs = int(min(max_runs, max(min_runs, budget_ms / max(estimate_ms, 1e-3))))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(runs):
+        order = names if i % 2 == 0 else names[::-1]
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: _summary(s) for name, s in samples.items()}

@@ -1,0 +1,317 @@
+"""Per-kind definitions: shapes, the float32 reference, the PyTorch eager baseline, random inputs.
+
+Every kind registers a `KindSpec`. References compute in float32 from the (possibly bf16) inputs;
+eager baselines are what a user would run in PyTorch, written into the preallocated outputs where
+PyTorch allows it (`out=`), so that candidates and baseline pay the same allocation costs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from autocomp_compile.workload import TensorSpec, Workload, WorkloadError
+
+Tensors = dict[str, torch.Tensor]
+
+# Llama-3.2-1B (hidden 2048, intermediate 8192, 32 heads, 8 KV heads, head_dim 64, vocab 128256).
+LLAMA_3_2_1B = dict(hidden=2048, intermediate=8192, heads=32, kv_heads=8, head_dim=64, vocab=128256, eps=1e-5)
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    name: str
+    defaults: dict[str, Any]
+    shapes: Callable[[dict[str, Any], str], tuple[list[TensorSpec], list[TensorSpec], dict[str, int]]]
+    reference: Callable[[Tensors, dict[str, Any], dict[str, int]], Tensors]
+    eager: Callable[[Tensors, Tensors, dict[str, Any], dict[str, int]], None]
+    check: Callable[[dict[str, Any]], None] = lambda p: None
+
+    def build(self, dtype: str, params: dict[str, Any]) -> Workload:
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise WorkloadError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; valid: {sorted(self.defaults)}")
+        merged = {**self.defaults, **{k: v for k, v in params.items() if v is not None}}
+        for key, value in merged.items():
+            if isinstance(self.defaults[key], int) and not isinstance(self.defaults[key], bool):
+                if not isinstance(value, int) or value <= 0:
+                    raise WorkloadError(f"{self.name}: {key} must be a positive integer, got {value!r}")
+        self.check(merged)
+        inputs, outputs, runtime = self.shapes(merged, dtype)
+        return Workload(self.name, dtype, merged, tuple(inputs), tuple(outputs), runtime)
+
+    def bytes_moved(self, w: Workload) -> int:
+        if w.kind == "attention" and w.params["phase"] == "decode":
+            frac = w.runtime_dims["kv_len"] / w.params["max_kv_len"]
+            return int(sum(t.nbytes * (frac if t.name in ("k_cache", "v_cache") else 1) for t in w.tensors))
+        return sum(t.nbytes for t in w.tensors)
+
+
+def _linear_f32(x: torch.Tensor, w: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """x @ w.T in float32 without materialising a float32 copy of a large w."""
+    xf = x.float()
+    out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    for i in range(0, w.shape[0], chunk):
+        torch.mm(xf, w[i : i + chunk].float().t(), out=out[:, i : i + chunk])
+    return out
+
+
+# ---------------------------------------------------------------- GEMM / LM head
+
+
+def _gemm_shapes(p, dt):
+    return (
+        [TensorSpec("x", (p["m"], p["k"]), dt), TensorSpec("w", (p["n"], p["k"]), dt, "weight")],
+        [TensorSpec("out", (p["m"], p["n"]), dt, "output")],
+        {},
+    )
+
+
+def _lm_head_shapes(p, dt):
+    return (
+        [TensorSpec("x", (p["batch"], p["hidden"]), dt), TensorSpec("w", (p["vocab"], p["hidden"]), dt, "weight")],
+        [TensorSpec("out", (p["batch"], p["vocab"]), dt, "output")],
+        {},
+    )
+
+
+def _linear_reference(t, p, rt):
+    return {"out": _linear_f32(t["x"], t["w"])}
+
+
+def _linear_eager(t, out, p, rt):
+    torch.mm(t["x"], t["w"].t(), out=out["out"])
+
+
+# ---------------------------------------------------------------- SwiGLU MLP
+
+
+def _mlp_shapes(p, dt):
+    b, h, i = p["batch"], p["hidden"], p["intermediate"]
+    return (
+        [
+            TensorSpec("x", (b, h), dt),
+            TensorSpec("w_gate", (i, h), dt, "weight"),
+            TensorSpec("w_up", (i, h), dt, "weight"),
+            TensorSpec("w_down", (h, i), dt, "weight"),
+        ],
+        [TensorSpec("out", (b, h), dt, "output")],
+        {},
+    )
+
+
+def _mlp_reference(t, p, rt):
+    hidden = F.silu(_linear_f32(t["x"], t["w_gate"])) * _linear_f32(t["x"], t["w_up"])
+    return {"out": _linear_f32(hidden, t["w_down"])}
+
+
+def _mlp_eager(t, out, p, rt):
+    x = t["x"]
+    torch.mm(F.silu(F.linear(x, t["w_gate"])) * F.linear(x, t["w_up"]), t["w_down"].t(), out=out["out"])
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+def _rmsnorm_shapes(p, dt):
+    return (
+        [TensorSpec("x", (p["rows"], p["hidden"]), dt), TensorSpec("weight", (p["hidden"],), dt, "weight")],
+        [TensorSpec("out", (p["rows"], p["hidden"]), dt, "output")],
+        {},
+    )
+
+
+def _rmsnorm_reference(t, p, rt):
+    x = t["x"].double()
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + p["eps"]) * t["weight"].double()
+    return {"out": y.float()}
+
+
+def _rmsnorm_eager(t, out, p, rt):
+    # As Llama implementations write it: normalise in float32, cast back, scale.
+    x = t["x"]
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + p["eps"])).to(x.dtype)
+    torch.mul(normed, t["weight"], out=out["out"])
+
+
+# ---------------------------------------------------------------- GQA attention
+
+
+def _attention_check(p):
+    if p["phase"] not in ("decode", "prefill"):
+        raise WorkloadError(f"attention: phase must be 'decode' or 'prefill', got {p['phase']!r}")
+    if p["heads"] % p["kv_heads"]:
+        raise WorkloadError(f"attention: heads ({p['heads']}) must be a multiple of kv_heads ({p['kv_heads']})")
+    if p["phase"] == "decode" and p["kv_len"] > p["max_kv_len"]:
+        raise WorkloadError(f"attention: kv_len ({p['kv_len']}) exceeds max_kv_len ({p['max_kv_len']})")
+
+
+def _attention_shapes(p, dt):
+    b, hq, hk, d = p["batch"], p["heads"], p["kv_heads"], p["head_dim"]
+    if p["phase"] == "decode":
+        lmax = p["max_kv_len"]
+        return (
+            [
+                TensorSpec("q", (b, hq, d), dt),
+                TensorSpec("k_cache", (b, hk, lmax, d), dt),
+                TensorSpec("v_cache", (b, hk, lmax, d), dt),
+            ],
+            [TensorSpec("out", (b, hq, d), dt, "output")],
+            {"kv_len": p["kv_len"]},
+        )
+    s = p["seq_len"]
+    return (
+        [TensorSpec("q", (b, hq, s, d), dt), TensorSpec("k", (b, hk, s, d), dt), TensorSpec("v", (b, hk, s, d), dt)],
+        [TensorSpec("out", (b, hq, s, d), dt, "output")],
+        {},
+    )
+
+
+def _attention_qkv(t, p, rt):
+    if p["phase"] == "decode":
+        n = rt["kv_len"]
+        return t["q"].unsqueeze(2), t["k_cache"][:, :, :n], t["v_cache"][:, :, :n], False
+    return t["q"], t["k"], t["v"], True
+
+
+def _attention_reference(t, p, rt):
+    q, k, v, causal = _attention_qkv(t, p, rt)
+    group = p["heads"] // p["kv_heads"]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = q.float() @ k.transpose(-1, -2) / math.sqrt(p["head_dim"])
+    if causal:
+        s = scores.shape[-1]
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    o = torch.softmax(scores, dim=-1) @ v
+    return {"out": o.squeeze(2) if p["phase"] == "decode" else o}
+
+
+def _attention_eager(t, out, p, rt):
+    q, k, v, causal = _attention_qkv(t, p, rt)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    out["out"].copy_(o.squeeze(2) if p["phase"] == "decode" else o)
+
+
+KINDS: dict[str, KindSpec] = {
+    k.name: k
+    for k in [
+        KindSpec("gemm", dict(m=1, n=2048, k=2048), _gemm_shapes, _linear_reference, _linear_eager),
+        KindSpec(
+            "lm_head",
+            dict(batch=1, hidden=LLAMA_3_2_1B["hidden"], vocab=LLAMA_3_2_1B["vocab"]),
+            _lm_head_shapes,
+            _linear_reference,
+            _linear_eager,
+        ),
+        KindSpec(
+            "mlp",
+            dict(batch=1, hidden=LLAMA_3_2_1B["hidden"], intermediate=LLAMA_3_2_1B["intermediate"]),
+            _mlp_shapes,
+            _mlp_reference,
+            _mlp_eager,
+        ),
+        KindSpec(
+            "rmsnorm",
+            dict(rows=1, hidden=LLAMA_3_2_1B["hidden"], eps=LLAMA_3_2_1B["eps"]),
+            _rmsnorm_shapes,
+            _rmsnorm_reference,
+            _rmsnorm_eager,
+        ),
+        KindSpec(
+            "attention",
+            dict(
+                phase="decode",
+                batch=1,
+                heads=LLAMA_3_2_1B["heads"],
+                kv_heads=LLAMA_3_2_1B["kv_heads"],
+                head_dim=LLAMA_3_2_1B["head_dim"],
+                kv_len=1024,
+                max_kv_len=2048,
+                seq_len=256,
+            ),
+            _attention_shapes,
+            _attention_reference,
+            _attention_eager,
+            _attention_check,
+        ),
+    ]
+}
+
+
+def get_kind(kind: str) -> KindSpec:
+    try:
+        return KINDS[kind]
+    except KeyError:
+        raise WorkloadError(f"unknown workload {kind!r}; choose one of {sorted(KINDS)}") from None
+
+
+def llama_decode_workloads(dtype: str = "bf16", batch: int = 1, kv_len: int = 1024) -> list[Workload]:
+    """The Llama-3.2-1B decode kernels: attention, MLP, LM head, RMSNorm."""
+    from autocomp_compile.workload import make_workload
+
+    return [
+        make_workload("attention", dtype, batch=batch, kv_len=kv_len, max_kv_len=max(2048, kv_len)),
+        make_workload("mlp", dtype, batch=batch),
+        make_workload("lm_head", dtype, batch=batch),
+        make_workload("rmsnorm", dtype, rows=batch),
+    ]
+
+
+# ---------------------------------------------------------------- random inputs
+
+# Tensors above this many elements are cut from a per-process random pool at a random offset:
+# drawing 262M fresh normals for the LM head costs ~3 s here, a view costs nothing.
+POOL_THRESHOLD = 1 << 22
+
+
+def _signed_with_tails(numel: int, gen: torch.Generator) -> torch.Tensor:
+    """Standard normals with 1% of entries scaled by 6: signed, with outliers."""
+    x = torch.randn(numel, generator=gen)
+    tails = torch.rand(numel, generator=gen) < 0.01
+    x[tails] *= 6.0
+    return x
+
+
+class InputFactory:
+    """Makes fresh random inputs for a workload. One per worker process (it owns the pools)."""
+
+    def __init__(self, seed: int = 0):
+        self.gen = torch.Generator().manual_seed(seed)
+        self._pools: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _scale(self, w: Workload, spec: TensorSpec) -> float:
+        if spec.role == "weight" and len(spec.shape) == 2:
+            return 1.0 / math.sqrt(spec.shape[1])
+        return 1.0
+
+    def tensor(self, w: Workload, spec: TensorSpec) -> torch.Tensor:
+        scale = self._scale(w, spec)
+        if spec.numel < POOL_THRESHOLD:
+            values = _signed_with_tails(spec.numel, self.gen) * scale
+            if w.kind == "rmsnorm" and spec.name == "weight":
+                values = 1.0 + 0.2 * values
+            return values.to(spec.torch_dtype).view(spec.shape)
+        slack = 1 << 20
+        key = (spec.dtype, spec.numel)
+        if key not in self._pools:
+            pool = torch.empty(spec.numel + slack, dtype=spec.torch_dtype)
+            chunk = 1 << 22
+            for i in range(0, pool.numel(), chunk):
+                piece = pool[i : i + chunk]
+                piece.copy_(_signed_with_tails(piece.numel(), self.gen))
+            self._pools[key] = pool
+        offset = int(torch.randint(0, slack // 32, (1,), generator=self.gen)) * 32
+        view = self._pools[key][offset : offset + spec.numel].view(spec.shape)
+        return view * scale if scale != 1.0 else view.clone()
+
+    def inputs(self, w: Workload) -> Tensors:
+        return {spec.name: self.tensor(w, spec) for spec in w.inputs}
+
+
+def empty_outputs(w: Workload, fill: float = float("nan")) -> Tensors:
+    return {spec.name: torch.full(spec.shape, fill, dtype=spec.torch_dtype) for spec in w.outputs}

@@ -1,0 +1,217 @@
+"""Beam search over candidate kernels (the Autocomp loop): propose, dedupe, evaluate, keep the best."""
+from __future__ import annotations
+
+import random
+import statistics
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from autocomp_compile.search.artifacts import RunDirectory
+from autocomp_compile.search.candidate import Candidate
+from autocomp_compile.targets.base import EvalResult, Evaluator, Target
+from autocomp_compile.workload import Workload
+
+if TYPE_CHECKING:
+    from autocomp_compile.agents.schedule import Proposer
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Knobs of the search; every field can be set from the CLI or from Python."""
+
+    budget: int = 64  # candidates evaluated, the naive root and reuse seeds included
+    beam_size: int = 4
+    iterations: int = 12
+    plans_per_parent: int = 3
+    impls_per_plan: int = 2
+    dropout: float = 0.7
+    seed: int = 0
+    patience: int = 4  # stop after this many iterations without a >1% improvement
+
+    def __post_init__(self) -> None:
+        for name in ("budget", "beam_size", "iterations", "plans_per_parent", "impls_per_plan", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class SearchResult:
+    root: Candidate
+    best: Candidate | None
+    candidates: list[Candidate]
+    iterations: int
+    stop_reason: str
+    baseline_ms: float | None
+    evaluated_now: int  # evaluated in this process (the rest came from the run directory)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def candidates_evaluated(self) -> int:
+        return len(self.candidates)
+
+    @property
+    def speedup(self) -> float | None:
+        if self.best is None or self.baseline_ms is None:
+            return None
+        return self.baseline_ms / self.best.latency_ms
+
+
+ProgressFn = Callable[[int, int, Candidate | None, float | None], None]
+
+
+class BeamSearch:
+    def __init__(
+        self,
+        target: Target,
+        workload: Workload,
+        evaluator: Evaluator,
+        proposers: list["Proposer"],
+        config: SearchConfig,
+        run_dir: RunDirectory | None = None,
+        progress: ProgressFn | None = None,
+    ):
+        if not proposers:
+            raise ValueError("at least one proposer is needed")
+        self.target, self.workload, self.evaluator = target, workload, evaluator
+        self.proposers, self.config, self.run_dir = proposers, config, run_dir
+        self.progress = progress or (lambda *a: None)
+        self._memo: dict[str, EvalResult] = run_dir.load_results() if run_dir else {}
+        self._evaluated_now = 0
+
+    def _evaluate(self, cands: list[Candidate]) -> None:
+        todo = [c for c in cands if c.code_hash not in self._memo]
+        if todo:
+            for c, r in zip(todo, self.evaluator.evaluate(todo)):
+                self._memo[c.code_hash] = r
+            self._evaluated_now += len(todo)
+        for c in cands:
+            c.result = self._memo[c.code_hash]
+            if self.run_dir:
+                self.run_dir.save_candidate(c)
+
+    def _feedback(self, c: Candidate) -> str:
+        r = c.result
+        if r is None:
+            return ""
+        if not r.correct:
+            return f"failed at {r.stage}: {r.message}"
+        base = f" (PyTorch eager {r.baseline_ms:.3f} ms)" if r.baseline_ms else ""
+        return f"latency {r.latency_ms:.3f} ms median, {r.latency_p99_ms:.3f} ms p99{base}"
+
+    def run(self, seeds: list[Candidate] | None = None) -> SearchResult:
+        cfg = self.config
+        rng = random.Random(cfg.seed)
+        root = self.target.lower(self.workload)
+        first = [root] + list(seeds or [])[: max(0, cfg.budget - 1)]
+        for i, c in enumerate(first[1:]):
+            c.id, c.iteration, c.parent_id = f"seed{i}", 0, None
+        seen = {c.code_hash for c in first}
+        self._evaluate(first)
+        every = list(first)
+        beam = sorted((c for c in first if c.correct), key=lambda c: c.latency_ms)[: cfg.beam_size]
+        history = [self._snapshot(0, beam, every)]
+        if self.run_dir:
+            self.run_dir.save_beam(0, beam)
+        self.progress(len(every), cfg.budget, beam[0] if beam else None, self._baseline(every))
+        stop, stale, iteration = "iterations", 0, 0
+        for iteration in range(1, cfg.iterations + 1):
+            if len(every) >= cfg.budget:
+                stop = "budget"
+                iteration -= 1
+                break
+            if not beam:
+                stop = "no correct kernel"
+                iteration -= 1
+                break
+            children: list[Candidate] = []
+            for j, parent in enumerate(beam):
+                proposer = self.proposers[(iteration + j) % len(self.proposers)]
+                for child in proposer.propose(
+                    parent, self.workload, self.target, self._feedback(parent),
+                    cfg.plans_per_parent, cfg.impls_per_plan, rng, iteration,
+                ):
+                    if child.code_hash not in seen:
+                        seen.add(child.code_hash)
+                        children.append(child)
+            children = children[: cfg.budget - len(every)]
+            if not children:
+                stop = "search space exhausted"
+                break
+            for n, child in enumerate(children):
+                child.id = f"i{iteration}c{n:02d}"
+                child.iteration = iteration
+            self._evaluate(children)
+            every += children
+            best_before = beam[0].latency_ms
+            pool = {c.code_hash: c for c in beam + [c for c in children if c.correct]}
+            beam = sorted(pool.values(), key=lambda c: c.latency_ms)[: cfg.beam_size]
+            history.append(self._snapshot(iteration, beam, children))
+            if self.run_dir:
+                self.run_dir.save_beam(iteration, beam)
+            self.progress(len(every), cfg.budget, beam[0], self._baseline(every))
+            stale = 0 if beam[0].latency_ms < 0.99 * best_before else stale + 1
+            if stale >= cfg.patience:
+                stop = f"no improvement in {cfg.patience} iterations"
+                break
+        result = SearchResult(
+            root=root,
+            best=beam[0] if beam else None,
+            candidates=every,
+            iterations=iteration,
+            stop_reason=stop,
+            baseline_ms=self._baseline(every),
+            evaluated_now=self._evaluated_now,
+            history=history,
+        )
+        if self.run_dir:
+            self.run_dir.save_result(summarize(result, self.workload))
+        return result
+
+    @staticmethod
+    def _baseline(cands: list[Candidate]) -> float | None:
+        values = [c.result.baseline_ms for c in cands if c.result and c.result.baseline_ms]
+        return statistics.median(values) if values else None
+
+    @staticmethod
+    def _snapshot(iteration: int, beam: list[Candidate], evaluated: list[Candidate]) -> dict[str, Any]:
+        return {
+            "iteration": iteration,
+            "evaluated": len(evaluated),
+            "correct": sum(c.correct for c in evaluated),
+            "best_ms": beam[0].latency_ms if beam else None,
+            "beam": [c.id for c in beam],
+        }
+
+
+def summarize(r: SearchResult, w: Workload) -> dict[str, Any]:
+    """The JSON summary of a search (the CLI's --json and the run directory's result.json)."""
+    best = r.best
+    failures: dict[str, int] = {}
+    for c in r.candidates:
+        if c.result and not c.result.correct:
+            failures[c.result.stage] = failures.get(c.result.stage, 0) + 1
+    return {
+        "workload": w.describe(),
+        "signature": w.signature(),
+        "baseline_ms": r.baseline_ms,
+        "naive_ms": r.root.latency_ms if r.root.correct else None,
+        "best_ms": best.latency_ms if best else None,
+        "best_p99_ms": best.result.latency_p99_ms if best and best.result else None,
+        "speedup": r.speedup,
+        "correct": best is not None,
+        "best_id": best.id if best else None,
+        "best_menu_ids": best.menu_ids if best else [],
+        "best_knobs": best.knobs if best else None,
+        "candidates_evaluated": r.candidates_evaluated,
+        "evaluated_now": r.evaluated_now,
+        "failures": failures,
+        "iterations": r.iterations,
+        "stop_reason": r.stop_reason,
+        "bytes_moved": w.bytes_moved(),
+        "history": r.history,
+    }
+
+
+__all__ = ["BeamSearch", "SearchConfig", "SearchResult", "summarize"]

@@ -1,0 +1,120 @@
+"""The Target protocol, its typed evaluation result, and the registry that finds targets.
+
+A new hardware family is a subpackage of `autocomp_compile.targets` that registers a factory here;
+nothing in search/ or agents/ knows about any particular target.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from autocomp_compile.agents.menu import MenuItem
+    from autocomp_compile.search.candidate import Candidate
+    from autocomp_compile.workload import Workload
+
+
+class TargetError(RuntimeError):
+    """Unknown or unavailable target."""
+
+
+@dataclass
+class EvalResult:
+    """Outcome of building, checking and timing one candidate.
+
+    `stage` names where it stopped: "ok", "compile", "load", "crash", "timeout", "correctness",
+    "inputs_modified"; `message` says why, in words a user can act on.
+    """
+
+    correct: bool
+    stage: str
+    message: str = ""
+    max_abs_error: float | None = None
+    latency_ms: float | None = None
+    latency_p99_ms: float | None = None
+    baseline_ms: float | None = None
+    runs: int = 0
+    compile_s: float | None = None
+    stdout: str = ""
+    stderr: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EvalResult":
+        return cls(**d)
+
+    @classmethod
+    def failure(cls, stage: str, message: str, **kw: Any) -> "EvalResult":
+        return cls(correct=False, stage=stage, message=message, **kw)
+
+
+@runtime_checkable
+class Target(Protocol):
+    """What the search needs from a hardware family."""
+
+    name: str
+    language: str
+
+    def available(self) -> tuple[bool, str]:
+        """(True, "") when kernels can run here, else (False, reason)."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """ISA / device / compiler identity; part of every cache key."""
+
+    def lower(self, workload: "Workload") -> "Candidate":
+        """The first correct, naive kernel for `workload` (the translation step)."""
+
+    def menu(self, workload: "Workload") -> list["MenuItem"]:
+        """Optimizations that apply to this workload on this target."""
+
+    def generate(self, workload: "Workload", knobs: dict[str, Any]) -> str:
+        """Source code for the schedule `knobs`."""
+
+    def legalize(self, workload: "Workload", knobs: dict[str, Any]) -> dict[str, Any]:
+        """Clamp a schedule to what this workload's shape and this host allow."""
+
+    def make_evaluator(self, workload: "Workload", build_dir: Any = None, settings: Any = None) -> "Evaluator":
+        """An evaluator bound to `workload`; close it when done."""
+
+
+class Evaluator(Protocol):
+    def evaluate(self, candidates: list["Candidate"]) -> list[EvalResult]:
+        """Build, check and time candidates; one failure never stops the others."""
+
+    def close(self) -> None: ...
+
+
+_FACTORIES: dict[str, str] = {
+    "cpu": "autocomp_compile.targets.cpu.target:CpuTarget",
+}
+_INSTANCES: dict[str, Target] = {}
+
+
+def register_target(name: str, factory_path: str) -> None:
+    """Register `module:Class` as target `name` (imported on first use)."""
+    _FACTORIES[name] = factory_path
+
+
+def target_names() -> list[str]:
+    return sorted(_FACTORIES)
+
+
+def get_target(name: str) -> Target:
+    """The target called `name`; raises `TargetError` naming the valid ones."""
+    if name not in _FACTORIES:
+        raise TargetError(f"unknown target {name!r}; choose one of {target_names()}")
+    if name not in _INSTANCES:
+        module, cls = _FACTORIES[name].split(":")
+        factory: Callable[[], Target] = getattr(importlib.import_module(module), cls)
+        _INSTANCES[name] = factory()
+    return _INSTANCES[name]
+
+
+def require_available(target: Target) -> None:
+    ok, reason = target.available()
+    if not ok:
+        raise TargetError(f"target {target.name!r} is not available here: {reason}")

@@ -1,0 +1,63 @@
+"""Measure the host's memory read bandwidth with a compiled streaming-read kernel.
+
+The roofline for decode kernels: they read their weights once, so GB/s read is the figure of merit.
+"""
+from __future__ import annotations
+
+import ctypes
+import tempfile
+import time
+from pathlib import Path
+
+from autocomp_compile.targets.cpu.compiler import build
+from autocomp_compile.targets.cpu.isa import best_isa
+
+_READ_KERNEL = r"""
+#include <stdint.h>
+#include <immintrin.h>
+/* Sum n floats with all OpenMP threads; the result keeps the loads alive. */
+float read_all(const float *p, int64_t n) {
+  float total = 0.0f;
+  #pragma omp parallel for reduction(+:total) schedule(static)
+  for (int64_t blk = 0; blk < n / 4096; ++blk) {
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int64_t i = blk * 4096; i < (blk + 1) * 4096; i += 32) {
+      a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
+      a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
+      a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
+      a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
+    }
+    float tmp[8];
+    _mm256_storeu_ps(tmp, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (int j = 0; j < 8; ++j) total += tmp[j];
+#else
+    for (int64_t i = blk * 4096; i < (blk + 1) * 4096; ++i) total += p[i];
+#endif
+  }
+  return total;
+}
+"""
+
+
+def measure_read_bandwidth(megabytes: int = 1024, repeats: int = 7) -> float:
+    """Best-of-`repeats` read bandwidth in GB/s over a buffer far larger than the caches."""
+    import torch
+
+    isa = "avx2" if best_isa() != "scalar" else "scalar"
+    with tempfile.TemporaryDirectory() as tmp:
+        result = build(_READ_KERNEL, isa, Path(tmp))
+        if not result.ok:
+            raise RuntimeError(f"cannot build the bandwidth probe: {result.log}")
+        lib = ctypes.CDLL(str(result.so_path))
+    lib.read_all.restype = ctypes.c_float
+    lib.read_all.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    n = megabytes * (1 << 20) // 4 // 4096 * 4096
+    buf = torch.randn(n)
+    lib.read_all(buf.data_ptr(), n)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        lib.read_all(buf.data_ptr(), n)
+        best = min(best, time.perf_counter() - start)
+    return n * 4 / best / 1e9

@@ -1,0 +1,422 @@
+"""C code generation for the CPU target from a parameterised schedule ("knobs").
+
+Every kernel has one entry point, `void autocomp_kernel(void **tensors, const int64_t *dims)`:
+`tensors` holds the workload's inputs then outputs (contiguous, in declaration order) and `dims`
+its runtime dims (e.g. the KV length). Static shapes are compiled in as constants.
+
+The naive schedule of each kind is scalar, single-threaded and unblocked: the translation of the
+PyTorch reference. The menu (agents/menu.py) moves knobs; `legalize` keeps them valid for a shape.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from autocomp_compile.targets.cpu.isa import prelude
+from autocomp_compile.workload import Workload
+
+CODEGEN_VERSION = "cpu-1"
+
+GEMV_KINDS = ("gemm", "lm_head", "mlp")
+
+NAIVE_KNOBS: dict[str, dict[str, Any]] = {
+    "gemv": dict(isa="scalar", rows=1, unroll=1, prefetch=0, threads="serial", chunk=0, fuse=False, bf16_split=False),
+    "attention": dict(isa="scalar", online=False, kv_block=64, gqa_share=False, q_block=1, threads="serial", chunk=0),
+    "rmsnorm": dict(isa="scalar", unroll=1, threads="serial", chunk=0),
+}
+
+KNOB_CHOICES: dict[str, dict[str, tuple]] = {
+    "gemv": dict(rows=(1, 2, 4, 8), unroll=(1, 2, 4), prefetch=(0, 256, 512, 1024, 2048), chunk=(0, 1, 4, 16, 64)),
+    "attention": dict(kv_block=(16, 32, 64, 128, 256), q_block=(1, 2, 4, 8), chunk=(0, 1, 2, 4)),
+    "rmsnorm": dict(unroll=(1, 2, 4), chunk=(0, 1, 4, 16)),
+}
+THREADS = ("serial", "static", "dynamic")
+
+
+def family(kind: str) -> str:
+    return "gemv" if kind in GEMV_KINDS else kind
+
+
+def naive_knobs(w: Workload) -> dict[str, Any]:
+    return dict(NAIVE_KNOBS[family(w.kind)])
+
+
+def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, Any]:
+    """Fill missing knobs from the naive schedule and clamp each to what this shape and host allow."""
+    fam = family(w.kind)
+    out = {**NAIVE_KNOBS[fam], **{k: v for k, v in knobs.items() if k in NAIVE_KNOBS[fam]}}
+    if out["isa"] not in isas or (out["isa"] == "avx512bf16" and w.dtype != "bf16"):
+        out["isa"] = max((i for i in isas if i != "avx512bf16" or w.dtype == "bf16"), key=isas.index)
+    if out["threads"] not in THREADS:
+        out["threads"] = "serial"
+    for name, choices in KNOB_CHOICES[fam].items():
+        if out[name] not in choices:
+            out[name] = min(choices, key=lambda c: abs(c - int(out[name])))
+    if fam == "gemv":
+        n_rows = w.params.get("n", w.params.get("vocab", w.params.get("intermediate")))
+        while out["rows"] > 1 and out["rows"] > n_rows:
+            out["rows"] //= 2
+        out["fuse"] = bool(out["fuse"]) and w.kind == "mlp"
+        out["bf16_split"] = bool(out["bf16_split"]) and w.dtype == "bf16" and out["isa"] in ("avx2", "avx512")
+    if fam == "attention":
+        out["online"] = bool(out["online"])
+        out["gqa_share"] = bool(out["gqa_share"])
+        if w.params["phase"] == "decode":
+            out["q_block"] = 1
+    return out
+
+
+def generate(w: Workload, knobs: dict[str, Any]) -> str:
+    """Full C source for workload `w` under schedule `knobs` (assumed legal)."""
+    fam = family(w.kind)
+    header = f"/* autocomp-compile {CODEGEN_VERSION}: {w.name}\n   schedule: {sorted(knobs.items())} */\n"
+    body = {"gemv": _gemv_kernel, "attention": _attention_kernel, "rmsnorm": _rmsnorm_kernel}[fam](w, knobs)
+    return header + prelude(knobs["isa"], w.dtype, knobs.get("bf16_split", False)) + body
+
+
+def _omp_for(knobs: dict[str, Any], collapse: int = 1) -> str:
+    if knobs["threads"] == "serial":
+        return ""
+    sched = "static" if knobs["threads"] == "static" else "dynamic"
+    chunk = f", {knobs['chunk']}" if knobs["chunk"] else ""
+    coll = f" collapse({collapse})" if collapse > 1 else ""
+    return f"#pragma omp for schedule({sched}{chunk}){coll}"
+
+
+def _omp_parallel(knobs: dict[str, Any]) -> str:
+    return "" if knobs["threads"] == "serial" else "#pragma omp parallel"
+
+
+# ---------------------------------------------------------------- GEMV family (gemm, lm_head, mlp)
+
+
+def _dot_rows(name: str, rows: int, unroll: int, prefetch_bytes: int) -> str:
+    """`rows` dot products of weight rows (stride ldw) with one activation vector, `unroll` steps per iteration."""
+    acc = [[f"a{r}_{u}" for u in range(unroll)] for r in range(rows)]
+    lines = [
+        f"static inline void {name}(const elem_t *restrict w, int64_t ldw, const xval_t *restrict x, int64_t K, float *restrict res) {{",
+        "  " + " ".join(f"vf {a} = v_zero();" for row in acc for a in row),
+        "  int64_t k = 0;",
+        f"  for (; k + VK * {unroll} <= K; k += VK * {unroll}) {{",
+    ]
+    if prefetch_bytes:
+        for r in range(rows):
+            lines.append(
+                f"    _mm_prefetch((const char *)(w + {r} * ldw + k) + {prefetch_bytes}, _MM_HINT_T0);"
+            )
+    for u in range(unroll):
+        for r in range(rows):
+            lines.append(f"    {acc[r][u]} = v_dot({acc[r][u]}, w + {r} * ldw + k + {u} * VK, x + k + {u} * VK);")
+    lines.append("  }")
+    lines.append("  for (; k + VK <= K; k += VK) {")
+    for r in range(rows):
+        lines.append(f"    {acc[r][0]} = v_dot({acc[r][0]}, w + {r} * ldw + k, x + k);")
+    lines.append("  }")
+    for r in range(rows):
+        total = acc[r][0]
+        for u in range(1, unroll):
+            total = f"v_add({total}, {acc[r][u]})"
+        lines.append(f"  float s{r} = v_hsum({total});")
+    lines.append("  for (; k < K; ++k) {")
+    lines.append("    const float xk = xval_to_f32(x[k]);")
+    for r in range(rows):
+        lines.append(f"    s{r} += elem_to_f32(w[{r} * ldw + k]) * xk;")
+    lines.append("  }")
+    for r in range(rows):
+        lines.append(f"  res[{r}] = s{r};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _gemv_helpers(knobs: dict[str, Any]) -> str:
+    code = _dot_rows("dot_rows", knobs["rows"], knobs["unroll"], knobs["prefetch"])
+    if knobs["rows"] > 1:
+        code += _dot_rows("dot_row1", 1, knobs["unroll"], knobs["prefetch"])
+    else:
+        code += "#define dot_row1 dot_rows\n"
+    # out_rows(): rows [n0, n0+R) of out[m, :] = w[n0:n0+R] . x[m], with a single-row tail.
+    code += f"""
+#define ROWS {knobs['rows']}
+static inline void block_rows(const elem_t *w, int64_t K, const xval_t *x, int64_t n0, int64_t N, float *res) {{
+  if (n0 + ROWS <= N) {{ dot_rows(w + n0 * K, K, x, K, res); return; }}
+  for (int64_t n = n0; n < N; ++n) dot_row1(w + n * K, K, x, K, res + (n - n0));
+}}
+"""
+    return code
+
+
+def _convert_x(dst: str, src: str, rows: str, cols: str) -> str:
+    """Activation rows to the dot product's operand type and layout."""
+    return (
+        f"  for (int64_t i = 0; i < {rows}; ++i) for (int64_t k = 0; k < {cols}; ++k)\n"
+        f"    {dst}[i * {cols} + x_pos(k, {cols})] = x_from_f32(elem_to_f32({src}[i * {cols} + k]));\n"
+    )
+
+
+def _gemv_kernel(w: Workload, knobs: dict[str, Any]) -> str:
+    p = w.params
+    if w.kind == "mlp":
+        return _mlp_kernel(w, knobs)
+    M, N, K = (p["m"], p["n"], p["k"]) if w.kind == "gemm" else (p["batch"], p["vocab"], p["hidden"])
+    return _gemv_helpers(knobs) + f"""
+void autocomp_kernel(void **t, const int64_t *dims) {{
+  (void)dims;
+  const elem_t *x = (const elem_t *)t[0];
+  const elem_t *w = (const elem_t *)t[1];
+  elem_t *out = (elem_t *)t[2];
+  const int64_t M = {M}, N = {N}, K = {K};
+  xval_t *xv = (xval_t *)malloc(sizeof(xval_t) * M * K);
+{_convert_x("xv", "x", "M", "K")}  {_omp_parallel(knobs)}
+  {{
+  {_omp_for(knobs)}
+  for (int64_t nb = 0; nb < (N + ROWS - 1) / ROWS; ++nb) {{
+    for (int64_t m = 0; m < M; ++m) {{
+      float res[ROWS];
+      const int64_t n0 = nb * ROWS;
+      block_rows(w, K, xv + m * K, n0, N, res);
+      for (int64_t r = 0; r < ROWS && n0 + r < N; ++r) out[m * N + n0 + r] = f32_to_elem(res[r]);
+    }}
+  }}
+  }}
+  free(xv);
+}}
+"""
+
+
+def _mlp_kernel(w: Workload, knobs: dict[str, Any]) -> str:
+    p = w.params
+    B, H, I = p["batch"], p["hidden"], p["intermediate"]
+    if knobs["fuse"]:
+        gate_up_store = "for (int64_t r = 0; r < ROWS && n0 + r < I; ++r) hv[m * I + x_pos(n0 + r, I)] = x_from_f32(silu(g[r]) * u[r]);"
+        epilogue = ""
+        scratch = ""
+    else:
+        gate_up_store = (
+            "for (int64_t r = 0; r < ROWS && n0 + r < I; ++r) { gbuf[m * I + n0 + r] = g[r]; ubuf[m * I + n0 + r] = u[r]; }"
+        )
+        epilogue = f"""
+  {_omp_for(knobs)}
+  for (int64_t i = 0; i < B * I; ++i) hv[i / I * I + x_pos(i % I, I)] = x_from_f32(silu(gbuf[i]) * ubuf[i]);
+"""
+        scratch = "  float *gbuf = (float *)malloc(sizeof(float) * B * I), *ubuf = (float *)malloc(sizeof(float) * B * I);\n"
+    free_scratch = "" if knobs["fuse"] else "  free(gbuf); free(ubuf);\n"
+    return _gemv_helpers(knobs) + f"""
+static inline float silu(float v) {{ return v / (1.0f + expf(-v)); }}
+
+void autocomp_kernel(void **t, const int64_t *dims) {{
+  (void)dims;
+  const elem_t *x = (const elem_t *)t[0];
+  const elem_t *wg = (const elem_t *)t[1];
+  const elem_t *wu = (const elem_t *)t[2];
+  const elem_t *wd = (const elem_t *)t[3];
+  elem_t *out = (elem_t *)t[4];
+  const int64_t B = {B}, H = {H}, I = {I};
+  xval_t *xv = (xval_t *)malloc(sizeof(xval_t) * B * H);
+  xval_t *hv = (xval_t *)malloc(sizeof(xval_t) * B * I);
+{scratch}{_convert_x("xv", "x", "B", "H")}  {_omp_parallel(knobs)}
+  {{
+  {_omp_for(knobs)}
+  for (int64_t nb = 0; nb < (I + ROWS - 1) / ROWS; ++nb) {{
+    for (int64_t m = 0; m < B; ++m) {{
+      float g[ROWS], u[ROWS];
+      const int64_t n0 = nb * ROWS;
+      block_rows(wg, H, xv + m * H, n0, I, g);
+      block_rows(wu, H, xv + m * H, n0, I, u);
+      {gate_up_store}
+    }}
+  }}
+{epilogue}
+  {_omp_for(knobs)}
+  for (int64_t nb = 0; nb < (H + ROWS - 1) / ROWS; ++nb) {{
+    for (int64_t m = 0; m < B; ++m) {{
+      float res[ROWS];
+      const int64_t n0 = nb * ROWS;
+      block_rows(wd, I, hv + m * I, n0, H, res);
+      for (int64_t r = 0; r < ROWS && n0 + r < H; ++r) out[m * H + n0 + r] = f32_to_elem(res[r]);
+    }}
+  }}
+  }}
+  free(xv); free(hv);
+{free_scratch}}}
+"""
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+def _rmsnorm_kernel(w: Workload, knobs: dict[str, Any]) -> str:
+    p = w.params
+    U = knobs["unroll"]
+    accs = " ".join(f"vf a{u} = v_zero();" for u in range(U))
+    steps = "\n".join(
+        f"      {{ vf v = v_load_elem(xr + h + {u} * VW); a{u} = v_fma(v, v, a{u}); }}" for u in range(U)
+    )
+    total = "a0"
+    for u in range(1, U):
+        total = f"v_add({total}, a{u})"
+    return f"""
+void autocomp_kernel(void **t, const int64_t *dims) {{
+  (void)dims;
+  const elem_t *x = (const elem_t *)t[0];
+  const elem_t *wt = (const elem_t *)t[1];
+  elem_t *out = (elem_t *)t[2];
+  const int64_t R = {p["rows"]}, H = {p["hidden"]};
+  const float eps = {float(p["eps"])!r}f;
+  {_omp_parallel(knobs)}
+  {{
+  {_omp_for(knobs)}
+  for (int64_t r = 0; r < R; ++r) {{
+    const elem_t *xr = x + r * H;
+    {accs}
+    int64_t h = 0;
+    for (; h + VW * {U} <= H; h += VW * {U}) {{
+{steps}
+    }}
+    for (; h + VW <= H; h += VW) {{ vf v = v_load_elem(xr + h); a0 = v_fma(v, v, a0); }}
+    float ss = v_hsum({total});
+    for (; h < H; ++h) {{ float v = elem_to_f32(xr[h]); ss += v * v; }}
+    const float inv = 1.0f / sqrtf(ss / (float)H + eps);
+    const vf vinv = v_set1(inv);
+    float tmp[VW];
+    for (h = 0; h + VW <= H; h += VW) {{
+      v_store_f32(tmp, v_mul(v_mul(v_load_elem(xr + h), vinv), v_load_elem(wt + h)));
+      for (int i = 0; i < VW; ++i) out[r * H + h + i] = f32_to_elem(tmp[i]);
+    }}
+    for (; h < H; ++h) out[r * H + h] = f32_to_elem(elem_to_f32(xr[h]) * inv * elem_to_f32(wt[h]));
+  }}
+  }}
+}}
+"""
+
+
+# ---------------------------------------------------------------- GQA attention
+
+_ATTEND_COMMON = r"""
+static inline float dot_qk(const float *q, const elem_t *k) {
+  vf a = v_zero(); int64_t d = 0;
+  for (; d + VW <= D; d += VW) a = v_fma(v_load_f32(q + d), v_load_elem(k + d), a);
+  float s = v_hsum(a);
+  for (; d < D; ++d) s += q[d] * elem_to_f32(k[d]);
+  return s;
+}
+static inline void axpy_v(float *acc, float p, const elem_t *v) {
+  const vf vp = v_set1(p); int64_t d = 0;
+  for (; d + VW <= D; d += VW) v_store_f32(acc + d, v_fma(vp, v_load_elem(v + d), v_load_f32(acc + d)));
+  for (; d < D; ++d) acc[d] += p * elem_to_f32(v[d]);
+}
+static inline void scale_v(float *acc, float c) {
+  const vf vc = v_set1(c); int64_t d = 0;
+  for (; d + VW <= D; d += VW) v_store_f32(acc + d, v_mul(vc, v_load_f32(acc + d)));
+  for (; d < D; ++d) acc[d] *= c;
+}
+"""
+
+# nq query rows (pre-scaled, float) attend to keys [0, lens[r]) of k/v (row stride D).
+_ATTEND_ONLINE = r"""
+static void attend(const float *qf, int nq, const int64_t *lens, const elem_t *k, const elem_t *v, float *o) {
+  int64_t maxlen = 0;
+  for (int r = 0; r < nq; ++r) if (lens[r] > maxlen) maxlen = lens[r];
+  float m[nq], l[nq], s[nq][KV_BLOCK];
+  for (int r = 0; r < nq; ++r) { m[r] = -INFINITY; l[r] = 0.0f; memset(o + r * D, 0, sizeof(float) * D); }
+  for (int64_t j0 = 0; j0 < maxlen; j0 += KV_BLOCK) {
+    const int64_t jn = maxlen - j0 < KV_BLOCK ? maxlen - j0 : KV_BLOCK;
+    for (int64_t jj = 0; jj < jn; ++jj)
+      for (int r = 0; r < nq; ++r)
+        s[r][jj] = (j0 + jj < lens[r]) ? dot_qk(qf + r * D, k + (j0 + jj) * D) : -INFINITY;
+    for (int r = 0; r < nq; ++r) {
+      float bm = -INFINITY;
+      for (int64_t jj = 0; jj < jn; ++jj) bm = s[r][jj] > bm ? s[r][jj] : bm;
+      if (bm == -INFINITY) continue;
+      const float mn = bm > m[r] ? bm : m[r];
+      const float corr = expf(m[r] - mn);
+      if (corr != 1.0f) { scale_v(o + r * D, corr); l[r] *= corr; }
+      for (int64_t jj = 0; jj < jn; ++jj) {
+        if (s[r][jj] == -INFINITY) continue;
+        const float pr = expf(s[r][jj] - mn);
+        l[r] += pr;
+        axpy_v(o + r * D, pr, v + (j0 + jj) * D);
+      }
+      m[r] = mn;
+    }
+  }
+  for (int r = 0; r < nq; ++r) scale_v(o + r * D, 1.0f / l[r]);
+}
+"""
+
+_ATTEND_TWO_PASS = r"""
+static void attend(const float *qf, int nq, const int64_t *lens, const elem_t *k, const elem_t *v, float *o) {
+  for (int r = 0; r < nq; ++r) {
+    const int64_t n = lens[r];
+    float *s = (float *)malloc(sizeof(float) * (n > 0 ? n : 1));
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t j = 0; j < n; ++j) { s[j] = dot_qk(qf + r * D, k + j * D); if (s[j] > mx) mx = s[j]; }
+    for (int64_t j = 0; j < n; ++j) { s[j] = expf(s[j] - mx); sum += s[j]; }
+    memset(o + r * D, 0, sizeof(float) * D);
+    for (int64_t j = 0; j < n; ++j) axpy_v(o + r * D, s[j], v + j * D);
+    scale_v(o + r * D, 1.0f / sum);
+    free(s);
+  }
+}
+"""
+
+
+def _attention_kernel(w: Workload, knobs: dict[str, Any]) -> str:
+    p = w.params
+    B, HQ, HK, D = p["batch"], p["heads"], p["kv_heads"], p["head_dim"]
+    G = HQ // HK
+    heads_per_task = G if knobs["gqa_share"] else 1
+    decode = p["phase"] == "decode"
+    QB = 1 if decode else knobs["q_block"]
+    S = p["max_kv_len"] if decode else p["seq_len"]
+    consts = (
+        f"#define B {B}\n#define HQ {HQ}\n#define HK {HK}\n#define D {D}\n#define G {G}\n"
+        f"#define S {S}\n#define HPT {heads_per_task}\n#define QB {QB}\n#define KV_BLOCK {knobs['kv_block']}\n"
+    )
+    core = _ATTEND_COMMON + (_ATTEND_ONLINE if knobs["online"] else _ATTEND_TWO_PASS)
+    n_qblocks = 1 if decode else f"((S + QB - 1) / QB)"
+    # A task: batch b, a run of HPT query heads starting at hq0 (all in KV head hq0 / G), QB query rows.
+    q_row = "q + ((int64_t)(b * HQ + hq) * D)" if decode else "q + (((int64_t)(b * HQ + hq) * S + i) * D)"
+    o_row = "out + ((int64_t)(b * HQ + hq) * D)" if decode else "out + (((int64_t)(b * HQ + hq) * S + i) * D)"
+    length = "L" if decode else "i + 1"
+    return consts + core + f"""
+void autocomp_kernel(void **t, const int64_t *dims) {{
+  const elem_t *q = (const elem_t *)t[0];
+  const elem_t *kc = (const elem_t *)t[1];
+  const elem_t *vc = (const elem_t *)t[2];
+  elem_t *out = (elem_t *)t[3];
+  const int64_t L = {"dims[0]" if decode else "S"};
+  (void)dims; (void)L;
+  const float scale = 1.0f / sqrtf((float)D);
+  const int64_t n_tasks = (int64_t)B * (HQ / HPT) * {n_qblocks};
+  {_omp_parallel(knobs)}
+  {{
+  {_omp_for(knobs)}
+  for (int64_t task = 0; task < n_tasks; ++task) {{
+    const int64_t qblk = task % {n_qblocks};
+    const int64_t hq0 = ((task / {n_qblocks}) % (HQ / HPT)) * HPT;
+    const int64_t b = task / {n_qblocks} / (HQ / HPT);
+    const int64_t hk = hq0 / G;
+    const int64_t i0 = qblk * QB;
+    const int64_t i_end = i0 + QB < {1 if decode else "S"} ? i0 + QB : {1 if decode else "S"};
+    const int nq = (int)(HPT * (i_end - i0));
+    float qf[nq * D], of[nq * D];
+    int64_t lens[nq];
+    int r = 0;
+    for (int64_t hq = hq0; hq < hq0 + HPT; ++hq)
+      for (int64_t i = i0; i < i_end; ++i, ++r) {{
+        (void)i;
+        const elem_t *qr = {q_row};
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = elem_to_f32(qr[d]) * scale;
+        lens[r] = {length};
+      }}
+    attend(qf, nq, lens, kc + (int64_t)(b * HK + hk) * S * D, vc + (int64_t)(b * HK + hk) * S * D, of);
+    r = 0;
+    for (int64_t hq = hq0; hq < hq0 + HPT; ++hq)
+      for (int64_t i = i0; i < i_end; ++i, ++r) {{
+        (void)i;
+        elem_t *orow = {o_row};
+        for (int64_t d = 0; d < D; ++d) orow[d] = f32_to_elem(of[r * D + d]);
+      }}
+  }}
+  }}
+}}
+"""

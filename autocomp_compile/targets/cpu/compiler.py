@@ -1,0 +1,71 @@
+"""Compile generated C kernels into shared objects with the system C compiler."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from autocomp_compile.targets.cpu.isa import ISA_CFLAGS
+
+
+@dataclass
+class BuildResult:
+    ok: bool
+    so_path: Path | None
+    seconds: float
+    log: str
+
+
+def compiler() -> str | None:
+    """The C compiler to use: $CC, else gcc, else cc."""
+    for name in (os.environ.get("CC"), "gcc", "cc"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def compiler_version() -> str:
+    cc = compiler()
+    if cc is None:
+        return "none"
+    out = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    return out.splitlines()[0].strip() if out else cc
+
+
+def cflags(isa: str) -> list[str]:
+    return ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", *ISA_CFLAGS[isa]]
+
+
+def build(code: str, isa: str, build_dir: Path, timeout_s: float = 60.0) -> BuildResult:
+    """Compile `code` to `build_dir/<hash>.so`; reuses an existing object for identical code and flags."""
+    cc = compiler()
+    if cc is None:
+        return BuildResult(False, None, 0.0, "no C compiler found: install gcc (apt install gcc) or set $CC")
+    flags = cflags(isa)
+    digest = hashlib.sha256((code + " ".join(flags) + compiler_version()).encode()).hexdigest()[:20]
+    build_dir.mkdir(parents=True, exist_ok=True)
+    so_path = build_dir / f"k_{digest}.so"
+    if so_path.exists():
+        return BuildResult(True, so_path, 0.0, "")
+    src = build_dir / f"k_{digest}.c"
+    src.write_text(code)
+    tmp = so_path.with_suffix(f".{os.getpid()}.tmp")
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [cc, *flags, str(src), "-o", str(tmp), "-lm"], capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return BuildResult(False, None, time.perf_counter() - start, f"compiler timed out after {timeout_s:.0f} s")
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        return BuildResult(False, None, seconds, (proc.stderr or proc.stdout)[-4000:])
+    os.replace(tmp, so_path)  # atomic: concurrent builders of the same code never see a partial file
+    return BuildResult(True, so_path, seconds, proc.stderr[-2000:])

@@ -1,0 +1,229 @@
+"""Host vector-ISA detection and the C vocabulary each ISA gives generated kernels.
+
+Kernels are written once against a small set of inline functions (`v_zero`, `v_fma`, `v_dot`,
+`v_load_elem`, `v_hsum`, ...); the ISA chosen by the schedule decides what they compile to.
+"""
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+# Ordered from least to most capable; a schedule may use any ISA the host supports.
+ISA_ORDER = ("scalar", "avx2", "avx512", "avx512bf16")
+ISA_FLAGS = {
+    "scalar": set(),
+    "avx2": {"avx2", "fma"},
+    "avx512": {"avx512f", "avx512bw", "avx512vl"},
+    "avx512bf16": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
+}
+# Compiler flags that enable an ISA even when the host lacks it (for compile-only tests).
+ISA_CFLAGS = {
+    "scalar": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl"],
+    "avx512bf16": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
+}
+VECTOR_WIDTH = {"scalar": 1, "avx2": 8, "avx512": 16, "avx512bf16": 16}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def supported_isas(flags: frozenset[str] | None = None) -> list[str]:
+    """ISAs this host can run, scalar first. Non-x86 hosts get scalar only."""
+    flags = cpu_flags() if flags is None else flags
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["scalar"]
+    return [isa for isa in ISA_ORDER if ISA_FLAGS[isa] <= flags]
+
+
+def best_isa(flags: frozenset[str] | None = None) -> str:
+    return supported_isas(flags)[-1]
+
+
+_COMMON = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static inline float bf16_to_f32(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t u; memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* quiet NaN */
+  u += 0x7fffu + ((u >> 16) & 1u);                                          /* round to nearest even */
+  return (uint16_t)(u >> 16);
+}
+"""
+
+_ELEM = {
+    "bf16": "typedef uint16_t elem_t;\n"
+    "static inline float elem_to_f32(elem_t v) { return bf16_to_f32(v); }\n"
+    "static inline elem_t f32_to_elem(float f) { return f32_to_bf16(f); }\n",
+    "fp32": "typedef float elem_t;\n"
+    "static inline float elem_to_f32(elem_t v) { return v; }\n"
+    "static inline elem_t f32_to_elem(float f) { return f; }\n",
+}
+
+_SCALAR = r"""
+#define VW 1
+typedef float vf;
+static inline vf v_zero(void) { return 0.0f; }
+static inline vf v_set1(float a) { return a; }
+static inline vf v_fma(vf a, vf b, vf c) { return a * b + c; }
+static inline vf v_mul(vf a, vf b) { return a * b; }
+static inline vf v_add(vf a, vf b) { return a + b; }
+static inline vf v_max(vf a, vf b) { return a > b ? a : b; }
+static inline vf v_load_f32(const float *p) { return *p; }
+static inline void v_store_f32(float *p, vf v) { *p = v; }
+static inline vf v_load_elem(const elem_t *p) { return elem_to_f32(*p); }
+static inline float v_hsum(vf v) { return v; }
+"""
+
+_AVX2 = r"""
+#include <immintrin.h>
+#define VW 8
+typedef __m256 vf;
+static inline vf v_zero(void) { return _mm256_setzero_ps(); }
+static inline vf v_set1(float a) { return _mm256_set1_ps(a); }
+static inline vf v_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf v_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf v_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf v_max(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf v_load_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline void v_store_f32(float *p, vf v) { _mm256_storeu_ps(p, v); }
+static inline float v_hsum(vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s); return _mm_cvtss_f32(s);
+}
+"""
+_AVX2_LOAD = {
+    "bf16": "static inline vf v_load_elem(const elem_t *p) {\n"
+    "  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));\n}\n",
+    "fp32": "static inline vf v_load_elem(const elem_t *p) { return _mm256_loadu_ps(p); }\n",
+}
+
+_AVX512 = r"""
+#include <immintrin.h>
+#define VW 16
+typedef __m512 vf;
+static inline vf v_zero(void) { return _mm512_setzero_ps(); }
+static inline vf v_set1(float a) { return _mm512_set1_ps(a); }
+static inline vf v_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf v_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf v_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf v_max(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf v_load_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline void v_store_f32(float *p, vf v) { _mm512_storeu_ps(p, v); }
+static inline float v_hsum(vf v) { return _mm512_reduce_add_ps(v); }
+"""
+_AVX512_LOAD = {
+    "bf16": "static inline vf v_load_elem(const elem_t *p) {\n"
+    "  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));\n}\n",
+    "fp32": "static inline vf v_load_elem(const elem_t *p) { return _mm512_loadu_ps(p); }\n",
+}
+
+# The dot-product step of GEMV-like kernels: VK elements of a weight row times the activation.
+# With AVX512-BF16 the activation is kept in bf16 and vdpbf16ps does 32 products per step.
+_DOT_FMA = r"""
+#define VK VW
+typedef float xval_t;
+static inline xval_t x_from_f32(float f) { return f; }
+static inline float xval_to_f32(xval_t v) { return v; }
+static inline int64_t x_pos(int64_t k, int64_t K) { (void)K; return k; }
+static inline vf v_dot(vf acc, const elem_t *w, const xval_t *x) { return v_fma(v_load_elem(w), v_load_f32(x), acc); }
+"""
+
+# bf16 even/odd split: one full-width load holds 2*VW bf16 weights; a shift gives the even ones as
+# fp32, a mask the odd ones. The activation is stored de-interleaved to match (see x_pos).
+_DOT_SPLIT_AVX2 = r"""
+#define VK 16
+typedef float xval_t;
+static inline xval_t x_from_f32(float f) { return f; }
+static inline float xval_to_f32(xval_t v) { return v; }
+static inline int64_t x_pos(int64_t k, int64_t K) {
+  if (k >= K / VK * VK) return k;
+  const int64_t j = k % VK; return k - j + (j & 1) * (VK / 2) + j / 2;
+}
+static inline vf v_dot(vf acc, const elem_t *w, const xval_t *x) {
+  const __m256i raw = _mm256_loadu_si256((const __m256i *)w);
+  const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+  const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32((int)0xffff0000u)));
+  return _mm256_fmadd_ps(odd, _mm256_loadu_ps(x + 8), _mm256_fmadd_ps(even, _mm256_loadu_ps(x), acc));
+}
+"""
+_DOT_SPLIT_AVX512 = r"""
+#define VK 32
+typedef float xval_t;
+static inline xval_t x_from_f32(float f) { return f; }
+static inline float xval_to_f32(xval_t v) { return v; }
+static inline int64_t x_pos(int64_t k, int64_t K) {
+  if (k >= K / VK * VK) return k;
+  const int64_t j = k % VK; return k - j + (j & 1) * (VK / 2) + j / 2;
+}
+static inline vf v_dot(vf acc, const elem_t *w, const xval_t *x) {
+  const __m512i raw = _mm512_loadu_si512((const void *)w);
+  const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32((int)0xffff0000u)));
+  return _mm512_fmadd_ps(odd, _mm512_loadu_ps(x + 16), _mm512_fmadd_ps(even, _mm512_loadu_ps(x), acc));
+}
+"""
+_DOT_BF16 = r"""
+#define VK 32
+typedef uint16_t xval_t;
+static inline xval_t x_from_f32(float f) { return f32_to_bf16(f); }
+static inline float xval_to_f32(xval_t v) { return bf16_to_f32(v); }
+static inline int64_t x_pos(int64_t k, int64_t K) { (void)K; return k; }
+static inline vf v_dot(vf acc, const elem_t *w, const xval_t *x) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)w), (__m512bh)_mm512_loadu_si512((const void *)x));
+}
+"""
+
+
+def prelude(isa: str, dtype: str, bf16_split: bool = False) -> str:
+    """C definitions every generated kernel starts with, for one ISA and element type.
+
+    `bf16_split` selects the even/odd-split dot product (bf16 weights, AVX2 or AVX-512 only).
+    """
+    if isa not in ISA_ORDER:
+        raise ValueError(f"unknown ISA {isa!r}; choose one of {ISA_ORDER}")
+    if isa == "avx512bf16" and dtype != "bf16":
+        raise ValueError("the avx512bf16 dot product needs bf16 operands")
+    parts = [_COMMON, _ELEM[dtype]]
+    if isa == "scalar":
+        parts.append(_SCALAR)
+    elif isa == "avx2":
+        parts += [_AVX2, _AVX2_LOAD[dtype]]
+    else:
+        parts += [_AVX512, _AVX512_LOAD[dtype]]
+    if isa == "avx512bf16":
+        parts.append(_DOT_BF16)
+    elif bf16_split and dtype == "bf16" and isa in ("avx2", "avx512"):
+        parts.append(_DOT_SPLIT_AVX2 if isa == "avx2" else _DOT_SPLIT_AVX512)
+    else:
+        parts.append(_DOT_FMA)
+    return "".join(parts)

@@ -1,0 +1,73 @@
+"""The CPU target: C + OpenMP + x86 SIMD intrinsics, compiled with the system C compiler."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from autocomp_compile.evaluation.job import EvalSettings
+from autocomp_compile.search.candidate import Candidate
+from autocomp_compile.targets.cpu import codegen
+from autocomp_compile.targets.cpu.compiler import compiler, compiler_version
+from autocomp_compile.targets.cpu.evaluator import CpuEvaluator
+from autocomp_compile.targets.cpu.isa import cpu_model, supported_isas
+from autocomp_compile.workload import Workload
+
+
+def default_build_dir() -> Path:
+    base = os.environ.get("AUTOCOMP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autocomp_compile")
+    return Path(base) / "build" / "cpu"
+
+
+class CpuTarget:
+    name = "cpu"
+    language = "c"
+
+    def __init__(self, isas: list[str] | None = None):
+        self.isas = isas or supported_isas()
+
+    def available(self) -> tuple[bool, str]:
+        if compiler() is None:
+            return False, "no C compiler: install gcc (e.g. apt install gcc) or set $CC"
+        return True, ""
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "target": self.name,
+            "cpu": cpu_model(),
+            "isa": self.isas[-1],
+            "isas": self.isas,
+            "cores": os.cpu_count(),
+            "compiler": compiler_version(),
+            "codegen": codegen.CODEGEN_VERSION,
+        }
+
+    def describe(self) -> str:
+        return f"{cpu_model()}, {os.cpu_count()} cores, ISA {'/'.join(self.isas)}"
+
+    def legalize(self, workload: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
+        return codegen.legalize(workload, knobs, self.isas)
+
+    def generate(self, workload: Workload, knobs: dict[str, Any]) -> str:
+        return codegen.generate(workload, self.legalize(workload, knobs))
+
+    def lower(self, workload: Workload) -> Candidate:
+        knobs = self.legalize(workload, codegen.naive_knobs(workload))
+        return Candidate(
+            id="root",
+            parent_id=None,
+            iteration=0,
+            language=self.language,
+            code=codegen.generate(workload, knobs),
+            plan="Naive translation of the PyTorch reference: scalar loops, one thread.",
+            knobs=knobs,
+            origin="lower",
+        )
+
+    def menu(self, workload: Workload):
+        from autocomp_compile.agents.menu import cpu_menu
+
+        return cpu_menu(workload, self.isas)
+
+    def make_evaluator(self, workload: Workload, build_dir: Path | None = None, settings: EvalSettings | None = None) -> CpuEvaluator:
+        return CpuEvaluator(workload, build_dir or default_build_dir(), settings)
