@@ -50,12 +50,15 @@ class KindSpec:
         return sum(t.nbytes for t in w.tensors)
 
 
-def _linear_f32(x: torch.Tensor, w: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """x @ w.T in float32 without materialising a float32 copy of a large w."""
+def _linear_f32(x: torch.Tensor, w: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """x @ w.T in float32 without materialising a float32 copy of a large w (chunks stay in cache)."""
     xf = x.float()
     out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    buf = torch.empty(min(chunk, w.shape[0]), w.shape[1], dtype=torch.float32)
     for i in range(0, w.shape[0], chunk):
-        torch.mm(xf, w[i : i + chunk].float().t(), out=out[:, i : i + chunk])
+        rows = min(chunk, w.shape[0] - i)
+        buf[:rows].copy_(w[i : i + rows])
+        torch.mm(xf, buf[:rows].t(), out=out[:, i : i + rows])
     return out
 
 
@@ -278,16 +281,34 @@ def _signed_with_tails(numel: int, gen: torch.Generator) -> torch.Tensor:
 
 
 class InputFactory:
-    """Makes fresh random inputs for a workload. One per worker process (it owns the pools)."""
+    """Makes fresh random inputs for a workload. One per worker process (it owns the pools).
+
+    Small tensors are drawn fresh every time. A large tensor is copied from a random offset of a
+    pristine pool into a reusable working buffer: no allocation, no page faults, and the pristine
+    slice serves as the snapshot for the inputs-unchanged check.
+    """
 
     def __init__(self, seed: int = 0):
         self.gen = torch.Generator().manual_seed(seed)
-        self._pools: dict[tuple[str, int], torch.Tensor] = {}
+        self._pools: dict[tuple[str, int, float], torch.Tensor] = {}
+        self._buffers: dict[tuple[str, tuple[int, ...], str], torch.Tensor] = {}
+        self.pristine: dict[str, torch.Tensor] = {}
 
     def _scale(self, w: Workload, spec: TensorSpec) -> float:
         if spec.role == "weight" and len(spec.shape) == 2:
             return 1.0 / math.sqrt(spec.shape[1])
         return 1.0
+
+    def _pool(self, spec: TensorSpec, scale: float, slack: int) -> torch.Tensor:
+        key = (spec.dtype, spec.numel, scale)
+        if key not in self._pools:
+            pool = torch.empty(spec.numel + slack, dtype=spec.torch_dtype)
+            chunk = 1 << 22
+            for i in range(0, pool.numel(), chunk):
+                piece = pool[i : i + chunk]
+                piece.copy_(_signed_with_tails(piece.numel(), self.gen) * scale)
+            self._pools[key] = pool
+        return self._pools[key]
 
     def tensor(self, w: Workload, spec: TensorSpec) -> torch.Tensor:
         scale = self._scale(w, spec)
@@ -297,20 +318,24 @@ class InputFactory:
                 values = 1.0 + 0.2 * values
             return values.to(spec.torch_dtype).view(spec.shape)
         slack = 1 << 20
-        key = (spec.dtype, spec.numel)
-        if key not in self._pools:
-            pool = torch.empty(spec.numel + slack, dtype=spec.torch_dtype)
-            chunk = 1 << 22
-            for i in range(0, pool.numel(), chunk):
-                piece = pool[i : i + chunk]
-                piece.copy_(_signed_with_tails(piece.numel(), self.gen))
-            self._pools[key] = pool
+        pool = self._pool(spec, scale, slack)
         offset = int(torch.randint(0, slack // 32, (1,), generator=self.gen)) * 32
-        view = self._pools[key][offset : offset + spec.numel].view(spec.shape)
-        return view * scale if scale != 1.0 else view.clone()
+        pristine = pool[offset : offset + spec.numel].view(spec.shape)
+        buf_key = (spec.dtype, spec.shape, spec.name)
+        if buf_key not in self._buffers:
+            self._buffers[buf_key] = torch.empty(spec.shape, dtype=spec.torch_dtype)
+        buf = self._buffers[buf_key]
+        buf.copy_(pristine)
+        self.pristine[spec.name] = pristine
+        return buf
 
     def inputs(self, w: Workload) -> Tensors:
+        self.pristine = {}
         return {spec.name: self.tensor(w, spec) for spec in w.inputs}
+
+    def snapshot(self, inputs: Tensors) -> Tensors:
+        """Unmodifiable copies of `inputs` to compare against after a kernel ran."""
+        return {k: self.pristine[k] if k in self.pristine else v.clone() for k, v in inputs.items()}
 
 
 def empty_outputs(w: Workload, fill: float = float("nan")) -> Tensors:

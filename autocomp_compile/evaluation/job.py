@@ -18,7 +18,7 @@ from autocomp_compile.workload import Workload
 @dataclass(frozen=True)
 class EvalSettings:
     correctness_sets: int = 3  # fresh random input sets per candidate
-    timing_budget_ms: float = 1500.0  # wall time for the interleaved timing loop
+    timing_budget_ms: float = 1000.0  # wall time for the interleaved timing loop
     timeout_s: float = 180.0  # per candidate, correctness and timing together
     seed: int = 0
     time_baseline: bool = True
@@ -45,7 +45,7 @@ def check_and_time(
     inputs: dict[str, torch.Tensor] = {}
     for s in range(settings.correctness_sets):
         inputs = factory.inputs(w)
-        snapshot = {k: v.clone() for k, v in inputs.items()}
+        snapshot = factory.snapshot(inputs)
         ref = spec.reference(inputs, w.params, w.runtime_dims)
         outs = empty_outputs(w)  # NaN-poisoned: an output the kernel never writes fails the check
         kernel([inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs], dims)
