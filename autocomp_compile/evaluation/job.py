@@ -96,10 +96,15 @@ def time_functions(state: dict[str, Any], w: Workload, kernels: dict[str, tuple[
         eo = empty_outputs(w)
         fns["eager"] = lambda: spec.eager(inputs, eo, w.params, w.runtime_dims)
     if compiled_eager:
-        co = empty_outputs(w)
-        compiled = torch.compile(spec.eager, dynamic=False)
+
+        def eager_fn(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            o = empty_outputs(w, 0.0)
+            spec.eager(t, o, w.params, w.runtime_dims)
+            return o
+
+        compiled = torch.compile(eager_fn, dynamic=False)
         for _ in range(3):  # compile before anything is timed
-            compiled(inputs, co, w.params, w.runtime_dims)
-        fns["inductor"] = lambda: compiled(inputs, co, w.params, w.runtime_dims)
+            compiled(inputs)
+        fns["inductor"] = lambda: compiled(inputs)
     timing = time_interleaved(fns, budget_ms=budget_ms)
     return {name: dict(median_ms=t.median_ms, p99_ms=t.p99_ms, runs=t.runs) for name, t in timing.items()}

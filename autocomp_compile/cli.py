@@ -1,0 +1,155 @@
+"""The `autocomp-compile` command: optimize one workload, run the demo, list targets."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from autocomp_compile.evaluation.job import EvalSettings
+from autocomp_compile.references import KINDS
+from autocomp_compile.search.artifacts import RunConflict
+from autocomp_compile.search.beam import SearchConfig, summarize
+from autocomp_compile.targets.base import TargetError, get_target, target_names
+from autocomp_compile.workload import DTYPES, Workload, WorkloadError, make_workload
+
+# CLI option -> workload parameter; which kinds accept it is decided by the kind itself.
+SHAPE_OPTIONS = {
+    "batch": int, "hidden": int, "intermediate": int, "vocab": int, "heads": int, "kv_heads": int,
+    "head_dim": int, "kv_len": int, "max_kv_len": int, "seq_len": int, "rows": int, "m": int, "n": int, "k": int,
+    "eps": float, "phase": str,
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+def _add_search_options(p: argparse.ArgumentParser, budget: int) -> None:
+    d = SearchConfig()
+    p.add_argument("--target", default="cpu", help=f"one of {target_names()} (default: cpu)")
+    p.add_argument("--dtype", default="bf16", help=f"one of {sorted(DTYPES)} (default: bf16)")
+    p.add_argument("--budget", type=int, default=budget, help=f"candidates to evaluate per workload (default: {budget})")
+    p.add_argument("--beam-size", type=int, default=d.beam_size)
+    p.add_argument("--iterations", type=int, default=d.iterations)
+    p.add_argument("--plans", type=int, default=d.plans_per_parent, help="plans per parent per iteration")
+    p.add_argument("--impls", type=int, default=d.impls_per_plan, help="implementations per plan")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="menu dropout probability (default: 0.7)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--patience", type=int, default=d.patience, help="stop after this many iterations without gain")
+    p.add_argument("--sets", type=int, default=EvalSettings().correctness_sets, help="fresh random input sets per candidate")
+    p.add_argument("--timing-ms", type=float, default=EvalSettings().timing_budget_ms, help="timing budget per candidate")
+    p.add_argument("--timeout", type=float, default=EvalSettings().timeout_s, help="seconds per candidate before it fails")
+    p.add_argument("--output-dir", default="output", help="run directories go here (default: ./output)")
+    p.add_argument("--json", dest="json_path", help="write the results to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autocomp-compile", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    opt = sub.add_parser("optimize", help="search for a fast, correct kernel for one workload")
+    opt.add_argument("--workload", required=True, help=f"one of {sorted(KINDS)}")
+    for name, typ in SHAPE_OPTIONS.items():
+        opt.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None)
+    opt.add_argument("--run-name", help="run directory name under --output-dir (default: hash of the settings)")
+    _add_search_options(opt, budget=64)
+
+    demo = sub.add_parser("demo", help="optimize the Llama-3.2-1B decode kernels and print a table")
+    demo.add_argument("--batch", type=int, default=1)
+    demo.add_argument("--kv-len", type=int, default=1024)
+    _add_search_options(demo, budget=32)
+
+    sub.add_parser("targets", help="list targets and whether each can run here")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> tuple[SearchConfig, EvalSettings]:
+    try:
+        config = SearchConfig(
+            budget=args.budget, beam_size=args.beam_size, iterations=args.iterations, plans_per_parent=args.plans,
+            impls_per_plan=args.impls, dropout=args.dropout, seed=args.seed, patience=args.patience,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.sets < 1 or args.timing_ms <= 0 or args.timeout <= 0:
+        raise UsageError("--sets must be >= 1 and --timing-ms, --timeout positive")
+    return config, EvalSettings(args.sets, args.timing_ms, args.timeout, args.seed)
+
+
+def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | None = None) -> list[dict[str, Any]]:
+    from autocomp_compile.optimize import optimize
+    from autocomp_compile.report import console, results_table, search_progress
+    from autocomp_compile.targets.base import require_available
+    from autocomp_compile.targets.cpu.bandwidth import measure_read_bandwidth
+
+    target = get_target(args.target)
+    require_available(target)
+    config, settings = _settings(args)
+    read_gbps = measure_read_bandwidth() if target.name == "cpu" else None
+    if read_gbps:
+        console.print(f"{target.describe()}: measured memory read bandwidth {read_gbps:.1f} GB/s")
+    rows = []
+    for w in workloads:
+        label = f"{w.kind}" + (f" ({w.params['phase']})" if "phase" in w.params else "")
+        with search_progress(label, config.budget, enabled=not args.quiet) as progress:
+            result = optimize(w, target, config, settings, args.output_dir, run_name, progress=progress)
+        row = summarize(result, w)
+        row["label"] = label
+        row["target"] = target.fingerprint()
+        row["read_gbps"] = read_gbps
+        if row["best_ms"]:
+            row["achieved_gbps"] = row["bytes_moved"] / (row["best_ms"] * 1e6)
+            row["percent_of_read_bw"] = 100 * row["achieved_gbps"] / read_gbps if read_gbps else None
+        rows.append(row)
+        if not result.best:
+            console.print(f"[red]{label}: no correct kernel found ({result.stop_reason})")
+    from rich.console import Console
+
+    Console(width=max(120, Console().width)).print(results_table(rows, read_gbps, f"autocomp-compile on {target.name} ({args.dtype})"))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(rows if len(rows) > 1 else rows[0], indent=2, default=str))
+    return rows
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    params = {name: getattr(args, name) for name in SHAPE_OPTIONS if getattr(args, name) is not None}
+    workload = make_workload(args.workload, args.dtype, **params)
+    rows = _run([workload], args, args.run_name)
+    return 0 if rows[0]["correct"] else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from autocomp_compile.references import llama_decode_workloads
+
+    workloads = llama_decode_workloads(args.dtype, batch=args.batch, kv_len=args.kv_len)
+    rows = _run(workloads, args)
+    return 0 if all(r["correct"] for r in rows) else 1
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    for name in target_names():
+        target = get_target(name)
+        ok, why = target.available()
+        detail = target.describe() if ok and hasattr(target, "describe") else why
+        print(f"{name:6s} {'available' if ok else 'unavailable'}: {detail}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"optimize": cmd_optimize, "demo": cmd_demo, "targets": cmd_targets}
+    try:
+        return handlers[args.command](args)
+    except (UsageError, WorkloadError, TargetError, RunConflict) as exc:
+        print(f"autocomp-compile: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autocomp-compile: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

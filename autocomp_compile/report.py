@@ -1,0 +1,61 @@
+"""Result tables and progress display shared by the CLI and the benchmarks."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def results_table(rows: list[dict[str, Any]], read_gbps: float | None, title: str) -> Table:
+    """One row per workload: eager, naive and best latency, speedup, achieved and % of read bandwidth."""
+    table = Table(title=title)
+    for col in ("workload", "eager ms", "naive ms", "best ms", "speedup", "GB/s", "% read BW", "candidates", "correct"):
+        table.add_column(col, justify="left" if col == "workload" else "right")
+    for r in rows:
+        gbps = r["bytes_moved"] / (r["best_ms"] * 1e6) if r.get("best_ms") else None
+        pct = 100 * gbps / read_gbps if gbps and read_gbps else None
+        table.add_row(
+            r["label"],
+            _fmt(r.get("baseline_ms")),
+            _fmt(r.get("naive_ms")),
+            _fmt(r.get("best_ms")),
+            _fmt(r.get("speedup"), ".2f") + ("x" if r.get("speedup") else ""),
+            _fmt(gbps, ".1f"),
+            _fmt(pct, ".0f"),
+            str(r.get("candidates_evaluated", "-")),
+            "yes" if r.get("correct") else "NO",
+        )
+    return table
+
+
+@contextmanager
+def search_progress(label: str, budget: int, enabled: bool = True) -> Iterator[Any]:
+    """A progress bar over the candidate budget; yields the callback BeamSearch calls."""
+    if not enabled:
+        yield None
+        return
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+    )
+    task = progress.add_task(label, total=budget, best="")
+
+    def update(done: int, total: int, best: Any, baseline_ms: float | None) -> None:
+        text = ""
+        if best is not None and best.result is not None and best.result.latency_ms is not None:
+            text = f"best {best.latency_ms:.3f} ms"
+            if baseline_ms:
+                text += f" ({baseline_ms / best.latency_ms:.2f}x eager)"
+        progress.update(task, completed=done, best=text)
+
+    with progress:
+        yield update

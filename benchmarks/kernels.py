@@ -1,0 +1,102 @@
+"""Per-kernel benchmark: Llama-3.2-1B decode kernels (and one prefill shape) on the CPU target.
+
+For each workload: search (or resume a finished search from ./output), then time, interleaved in one
+worker process on the same inputs: PyTorch eager, torch.compile (inductor), the naive kernel and the
+best kernel found. Prints a table and writes JSON.
+
+    python benchmarks/kernels.py --budget 64 --json benchmarks/results/kernels.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from autocomp_compile import EvalSettings, SearchConfig, get_target, make_workload, optimize
+from autocomp_compile.evaluation.worker import IsolatedWorker
+from autocomp_compile.report import search_progress
+from autocomp_compile.targets.cpu.bandwidth import measure_read_bandwidth
+from autocomp_compile.targets.cpu.compiler import build
+from autocomp_compile.targets.cpu.evaluator import LOADER
+from autocomp_compile.targets.cpu.target import default_build_dir
+
+
+def workloads(dtype: str):
+    return [
+        ("lm_head decode", make_workload("lm_head", dtype)),
+        ("mlp decode", make_workload("mlp", dtype)),
+        ("attention decode kv=1024", make_workload("attention", dtype, kv_len=1024)),
+        ("attention prefill s=256", make_workload("attention", dtype, phase="prefill", seq_len=256)),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", type=int, default=64)
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timing-ms", type=float, default=4000.0, help="timing budget per workload in the final comparison")
+    ap.add_argument("--output-dir", default="output")
+    ap.add_argument("--json", default="benchmarks/results/kernels.json")
+    ap.add_argument("--no-inductor", action="store_true")
+    args = ap.parse_args()
+
+    target = get_target("cpu")
+    console = Console(width=140)
+    results = []
+    searches = []
+    for label, w in workloads(args.dtype):
+        with search_progress(label, args.budget) as progress:
+            r = optimize(w, target, SearchConfig(budget=args.budget, seed=args.seed), EvalSettings(seed=args.seed),
+                         args.output_dir, progress=progress)
+        searches.append((label, w, r))
+
+    # All searches (and their compiles) are finished before anything below is timed.
+    read_gbps = measure_read_bandwidth()
+    console.print(f"{target.describe()}: measured read bandwidth {read_gbps:.1f} GB/s")
+    with IsolatedWorker() as worker:
+        for label, w, r in searches:
+            kernels = {}
+            for name, cand in (("naive", r.root), ("autocomp", r.best)):
+                b = build(cand.code, cand.knobs["isa"], default_build_dir())
+                kernels[name] = (LOADER, (str(b.so_path), len(w.tensors)))
+            t = worker.run("autocomp_compile.evaluation.job:time_functions", w, kernels, args.timing_ms, True,
+                           not args.no_inductor, timeout_s=900)
+            gbps = w.bytes_moved() / (t["autocomp"]["median_ms"] * 1e6)
+            results.append({
+                "workload": label, "signature": w.signature(), "params": w.params, "dtype": w.dtype,
+                "times": t, "bytes_moved": w.bytes_moved(), "autocomp_gbps": gbps,
+                "percent_of_read_bw": 100 * gbps / read_gbps,
+                "speedup_vs_eager": t["eager"]["median_ms"] / t["autocomp"]["median_ms"],
+                "speedup_vs_inductor": (t["inductor"]["median_ms"] / t["autocomp"]["median_ms"]) if "inductor" in t else None,
+                "candidates_evaluated": r.candidates_evaluated, "best_menu_ids": r.best.menu_ids, "best_knobs": r.best.knobs,
+            })
+
+    table = Table(title=f"CPU kernels, {args.dtype}, Llama-3.2-1B shapes (median ms, interleaved in one process)")
+    for col in ("workload", "eager", "inductor", "naive", "autocomp", "vs eager", "vs inductor", "GB/s", "% read BW"):
+        table.add_column(col, justify="left" if col == "workload" else "right")
+    for x in results:
+        t = x["times"]
+        table.add_row(
+            x["workload"], f"{t['eager']['median_ms']:.3f}",
+            f"{t['inductor']['median_ms']:.3f}" if "inductor" in t else "-",
+            f"{t['naive']['median_ms']:.3f}", f"{t['autocomp']['median_ms']:.3f}", f"{x['speedup_vs_eager']:.2f}x",
+            f"{x['speedup_vs_inductor']:.2f}x" if x["speedup_vs_inductor"] else "-",
+            f"{x['autocomp_gbps']:.1f}", f"{x['percent_of_read_bw']:.0f}",
+        )
+    console.print(table)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "target": target.fingerprint(),
+        "read_gbps": read_gbps, "budget": args.budget, "results": results,
+    }, indent=2, default=str))
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
