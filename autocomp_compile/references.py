@@ -338,5 +338,6 @@ class InputFactory:
         return {k: self.pristine[k] if k in self.pristine else v.clone() for k, v in inputs.items()}
 
 
-def empty_outputs(w: Workload, fill: float = float("nan")) -> Tensors:
-    return {spec.name: torch.full(spec.shape, fill, dtype=spec.torch_dtype) for spec in w.outputs}
+def empty_outputs(w: Workload, fill: float = float("nan"), device: str = "cpu") -> Tensors:
+    """Output tensors, filled with NaN by default so that an element a kernel never writes is caught."""
+    return {spec.name: torch.full(spec.shape, fill, dtype=spec.torch_dtype, device=device) for spec in w.outputs}

@@ -1,10 +1,14 @@
-"""Per-kernel benchmark: Llama-3.2-1B decode kernels (and one prefill shape) on the CPU target.
+"""Per-kernel benchmark: Llama-3.2-1B decode kernels (and one prefill shape) on the CPU or CUDA target.
 
 For each workload: search (or resume a finished search from ./output), then time, interleaved in one
 worker process on the same inputs: PyTorch eager, torch.compile (inductor), the naive kernel and the
 best kernel found. Prints a table and writes JSON.
 
     python benchmarks/kernels.py --budget 64 --json benchmarks/results/kernels.json
+    python benchmarks/kernels.py --target cuda --budget 32 --json benchmarks/results/kernels_cuda.json
+
+The bandwidth column compares with the measured read bandwidth (CPU: a streaming read with all cores)
+or the measured HBM bandwidth (CUDA: a device-to-device copy, bytes read plus written).
 """
 from __future__ import annotations
 
@@ -19,10 +23,31 @@ from rich.table import Table
 from autocomp_compile import EvalSettings, SearchConfig, get_target, make_workload, optimize
 from autocomp_compile.evaluation.worker import IsolatedWorker
 from autocomp_compile.report import search_progress
-from autocomp_compile.targets.cpu.bandwidth import measure_read_bandwidth
-from autocomp_compile.targets.cpu.compiler import build
-from autocomp_compile.targets.cpu.evaluator import LOADER
-from autocomp_compile.targets.cpu.target import default_build_dir
+from autocomp_compile.search.candidate import Candidate
+from autocomp_compile.targets.base import require_available
+from autocomp_compile.workload import Workload
+
+
+def measure_bandwidth(target_name: str) -> float:
+    if target_name == "cuda":
+        from autocomp_compile.targets.cuda.bandwidth import measure_hbm_bandwidth
+
+        return measure_hbm_bandwidth()
+    from autocomp_compile.targets.cpu.bandwidth import measure_read_bandwidth
+
+    return measure_read_bandwidth()
+
+
+def kernel_loader(target, w: Workload, cand: Candidate) -> tuple[str, tuple]:
+    """Build `cand` and return the worker's loader for it."""
+    evaluator = target.make_evaluator(w)
+    try:
+        built = evaluator.build(cand)
+        if not built.ok:
+            raise RuntimeError(f"cannot rebuild {cand.id}: {built.log}")
+        return evaluator.loader(cand, built.artifact)
+    finally:
+        evaluator.close()
 
 
 def workloads(dtype: str):
@@ -36,7 +61,9 @@ def workloads(dtype: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="cpu")
     ap.add_argument("--budget", type=int, default=64)
+    ap.add_argument("--search-timing-ms", type=float, default=1000.0, help="timing budget per candidate during search")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timing-ms", type=float, default=4000.0, help="timing budget per workload in the final comparison")
@@ -45,27 +72,29 @@ def main() -> None:
     ap.add_argument("--no-inductor", action="store_true")
     args = ap.parse_args()
 
-    target = get_target("cpu")
+    target = get_target(args.target)
+    require_available(target)
+    device = "cuda" if target.name == "cuda" else "cpu"
     console = Console(width=140)
     results = []
     searches = []
     for label, w in workloads(args.dtype):
         with search_progress(label, args.budget) as progress:
-            r = optimize(w, target, SearchConfig(budget=args.budget, seed=args.seed), EvalSettings(seed=args.seed),
-                         args.output_dir, progress=progress)
+            r = optimize(w, target, SearchConfig(budget=args.budget, seed=args.seed),
+                         EvalSettings(seed=args.seed, timing_budget_ms=args.search_timing_ms), args.output_dir, progress=progress)
         searches.append((label, w, r))
 
     # All searches (and their compiles) are finished before anything below is timed.
-    read_gbps = measure_read_bandwidth()
-    console.print(f"{target.describe()}: measured read bandwidth {read_gbps:.1f} GB/s")
+    read_gbps = measure_bandwidth(target.name)
+    console.print(f"{target.describe()}: measured {'HBM copy' if device == 'cuda' else 'read'} bandwidth {read_gbps:.1f} GB/s")
     with IsolatedWorker() as worker:
         for label, w, r in searches:
-            kernels = {}
-            for name, cand in (("naive", r.root), ("autocomp", r.best)):
-                b = build(cand.code, cand.knobs["isa"], default_build_dir())
-                kernels[name] = (LOADER, (str(b.so_path), len(w.tensors)))
+            if r.best is None:
+                console.print(f"[red]{label}: no correct kernel ({r.stop_reason})")
+                continue
+            kernels = {name: kernel_loader(target, w, cand) for name, cand in (("naive", r.root), ("autocomp", r.best))}
             t = worker.run("autocomp_compile.evaluation.job:time_functions", w, kernels, args.timing_ms, True,
-                           not args.no_inductor, timeout_s=900)
+                           not args.no_inductor, device, timeout_s=900)
             gbps = w.bytes_moved() / (t["autocomp"]["median_ms"] * 1e6)
             results.append({
                 "workload": label, "signature": w.signature(), "params": w.params, "dtype": w.dtype,
@@ -76,8 +105,8 @@ def main() -> None:
                 "candidates_evaluated": r.candidates_evaluated, "best_menu_ids": r.best.menu_ids, "best_knobs": r.best.knobs,
             })
 
-    table = Table(title=f"CPU kernels, {args.dtype}, Llama-3.2-1B shapes (median ms, interleaved in one process)")
-    for col in ("workload", "eager", "inductor", "naive", "autocomp", "vs eager", "vs inductor", "GB/s", "% read BW"):
+    table = Table(title=f"{target.name} kernels, {args.dtype}, Llama-3.2-1B shapes (median ms, interleaved in one process)")
+    for col in ("workload", "eager", "inductor", "naive", "autocomp", "vs eager", "vs inductor", "GB/s", "% of BW"):
         table.add_column(col, justify="left" if col == "workload" else "right")
     for x in results:
         t = x["times"]

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from autocomp_compile.evaluation.checks import compare, time_interleaved
+from autocomp_compile.evaluation.checks import compare, time_interleaved, time_interleaved_cuda
 from autocomp_compile.references import InputFactory, empty_outputs, get_kind
 from autocomp_compile.workload import Workload
 
@@ -22,6 +22,16 @@ class EvalSettings:
     timeout_s: float = 180.0  # per candidate, correctness and timing together
     seed: int = 0
     time_baseline: bool = True
+    device: str = "cpu"  # where kernels run; inputs are drawn on the CPU and copied there
+
+
+def _timer(device: str) -> Callable[..., dict]:
+    return time_interleaved_cuda if device.startswith("cuda") else time_interleaved
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _load(loader: str, args: tuple) -> Callable[[list[torch.Tensor], list[int]], None]:
@@ -43,30 +53,37 @@ def check_and_time(
     dims = [w.runtime_dims[k] for k in w.runtime_dims]
     worst = 0.0
     inputs: dict[str, torch.Tensor] = {}
+    dev = settings.device
     for s in range(settings.correctness_sets):
-        inputs = factory.inputs(w)
-        snapshot = factory.snapshot(inputs)
-        ref = spec.reference(inputs, w.params, w.runtime_dims)
-        outs = empty_outputs(w)  # NaN-poisoned: an output the kernel never writes fails the check
-        kernel([inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs], dims)
+        host_inputs = factory.inputs(w)
+        snapshot = factory.snapshot(host_inputs)
+        ref = spec.reference(host_inputs, w.params, w.runtime_dims)
+        inputs = host_inputs if dev == "cpu" else {k: v.to(dev) for k, v in host_inputs.items()}
+        outs = empty_outputs(w, device=dev)  # NaN-poisoned: an output the kernel never writes fails the check
+        try:
+            kernel([inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs], dims)
+            _sync(dev)
+        except Exception as exc:  # noqa: BLE001 - e.g. a CUDA launch or illegal-address error
+            return dict(correct=False, stage="runtime", message=f"{type(exc).__name__}: {exc}")
         for name, before in snapshot.items():
-            if not torch.equal(inputs[name], before):
+            if not torch.equal(inputs[name].cpu(), before):
                 return dict(correct=False, stage="inputs_modified", message=f"input {name!r} was modified by the kernel")
         for name, out in outs.items():
-            m = compare(name, out, ref[name])
+            m = compare(name, out.cpu(), ref[name])
             worst = max(worst, m.max_abs_error)
             if not m.ok:
                 return dict(correct=False, stage="correctness", message=f"input set {s}: {m.message}", max_abs_error=m.max_abs_error)
-    outs = empty_outputs(w)
+    outs = empty_outputs(w, device=dev)
     args = [inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs]
     fns: dict[str, Callable[[], None]] = {"candidate": lambda: kernel(args, dims)}
     if settings.time_baseline:
-        base_outs = empty_outputs(w)
+        base_outs = empty_outputs(w, device=dev)
         fns["baseline"] = lambda: spec.eager(inputs, base_outs, w.params, w.runtime_dims)
-    timing = time_interleaved(fns, budget_ms=settings.timing_budget_ms)
+    timing = _timer(dev)(fns, budget_ms=settings.timing_budget_ms)
     cand = timing["candidate"]
     # The timed calls' own output must still be right (no caching of results across calls).
-    final = compare("out(timed)", outs[w.outputs[0].name], spec.reference(inputs, w.params, w.runtime_dims)[w.outputs[0].name])
+    out_name = w.outputs[0].name
+    final = compare("out(timed)", outs[out_name].cpu(), spec.reference(host_inputs, w.params, w.runtime_dims)[out_name])
     if not final.ok:
         return dict(correct=False, stage="correctness", message=f"after timing: {final.message}")
     return dict(
@@ -80,25 +97,28 @@ def check_and_time(
     )
 
 
-def time_functions(state: dict[str, Any], w: Workload, kernels: dict[str, tuple[str, tuple]], budget_ms: float, with_eager: bool, compiled_eager: bool) -> dict[str, Any]:
+def time_functions(
+    state: dict[str, Any], w: Workload, kernels: dict[str, tuple[str, tuple]], budget_ms: float, with_eager: bool,
+    compiled_eager: bool, device: str = "cpu",
+) -> dict[str, Any]:
     """Benchmark job: time several loaded kernels (and eager / inductor baselines) interleaved on one input set."""
     spec = get_kind(w.kind)
     factory: InputFactory = state.setdefault("inputs", InputFactory(0))
-    inputs = factory.inputs(w)
+    inputs = {k: v.to(device) for k, v in factory.inputs(w).items()}
     dims = [w.runtime_dims[k] for k in w.runtime_dims]
     fns: dict[str, Callable[[], None]] = {}
     for name, (loader, args) in kernels.items():
         kern = _load(loader, args)
-        outs = empty_outputs(w)
+        outs = empty_outputs(w, device=device)
         targs = [inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs]
         fns[name] = lambda kern=kern, targs=targs: kern(targs, dims)
     if with_eager:
-        eo = empty_outputs(w)
+        eo = empty_outputs(w, device=device)
         fns["eager"] = lambda: spec.eager(inputs, eo, w.params, w.runtime_dims)
     if compiled_eager:
 
         def eager_fn(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            o = empty_outputs(w, 0.0)
+            o = empty_outputs(w, 0.0, device=device)
             spec.eager(t, o, w.params, w.runtime_dims)
             return o
 
@@ -106,5 +126,5 @@ def time_functions(state: dict[str, Any], w: Workload, kernels: dict[str, tuple[
         for _ in range(3):  # compile before anything is timed
             compiled(inputs)
         fns["inductor"] = lambda: compiled(inputs)
-    timing = time_interleaved(fns, budget_ms=budget_ms)
+    timing = _timer(device)(fns, budget_ms=budget_ms)
     return {name: dict(median_ms=t.median_ms, p99_ms=t.p99_ms, runs=t.runs) for name, t in timing.items()}

@@ -90,6 +90,7 @@ class Evaluator(Protocol):
 
 _FACTORIES: dict[str, str] = {
     "cpu": "autocomp_compile.targets.cpu.target:CpuTarget",
+    "cuda": "autocomp_compile.targets.cuda.target:CudaTarget",
 }
 _INSTANCES: dict[str, Target] = {}
 

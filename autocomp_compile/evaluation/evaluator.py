@@ -1,0 +1,84 @@
+"""The round evaluator every target shares: build all candidates in parallel, then check and time
+them one by one in an isolated worker process (a crash or hang fails that candidate only)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autocomp_compile.evaluation.job import EvalSettings
+from autocomp_compile.evaluation.worker import IsolatedWorker, WorkerCrash, WorkerTimeout
+from autocomp_compile.search.candidate import Candidate
+from autocomp_compile.targets.base import EvalResult
+from autocomp_compile.workload import Workload
+
+_JOB = "autocomp_compile.evaluation.job:check_and_time"
+
+
+@dataclass
+class Built:
+    ok: bool
+    artifact: Path | None
+    seconds: float
+    log: str
+
+
+class RoundEvaluator:
+    """Subclasses say how to build a candidate and how the worker loads the result."""
+
+    # Stages after which the worker process is replaced (its state may be corrupt, e.g. a CUDA context).
+    restart_after: tuple[str, ...] = ()
+
+    def __init__(self, workload: Workload, build_dir: Path, settings: EvalSettings | None = None, build_workers: int | None = None):
+        self.workload = workload
+        self.build_dir = build_dir
+        self.settings = settings or EvalSettings()
+        self.build_workers = build_workers or os.cpu_count() or 1
+        self._worker = IsolatedWorker()
+
+    def build(self, candidate: Candidate) -> Built:
+        raise NotImplementedError
+
+    def loader(self, candidate: Candidate, artifact: Path) -> tuple[str, tuple[Any, ...]]:
+        """`module:function` and its picklable args, called in the worker to get the kernel callable."""
+        raise NotImplementedError
+
+    def build_all(self, candidates: list[Candidate]) -> list[Built]:
+        with ThreadPoolExecutor(self.build_workers) as pool:  # compilers run as subprocesses or release the GIL
+            return list(pool.map(self.build, candidates))
+
+    def evaluate(self, candidates: list[Candidate]) -> list[EvalResult]:
+        """All builds first, then timing: nothing compiles while a kernel is being timed."""
+        results = []
+        for cand, b in zip(candidates, self.build_all(candidates)):
+            if not b.ok or b.artifact is None:
+                results.append(EvalResult.failure("compile", "compilation failed", stderr=b.log, compile_s=b.seconds))
+                continue
+            # A per-candidate seed: inputs are fresh for every candidate, yet a re-run reproduces them.
+            settings = dataclasses.replace(self.settings, seed=self.settings.seed * 1_000_003 + int(cand.code_hash[:8], 16))
+            loader, args = self.loader(cand, b.artifact)
+            try:
+                res = EvalResult(**self._worker.run(_JOB, self.workload, loader, args, settings, timeout_s=self.settings.timeout_s))
+            except WorkerTimeout as exc:
+                res = EvalResult.failure("timeout", str(exc))
+            except WorkerCrash as exc:
+                res = EvalResult.failure("crash", str(exc))
+            except RuntimeError as exc:
+                res = EvalResult.failure("crash", "evaluation raised an exception", stderr=str(exc)[-4000:])
+            if res.stage in self.restart_after:
+                self._worker.close()
+            res.compile_s = b.seconds
+            results.append(res)
+        return results
+
+    def close(self) -> None:
+        self._worker.close()
+
+    def __enter__(self) -> "RoundEvaluator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

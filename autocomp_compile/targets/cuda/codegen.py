@@ -1,0 +1,579 @@
+"""CUDA C++ code generation from a parameterised schedule.
+
+A generated source starts with one line, `// autocomp-launch: {json}`, that tells the runtime which
+`extern "C" __global__` kernels to launch, in order, with which grid, block, dynamic shared memory
+and arguments: a workload tensor by name, `$name` for a scratch buffer the runtime allocates once
+(listed under "scratch"), `#name` for a runtime dim passed as a 64-bit integer.
+
+bf16 is handled as raw 16-bit patterns (widening is a shift; narrowing rounds to nearest even), so
+sources need no CUDA headers and compile with NVRTC in well under a second.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from autocomp_compile.workload import Workload
+
+CODEGEN_VERSION = "cuda-1"
+GEMV_KINDS = ("gemm", "lm_head", "mlp")
+
+NAIVE_KNOBS: dict[str, dict[str, Any]] = {
+    "gemv": dict(naive=True, warps=4, rows=1, ksplit=1, unroll=1, vec=False, x_smem=False, fuse=False),
+    "attention": dict(naive=True, warps=4, splits=1, gqa_share=False, q_block=1),
+    "rmsnorm": dict(naive=True, threads=256, vec=False),
+}
+KNOB_CHOICES: dict[str, dict[str, tuple]] = {
+    "gemv": dict(warps=(1, 2, 4, 8, 16), rows=(1, 2, 4, 8), ksplit=(1, 2, 4, 8), unroll=(1, 2, 4, 8)),
+    "attention": dict(warps=(1, 2, 4, 8, 16), splits=(1, 2, 4, 8, 16, 32, 64), q_block=(1, 2, 4)),
+    "rmsnorm": dict(threads=(64, 128, 256, 512, 1024)),
+}
+
+
+def family(kind: str) -> str:
+    return "gemv" if kind in GEMV_KINDS else kind
+
+
+def naive_knobs(w: Workload) -> dict[str, Any]:
+    return dict(NAIVE_KNOBS[family(w.kind)])
+
+
+def _elem_bytes(w: Workload) -> int:
+    return 2 if w.dtype == "bf16" else 4
+
+
+def _gemv_shape(w: Workload) -> tuple[int, int, int]:
+    p = w.params
+    if w.kind == "gemm":
+        return p["m"], p["n"], p["k"]
+    if w.kind == "lm_head":
+        return p["batch"], p["vocab"], p["hidden"]
+    return p["batch"], p["intermediate"], p["hidden"]  # mlp: the gate/up phase; down is (batch, hidden, inter)
+
+
+def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
+    """Fill missing knobs from the naive schedule and clamp them to what the shape allows."""
+    fam = family(w.kind)
+    out = {**NAIVE_KNOBS[fam], **{k: v for k, v in knobs.items() if k in NAIVE_KNOBS[fam]}}
+    for name, choices in KNOB_CHOICES[fam].items():
+        if out[name] not in choices:
+            out[name] = min(choices, key=lambda c: abs(c - int(out[name])))
+    out["naive"] = bool(out["naive"])
+    if fam == "gemv":
+        epv = 16 // _elem_bytes(w)
+        ks = [_gemv_shape(w)[2]] + ([w.params["intermediate"]] if w.kind == "mlp" else [])
+        out["ksplit"] = min(out["ksplit"], out["warps"])
+        while out["warps"] % out["ksplit"]:
+            out["ksplit"] //= 2
+        if out["vec"] and any(k % epv for k in ks):
+            out["vec"] = False
+        step = epv if out["vec"] else 1
+        while out["ksplit"] > 1 and any(k % (out["ksplit"] * step) for k in ks):
+            out["ksplit"] //= 2
+        out["fuse"] = bool(out["fuse"]) and w.kind == "mlp"
+        m = _gemv_shape(w)[0]
+        nw = 2 if w.kind == "mlp" else 1
+        while out["rows"] > 1 and m * out["rows"] * nw > 32:
+            out["rows"] //= 2  # accumulators live in registers
+        while out["unroll"] > 1 and out["unroll"] * out["rows"] * nw > 32:
+            out["unroll"] //= 2  # loads in flight live in registers too
+        if out["ksplit"] > 1 and out["warps"] * nw * m * out["rows"] * 4 > 48 * 1024:
+            out["ksplit"] = 1
+        if out["x_smem"] and m * max(ks) * 4 > 48 * 1024:
+            out["x_smem"] = False  # the activation must fit in shared memory as float
+    if fam == "attention":
+        out["gqa_share"] = bool(out["gqa_share"])
+        if w.params["phase"] == "decode":
+            out["q_block"] = 1
+        else:
+            out["splits"] = 1
+    if fam == "rmsnorm":
+        out["vec"] = bool(out["vec"]) and w.params["hidden"] % (16 // _elem_bytes(w)) == 0
+    return out
+
+
+def generate(w: Workload, knobs: dict[str, Any]) -> str:
+    """CUDA source (with its launch line) for workload `w` under legal schedule `knobs`."""
+    fam = family(w.kind)
+    launches, scratch, body = {"gemv": _gemv, "attention": _attention, "rmsnorm": _rmsnorm}[fam](w, knobs)
+    spec = {"kernels": launches, "scratch": scratch}
+    header = (
+        f"// autocomp-launch: {json.dumps(spec, separators=(',', ':'))}\n"
+        f"// autocomp-compile {CODEGEN_VERSION}: {w.name}; schedule {sorted(knobs.items())}\n"
+    )
+    return header + _prelude(w.dtype) + body
+
+
+def _prelude(dtype: str) -> str:
+    elem = "typedef unsigned short elem_t;" if dtype == "bf16" else "typedef float elem_t;"
+    to_f = "return __uint_as_float(((unsigned)v) << 16);" if dtype == "bf16" else "return v;"
+    from_f = (
+        "unsigned u = __float_as_uint(f);\n"
+        "  if ((u & 0x7fffffffu) > 0x7f800000u) return (elem_t)((u >> 16) | 0x40u);\n"
+        "  u += 0x7fffu + ((u >> 16) & 1u); return (elem_t)(u >> 16);"
+        if dtype == "bf16"
+        else "return f;"
+    )
+    float_overloads = (
+        "__device__ __forceinline__ float to_f32(float v) { return v; }\n"
+        "__device__ __forceinline__ void store_out(float *p, float v) { *p = v; }\n"
+        if dtype == "bf16"
+        else ""
+    )
+    return f"""
+{elem}
+#define EPV ((int)(16 / sizeof(elem_t)))  /* elements per 16-byte vector */
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+__device__ __forceinline__ float to_f32(elem_t v) {{ {to_f} }}
+__device__ __forceinline__ elem_t from_f32(float f) {{
+  {from_f}
+}}
+__device__ __forceinline__ void store_out(elem_t *p, float v) {{ *p = from_f32(v); }}
+{float_overloads}
+/* The 16-byte vector starting at p, widened to EPV floats. */
+__device__ __forceinline__ void load_vec(const elem_t *__restrict__ p, float *f) {{
+  const uint4 raw = __ldg(reinterpret_cast<const uint4 *>(p));
+  const elem_t *e = reinterpret_cast<const elem_t *>(&raw);
+  #pragma unroll
+  for (int i = 0; i < EPV; ++i) f[i] = to_f32(e[i]);
+}}
+__device__ __forceinline__ float warp_sum(float v) {{
+  #pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}}
+__device__ __forceinline__ float warp_max(float v) {{
+  #pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}}
+__device__ __forceinline__ float silu(float v) {{ return v / (1.0f + __expf(-v)); }}
+"""
+
+
+def _launch(name: str, grid: tuple[int, ...], block: int, args: list[str], smem: int = 0) -> dict[str, Any]:
+    return {"name": name, "grid": list(grid) + [1] * (3 - len(grid)), "block": [block, 1, 1], "smem": smem, "args": args}
+
+
+# ---------------------------------------------------------------- GEMV family
+
+
+def _gemv_naive_kernel(name: str, x_t: str, out_t: str, M: int, N: int, K: int, two: bool) -> str:
+    """One thread per output element, scalar loop over K (the translation of x @ w.T)."""
+    w_args = "const elem_t *__restrict__ wa, const elem_t *__restrict__ wb" if two else "const elem_t *__restrict__ wa"
+    acc = "float a = 0.0f, b = 0.0f;" if two else "float a = 0.0f;"
+    step = "a += xv * to_f32(wa[(long)n * K + k]);" + (" b += xv * to_f32(wb[(long)n * K + k]);" if two else "")
+    result = "silu(a) * b" if two else "a"
+    return f"""
+extern "C" __global__ void {name}(const {x_t} *__restrict__ x, {w_args}, {out_t} *__restrict__ out) {{
+  const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  const int M = {M}, N = {N}, K = {K};
+  if (idx >= (long)M * N) return;
+  const int m = (int)(idx / N), n = (int)(idx % N);
+  {acc}
+  for (int k = 0; k < K; ++k) {{ const float xv = to_f32(x[(long)m * K + k]); {step} }}
+  store_out(out + idx, {result});
+}}
+"""
+
+
+def _gemv_tiled_kernel(name: str, x_t: str, out_t: str, M: int, N: int, K: int, two: bool, k: dict[str, Any]) -> str:
+    """Warps own row groups of R rows; S warps split K and reduce through shared memory; U x R
+    16-byte (or scalar) weight loads are issued before any is used."""
+    W, R, S, U = k["warps"], k["rows"], k["ksplit"], k["unroll"]
+    V = "EPV" if k["vec"] else "1"
+    nw = 2 if two else 1
+    w_args = "const elem_t *__restrict__ wa, const elem_t *__restrict__ wb" if two else "const elem_t *__restrict__ wa"
+    x_decl = (
+        f"  extern __shared__ float xs[];\n"
+        f"  for (int i = threadIdx.x; i < M * K; i += blockDim.x) xs[i] = to_f32(x[i]);\n  __syncthreads();\n"
+        "  #define XV(m, kk) xs[(m) * K + (kk)]\n"
+        if k["x_smem"]
+        else "  #define XV(m, kk) to_f32(x[(long)(m) * K + (kk)])\n"
+    )
+    raw_t = "uint4" if k["vec"] else "elem_t"
+    if k["vec"]:
+        load = "raw[{j}][u][r] = __ldg(reinterpret_cast<const uint4 *>({w} + row * (long)K + kk));"
+        widen = "to_f32(reinterpret_cast<const elem_t *>(&raw[{j}][u][r])[e])"
+    else:
+        load = "raw[{j}][u][r] = {w}[row * (long)K + kk];"
+        widen = "to_f32(raw[{j}][u][r])"
+    loads = "\n".join("        " + load.format(w=("wa", "wb")[j], j=j) for j in range(nw))
+    fma = "\n".join(f"          acc[{j}][m][r] += {widen.format(j=j)} * xe;" for j in range(nw))
+    epilogue = "silu(tot[0]) * tot[1]" if two else "tot[0]"
+    return f"""
+extern "C" __global__ void __launch_bounds__({W * 32}) {name}(const {x_t} *__restrict__ x, {w_args}, {out_t} *__restrict__ out) {{
+  const int M = {M}, N = {N}, K = {K};
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int group = warp / {S}, slice = warp % {S};
+  const long n0 = ((long)blockIdx.x * ({W} / {S}) + group) * {R};
+{x_decl}  const int kslice = K / {S};
+  const int kbeg = slice * kslice, kend = kbeg + kslice;
+  float acc[{nw}][M][{R}];
+  #pragma unroll
+  for (int j = 0; j < {nw}; ++j)
+    #pragma unroll
+    for (int m = 0; m < M; ++m)
+      #pragma unroll
+      for (int r = 0; r < {R}; ++r) acc[j][m][r] = 0.0f;
+  for (int k0 = kbeg + lane * {V}; k0 < kend; k0 += 32 * {V} * {U}) {{
+    {raw_t} raw[{nw}][{U}][{R}];  /* all U x R loads issued before the first use */
+    #pragma unroll
+    for (int u = 0; u < {U}; ++u) {{
+      const int kk = k0 + u * 32 * {V};
+      #pragma unroll
+      for (int r = 0; r < {R}; ++r) {{
+        const long row = n0 + r < N ? n0 + r : N - 1;
+        if (kk < kend) {{
+{loads}
+        }}
+      }}
+    }}
+    #pragma unroll
+    for (int u = 0; u < {U}; ++u) {{
+      const int kk = k0 + u * 32 * {V};
+      if (kk >= kend) break;
+      #pragma unroll
+      for (int m = 0; m < M; ++m)
+        #pragma unroll
+        for (int e = 0; e < {V}; ++e) {{
+          const float xe = XV(m, kk + e);
+          #pragma unroll
+          for (int r = 0; r < {R}; ++r) {{
+{fma}
+          }}
+        }}
+    }}
+  }}
+  #pragma unroll
+  for (int j = 0; j < {nw}; ++j)
+    #pragma unroll
+    for (int m = 0; m < M; ++m)
+      #pragma unroll
+      for (int r = 0; r < {R}; ++r) acc[j][m][r] = warp_sum(acc[j][m][r]);
+  {f"__shared__ float red[{W}][{nw}][M][{R}];" if S > 1 else ""}
+  if ({S} > 1) {{
+    {"if (lane == 0) for (int j = 0; j < " + str(nw) + "; ++j) for (int m = 0; m < M; ++m) for (int r = 0; r < " + str(R) + "; ++r) red[warp][j][m][r] = acc[j][m][r];" if S > 1 else ""}
+    __syncthreads();
+  }}
+  if (lane == 0 && slice == 0) {{
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < {R}; ++r) {{
+        if (n0 + r >= N) continue;
+        float tot[{nw}];
+        for (int j = 0; j < {nw}; ++j) {{
+          tot[j] = acc[j][m][r];
+          {"for (int s = 1; s < " + str(S) + "; ++s) tot[j] += red[warp + s][j][m][r];" if S > 1 else ""}
+        }}
+        store_out(out + (long)m * N + n0 + r, {epilogue});
+      }}
+  }}
+  #undef XV
+}}
+"""
+
+
+def _gemv_stage(name: str, x_t: str, out_t: str, M: int, N: int, K: int, two: bool, k: dict[str, Any], args: list[str]):
+    if k["naive"]:
+        code = _gemv_naive_kernel(name, x_t, out_t, M, N, K, two)
+        return code, _launch(name, (math.ceil(M * N / 128),), 128, args)
+    rows_per_block = (k["warps"] // k["ksplit"]) * k["rows"]
+    smem = M * K * 4 if k["x_smem"] else 0
+    code = _gemv_tiled_kernel(name, x_t, out_t, M, N, K, two, k)
+    return code, _launch(name, (math.ceil(N / rows_per_block),), k["warps"] * 32, args, smem)
+
+
+def _gemv(w: Workload, k: dict[str, Any]):
+    M, N, K = _gemv_shape(w)
+    if w.kind != "mlp":
+        code, launch = _gemv_stage("gemv", "elem_t", "elem_t", M, N, K, False, k, ["x", "w", "out"])
+        return [launch], {}, code
+    H, I = w.params["hidden"], w.params["intermediate"]
+    scratch = {"h": [M * I, "fp32"]}
+    parts, launches = [], []
+    if k["fuse"]:
+        code, launch = _gemv_stage("gate_up", "elem_t", "float", M, I, H, True, k, ["x", "w_gate", "w_up", "$h"])
+        parts.append(code)
+        launches.append(launch)
+    else:
+        scratch.update({"g": [M * I, "fp32"], "u": [M * I, "fp32"]})
+        for name, wname, buf in (("gate", "w_gate", "$g"), ("up", "w_up", "$u")):
+            code, launch = _gemv_stage(name, "elem_t", "float", M, I, H, False, k, ["x", wname, buf])
+            parts.append(code)
+            launches.append(launch)
+        parts.append(f"""
+extern "C" __global__ void silu_mul(const float *__restrict__ g, const float *__restrict__ u, float *__restrict__ h) {{
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < {M * I}) h[i] = silu(g[i]) * u[i];
+}}
+""")
+        launches.append(_launch("silu_mul", (math.ceil(M * I / 256),), 256, ["$g", "$u", "$h"]))
+    code, launch = _gemv_stage("down", "float", "elem_t", M, H, I, False, k, ["$h", "w_down", "out"])
+    parts.append(code)
+    launches.append(launch)
+    return launches, scratch, "".join(parts)
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+def _rmsnorm(w: Workload, k: dict[str, Any]):
+    R, H, eps = w.params["rows"], w.params["hidden"], float(w.params["eps"])
+    T = k["threads"]
+    if k["naive"]:
+        code = f"""
+extern "C" __global__ void rmsnorm(const elem_t *__restrict__ x, const elem_t *__restrict__ wt, elem_t *__restrict__ out) {{
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= {R}) return;
+  float ss = 0.0f;
+  for (int h = 0; h < {H}; ++h) {{ const float v = to_f32(x[(long)r * {H} + h]); ss += v * v; }}
+  const float inv = rsqrtf(ss / {H} + {eps!r}f);
+  for (int h = 0; h < {H}; ++h) out[(long)r * {H} + h] = from_f32(to_f32(x[(long)r * {H} + h]) * inv * to_f32(wt[h]));
+}}
+"""
+        return [_launch("rmsnorm", (math.ceil(R / 128),), 128, ["x", "weight", "out"])], {}, code
+    V = "EPV" if k["vec"] else "1"
+    load = "load_vec(xr + h, v);" if k["vec"] else "v[0] = to_f32(xr[h]);"
+    loadw = "load_vec(wt + h, g);" if k["vec"] else "g[0] = to_f32(wt[h]);"
+    code = f"""
+extern "C" __global__ void __launch_bounds__({T}) rmsnorm(const elem_t *__restrict__ x, const elem_t *__restrict__ wt, elem_t *__restrict__ out) {{
+  const elem_t *xr = x + (long)blockIdx.x * {H};
+  elem_t *orow = out + (long)blockIdx.x * {H};
+  float ss = 0.0f, v[{V}], g[{V}];
+  for (int h = threadIdx.x * {V}; h < {H}; h += {T} * {V}) {{
+    {load}
+    #pragma unroll
+    for (int e = 0; e < {V}; ++e) ss += v[e] * v[e];
+  }}
+  __shared__ float part[32];
+  ss = warp_sum(ss);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  if (threadIdx.x < 32) {{
+    float t = threadIdx.x < {T // 32 if T >= 32 else 1} ? part[threadIdx.x] : 0.0f;
+    t = warp_sum(t);
+    if (threadIdx.x == 0) part[0] = t;
+  }}
+  __syncthreads();
+  const float inv = rsqrtf(part[0] / {H} + {eps!r}f);
+  for (int h = threadIdx.x * {V}; h < {H}; h += {T} * {V}) {{
+    {load}
+    {loadw}
+    #pragma unroll
+    for (int e = 0; e < {V}; ++e) orow[h + e] = from_f32(v[e] * inv * g[e]);
+  }}
+}}
+"""
+    return [_launch("rmsnorm", (R,), T, ["x", "weight", "out"])], {}, code
+
+
+# ---------------------------------------------------------------- GQA attention
+
+
+def _attention(w: Workload, k: dict[str, Any]):
+    p = w.params
+    B, HQ, HK, D = p["batch"], p["heads"], p["kv_heads"], p["head_dim"]
+    G = HQ // HK
+    decode = p["phase"] == "decode"
+    S = p["max_kv_len"] if decode else p["seq_len"]
+    scale = 1.0 / math.sqrt(D)
+    defs = f"#define B {B}\n#define HQ {HQ}\n#define HK {HK}\n#define D {D}\n#define G {G}\n#define S {S}\n"
+    args = ["q", "k_cache", "v_cache", "out"] if decode else ["q", "k", "v", "out"]
+    if k["naive"]:
+        return _attention_naive(w, defs, args, decode, scale)
+    return _attention_flash(w, k, defs, args, decode, scale)
+
+
+def _attention_naive(w: Workload, defs: str, args: list[str], decode: bool, scale: float):
+    """One block per query row: scores to global scratch, block-wide max and sum, then P @ V."""
+    p = w.params
+    rows = p["batch"] * p["heads"] * (1 if decode else p["seq_len"])
+    S = p["max_kv_len"] if decode else p["seq_len"]
+    code = defs + f"""
+__device__ float block_reduce(float v, bool is_max, float *buf) {{
+  v = is_max ? warp_max(v) : warp_sum(v);
+  if ((threadIdx.x & 31) == 0) buf[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float t = is_max ? -INFINITY : 0.0f;
+  for (int i = 0; i < (int)(blockDim.x >> 5); ++i) t = is_max ? fmaxf(t, buf[i]) : t + buf[i];
+  __syncthreads();
+  return t;
+}}
+extern "C" __global__ void attention(const elem_t *__restrict__ q, const elem_t *__restrict__ kc, const elem_t *__restrict__ vc,
+                                     elem_t *__restrict__ out, float *__restrict__ scores, long L) {{
+  __shared__ float buf[32];
+  const long row = blockIdx.x;                     /* (b, hq, i) */
+  const long i = {"0" if decode else "row % S"};
+  const long bh = {"row" if decode else "row / S"};
+  const long b = bh / HQ, hq = bh % HQ, hk = hq / G;
+  const long n = {"L" if decode else "i + 1"};
+  const elem_t *qr = q + row * D;
+  const elem_t *kb = kc + (b * HK + hk) * (long)S * D;
+  const elem_t *vb = vc + (b * HK + hk) * (long)S * D;
+  float *s = scores + row * (long)S;
+  float mx = -INFINITY;
+  for (long j = threadIdx.x; j < n; j += blockDim.x) {{
+    float dot = 0.0f;
+    for (int d = 0; d < D; ++d) dot += to_f32(qr[d]) * to_f32(kb[j * D + d]);
+    s[j] = dot * {scale!r}f;
+    mx = fmaxf(mx, s[j]);
+  }}
+  mx = block_reduce(mx, true, buf);
+  float sum = 0.0f;
+  for (long j = threadIdx.x; j < n; j += blockDim.x) {{ s[j] = __expf(s[j] - mx); sum += s[j]; }}
+  sum = block_reduce(sum, false, buf);
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {{
+    float acc = 0.0f;
+    for (long j = 0; j < n; ++j) acc += s[j] * to_f32(vb[j * D + d]);
+    out[row * D + d] = from_f32(acc / sum);
+  }}
+}}
+"""
+    launch = _launch("attention", (rows,), 128, args + ["$scores", "#kv_len" if decode else "#_seq"])
+    spec_args = launch["args"]
+    if not decode:
+        spec_args[-1] = f"={S}"  # a constant: prefill length is static
+    return [launch], {"scores": [rows * S, "fp32"]}, code
+
+
+def _attention_flash(w: Workload, k: dict[str, Any], defs: str, args: list[str], decode: bool, scale: float):
+    """Warp-per-key online softmax. Decode splits the KV length over `splits` blocks (flash-decoding)
+    and merges partial results in a second kernel; `gqa_share` lets one warp serve all G query heads
+    of a KV head; prefill gives each warp `q_block` query rows."""
+    p = w.params
+    B, HQ, HK, D = p["batch"], p["heads"], p["kv_heads"], p["head_dim"]
+    W, SPLITS, QB = k["warps"], k["splits"], k["q_block"]
+    HPW = (HQ // HK) if k["gqa_share"] else 1  # query heads per warp
+    NQ = HPW * QB  # query rows per warp
+    DPL = math.ceil(D / 32)  # head-dim elements per lane (lane, lane + 32, ...)
+    S = p["max_kv_len"] if decode else p["seq_len"]
+    head_groups = HQ // HPW
+    if decode:
+        n_rows = 1
+        grid = (B * head_groups, SPLITS)
+        row_blocks = 1
+    else:
+        n_rows = p["seq_len"]
+        row_blocks = math.ceil(n_rows / (W * QB))
+        grid = (B * head_groups, row_blocks)
+    code = defs + f"""
+#define W {W}
+#define NQ {NQ}
+#define HPW {HPW}
+#define QB {QB}
+#define DPL {DPL}
+#define SPLITS {SPLITS}
+extern "C" __global__ void __launch_bounds__(W * 32) attention(const elem_t *__restrict__ q, const elem_t *__restrict__ kc,
+    const elem_t *__restrict__ vc, elem_t *__restrict__ out, float *__restrict__ part_o, float *__restrict__ part_ml, long L) {{
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const long b = blockIdx.x / {head_groups}, hq0 = (blockIdx.x % {head_groups}) * HPW, hk = hq0 / G;
+  const elem_t *kb = kc + (b * HK + hk) * (long)S * D;
+  const elem_t *vb = vc + (b * HK + hk) * (long)S * D;
+  /* this warp's query rows: HPW heads x QB consecutive positions */
+  const long i0 = {"0" if decode else "((long)blockIdx.y * W + warp) * QB"};
+  float qv[NQ][DPL], acc[NQ][DPL], m[NQ], l[NQ];
+  long lim[NQ];
+  #pragma unroll
+  for (int r = 0; r < NQ; ++r) {{
+    const long hq = hq0 + r / QB, i = i0 + r % QB;
+    lim[r] = {"L" if decode else "(i < S ? i + 1 : 0)"};
+    const long qrow = {"(b * HQ + hq)" if decode else "((b * HQ + hq) * S + (i < S ? i : 0))"};
+    #pragma unroll
+    for (int e = 0; e < DPL; ++e) {{
+      const int d = e * 32 + lane;
+      qv[r][e] = d < D ? to_f32(q[qrow * D + d]) * {scale!r}f : 0.0f;
+      acc[r][e] = 0.0f;
+    }}
+    m[r] = -INFINITY; l[r] = 0.0f;
+  }}
+  long jbeg, jend, jstep;
+  {"" if not decode else '''
+  const long chunk = (L + SPLITS - 1) / SPLITS;
+  jbeg = blockIdx.y * chunk + warp; jend = min(L, (long)(blockIdx.y + 1) * chunk); jstep = W;'''}
+  {"" if decode else '''
+  jbeg = 0; jend = 0; jstep = 1;
+  #pragma unroll
+  for (int r = 0; r < NQ; ++r) jend = max(jend, lim[r]);'''}
+  for (long j = jbeg; j < jend; j += jstep) {{
+    float kf[DPL], vf[DPL];
+    #pragma unroll
+    for (int e = 0; e < DPL; ++e) {{
+      const int d = e * 32 + lane;
+      kf[e] = d < D ? to_f32(kb[j * D + d]) : 0.0f;
+      vf[e] = d < D ? to_f32(vb[j * D + d]) : 0.0f;
+    }}
+    #pragma unroll
+    for (int r = 0; r < NQ; ++r) {{
+      float s = 0.0f;
+      #pragma unroll
+      for (int e = 0; e < DPL; ++e) s += qv[r][e] * kf[e];
+      s = warp_sum(s);
+      if (j >= lim[r]) continue;
+      const float mn = fmaxf(m[r], s);
+      const float corr = __expf(m[r] - mn), pr = __expf(s - mn);
+      l[r] = l[r] * corr + pr;
+      #pragma unroll
+      for (int e = 0; e < DPL; ++e) acc[r][e] = acc[r][e] * corr + pr * vf[e];
+      m[r] = mn;
+    }}
+  }}
+{_attention_epilogue(decode, D)}
+}}
+"""
+    launches = [_launch("attention", grid, W * 32, args + ["$part_o", "$part_ml", "#kv_len" if decode else f"={S}"])]
+    rows_total = B * HQ
+    scratch: dict[str, list] = {"part_o": [1, "fp32"], "part_ml": [1, "fp32"]}
+    if decode:
+        scratch = {"part_o": [rows_total * SPLITS * W * D, "fp32"], "part_ml": [rows_total * SPLITS * W * 2, "fp32"]}
+        code += _attention_combine(SPLITS * W, D)
+        launches.append(_launch("combine", (rows_total,), 32 * max(1, math.ceil(D / 32)), ["$part_o", "$part_ml", "out"]))
+    return launches, scratch, code
+
+
+def _attention_epilogue(decode: bool, D: int) -> str:
+    if decode:
+        # Every warp of every split writes its partial (unnormalised acc, max, sum) for combine().
+        return """
+  #pragma unroll
+  for (int r = 0; r < NQ; ++r) {
+    const long hq = hq0 + r / QB;
+    const long slot = ((b * HQ + hq) * SPLITS + blockIdx.y) * W + warp;
+    #pragma unroll
+    for (int e = 0; e < DPL; ++e) { const int d = e * 32 + lane; if (d < D) part_o[slot * D + d] = acc[r][e]; }
+    if (lane == 0) { part_ml[slot * 2] = m[r]; part_ml[slot * 2 + 1] = l[r]; }
+  }"""
+    return """
+  #pragma unroll
+  for (int r = 0; r < NQ; ++r) {
+    const long hq = hq0 + r / QB, i = i0 + r % QB;
+    if (i >= S || l[r] == 0.0f) continue;
+    #pragma unroll
+    for (int e = 0; e < DPL; ++e) {
+      const int d = e * 32 + lane;
+      if (d < D) out[((b * HQ + hq) * S + i) * D + d] = from_f32(acc[r][e] / l[r]);
+    }
+  }"""
+
+
+def _attention_combine(parts: int, D: int) -> str:
+    return f"""
+extern "C" __global__ void combine(const float *__restrict__ part_o, const float *__restrict__ part_ml, elem_t *__restrict__ out) {{
+  const long row = blockIdx.x;  /* (b, hq) */
+  const int d = threadIdx.x;
+  float mx = -INFINITY;
+  for (int p = 0; p < {parts}; ++p) mx = fmaxf(mx, part_ml[(row * {parts} + p) * 2]);
+  float sum = 0.0f, acc = 0.0f;
+  for (int p = 0; p < {parts}; ++p) {{
+    const float mp = part_ml[(row * {parts} + p) * 2];
+    if (mp == -INFINITY) continue;
+    const float c = __expf(mp - mx);
+    sum += c * part_ml[(row * {parts} + p) * 2 + 1];
+    if (d < {D}) acc += c * part_o[(row * {parts} + p) * {D} + d];
+  }}
+  if (d < {D}) out[row * {D} + d] = from_f32(acc / sum);
+}}
+"""

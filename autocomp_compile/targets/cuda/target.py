@@ -1,0 +1,116 @@
+"""The CUDA target: CUDA C++ built with NVRTC, launched through the driver API on torch's stream."""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+from autocomp_compile.evaluation.evaluator import Built, RoundEvaluator
+from autocomp_compile.evaluation.job import EvalSettings
+from autocomp_compile.search.candidate import Candidate
+from autocomp_compile.targets.cuda import codegen
+from autocomp_compile.targets.cuda.build import build, nvrtc_available, nvrtc_version
+from autocomp_compile.targets.cuda.runtime import launch_spec
+from autocomp_compile.workload import Workload
+
+LOADER = "autocomp_compile.targets.cuda.runtime:load"
+
+
+def default_build_dir() -> Path:
+    base = os.environ.get("AUTOCOMP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autocomp_compile")
+    return Path(base) / "build" / "cuda"
+
+
+@functools.lru_cache(maxsize=1)
+def _device_info() -> dict[str, Any]:
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    info = {"gpu": props.name, "sm": f"{props.major}{props.minor}", "sms": props.multi_processor_count,
+            "l2_bytes": getattr(props, "L2_cache_size", None), "cuda": torch.version.cuda}
+    try:
+        from cuda.bindings import driver
+
+        driver.cuInit(0)
+        info["driver"] = driver.cuDriverGetVersion()[1]
+    except Exception:  # noqa: BLE001 - the fingerprint is still useful without it
+        pass
+    return info
+
+
+class CudaEvaluator(RoundEvaluator):
+    restart_after = ("runtime", "load", "crash")  # a CUDA error can leave the context unusable
+
+    def __init__(self, workload: Workload, build_dir: Path, settings: EvalSettings | None, arch: str):
+        super().__init__(workload, build_dir, settings)
+        self.arch = arch
+
+    def build(self, candidate: Candidate) -> Built:
+        try:
+            launch_spec(candidate.code)
+        except Exception as exc:  # noqa: BLE001
+            return Built(False, None, 0.0, str(exc))
+        b = build(candidate.code, self.arch, self.build_dir)
+        return Built(b.ok, b.cubin_path, b.seconds, b.log)
+
+    def loader(self, candidate: Candidate, artifact: Path) -> tuple[str, tuple[Any, ...]]:
+        names = [t.name for t in self.workload.tensors]
+        return LOADER, (str(artifact), candidate.code, names, list(self.workload.runtime_dims))
+
+
+class CudaTarget:
+    name = "cuda"
+    language = "cuda"
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import torch
+        except ImportError:
+            return False, "torch is not installed"
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU visible to torch (torch.cuda.is_available() is False)"
+        if not nvrtc_available():
+            return False, "NVRTC bindings missing: pip install 'autocomp-compile[cuda]' (cuda-python)"
+        return True, ""
+
+    @property
+    def arch(self) -> str:
+        ok, _ = self.available()
+        return f"sm_{_device_info()['sm']}" if ok else "sm_90"
+
+    def fingerprint(self) -> dict[str, Any]:
+        info = _device_info() if self.available()[0] else {}
+        return {"target": self.name, **info, "compiler": nvrtc_version() if nvrtc_available() else "nvcc",
+                "codegen": codegen.CODEGEN_VERSION}
+
+    def describe(self) -> str:
+        info = _device_info()
+        return f"{info['gpu']} (sm_{info['sm']}, {info['sms']} SMs)"
+
+    def legalize(self, workload: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
+        return codegen.legalize(workload, knobs)
+
+    def generate(self, workload: Workload, knobs: dict[str, Any]) -> str:
+        return codegen.generate(workload, self.legalize(workload, knobs))
+
+    def lower(self, workload: Workload) -> Candidate:
+        knobs = self.legalize(workload, codegen.naive_knobs(workload))
+        return Candidate(id="root", parent_id=None, iteration=0, language=self.language,
+                         code=codegen.generate(workload, knobs),
+                         plan="Naive translation: one thread per output element (or one block per attention row).",
+                         knobs=knobs, origin="lower")
+
+    def menu(self, workload: Workload):
+        from autocomp_compile.agents.menu import cuda_menu
+
+        return cuda_menu(workload)
+
+    def make_evaluator(self, workload: Workload, build_dir: Path | None = None, settings: EvalSettings | None = None) -> CudaEvaluator:
+        import dataclasses
+
+        settings = dataclasses.replace(settings or EvalSettings(), device="cuda")
+        return CudaEvaluator(workload, build_dir or default_build_dir(), settings, self.arch)
+
+
+__all__ = ["CudaTarget"]

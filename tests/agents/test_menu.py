@@ -1,0 +1,124 @@
+"""Optimization menus and menu dropout (agents/menu.py)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from autocomp_compile.agents.menu import MenuItem, apply_dropout, cpu_menu, menu_text
+from autocomp_compile.targets.cpu import codegen
+from autocomp_compile.targets.cpu.isa import ISA_ORDER, supported_isas
+from tests.helpers import SMALL, small
+
+
+def _dummy(n):
+    return [MenuItem(f"m{i}", f"t{i}", "d", lambda k: True, lambda k, r: k) for i in range(n)]
+
+
+def test_dropout_is_reproducible_with_a_seeded_rng():
+    items = _dummy(50)
+    a = [m.id for m in apply_dropout(items, 0.7, random.Random(123))]
+    b = [m.id for m in apply_dropout(items, 0.7, random.Random(123))]
+    c = [m.id for m in apply_dropout(items, 0.7, random.Random(124))]
+    assert a == b
+    assert a != c
+    assert a == [m.id for m in items if m.id in a]  # order preserved, a subset
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3, 0.7, 0.95])
+def test_dropout_drops_roughly_the_configured_fraction(dropout):
+    items = _dummy(4000)
+    kept = len(apply_dropout(items, dropout, random.Random(1)))
+    expected = 4000 * (1 - dropout)
+    assert abs(kept - expected) <= max(4 * (4000 * dropout * (1 - dropout)) ** 0.5, 0.5)
+    if dropout == 0.0:
+        assert kept == 4000
+
+
+@pytest.mark.parametrize("dropout", [1.0, 1.5, -0.01])
+def test_dropout_out_of_range_raises(dropout):
+    with pytest.raises(ValueError, match="dropout"):
+        apply_dropout(_dummy(3), dropout, random.Random(0))
+
+
+def _start_states(w, isas):
+    """Knob states from which different menu items apply: naive, vectorised + threaded, fully tuned."""
+    naive = codegen.legalize(w, codegen.naive_knobs(w), isas)
+    vec = codegen.legalize(w, {**naive, "isa": "avx2" if "avx2" in isas else isas[-1], "threads": "static"}, isas)
+    tuned = codegen.legalize(
+        w, {**vec, "online": True, "gqa_share": True, "fuse": True, "bf16_split": True, "rows": 4, "unroll": 2,
+            "prefetch": 512, "threads": "dynamic", "chunk": 4, "q_block": 2, "kv_block": 32}, isas)
+    return [naive, vec, tuned]
+
+
+ISA_SETS = {"host": supported_isas(), "scalar_only": ["scalar"], "all": list(ISA_ORDER)}
+
+
+@pytest.mark.parametrize("isa_set", sorted(ISA_SETS))
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("wname", sorted(SMALL))
+def test_every_applicable_item_makes_a_change_legalize_keeps(wname, dtype, isa_set):
+    isas = ISA_SETS[isa_set]
+    w = small(wname, dtype)
+    items = cpu_menu(w, isas)
+    assert len({m.id for m in items}) == len(items)  # ids are unique
+    applied_any = set()
+    for knobs in _start_states(w, isas):
+        for item in items:
+            if not item.applies(knobs):
+                continue
+            applied_any.add(item.id)
+            for seed in range(4):
+                proposed = item.apply(dict(knobs), random.Random(seed))
+                assert set(proposed) == set(knobs), f"{item.id} added or removed knobs"
+                new = codegen.legalize(w, proposed, isas)
+                assert new != knobs, f"{item.id} made no change from {knobs}"
+                for key, value in proposed.items():
+                    if value != knobs[key]:
+                        assert new[key] == value, f"{item.id}: legalize undid {key}={value!r} (-> {new[key]!r})"
+    assert applied_any  # the test exercised something
+
+
+def test_menu_contents_depend_on_kind_dtype_and_isas():
+    ids = lambda w, isas: {m.id for m in cpu_menu(w, isas)}  # noqa: E731
+    all_isas = list(ISA_ORDER)
+    gemm_bf16 = ids(small("gemm", "bf16"), all_isas)
+    assert {"vectorize", "wider_vectors", "parallelize", "dynamic_schedule", "block_rows", "unroll_k", "prefetch",
+            "bf16_split", "bf16_dot"} <= gemm_bf16
+    assert "fuse_epilogue" not in gemm_bf16 and "online_softmax" not in gemm_bf16
+    assert "fuse_epilogue" in ids(small("mlp"), all_isas)
+    gemm_fp32 = ids(small("gemm", "fp32"), all_isas)
+    assert "bf16_split" not in gemm_fp32 and "bf16_dot" not in gemm_fp32
+    assert "vectorize" not in ids(small("gemm"), ["scalar"])
+    assert "wider_vectors" not in ids(small("gemm"), ["scalar", "avx2"])
+    decode, prefill = ids(small("decode"), all_isas), ids(small("prefill"), all_isas)
+    assert {"online_softmax", "kv_block", "gqa_share"} <= decode and "q_block" not in decode
+    assert "q_block" in prefill
+    assert ids(small("rmsnorm"), ["scalar", "avx2"]) == {"vectorize", "parallelize", "dynamic_schedule", "unroll_k"}
+
+
+def test_applicability_tracks_knobs():
+    w = small("gemm")
+    items = {m.id: m for m in cpu_menu(w, ["scalar", "avx2"])}
+    naive = codegen.legalize(w, {}, ["scalar", "avx2"])
+    assert items["vectorize"].applies(naive) and not items["prefetch"].applies(naive)
+    vec = {**naive, "isa": "avx2"}
+    assert not items["vectorize"].applies(vec) and items["prefetch"].applies(vec) and items["bf16_split"].applies(vec)
+    assert not items["bf16_split"].applies({**vec, "bf16_split": True})
+    assert not items["parallelize"].applies({**vec, "threads": "static"})
+
+
+def test_vectorize_draws_from_host_simd_isas():
+    w = small("gemm", "fp32")
+    item = next(m for m in cpu_menu(w, list(ISA_ORDER)) if m.id == "vectorize")
+    naive = codegen.legalize(w, {}, list(ISA_ORDER))
+    drawn = {item.apply(dict(naive), random.Random(s))["isa"] for s in range(40)}
+    assert drawn == {"avx2", "avx512"}  # never scalar, never avx512bf16 for fp32
+
+
+def test_menu_text_lists_every_item():
+    items = cpu_menu(small("mlp"), supported_isas())
+    text = menu_text(items)
+    assert len(text.splitlines()) == len(items)
+    for m in items:
+        assert f"[{m.id}] {m.title}:" in text

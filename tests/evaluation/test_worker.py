@@ -1,0 +1,88 @@
+"""IsolatedWorker (evaluation/worker.py): a job that raises, crashes or hangs fails alone.
+
+Jobs live in tests/helpers_worker.py; the worker is a fresh `python -c` interpreter that inherits
+PYTHONPATH (set to the repository root by tests/conftest.py), so it can import `tests.helpers_worker`.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from autocomp_compile.evaluation.worker import IsolatedWorker, WorkerCrash, WorkerTimeout
+
+H = "tests.helpers_worker"
+
+
+@pytest.fixture
+def worker():
+    w = IsolatedWorker()
+    yield w
+    w.close()
+
+
+def test_runs_jobs_and_keeps_state(worker):
+    assert worker.run(f"{H}:echo", {"a": [1, 2.5, "x"]}) == {"a": [1, 2.5, "x"]}
+    assert worker.run(f"{H}:count") == 1
+    assert worker.run(f"{H}:count") == 2  # same process, state kept
+    assert worker.run(f"{H}:pid") != os.getpid()
+
+
+def test_worker_inherits_environment(worker, monkeypatch):
+    monkeypatch.setenv("AUTOCOMP_TEST_MARKER", "hello-worker")
+    assert worker.run(f"{H}:env", "AUTOCOMP_TEST_MARKER") == "hello-worker"
+
+
+def test_exception_in_job_is_reported_and_worker_survives(worker):
+    first_pid = worker.run(f"{H}:pid")
+    worker.run(f"{H}:count")
+    with pytest.raises(RuntimeError, match="ValueError: the message 123") as info:
+        worker.run(f"{H}:fail", "the message 123")
+    assert not isinstance(info.value, (WorkerCrash, WorkerTimeout))
+    assert "helpers_worker.py" in str(info.value)  # traceback included
+    assert worker.run(f"{H}:pid") == first_pid
+    assert worker.run(f"{H}:count") == 2  # state survived the exception
+
+
+def test_unknown_job_is_an_error_not_a_crash(worker):
+    with pytest.raises(RuntimeError, match="ModuleNotFoundError"):
+        worker.run("no_such_module_xyz:fn")
+    with pytest.raises(RuntimeError, match="AttributeError"):
+        worker.run(f"{H}:no_such_function")
+    assert worker.run(f"{H}:echo", 5) == 5
+
+
+@pytest.mark.parametrize(
+    "job, args, how",
+    [("abort", (), "signal 6"), ("segfault", (), "signal 11"), ("hard_exit", (3,), "exit code 3")],
+)
+def test_crash_raises_worker_crash_and_worker_restarts(worker, job, args, how):
+    before = worker.run(f"{H}:pid")
+    worker.run(f"{H}:count")
+    with pytest.raises(WorkerCrash, match=how):
+        worker.run(f"{H}:{job}", *args)
+    after = worker.run(f"{H}:pid")
+    assert after != before  # a fresh process ...
+    assert worker.run(f"{H}:count") == 1  # ... with fresh state
+
+
+def test_timeout_kills_worker_and_next_job_runs(worker):
+    worker.run(f"{H}:echo", 0)  # warm start, so the timeout covers only the job
+    pid = worker.run(f"{H}:pid")
+    with pytest.raises(WorkerTimeout, match="no result after 1 s"):
+        worker.run(f"{H}:sleep", 60, timeout_s=1.0)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped
+    assert worker.run(f"{H}:sleep", 0.01, timeout_s=30) == "woke up"
+
+
+def test_close_stops_the_process_and_is_reusable():
+    w = IsolatedWorker()
+    pid = w.run(f"{H}:pid")
+    w.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    w.close()  # idempotent
+    with w:
+        assert w.run(f"{H}:echo", "again") == "again"
+    assert w._proc is None

@@ -1,0 +1,94 @@
+"""Shared test helpers: small workloads, kernel runners, hand-written C kernels."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from autocomp_compile.evaluation.checks import compare
+from autocomp_compile.references import InputFactory, empty_outputs, get_kind
+from autocomp_compile.targets.cpu.compiler import build
+from autocomp_compile.targets.cpu.runtime import CpuKernel
+from autocomp_compile.workload import Workload, make_workload
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Small shapes with odd sizes so that every vector loop has a scalar tail.
+SMALL: dict[str, tuple[str, dict]] = {
+    "gemm": ("gemm", dict(m=1, n=64, k=96)),
+    "gemm_m3_odd": ("gemm", dict(m=3, n=37, k=83)),
+    "lm_head_small": ("lm_head", dict(batch=1, hidden=72, vocab=101)),
+    "mlp": ("mlp", dict(batch=1, hidden=64, intermediate=96)),
+    "mlp_b2_odd": ("mlp", dict(batch=2, hidden=40, intermediate=56)),
+    "rmsnorm": ("rmsnorm", dict(rows=3, hidden=40)),
+    "decode": ("attention", dict(phase="decode", heads=4, kv_heads=2, head_dim=16, kv_len=37, max_kv_len=64)),
+    "prefill": ("attention", dict(phase="prefill", heads=4, kv_heads=2, head_dim=16, seq_len=19)),
+}
+
+
+def small(name: str, dtype: str = "bf16") -> Workload:
+    kind, params = SMALL[name]
+    return make_workload(kind, dtype, **params)
+
+
+def run_kernel(kernel: CpuKernel, w: Workload, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    outs = empty_outputs(w)
+    kernel([inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs], list(w.runtime_dims.values()))
+    return outs
+
+
+def check_against_reference(so_path, w: Workload, seed: int = 1, sets: int = 2) -> None:
+    """Load `so_path`, run it on `sets` fresh input sets and assert it matches the reference."""
+    kernel = CpuKernel(so_path, len(w.tensors))
+    factory = InputFactory(seed)
+    spec = get_kind(w.kind)
+    for s in range(sets):
+        inputs = factory.inputs(w)
+        before = {k: v.clone() for k, v in inputs.items()}
+        outs = run_kernel(kernel, w, inputs)
+        for name, v in before.items():
+            assert torch.equal(inputs[name], v), f"kernel modified input {name}"
+        ref = spec.reference(inputs, w.params, w.runtime_dims)
+        for name, out in outs.items():
+            m = compare(name, out, ref[name])
+            assert m.ok, f"input set {s}: {m.message}"
+
+
+def build_ok(code: str, isa: str, build_dir: Path):
+    res = build(code, isa, build_dir)
+    assert res.ok, res.log
+    return res
+
+
+# ---------------------------------------------------------------- hand-written kernels
+
+# fp32 GEMM out[M, N] = x[M, K] @ w[N, K]^T, scalar C, with hooks to break it on purpose.
+HAND_GEMM_SHAPE = dict(m=2, n=24, k=40)
+
+
+def hand_gemm_workload() -> Workload:
+    return make_workload("gemm", "fp32", **HAND_GEMM_SHAPE)
+
+
+def hand_gemm(store: str = "out[m * N + n] = s;", n_end: str = "N", before: str = "", after: str = "") -> str:
+    p = HAND_GEMM_SHAPE
+    return f"""
+#include <stdint.h>
+#define M {p['m']}
+#define N {p['n']}
+#define K {p['k']}
+void autocomp_kernel(void **t, const int64_t *dims) {{
+  (void)dims;
+  float *x = (float *)t[0];
+  const float *w = (const float *)t[1];
+  float *out = (float *)t[2];
+  {before}
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < {n_end}; ++n) {{
+      float s = 0.0f;
+      for (int k = 0; k < K; ++k) s += x[m * K + k] * w[n * K + k];
+      {store}
+    }}
+  {after}
+}}
+"""

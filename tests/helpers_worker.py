@@ -1,0 +1,53 @@
+"""Job functions run inside `IsolatedWorker` by tests/evaluation/test_worker.py.
+
+The worker imports this module as `tests.helpers_worker`; the repository root must be on its
+PYTHONPATH (tests/conftest.py sets it).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+
+
+def echo(state, value):
+    return value
+
+
+def count(state):
+    """State persists between jobs in one worker process; a restart resets it."""
+    state["n"] = state.get("n", 0) + 1
+    return state["n"]
+
+
+def pid(state):
+    return os.getpid()
+
+
+def env(state, name):
+    return os.environ.get(name)
+
+
+def fail(state, message):
+    raise ValueError(message)
+
+
+def abort(state):
+    os.abort()
+
+
+def segfault(state):
+    ctypes.string_at(0)  # read from NULL
+
+
+def hard_exit(state, code):
+    os._exit(code)
+
+
+def sleep(state, seconds):
+    time.sleep(seconds)
+    return "woke up"
+
+
+def unpicklable(state):
+    return lambda: None
