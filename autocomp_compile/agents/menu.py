@@ -202,7 +202,16 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
                      "and widening it from global memory for every row.",
                      lambda k: tiled(k) and not k["x_smem"], lambda k, r: {**k, "x_smem": True}),
         ]
+        items.append(MenuItem("stream_loads", "Streaming (evict-first) weight loads",
+                              "Load weights with the cache-streaming hint: they are read once, so they should not "
+                              "push data that will be reused out of L2.",
+                              lambda k: tiled(k) and not k["stream_loads"], lambda k, r: {**k, "stream_loads": True}))
         if w.kind == "mlp":
+            items.append(MenuItem("l2_prefetch_down", "Prefetch the down projection into L2",
+                                  "While the gate/up kernel streams its weights, have each block prefetch its share of "
+                                  "the down-projection weights into L2 (evict-last), so the second kernel reads from L2.",
+                                  lambda k: tiled(k) and k["fuse"] and not k["l2_prefetch"],
+                                  lambda k, r: {**k, "l2_prefetch": True, "stream_loads": True}))
             items.append(MenuItem("fuse_epilogue", "Fuse gate, up and SiLU*mul",
                                   "One kernel computes the gate and up rows together and applies SiLU and the product "
                                   "in registers: two launches and two intermediate round trips fewer.",

@@ -11,4 +11,4 @@ python3 -c "import torch, cuda.bindings; print('torch', torch.__version__, 'cuda
 python3 -m autocomp_compile.cli targets | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q -x tests/targets/cuda -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/cuda_tests.txt"
 python3 benchmarks/kernels.py --target cuda --budget "${1:-24}" --search-timing-ms 150 --timing-ms 1500 \
-  --output-dir /tmp/autocomp-output --json "$OUT/kernels_cuda.json" 2>&1 | grep -v "━" | tee "$OUT/kernels_cuda.txt"
+  --no-inductor --output-dir /tmp/autocomp-output --json "$OUT/kernels_cuda.json" 2>&1 | grep -v "━" | tee "$OUT/kernels_cuda.txt"

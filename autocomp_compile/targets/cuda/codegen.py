@@ -20,7 +20,8 @@ CODEGEN_VERSION = "cuda-1"
 GEMV_KINDS = ("gemm", "lm_head", "mlp")
 
 NAIVE_KNOBS: dict[str, dict[str, Any]] = {
-    "gemv": dict(naive=True, warps=4, rows=1, ksplit=1, unroll=1, vec=False, x_smem=False, fuse=False),
+    "gemv": dict(naive=True, warps=4, rows=1, ksplit=1, unroll=1, vec=False, x_smem=False, fuse=False,
+                 stream_loads=False, l2_prefetch=False),
     "attention": dict(naive=True, warps=4, splits=1, gqa_share=False, q_block=1),
     "rmsnorm": dict(naive=True, threads=256, vec=False),
 }
@@ -72,6 +73,8 @@ def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
         while out["ksplit"] > 1 and any(k % (out["ksplit"] * step) for k in ks):
             out["ksplit"] //= 2
         out["fuse"] = bool(out["fuse"]) and w.kind == "mlp"
+        out["stream_loads"] = bool(out["stream_loads"])
+        out["l2_prefetch"] = bool(out["l2_prefetch"]) and out["fuse"]
         m = _gemv_shape(w)[0]
         nw = 2 if w.kind == "mlp" else 1
         while out["rows"] > 1 and m * out["rows"] * nw > 32:
@@ -180,13 +183,31 @@ extern "C" __global__ void {name}(const {x_t} *__restrict__ x, {w_args}, {out_t}
 """
 
 
-def _gemv_tiled_kernel(name: str, x_t: str, out_t: str, M: int, N: int, K: int, two: bool, k: dict[str, Any]) -> str:
+def _l2_prefetch(total_bytes: int) -> str:
+    """Each block asks L2 to fetch (and keep) its share of another weight, for the next kernel."""
+    return f"""  {{
+    const long total = {total_bytes}L, per = (total + gridDim.x - 1) / gridDim.x;
+    const char *base = reinterpret_cast<const char *>(pf);
+    const long beg = (long)blockIdx.x * per, end = beg + per < total ? beg + per : total;
+    for (long o = beg + threadIdx.x * 128; o < end; o += (long)blockDim.x * 128)
+      asm volatile("prefetch.global.L2::evict_last [%0];" :: "l"(base + o));
+  }}
+"""
+
+
+def _gemv_tiled_kernel(
+    name: str, x_t: str, out_t: str, M: int, N: int, K: int, two: bool, k: dict[str, Any], prefetch_bytes: int = 0
+) -> str:
     """Warps own row groups of R rows; S warps split K and reduce through shared memory; U x R
-    16-byte (or scalar) weight loads are issued before any is used."""
+    16-byte (or scalar) weight loads are issued before any is used. `stream_loads` marks weight
+    loads evict-first; `prefetch_bytes` > 0 adds an L2 prefetch of the `pf` argument."""
     W, R, S, U = k["warps"], k["rows"], k["ksplit"], k["unroll"]
     V = "EPV" if k["vec"] else "1"
     nw = 2 if two else 1
     w_args = "const elem_t *__restrict__ wa, const elem_t *__restrict__ wb" if two else "const elem_t *__restrict__ wa"
+    if prefetch_bytes:
+        w_args += ", const elem_t *__restrict__ pf"
+    ld = "__ldcs" if k["stream_loads"] else "__ldg"
     x_decl = (
         f"  extern __shared__ float xs[];\n"
         f"  for (int i = threadIdx.x; i < M * K; i += blockDim.x) xs[i] = to_f32(x[i]);\n  __syncthreads();\n"
@@ -196,10 +217,10 @@ def _gemv_tiled_kernel(name: str, x_t: str, out_t: str, M: int, N: int, K: int, 
     )
     raw_t = "uint4" if k["vec"] else "elem_t"
     if k["vec"]:
-        load = "raw[{j}][u][r] = __ldg(reinterpret_cast<const uint4 *>({w} + row * (long)K + kk));"
+        load = "raw[{j}][u][r] = " + ld + "(reinterpret_cast<const uint4 *>({w} + row * (long)K + kk));"
         widen = "to_f32(reinterpret_cast<const elem_t *>(&raw[{j}][u][r])[e])"
     else:
-        load = "raw[{j}][u][r] = {w}[row * (long)K + kk];"
+        load = "raw[{j}][u][r] = " + ld + "({w} + row * (long)K + kk);"
         widen = "to_f32(raw[{j}][u][r])"
     loads = "\n".join("        " + load.format(w=("wa", "wb")[j], j=j) for j in range(nw))
     fma = "\n".join(f"          acc[{j}][m][r] += {widen.format(j=j)} * xe;" for j in range(nw))
@@ -210,7 +231,7 @@ extern "C" __global__ void __launch_bounds__({W * 32}) {name}(const {x_t} *__res
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int group = warp / {S}, slice = warp % {S};
   const long n0 = ((long)blockIdx.x * ({W} / {S}) + group) * {R};
-{x_decl}  const int kslice = K / {S};
+{_l2_prefetch(prefetch_bytes) if prefetch_bytes else ""}{x_decl}  const int kslice = K / {S};
   const int kbeg = slice * kslice, kend = kbeg + kslice;
   float acc[{nw}][M][{R}];
   #pragma unroll
@@ -276,13 +297,14 @@ extern "C" __global__ void __launch_bounds__({W * 32}) {name}(const {x_t} *__res
 """
 
 
-def _gemv_stage(name: str, x_t: str, out_t: str, M: int, N: int, K: int, two: bool, k: dict[str, Any], args: list[str]):
+def _gemv_stage(name: str, x_t: str, out_t: str, M: int, N: int, K: int, two: bool, k: dict[str, Any], args: list[str],
+                prefetch_bytes: int = 0):
     if k["naive"]:
         code = _gemv_naive_kernel(name, x_t, out_t, M, N, K, two)
         return code, _launch(name, (math.ceil(M * N / 128),), 128, args)
     rows_per_block = (k["warps"] // k["ksplit"]) * k["rows"]
     smem = M * K * 4 if k["x_smem"] else 0
-    code = _gemv_tiled_kernel(name, x_t, out_t, M, N, K, two, k)
+    code = _gemv_tiled_kernel(name, x_t, out_t, M, N, K, two, k, prefetch_bytes)
     return code, _launch(name, (math.ceil(N / rows_per_block),), k["warps"] * 32, args, smem)
 
 
@@ -295,7 +317,9 @@ def _gemv(w: Workload, k: dict[str, Any]):
     scratch = {"h": [M * I, "fp32"]}
     parts, launches = [], []
     if k["fuse"]:
-        code, launch = _gemv_stage("gate_up", "elem_t", "float", M, I, H, True, k, ["x", "w_gate", "w_up", "$h"])
+        prefetch = H * I * _elem_bytes(w) if k["l2_prefetch"] and not k["naive"] else 0
+        args = ["x", "w_gate", "w_up", "$h"] + (["w_down"] if prefetch else [])
+        code, launch = _gemv_stage("gate_up", "elem_t", "float", M, I, H, True, k, args, prefetch)
         parts.append(code)
         launches.append(launch)
     else:

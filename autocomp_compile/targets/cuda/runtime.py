@@ -61,17 +61,18 @@ class CudaKernel:
         for fn, k in zip(self._functions, self.spec["kernels"]):
             if k.get("smem", 0) > 48 * 1024:
                 _check(driver.cuFuncSetAttribute(fn, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, k["smem"]), "cuFuncSetAttribute")
+        self._cached_key: tuple | None = None
+        self._cached: list[Any] = []
         self._scratch = {
             name: torch.empty(int(n), dtype=_SCRATCH_DTYPES[dt], device="cuda") for name, (n, dt) in self.spec.get("scratch", {}).items()
         }
 
-    def __call__(self, tensors: Sequence[torch.Tensor], dims: Sequence[int] = ()) -> None:
-        from cuda.bindings import driver
-
+    def _params(self, tensors: Sequence[torch.Tensor], dims: Sequence[int]) -> list[Any]:
+        """ctypes kernel-parameter arrays for every launch (kept alive with their values)."""
         by_name = dict(zip(self.names, tensors))
         dim_by_name = dict(zip(self.dim_names, dims))
-        stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
-        for fn, k in zip(self._functions, self.spec["kernels"]):
+        prepared = []
+        for k in self.spec["kernels"]:
             values: list[Any] = []
             for a in k["args"]:
                 if a.startswith("$"):
@@ -85,10 +86,23 @@ class CudaKernel:
                     if not t.is_cuda or not t.is_contiguous():
                         raise ValueError(f"tensor {a!r} must be a contiguous CUDA tensor")
                     values.append(ctypes.c_void_p(t.data_ptr()))
-            params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+            array = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+            prepared.append((values, array))
+        return prepared
+
+    def __call__(self, tensors: Sequence[torch.Tensor], dims: Sequence[int] = ()) -> None:
+        from cuda.bindings import driver
+
+        # Parameter arrays depend only on the pointers and dims: reuse them across calls (launch overhead).
+        key = (tuple(t.data_ptr() for t in tensors), tuple(int(d) for d in dims))
+        if self._cached_key != key:
+            self._cached = self._params(tensors, dims)
+            self._cached_key = key
+        stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
+        for fn, k, (_, array) in zip(self._functions, self.spec["kernels"], self._cached):
             gx, gy, gz = k["grid"]
             bx, by, bz = k["block"]
-            _check(driver.cuLaunchKernel(fn, gx, gy, gz, bx, by, bz, k.get("smem", 0), stream, ctypes.addressof(params), 0),
+            _check(driver.cuLaunchKernel(fn, gx, gy, gz, bx, by, bz, k.get("smem", 0), stream, ctypes.addressof(array), 0),
                    f"cuLaunchKernel({k['name']})")
 
 

@@ -1,0 +1,147 @@
+"""CUDA target: every schedule variant used here compiles (NVRTC, else nvcc); on a GPU, each is
+correct against the PyTorch reference and the search improves on the naive kernel."""
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+import torch
+
+from autocomp_compile import EvalSettings, SearchConfig, get_target, make_workload, optimize
+from autocomp_compile.agents.schedule import ScheduleProposer
+from autocomp_compile.evaluation.checks import compare
+from autocomp_compile.references import InputFactory, empty_outputs, get_kind
+from autocomp_compile.search.candidate import Candidate
+from autocomp_compile.targets.cuda import codegen
+from autocomp_compile.targets.cuda.build import build, nvrtc_available
+from autocomp_compile.targets.cuda.runtime import CudaKernelError, launch_spec, load
+
+HAS_COMPILER = nvrtc_available() or shutil.which("nvcc") is not None
+HAS_GPU = torch.cuda.is_available() and nvrtc_available()
+needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="neither NVRTC (cuda-python) nor nvcc is installed")
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU here (or no cuda-python): runtime checks need one")
+
+WORKLOADS = {
+    "gemm_fp32_odd": make_workload("gemm", "fp32", m=3, n=100, k=72),
+    "gemm_bf16": make_workload("gemm", "bf16", m=2, n=96, k=256),
+    "mlp_bf16": make_workload("mlp", "bf16", batch=1, hidden=128, intermediate=256),
+    "mlp_fp32": make_workload("mlp", "fp32", batch=2, hidden=64, intermediate=96),
+    "rmsnorm_bf16": make_workload("rmsnorm", "bf16", rows=3, hidden=40),
+    "rmsnorm_bf16_vec": make_workload("rmsnorm", "bf16", rows=4, hidden=2048),
+    "attn_decode_bf16": make_workload("attention", "bf16", heads=8, kv_heads=2, head_dim=64, kv_len=100, max_kv_len=128),
+    "attn_decode_fp32_d48": make_workload("attention", "fp32", heads=4, kv_heads=2, head_dim=48, kv_len=37, max_kv_len=64),
+    "attn_prefill_bf16": make_workload("attention", "bf16", phase="prefill", heads=4, kv_heads=2, head_dim=64, seq_len=19),
+}
+VARIANTS = {
+    "gemv": [{}, dict(naive=False), dict(naive=False, vec=True, rows=4, unroll=4, warps=8, ksplit=2, x_smem=True, fuse=True),
+             dict(naive=False, vec=True, rows=2, unroll=2, warps=4, fuse=False),
+             dict(naive=False, vec=True, rows=1, unroll=2, warps=4, ksplit=4, fuse=True, stream_loads=True, l2_prefetch=True)],
+    "attention": [{}, dict(naive=False), dict(naive=False, gqa_share=True, splits=4, warps=4, q_block=2),
+                  dict(naive=False, splits=16, warps=2, q_block=4)],
+    "rmsnorm": [{}, dict(naive=False), dict(naive=False, vec=True, threads=512)],
+}
+CASES = [(name, i) for name, w in WORKLOADS.items() for i in range(len(VARIANTS[codegen.family(w.kind)]))]
+
+
+def _source(name: str, i: int) -> tuple:
+    w = WORKLOADS[name]
+    knobs = codegen.legalize(w, VARIANTS[codegen.family(w.kind)][i])
+    return w, knobs, codegen.generate(w, knobs)
+
+
+def test_launch_line_parses_and_rejects_garbage():
+    w, _, src = _source("mlp_bf16", 2)
+    spec = launch_spec(src)
+    assert [k["name"] for k in spec["kernels"]] == ["gate_up", "down"]
+    assert spec["scratch"]["h"][0] == 256
+    with pytest.raises(CudaKernelError):
+        launch_spec("__global__ void k() {}")
+    with pytest.raises(CudaKernelError):
+        launch_spec('// autocomp-launch: {"kernels": []}\n')
+
+
+def test_legalize_keeps_shapes_legal():
+    w = WORKLOADS["gemm_fp32_odd"]  # k = 72: 4 fp32 per 16-byte vector divides it, ksplit 8 * 4 does not
+    k = codegen.legalize(w, dict(naive=False, vec=True, ksplit=8, warps=8))
+    assert k["vec"] and 72 % (k["ksplit"] * 4) == 0
+    k = codegen.legalize(make_workload("gemm", "bf16", m=1, n=8, k=12), dict(naive=False, vec=True))
+    assert not k["vec"]  # 12 is not a multiple of 8 bf16
+    assert codegen.legalize(WORKLOADS["attn_decode_bf16"], dict(q_block=4))["q_block"] == 1
+
+
+def test_menu_items_change_the_schedule():
+    target = get_target("cuda")
+    for w in WORKLOADS.values():
+        knobs = codegen.legalize(w, dict(naive=False))
+        for item in target.menu(w):
+            if item.applies(knobs):
+                assert target.legalize(w, item.apply(dict(knobs), random.Random(1))) != knobs or item.id in (
+                    "split_k", "block_rows", "unroll_loads", "stage_x_smem"), item.id
+
+
+@needs_compiler
+@pytest.mark.parametrize("name,i", CASES)
+def test_every_variant_compiles(name, i, tmp_path):
+    w, knobs, src = _source(name, i)
+    b = build(src, "sm_90", tmp_path)
+    assert b.ok, f"{name} {knobs}:\n{b.log}"
+
+
+@needs_compiler
+def test_compile_error_is_reported(tmp_path):
+    b = build('// autocomp-launch: {"kernels":[]}\nextern "C" __global__ void k() { undefined_fn(); }', "sm_90", tmp_path)
+    assert not b.ok and "undefined_fn" in b.log
+
+
+@needs_gpu
+@pytest.mark.parametrize("name,i", CASES)
+def test_every_variant_is_correct_on_gpu(name, i, tmp_path):
+    w, knobs, src = _source(name, i)
+    b = build(src, f"sm_{torch.cuda.get_device_capability()[0]}{torch.cuda.get_device_capability()[1]}", tmp_path)
+    assert b.ok, b.log
+    kernel = load(str(b.cubin_path), src, [t.name for t in w.tensors], list(w.runtime_dims))
+    factory = InputFactory(i)
+    spec = get_kind(w.kind)
+    for _ in range(2):
+        host = factory.inputs(w)
+        ref = spec.reference(host, w.params, w.runtime_dims)
+        dev = {k: v.cuda() for k, v in host.items()}
+        outs = empty_outputs(w, device="cuda")
+        kernel([dev[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs], list(w.runtime_dims.values()))
+        torch.cuda.synchronize()
+        m = compare("out", outs["out"].cpu(), ref["out"])
+        assert m.ok, f"{name} {knobs}: {m.message}"
+
+
+@needs_gpu
+def test_search_on_gpu_beats_naive(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOCOMP_CACHE_DIR", str(tmp_path / "cache"))
+    w = make_workload("gemm", "bf16", m=1, n=4096, k=4096)
+    r = optimize(w, "cuda", SearchConfig(budget=10, seed=0), EvalSettings(timing_budget_ms=50), tmp_path / "out",
+                 proposers=[ScheduleProposer(dropout=0.3)])
+    assert r.best is not None and r.best.correct
+    assert r.best.latency_ms < r.root.latency_ms
+    assert r.root.result.baseline_ms is not None
+
+
+def test_cuda_target_reports_why_unavailable():
+    ok, why = get_target("cuda").available()
+    assert ok == HAS_GPU
+    if not ok:
+        assert why
+
+
+def test_lowered_kernel_is_a_candidate():
+    t = get_target("cuda")
+    c = t.lower(WORKLOADS["mlp_bf16"])
+    assert isinstance(c, Candidate) and c.knobs["naive"] and c.language == "cuda"
+    assert launch_spec(c.code)["kernels"][0]["name"] == "gate"
+
+
+def test_l2_prefetch_passes_the_down_weights_to_the_first_kernel():
+    w, knobs, src = _source("mlp_bf16", 4)
+    assert knobs["l2_prefetch"] and knobs["stream_loads"]
+    first = launch_spec(src)["kernels"][0]
+    assert first["args"][-1] == "w_down"
+    assert "prefetch.global.L2::evict_last" in src and "__ldcs" in src
