@@ -97,17 +97,21 @@ class BeamSearch:
             return ""
         if not r.correct:
             return f"failed at {r.stage}: {r.message}"
+        p99 = f", {r.latency_p99_ms:.3f} ms p99" if r.latency_p99_ms is not None else ""
         base = f" (PyTorch eager {r.baseline_ms:.3f} ms)" if r.baseline_ms else ""
-        return f"latency {r.latency_ms:.3f} ms median, {r.latency_p99_ms:.3f} ms p99{base}"
+        return f"latency {r.latency_ms:.3f} ms median{p99}{base}"
 
     def run(self, seeds: list[Candidate] | None = None) -> SearchResult:
         cfg = self.config
         rng = random.Random(cfg.seed)
         root = self.target.lower(self.workload)
-        first = [root] + list(seeds or [])[: max(0, cfg.budget - 1)]
+        first, seen = [root], {root.code_hash}
+        for c in seeds or []:
+            if c.code_hash not in seen and len(first) < cfg.budget:
+                seen.add(c.code_hash)
+                first.append(c)
         for i, c in enumerate(first[1:]):
             c.id, c.iteration, c.parent_id = f"seed{i}", 0, None
-        seen = {c.code_hash for c in first}
         self._evaluate(first)
         every = list(first)
         beam = sorted((c for c in first if c.correct), key=lambda c: c.latency_ms)[: cfg.beam_size]
@@ -138,6 +142,7 @@ class BeamSearch:
             children = children[: cfg.budget - len(every)]
             if not children:
                 stop = "search space exhausted"
+                iteration -= 1
                 break
             for n, child in enumerate(children):
                 child.id = f"i{iteration}c{n:02d}"

@@ -49,14 +49,15 @@ def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, A
     if out["threads"] not in THREADS:
         out["threads"] = "serial"
     for name, choices in KNOB_CHOICES[fam].items():
-        if out[name] not in choices:
-            out[name] = min(choices, key=lambda c: abs(c - int(out[name])))
+        out[name] = min(choices, key=lambda c: abs(c - float(out[name])))  # snap to a choice (and to int)
     if fam == "gemv":
         n_rows = w.params.get("n", w.params.get("vocab", w.params.get("intermediate")))
         while out["rows"] > 1 and out["rows"] > n_rows:
             out["rows"] //= 2
         out["fuse"] = bool(out["fuse"]) and w.kind == "mlp"
         out["bf16_split"] = bool(out["bf16_split"]) and w.dtype == "bf16" and out["isa"] in ("avx2", "avx512")
+        if out["isa"] == "scalar":
+            out["prefetch"] = 0  # _mm_prefetch needs the x86 intrinsics header
     if fam == "attention":
         out["online"] = bool(out["online"])
         out["gqa_share"] = bool(out["gqa_share"])

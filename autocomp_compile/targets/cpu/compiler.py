@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ def build(code: str, isa: str, build_dir: Path, timeout_s: float = 60.0) -> Buil
         return BuildResult(True, so_path, 0.0, "")
     src = build_dir / f"k_{digest}.c"
     src.write_text(code)
-    tmp = so_path.with_suffix(f".{os.getpid()}.tmp")
+    tmp = so_path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # unique per builder thread
     start = time.perf_counter()
     try:
         proc = subprocess.run(

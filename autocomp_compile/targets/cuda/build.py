@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
 import tempfile
 import time
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ def build(source: str, arch: str, build_dir: Path, timeout_s: float = 120.0) -> 
     seconds = time.perf_counter() - start
     if cubin is None:
         return CudaBuild(False, None, seconds, log, compiler)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # unique per builder thread
     tmp.write_bytes(cubin)
     os.replace(tmp, path)
     return CudaBuild(True, path, seconds, log, compiler)

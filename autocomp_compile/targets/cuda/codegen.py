@@ -58,8 +58,7 @@ def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
     fam = family(w.kind)
     out = {**NAIVE_KNOBS[fam], **{k: v for k, v in knobs.items() if k in NAIVE_KNOBS[fam]}}
     for name, choices in KNOB_CHOICES[fam].items():
-        if out[name] not in choices:
-            out[name] = min(choices, key=lambda c: abs(c - int(out[name])))
+        out[name] = min(choices, key=lambda c: abs(c - float(out[name])))  # snap to a choice (and to int)
     out["naive"] = bool(out["naive"])
     if fam == "gemv":
         epv = 16 // _elem_bytes(w)

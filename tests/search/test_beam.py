@@ -1,0 +1,340 @@
+"""Beam search (search/beam.py), the run directory (search/artifacts.py), resume, and optimize().
+
+Everything but the last test uses FakeEvaluator (tests/conftest.py): no compilation, the loop
+runs in milliseconds. The last test is one real end-to-end optimize() on a tiny GEMM.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from autocomp_compile import EvalSettings, SearchConfig, optimize
+from autocomp_compile.agents.schedule import ScheduleProposer
+from autocomp_compile.search.artifacts import RunConflict, RunDirectory
+from autocomp_compile.search.beam import BeamSearch, summarize
+from autocomp_compile.search.candidate import Candidate, normalized_code_hash
+from autocomp_compile.targets.base import EvalResult
+from tests.conftest import EvaluatorCalled, FakeEvaluator, FakeTarget, fake_latency
+from tests.helpers import small
+
+SETTINGS = EvalSettings(timing_budget_ms=20, timeout_s=30)
+
+
+def _search(w, evaluator, config, run_dir=None, isas=("scalar", "avx2"), seeds=None):
+    target = FakeTarget(evaluator, isas)
+    bs = BeamSearch(target, w, evaluator, [ScheduleProposer(dropout=config.dropout)], config, run_dir)
+    return bs.run(seeds)
+
+
+def _by_id(result):
+    return {c.id: c for c in result.candidates}
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@pytest.mark.parametrize("budget", [1, 2, 7, 20])
+def test_budget_is_respected(budget):
+    ev = FakeEvaluator()
+    r = _search(small("gemm"), ev, SearchConfig(budget=budget, iterations=50, patience=50))
+    assert r.candidates_evaluated <= budget
+    assert len(ev.seen) == r.candidates_evaluated == r.evaluated_now
+    if budget == 1:
+        assert r.candidates_evaluated == 1 and r.stop_reason == "budget" and r.iterations == 0
+    if budget == 20:
+        assert r.candidates_evaluated == 20 and r.stop_reason == "budget"
+
+
+def test_no_duplicates_and_lineage():
+    ev = FakeEvaluator()
+    r = _search(small("mlp"), ev, SearchConfig(budget=40, iterations=20, patience=20, plans_per_parent=3,
+                                                impls_per_plan=3, beam_size=3))
+    hashes = [c.code_hash for c in r.candidates]
+    assert len(set(hashes)) == len(hashes) == r.candidates_evaluated
+    assert len(set(ev.seen)) == len(ev.seen)
+    ids = [c.id for c in r.candidates]
+    assert len(set(ids)) == len(ids)
+    by_id = _by_id(r)
+    assert r.candidates[0] is r.root and r.root.parent_id is None and r.root.menu_ids == []
+    for c in r.candidates[1:]:
+        assert c.parent_id in by_id, c.id
+        parent = by_id[c.parent_id]
+        assert parent.iteration < c.iteration
+        assert c.menu_ids[:-1] == parent.menu_ids and len(c.menu_ids) == len(parent.menu_ids) + 1
+        assert c.knobs != parent.knobs
+        assert parent.correct  # only beam members (correct ones) get children
+
+
+def test_best_is_the_fastest_correct_candidate_and_improves_on_root():
+    r = _search(small("gemm"), FakeEvaluator(), SearchConfig(budget=30, iterations=20, patience=20))
+    correct = [c for c in r.candidates if c.correct]
+    assert r.best is min(correct, key=lambda c: c.latency_ms)
+    assert r.best.latency_ms < r.root.latency_ms
+    assert r.best.latency_ms == pytest.approx(fake_latency(r.best.knobs))
+    assert r.baseline_ms == 2.0 and r.speedup == pytest.approx(2.0 / r.best.latency_ms)
+    best_ms = [h["best_ms"] for h in r.history]
+    assert best_ms == sorted(best_ms, reverse=True)  # the beam's best never gets worse
+
+
+def test_beam_never_contains_incorrect_candidates():
+    bad = lambda k: k["threads"] != "serial" or k.get("unroll") == 2  # noqa: E731 - fast but wrong
+    r = _search(small("gemm"), FakeEvaluator(bad=bad), SearchConfig(budget=40, iterations=20, patience=20))
+    by_id = _by_id(r)
+    assert any(not c.correct for c in r.candidates)  # the test is meaningful
+    for h in r.history:
+        for cid in h["beam"]:
+            assert by_id[cid].correct
+    assert r.best.correct and not bad(r.best.knobs)
+    assert all(by_id[c.parent_id].correct for c in r.candidates[1:])
+    summary = summarize(r, small("gemm"))
+    assert summary["failures"] == {"correctness": sum(not c.correct for c in r.candidates)}
+
+
+def test_beam_size_bounds_the_beam():
+    r = _search(small("gemm"), FakeEvaluator(), SearchConfig(budget=40, beam_size=2, iterations=20, patience=20))
+    assert all(len(h["beam"]) <= 2 for h in r.history)
+    assert len(r.history[-1]["beam"]) == 2
+
+
+def test_early_stop_with_patience():
+    ev = FakeEvaluator(latency=lambda k: 5.0)  # nothing ever improves
+    r = _search(small("gemm"), ev, SearchConfig(budget=1000, iterations=30, patience=2))
+    assert r.stop_reason == "no improvement in 2 iterations"
+    assert r.iterations == 2 and len(r.history) == 3
+    r3 = _search(small("gemm"), FakeEvaluator(latency=lambda k: 5.0), SearchConfig(budget=1000, iterations=30, patience=3))
+    assert r3.iterations == 3
+
+
+def test_improvement_resets_patience():
+    # each generation is 2 % faster than the last: never stale
+    ev = FakeEvaluator(latency=lambda k: 10.0 * 0.98 ** sum(1 for v in k.values() if v not in (False, 0, 1, "scalar", "serial")))
+    r = _search(small("gemm"), ev, SearchConfig(budget=1000, iterations=3, patience=1, beam_size=4))
+    assert r.stop_reason == "iterations" and r.iterations == 3
+
+
+def test_no_correct_kernel_stops():
+    r = _search(small("gemm"), FakeEvaluator(bad=lambda k: True), SearchConfig(budget=10))
+    assert r.best is None and r.stop_reason == "no correct kernel" and r.iterations == 0
+    assert r.candidates_evaluated == 1 and r.speedup is None
+
+
+def test_search_is_deterministic_for_a_seed():
+    cfg = SearchConfig(budget=25, seed=3)
+    a = _search(small("prefill"), FakeEvaluator(), cfg)
+    b = _search(small("prefill"), FakeEvaluator(), cfg)
+    assert [(c.id, c.code_hash) for c in a.candidates] == [(c.id, c.code_hash) for c in b.candidates]
+    c = _search(small("prefill"), FakeEvaluator(), SearchConfig(budget=25, seed=4))
+    assert [x.code_hash for x in c.candidates] != [x.code_hash for x in a.candidates]
+
+
+def test_search_space_exhausted():
+    r = _search(small("rmsnorm"), FakeEvaluator(), SearchConfig(budget=1000, iterations=100, patience=100))
+    assert r.stop_reason == "search space exhausted"
+    assert r.candidates_evaluated < 1000
+
+
+def test_iterations_count_completed_iterations_when_exhausted():
+    r = _search(small("rmsnorm"), FakeEvaluator(), SearchConfig(budget=1000, iterations=100, patience=100))
+    assert r.stop_reason == "search space exhausted"
+    assert r.iterations == len(r.history) - 1
+
+
+def test_seeds_are_evaluated_and_can_win():
+    w = small("gemm")
+    target = FakeTarget(FakeEvaluator())
+    knobs = target.legalize(w, dict(isa="avx2", rows=4, threads="static", bf16_split=True))
+    seed = Candidate(id="s", parent_id=None, iteration=5, language="c", code=target.generate(w, knobs), knobs=knobs,
+                     origin="reuse:x")
+    r = _search(w, FakeEvaluator(), SearchConfig(budget=2), seeds=[seed])
+    assert [c.id for c in r.candidates] == ["root", "seed0"]
+    assert r.best.id == "seed0" and r.best.iteration == 0
+
+
+def test_seed_identical_to_root_is_not_evaluated_twice():
+    w = small("gemm")
+    target = FakeTarget(FakeEvaluator())
+    dup = copy.deepcopy(target.lower(w))
+    r = _search(w, FakeEvaluator(), SearchConfig(budget=10), seeds=[dup])
+    hashes = [c.code_hash for c in r.candidates]
+    assert len(set(hashes)) == len(hashes)
+
+
+def test_correct_result_without_p99_does_not_crash():
+    class NoP99(FakeEvaluator):
+        def evaluate(self, candidates):
+            return [EvalResult(correct=True, stage="ok", latency_ms=1.0) for _ in candidates]
+
+    r = _search(small("gemm"), NoP99(), SearchConfig(budget=5))
+    assert r.best is not None
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="budget"):
+        SearchConfig(budget=0)
+    with pytest.raises(ValueError, match="beam_size"):
+        SearchConfig(beam_size=0)
+    with pytest.raises(ValueError, match="dropout"):
+        SearchConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="proposer"):
+        BeamSearch(FakeTarget(FakeEvaluator()), small("gemm"), FakeEvaluator(), [], SearchConfig())
+
+
+def test_progress_callback():
+    calls = []
+    ev = FakeEvaluator()
+    r = BeamSearch(FakeTarget(ev), small("gemm"), ev, [ScheduleProposer()], SearchConfig(budget=12, iterations=3,
+                   patience=5), progress=lambda *a: calls.append(a)).run()
+    assert len(calls) == r.iterations + 1
+    done = [c[0] for c in calls]
+    assert done == sorted(done) and done[-1] == r.candidates_evaluated and all(c[1] == 12 for c in calls)
+
+
+def test_normalized_code_hash_ignores_comments_and_whitespace():
+    a = "int f(void) { return 1; } /* one */"
+    b = "// header\nint f(void)\n{\n  return 1;\n}\n"
+    assert normalized_code_hash(a) == normalized_code_hash(b)
+    assert normalized_code_hash(a) != normalized_code_hash("int f(void) { return 2; }")
+
+
+def test_candidate_round_trip():
+    c = Candidate(id="a", parent_id="root", iteration=2, language="c", code="x", plan="p", menu_ids=["m"],
+                  knobs={"isa": "avx2"}, result=EvalResult(True, "ok", latency_ms=1.5))
+    d = json.loads(json.dumps(c.to_dict()))
+    assert d["code_hash"] == c.code_hash
+    back = Candidate.from_dict(d)
+    assert back == c and back.latency_ms == 1.5
+    assert Candidate(id="b", parent_id=None, iteration=0, language="c", code="x").latency_ms == float("inf")
+
+
+# ---------------------------------------------------------------- run directory and resume
+
+
+def _optimize(w, evaluator, out, config, name=None):
+    return optimize(w, FakeTarget(evaluator), config, SETTINGS, output_dir=out, name=name)
+
+
+def test_run_directory_layout(tmp_path):
+    w = small("gemm")
+    ev = FakeEvaluator()
+    r = _optimize(w, ev, tmp_path, SearchConfig(budget=9, iterations=3, patience=5))
+    assert ev.closed  # optimize() closes its evaluator
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert run.name.startswith("gemm-bf16-cpu-")
+    config = json.loads((run / "config.json").read_text())
+    assert config["search"]["budget"] == 9 and config["workload"] == json.loads(json.dumps(w.describe()))
+    assert config["eval"]["timing_budget_ms"] == 20 and config["proposers"] == ["schedule"]
+    root = run / "iter-000" / "root"
+    assert (root / "kernel.c").read_text() == r.root.code
+    assert (root / "plan.md").read_text().startswith("Naive translation")
+    cand = json.loads((root / "candidate.json").read_text())
+    assert cand["id"] == "root" and cand["code_hash"] == r.root.code_hash and cand["result"]["correct"]
+    assert json.loads((run / "iter-000" / "beam.json").read_text()) == ["root"]
+    for c in r.candidates:
+        d = run / f"iter-{c.iteration:03d}" / c.id
+        assert (d / "kernel.c").exists() and (d / "plan.md").exists() and (d / "candidate.json").exists()
+    for it in range(r.iterations + 1):
+        assert (run / f"iter-{it:03d}" / "beam.json").exists()
+    result = json.loads((run / "result.json").read_text())
+    assert result["best_id"] == r.best.id and result["candidates_evaluated"] == r.candidates_evaluated
+    assert result["evaluated_now"] == r.candidates_evaluated and result["signature"] == w.signature()
+    assert result["speedup"] == pytest.approx(r.speedup) and result["correct"] is True
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_resume_evaluates_nothing(tmp_path):
+    w = small("mlp")
+    cfg = SearchConfig(budget=15, iterations=6, patience=6)
+    first = _optimize(w, FakeEvaluator(), tmp_path, cfg)
+    again = _optimize(w, FakeEvaluator(forbid=True), tmp_path, cfg)
+    assert again.evaluated_now == 0
+    assert again.best.id == first.best.id and again.best.code_hash == first.best.code_hash
+    assert again.best.latency_ms == first.best.latency_ms
+    assert [c.code_hash for c in again.candidates] == [c.code_hash for c in first.candidates]
+    result = json.loads(next(tmp_path.glob("*/result.json")).read_text())
+    assert result["evaluated_now"] == 0 and result["candidates_evaluated"] == first.candidates_evaluated
+
+
+def test_forbidding_evaluator_really_raises(tmp_path):
+    """Guard for the test above: with a fresh output dir the forbidding evaluator is called."""
+    with pytest.raises(EvaluatorCalled):
+        _optimize(small("mlp"), FakeEvaluator(forbid=True), tmp_path, SearchConfig(budget=15))
+
+
+@pytest.mark.parametrize("interrupt_after", [1, 6, 11])
+def test_interrupted_run_resumes_with_only_the_missing_candidates(tmp_path, interrupt_after):
+    w = small("gemm")
+    cfg = SearchConfig(budget=16, iterations=8, patience=8, plans_per_parent=2, impls_per_plan=2, beam_size=2)
+    reference = _optimize(w, FakeEvaluator(), tmp_path / "ref", cfg)
+    assert reference.candidates_evaluated == 16
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _optimize(w, FakeEvaluator(interrupt_after=interrupt_after), out, cfg)
+    saved = [json.loads(p.read_text()) for p in out.glob("*/iter-*/*/candidate.json")]
+    saved_hashes = {d["code_hash"] for d in saved if d.get("result")}
+    assert len(saved_hashes) < 16
+    assert not list(out.glob("*/result.json"))
+
+    ev = FakeEvaluator()
+    resumed = _optimize(w, ev, out, cfg)
+    assert resumed.evaluated_now == 16 - len(saved_hashes)
+    assert not (set(ev.seen) & saved_hashes)  # nothing evaluated twice
+    assert resumed.best.code_hash == reference.best.code_hash
+    assert [c.code_hash for c in resumed.candidates] == [c.code_hash for c in reference.candidates]
+
+
+def test_run_conflict_on_other_settings(tmp_path):
+    w = small("gemm")
+    _optimize(w, FakeEvaluator(), tmp_path, SearchConfig(budget=5), name="shared")
+    with pytest.raises(RunConflict, match="different settings"):
+        _optimize(w, FakeEvaluator(forbid=True), tmp_path, SearchConfig(budget=6), name="shared")
+    with pytest.raises(RunConflict):
+        _optimize(small("gemm", "fp32"), FakeEvaluator(forbid=True), tmp_path, SearchConfig(budget=5), name="shared")
+    # same settings, same name: a resume, not a conflict
+    assert _optimize(w, FakeEvaluator(forbid=True), tmp_path, SearchConfig(budget=5), name="shared").evaluated_now == 0
+
+
+def test_default_run_names_separate_settings(tmp_path):
+    w = small("gemm")
+    _optimize(w, FakeEvaluator(), tmp_path, SearchConfig(budget=3))
+    _optimize(w, FakeEvaluator(), tmp_path, SearchConfig(budget=4))
+    _optimize(small("gemm", "fp32"), FakeEvaluator(), tmp_path, SearchConfig(budget=3))
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 3
+
+
+def test_load_results_skips_corrupt_files(tmp_path):
+    rd = RunDirectory(tmp_path / "r", {"a": 1})
+    c = Candidate(id="x", parent_id=None, iteration=0, language="c", code="int a;", result=EvalResult(True, "ok", latency_ms=2.0))
+    rd.save_candidate(c)
+    bad = tmp_path / "r" / "iter-000" / "y"
+    bad.mkdir()
+    (bad / "candidate.json").write_text('{"id": "y", "code_ha')  # interrupted mid-write
+    memo = rd.load_results()
+    assert set(memo) == {c.code_hash} and memo[c.code_hash].latency_ms == 2.0
+    with pytest.raises(RunConflict):
+        RunDirectory(tmp_path / "r", {"a": 2})
+
+
+# ---------------------------------------------------------------- real end to end
+
+
+def test_optimize_end_to_end_tiny_gemm(tmp_path):
+    """Real compile + worker evaluation of ~8 candidates (~10-15 s here: gcc and the worker's torch import)."""
+    w = small("gemm", "bf16")
+    cfg = SearchConfig(budget=8, iterations=4, patience=4, seed=0)
+    settings = EvalSettings(correctness_sets=2, timing_budget_ms=20, timeout_s=60)
+    r = optimize(w, "cpu", cfg, settings, output_dir=tmp_path / "out")
+    assert r.root.correct
+    assert r.best is not None and r.best.correct and r.best.result.stage == "ok"
+    assert r.candidates_evaluated <= 8 and r.evaluated_now == r.candidates_evaluated
+    assert r.best.latency_ms <= r.root.latency_ms
+    assert r.speedup is not None and r.speedup > 0
+    (result_json,) = list((tmp_path / "out").glob("*/result.json"))
+    summary = json.loads(result_json.read_text())
+    assert summary["correct"] is True and summary["speedup"] == pytest.approx(r.speedup)
+    assert summary["best_ms"] == pytest.approx(r.best.latency_ms) and summary["naive_ms"] > 0
+    assert summary["bytes_moved"] == w.bytes_moved()
+    # builds went to the temporary cache set by tests/conftest.py, not ~/.cache
+    assert list((tmp_path / "cache").glob("build/cpu/k_*.so"))
