@@ -91,6 +91,13 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                 lambda k: k["isa"] != "scalar",
                 lambda k, r: {**k, "prefetch": _pick_other(choices["prefetch"][1:], k["prefetch"], r)},
             ),
+            MenuItem(
+                "prefetch_hint", "Prefetch cache level",
+                "Prefetch into L1 (T0), L2 (T1) or with the non-temporal hint (NTA): weights are read once, so "
+                "keeping them out of L1 can leave room for the activation.",
+                lambda k: k["prefetch"] > 0,
+                lambda k, r: {**k, "prefetch_hint": _pick_other(("t0", "t1", "nta"), k["prefetch_hint"], r)},
+            ),
         ]
         if w.dtype == "bf16" and any(i in ("avx2", "avx512") for i in isas):
             items.append(MenuItem(

@@ -19,17 +19,19 @@ CODEGEN_VERSION = "cpu-1"
 GEMV_KINDS = ("gemm", "lm_head", "mlp")
 
 NAIVE_KNOBS: dict[str, dict[str, Any]] = {
-    "gemv": dict(isa="scalar", rows=1, unroll=1, prefetch=0, threads="serial", chunk=0, fuse=False, bf16_split=False),
+    "gemv": dict(isa="scalar", rows=1, unroll=1, prefetch=0, prefetch_hint="t0", threads="serial", chunk=0, fuse=False,
+                 bf16_split=False),
     "attention": dict(isa="scalar", online=False, kv_block=64, gqa_share=False, q_block=1, threads="serial", chunk=0),
     "rmsnorm": dict(isa="scalar", unroll=1, threads="serial", chunk=0),
 }
 
 KNOB_CHOICES: dict[str, dict[str, tuple]] = {
-    "gemv": dict(rows=(1, 2, 4, 8), unroll=(1, 2, 4), prefetch=(0, 256, 512, 1024, 2048), chunk=(0, 1, 4, 16, 64)),
+    "gemv": dict(rows=(1, 2, 4, 8), unroll=(1, 2, 4), prefetch=(0, 256, 512, 1024, 2048, 4096, 8192), chunk=(0, 1, 4, 16, 64)),
     "attention": dict(kv_block=(16, 32, 64, 128, 256), q_block=(1, 2, 4, 8), chunk=(0, 1, 2, 4)),
     "rmsnorm": dict(unroll=(1, 2, 4), chunk=(0, 1, 4, 16)),
 }
 THREADS = ("serial", "static", "dynamic")
+PREFETCH_HINTS = {"t0": "_MM_HINT_T0", "t1": "_MM_HINT_T1", "nta": "_MM_HINT_NTA"}
 
 
 def family(kind: str) -> str:
@@ -58,6 +60,8 @@ def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, A
         out["bf16_split"] = bool(out["bf16_split"]) and w.dtype == "bf16" and out["isa"] in ("avx2", "avx512")
         if out["isa"] == "scalar":
             out["prefetch"] = 0  # _mm_prefetch needs the x86 intrinsics header
+        if out["prefetch_hint"] not in PREFETCH_HINTS:
+            out["prefetch_hint"] = "t0"
     if fam == "attention":
         out["online"] = bool(out["online"])
         out["gqa_share"] = bool(out["gqa_share"])
@@ -90,7 +94,7 @@ def _omp_parallel(knobs: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- GEMV family (gemm, lm_head, mlp)
 
 
-def _dot_rows(name: str, rows: int, unroll: int, prefetch_bytes: int) -> str:
+def _dot_rows(name: str, rows: int, unroll: int, prefetch_bytes: int, hint: str = "t0") -> str:
     """`rows` dot products of weight rows (stride ldw) with one activation vector, `unroll` steps per iteration."""
     acc = [[f"a{r}_{u}" for u in range(unroll)] for r in range(rows)]
     lines = [
@@ -102,7 +106,7 @@ def _dot_rows(name: str, rows: int, unroll: int, prefetch_bytes: int) -> str:
     if prefetch_bytes:
         for r in range(rows):
             lines.append(
-                f"    _mm_prefetch((const char *)(w + {r} * ldw + k) + {prefetch_bytes}, _MM_HINT_T0);"
+                f"    _mm_prefetch((const char *)(w + {r} * ldw + k) + {prefetch_bytes}, {PREFETCH_HINTS[hint]});"
             )
     for u in range(unroll):
         for r in range(rows):
@@ -129,9 +133,9 @@ def _dot_rows(name: str, rows: int, unroll: int, prefetch_bytes: int) -> str:
 
 
 def _gemv_helpers(knobs: dict[str, Any]) -> str:
-    code = _dot_rows("dot_rows", knobs["rows"], knobs["unroll"], knobs["prefetch"])
+    code = _dot_rows("dot_rows", knobs["rows"], knobs["unroll"], knobs["prefetch"], knobs["prefetch_hint"])
     if knobs["rows"] > 1:
-        code += _dot_rows("dot_row1", 1, knobs["unroll"], knobs["prefetch"])
+        code += _dot_rows("dot_row1", 1, knobs["unroll"], knobs["prefetch"], knobs["prefetch_hint"])
     else:
         code += "#define dot_row1 dot_rows\n"
     # out_rows(): rows [n0, n0+R) of out[m, :] = w[n0:n0+R] . x[m], with a single-row tail.
