@@ -216,7 +216,7 @@ def test_legalize_fills_missing_and_drops_unknown_knobs():
     [
         ("rows", 3, 2), ("rows", 100, 8), ("rows", 0, 1), ("rows", -4, 1),
         ("unroll", 3, 2), ("unroll", 99, 4),
-        ("prefetch", -5, 0), ("prefetch", 300, 256), ("prefetch", 10**6, 2048),
+        ("prefetch", -5, 0), ("prefetch", 300, 256), ("prefetch", 10**6, 8192), ("prefetch_hint", "l3", "t0"),
         ("chunk", 1000, 64), ("chunk", 3, 4),
         ("threads", "many", "serial"), ("threads", None, "serial"),
     ],
