@@ -91,9 +91,15 @@ def time_interleaved_cuda(
     fns: dict[str, Callable[[], None]], budget_ms: float = 1000.0, min_runs: int = 10, max_runs: int = 500, warmup: int = 3
 ) -> dict[str, Timing]:
     """As `time_interleaved`, on the GPU: CUDA events around each call, and the L2 cache flushed
-    before each one (decode weights would otherwise be served from a 50-60 MB L2)."""
+    before each one (decode weights would otherwise be served from a 50-60 MB L2).
+
+    A ~100 us spin kernel is queued before each start event so the host can enqueue the whole call
+    while the GPU is busy: the events then time GPU execution, not Python launch gaps (which would
+    otherwise inflate multi-op PyTorch baselines and multi-kernel candidates alike).
+    """
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
     flush = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device="cuda")
+    spin_cycles = 200_000  # ~100 us at the ~2 GHz SM clock of an H100/H200
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -109,6 +115,7 @@ def time_interleaved_cuda(
     for i in range(runs):
         for name in names if i % 2 == 0 else names[::-1]:
             flush.zero_()
+            torch.cuda._sleep(spin_cycles)
             start, end = events[name][i]
             start.record()
             fns[name]()

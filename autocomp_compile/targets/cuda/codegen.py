@@ -317,7 +317,7 @@ def _gemv(w: Workload, k: dict[str, Any]):
     parts, launches = [], []
     if k["fuse"]:
         prefetch = H * I * _elem_bytes(w) if k["l2_prefetch"] and not k["naive"] else 0
-        args = ["x", "w_gate", "w_up", "$h"] + (["w_down"] if prefetch else [])
+        args = ["x", "w_gate", "w_up"] + (["w_down"] if prefetch else []) + ["$h"]  # kernel order: x, weights, pf, out
         code, launch = _gemv_stage("gate_up", "elem_t", "float", M, I, H, True, k, args, prefetch)
         parts.append(code)
         launches.append(launch)

@@ -143,5 +143,6 @@ def test_l2_prefetch_passes_the_down_weights_to_the_first_kernel():
     w, knobs, src = _source("mlp_bf16", 4)
     assert knobs["l2_prefetch"] and knobs["stream_loads"]
     first = launch_spec(src)["kernels"][0]
-    assert first["args"][-1] == "w_down"
+    assert first["args"] == ["x", "w_gate", "w_up", "w_down", "$h"]  # the kernel's parameter order
+    assert "const elem_t *__restrict__ wb, const elem_t *__restrict__ pf, float *__restrict__ out" in src
     assert "prefetch.global.L2::evict_last" in src and "__ldcs" in src
