@@ -14,7 +14,7 @@ from typing import Any
 from autocomp_compile.targets.cpu.isa import prelude
 from autocomp_compile.workload import Workload
 
-CODEGEN_VERSION = "cpu-1"
+CODEGEN_VERSION = "cpu-2"
 
 GEMV_KINDS = ("gemm", "lm_head", "mlp")
 

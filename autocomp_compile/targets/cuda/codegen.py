@@ -16,7 +16,7 @@ from typing import Any
 
 from autocomp_compile.workload import Workload
 
-CODEGEN_VERSION = "cuda-1"
+CODEGEN_VERSION = "cuda-2"
 GEMV_KINDS = ("gemm", "lm_head", "mlp")
 
 NAIVE_KNOBS: dict[str, dict[str, Any]] = {
