@@ -99,9 +99,13 @@ def check_and_time(
 
 def time_functions(
     state: dict[str, Any], w: Workload, kernels: dict[str, tuple[str, tuple]], budget_ms: float, with_eager: bool,
-    compiled_eager: bool, device: str = "cpu",
+    compiled_eager: bool, device: str = "cpu", read_probe_mb: int = 0,
 ) -> dict[str, Any]:
-    """Benchmark job: time several loaded kernels (and eager / inductor baselines) interleaved on one input set."""
+    """Benchmark job: time several loaded kernels (and eager / inductor baselines) interleaved on one input set.
+
+    `read_probe_mb` > 0 adds "read_probe", a streaming read of that many MB (CPU only): interleaved with
+    the kernels, it gives the memory bandwidth available in the same time window.
+    """
     spec = get_kind(w.kind)
     factory: InputFactory = state.setdefault("inputs", InputFactory(0))
     inputs = {k: v.to(device) for k, v in factory.inputs(w).items()}
@@ -126,5 +130,9 @@ def time_functions(
         for _ in range(3):  # compile before anything is timed
             compiled(inputs)
         fns["inductor"] = lambda: compiled(inputs)
+    if read_probe_mb:
+        from autocomp_compile.targets.cpu.bandwidth import ReadProbe
+
+        fns["read_probe"] = ReadProbe(read_probe_mb)
     timing = _timer(device)(fns, budget_ms=budget_ms)
     return {name: dict(median_ms=t.median_ms, p99_ms=t.p99_ms, runs=t.runs) for name, t in timing.items()}

@@ -5,6 +5,7 @@ The roofline for decode kernels: they read their weights once, so GB/s read is t
 from __future__ import annotations
 
 import ctypes
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -40,24 +41,35 @@ float read_all(const float *p, int64_t n) {
 """
 
 
-def measure_read_bandwidth(megabytes: int = 1024, repeats: int = 7) -> float:
-    """Best-of-`repeats` read bandwidth in GB/s over a buffer far larger than the caches."""
-    import torch
+class ReadProbe:
+    """A compiled streaming read over a buffer far larger than the caches; call it to read it once."""
 
-    isa = "avx2" if best_isa() != "scalar" else "scalar"
-    with tempfile.TemporaryDirectory() as tmp:
-        result = build(_READ_KERNEL, isa, Path(tmp))
-        if not result.ok:
-            raise RuntimeError(f"cannot build the bandwidth probe: {result.log}")
-        lib = ctypes.CDLL(str(result.so_path))
-    lib.read_all.restype = ctypes.c_float
-    lib.read_all.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    n = megabytes * (1 << 20) // 4 // 4096 * 4096
-    buf = torch.randn(n)
-    lib.read_all(buf.data_ptr(), n)
-    best = float("inf")
+    def __init__(self, megabytes: int = 512):
+        import torch
+
+        isa = "avx2" if best_isa() != "scalar" else "scalar"
+        with tempfile.TemporaryDirectory() as tmp:
+            result = build(_READ_KERNEL, isa, Path(tmp))
+            if not result.ok:
+                raise RuntimeError(f"cannot build the bandwidth probe: {result.log}")
+            self._lib = ctypes.CDLL(str(result.so_path))
+        self._lib.read_all.restype = ctypes.c_float
+        self._lib.read_all.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        self.n = megabytes * (1 << 20) // 4 // 4096 * 4096
+        self.buf = torch.randn(self.n)
+        self.nbytes = self.n * 4
+        self()
+
+    def __call__(self) -> None:
+        self._lib.read_all(self.buf.data_ptr(), self.n)
+
+
+def measure_read_bandwidth(megabytes: int = 1024, repeats: int = 9) -> float:
+    """Median read bandwidth in GB/s over `repeats` passes (the median, like the kernel timings)."""
+    probe = ReadProbe(megabytes)
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        lib.read_all(buf.data_ptr(), n)
-        best = min(best, time.perf_counter() - start)
-    return n * 4 / best / 1e9
+        probe()
+        times.append(time.perf_counter() - start)
+    return probe.nbytes / statistics.median(times) / 1e9
