@@ -377,7 +377,7 @@ def _attention_kernel(w: Workload, knobs: dict[str, Any]) -> str:
         f"#define S {S}\n#define HPT {heads_per_task}\n#define QB {QB}\n#define KV_BLOCK {knobs['kv_block']}\n"
     )
     core = _ATTEND_COMMON + (_ATTEND_ONLINE if knobs["online"] else _ATTEND_TWO_PASS)
-    n_qblocks = 1 if decode else f"((S + QB - 1) / QB)"
+    n_qblocks = 1 if decode else "((S + QB - 1) / QB)"
     # A task: batch b, a run of HPT query heads starting at hq0 (all in KV head hq0 / G), QB query rows.
     q_row = "q + ((int64_t)(b * HQ + hq) * D)" if decode else "q + (((int64_t)(b * HQ + hq) * S + i) * D)"
     o_row = "out + ((int64_t)(b * HQ + hq) * D)" if decode else "out + (((int64_t)(b * HQ + hq) * S + i) * D)"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import hashlib
 import os
 import shutil
@@ -24,7 +25,7 @@ class CudaBuild:
 
 def nvrtc_available() -> bool:
     try:
-        from cuda.bindings import nvrtc  # noqa: F401
+        importlib.import_module("cuda.bindings.nvrtc")
     except ImportError:
         return False
     return True

@@ -208,8 +208,8 @@ def _gemv_tiled_kernel(
         w_args += ", const elem_t *__restrict__ pf"
     ld = "__ldcs" if k["stream_loads"] else "__ldg"
     x_decl = (
-        f"  extern __shared__ float xs[];\n"
-        f"  for (int i = threadIdx.x; i < M * K; i += blockDim.x) xs[i] = to_f32(x[i]);\n  __syncthreads();\n"
+        "  extern __shared__ float xs[];\n"
+        "  for (int i = threadIdx.x; i < M * K; i += blockDim.x) xs[i] = to_f32(x[i]);\n  __syncthreads();\n"
         "  #define XV(m, kk) xs[(m) * K + (kk)]\n"
         if k["x_smem"]
         else "  #define XV(m, kk) to_f32(x[(long)(m) * K + (kk)])\n"
