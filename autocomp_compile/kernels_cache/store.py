@@ -1,0 +1,304 @@
+"""The persistent kernel cache: one sqlite file (WAL mode) shared by every process on the machine.
+
+Key: (target fingerprint, workload signature, code-generator version). Only candidates that passed
+every correctness check are stored. A row whose code no longer matches its hash, or that cannot be
+decoded, is reported and skipped; a database file that sqlite cannot read is moved aside and a new
+one started, so a damaged cache never stops a compilation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from autocomp_compile.search.candidate import Candidate, normalized_code_hash
+from autocomp_compile.workload import Workload
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "autocomp-kernel-cache/1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kernels (
+    key TEXT PRIMARY KEY,
+    target TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    fingerprint_hash TEXT NOT NULL,
+    codegen TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    shape_class TEXT NOT NULL,
+    workload TEXT NOT NULL,
+    language TEXT NOT NULL,
+    code TEXT NOT NULL,
+    code_hash TEXT NOT NULL,
+    menu_ids TEXT NOT NULL,
+    knobs TEXT,
+    models TEXT NOT NULL,
+    latency_ms REAL NOT NULL,
+    baseline_ms REAL,
+    evidence TEXT NOT NULL,
+    provenance TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS kernels_by_kind ON kernels (fingerprint_hash, kind);
+"""
+_COLUMNS = (
+    "key target fingerprint fingerprint_hash codegen signature kind shape_class workload language code code_hash "
+    "menu_ids knobs models latency_ms baseline_ms evidence provenance created updated"
+).split()
+
+
+class CacheError(RuntimeError):
+    """A cache operation that cannot be done (e.g. importing a file of another format)."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("AUTOCOMP_CACHE_DIR") or Path.home() / ".cache" / "autocomp_compile")
+
+
+def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_key(fingerprint: dict[str, Any], signature: str, codegen: str) -> str:
+    return hashlib.sha256(f"{fingerprint_hash(fingerprint)}|{signature}|{codegen}".encode()).hexdigest()[:20]
+
+
+@dataclass
+class CacheEntry:
+    key: str
+    target: str
+    fingerprint: dict[str, Any]
+    codegen: str
+    signature: str
+    kind: str
+    shape_class: str
+    workload: dict[str, Any]
+    language: str
+    code: str
+    code_hash: str
+    menu_ids: list[str]
+    knobs: dict[str, Any] | None
+    models: list[str]
+    latency_ms: float
+    baseline_ms: float | None
+    evidence: dict[str, Any]
+    provenance: dict[str, Any]
+    created: float
+    updated: float
+
+    @property
+    def speedup(self) -> float | None:
+        return self.baseline_ms / self.latency_ms if self.baseline_ms else None
+
+    def candidate(self) -> Candidate:
+        return Candidate(id=f"cache:{self.key}", parent_id=None, iteration=0, language=self.language, code=self.code,
+                         plan=f"Cached kernel {self.key}", menu_ids=list(self.menu_ids), knobs=self.knobs,
+                         models=list(self.models), origin=f"cache:{self.key}")
+
+
+def _row_to_entry(row: sqlite3.Row) -> CacheEntry:
+    d = dict(zip(_COLUMNS, row))
+    for name in ("fingerprint", "workload", "menu_ids", "knobs", "models", "evidence", "provenance"):
+        d[name] = json.loads(d[name]) if d[name] is not None else None
+    d.pop("fingerprint_hash")
+    return CacheEntry(**d)
+
+
+def _shape_distance(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Sum of |log ratio| over the integer parameters the two workloads share."""
+    total = 0.0
+    for name in set(a) & set(b):
+        x, y = a[name], b[name]
+        if isinstance(x, bool) or isinstance(y, bool) or not isinstance(x, int) or not isinstance(y, int):
+            total += 0.0 if x == y else 1.0
+        elif x > 0 and y > 0:
+            total += abs(math.log(x / y))
+    return total
+
+
+class KernelCache:
+    """Correct kernels by (target fingerprint, workload signature, code-generator version)."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else default_cache_dir() / "kernels.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = self._open()
+
+    # ------------------------------------------------------------ connection
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=60000")
+        conn.executescript(_SCHEMA)
+        conn.execute("SELECT count(*) FROM kernels").fetchone()
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            broken = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            log.warning("kernel cache %s is unreadable (%s); moved to %s and starting a new one", self.path, exc, broken)
+            for suffix in ("", "-wal", "-shm"):
+                p = Path(str(self.path) + suffix)
+                if p.exists():
+                    os.replace(p, Path(str(broken) + suffix))
+            return self._connect()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "KernelCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ reading
+
+    def _entries(self, where: str = "", args: tuple = ()) -> Iterator[CacheEntry]:
+        for row in self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM kernels {where}", args):
+            try:
+                entry = _row_to_entry(row)
+            except (ValueError, TypeError) as exc:
+                log.warning("kernel cache: skipping undecodable row %s (%s)", row[0], exc)
+                continue
+            if normalized_code_hash(entry.code) != entry.code_hash:
+                log.warning("kernel cache: skipping %s: its code does not match its hash (edited or corrupted)", entry.key)
+                continue
+            yield entry
+
+    def get(self, target: Any, workload: Workload) -> CacheEntry | None:
+        """The cached kernel for `workload` on `target`, or None."""
+        fp = target.fingerprint()
+        key = cache_key(fp, workload.signature(), fp.get("codegen", ""))
+        return next(self._entries("WHERE key = ?", (key,)), None)
+
+    def show(self, key: str) -> CacheEntry | None:
+        return next(self._entries("WHERE key LIKE ?", (key + "%",)), None)
+
+    def entries(self, target: str | None = None) -> list[CacheEntry]:
+        if target:
+            return list(self._entries("WHERE target = ? ORDER BY kind, updated", (target,)))
+        return list(self._entries("ORDER BY target, kind, updated"))
+
+    def nearest(self, target: Any, workload: Workload, limit: int = 3) -> list[CacheEntry]:
+        """Solved workloads of the same kind on the same target and code generator, most similar first:
+        same shape class before other classes, then by distance between shape parameters."""
+        fp = target.fingerprint()
+        rows = self._entries(
+            "WHERE fingerprint_hash = ? AND kind = ? AND codegen = ? AND signature != ?",
+            (fingerprint_hash(fp), workload.kind, fp.get("codegen", ""), workload.signature()),
+        )
+        cls = workload.shape_class()
+        ranked = sorted(
+            rows, key=lambda e: (e.shape_class != cls, e.workload.get("dtype") != workload.dtype,
+                                 _shape_distance(e.workload["params"], workload.params)),
+        )
+        return ranked[:limit]
+
+    # ------------------------------------------------------------ writing
+
+    def put(self, target: Any, workload: Workload, candidate: Candidate, provenance: dict[str, Any] | None = None) -> bool:
+        """Store `candidate` if it passed every check and beats what is cached. Returns whether it was stored."""
+        r = candidate.result
+        if r is None or not r.correct or r.latency_ms is None:
+            raise ValueError("only kernels that passed every correctness check can be cached")
+        fp = target.fingerprint()
+        now = time.time()
+        entry = CacheEntry(
+            key=cache_key(fp, workload.signature(), fp.get("codegen", "")), target=target.name, fingerprint=fp,
+            codegen=fp.get("codegen", ""), signature=workload.signature(), kind=workload.kind,
+            shape_class=workload.shape_class(), workload=workload.describe(), language=candidate.language,
+            code=candidate.code, code_hash=candidate.code_hash, menu_ids=candidate.menu_ids, knobs=candidate.knobs,
+            models=candidate.models, latency_ms=r.latency_ms, baseline_ms=r.baseline_ms,
+            evidence={"stage": r.stage, "max_abs_error": r.max_abs_error, "runs": r.runs, "p99_ms": r.latency_p99_ms},
+            provenance={"candidate": candidate.id, "origin": candidate.origin, **(provenance or {})},
+            created=now, updated=now,
+        )
+        return self._upsert(entry)
+
+    def _upsert(self, e: CacheEntry) -> bool:
+        values = {name: getattr(e, name, None) for name in _COLUMNS if name != "fingerprint_hash"}
+        for name in ("fingerprint", "workload", "menu_ids", "knobs", "models", "evidence", "provenance"):
+            values[name] = json.dumps(values[name], sort_keys=True, default=str)
+        values["fingerprint_hash"] = fingerprint_hash(e.fingerprint)
+        with self._transaction() as conn:
+            old = conn.execute("SELECT latency_ms, created FROM kernels WHERE key = ?", (e.key,)).fetchone()
+            if old is not None and old[0] <= e.latency_ms:
+                return False
+            if old is not None:
+                values["created"] = old[1]
+            conn.execute(
+                f"INSERT OR REPLACE INTO kernels ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})",
+                [values[name] for name in _COLUMNS],
+            )
+        return True
+
+    def _transaction(self):
+        conn = self._conn
+
+        class _Tx:
+            def __enter__(self_inner):
+                conn.execute("BEGIN IMMEDIATE")  # take the write lock now: concurrent writers queue, none is lost
+                return conn
+
+            def __exit__(self_inner, exc_type, *rest):
+                conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+        return _Tx()
+
+    def clear(self, target: str | None = None) -> int:
+        with self._transaction() as conn:
+            cur = conn.execute("DELETE FROM kernels WHERE target = ?", (target,)) if target else conn.execute("DELETE FROM kernels")
+            return cur.rowcount
+
+    # ------------------------------------------------------------ moving caches between machines
+
+    def export(self, path: str | Path, target: str | None = None) -> int:
+        entries = self.entries(target)
+        payload = {"format": EXPORT_FORMAT, "entries": [e.__dict__ for e in entries]}
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=1, default=str))
+        os.replace(tmp, path)
+        return len(entries)
+
+    def import_(self, path: str | Path, codegen_versions: dict[str, str]) -> tuple[int, list[str]]:
+        """Import an exported file. Every entry is verified (code hash, key); entries written by another
+        code-generator version than `codegen_versions[target]` are refused. Returns (imported, refusals)."""
+        try:
+            payload = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CacheError(f"cannot read {path}: {exc}") from None
+        if payload.get("format") != EXPORT_FORMAT:
+            raise CacheError(f"{path} is not an autocomp-compile cache export (format {payload.get('format')!r})")
+        imported, refused = 0, []
+        for d in payload.get("entries", []):
+            try:
+                e = CacheEntry(**d)
+            except TypeError as exc:
+                refused.append(f"malformed entry: {exc}")
+                continue
+            want = codegen_versions.get(e.target)
+            if want is None:
+                refused.append(f"{e.key}: unknown target {e.target!r}")
+            elif e.codegen != want:
+                refused.append(f"{e.key}: written by code generator {e.codegen!r}, this installation has {want!r}")
+            elif normalized_code_hash(e.code) != e.code_hash:
+                refused.append(f"{e.key}: code does not match its hash")
+            elif cache_key(e.fingerprint, e.signature, e.codegen) != e.key:
+                refused.append(f"{e.key}: key does not match its fingerprint and workload")
+            else:
+                imported += self._upsert(e)
+        return imported, refused

@@ -1,0 +1,178 @@
+"""Kernel cache: round trip, only correct kernels, better-wins, fingerprint misses, damaged rows and
+files, concurrent writers, export/import, nearest-neighbour ranking."""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import sqlite3
+
+import pytest
+
+from autocomp_compile.kernels_cache import CacheError, KernelCache
+from autocomp_compile.search.candidate import Candidate
+from autocomp_compile.targets.base import EvalResult
+from autocomp_compile.workload import make_workload
+
+
+class FakeTarget:
+    def __init__(self, name: str = "cpu", isa: str = "avx2", codegen: str = "cpu-test"):
+        self.name, self._fp = name, {"target": name, "isa": isa, "codegen": codegen}
+
+    def fingerprint(self):
+        return dict(self._fp)
+
+
+def cand(code: str, latency: float, correct: bool = True, knobs=None) -> Candidate:
+    c = Candidate(id="c1", parent_id="root", iteration=2, language="c", code=code, menu_ids=["vectorize", "block_rows"],
+                  knobs=knobs or {"isa": "avx2", "rows": 4})
+    c.result = EvalResult(correct=correct, stage="ok" if correct else "correctness", latency_ms=latency, baseline_ms=2.0,
+                          latency_p99_ms=latency * 1.1, runs=10, max_abs_error=1e-3)
+    return c
+
+
+def gemm(n: int = 256, k: int = 512, m: int = 1):
+    return make_workload("gemm", "bf16", m=m, n=n, k=k)
+
+
+def test_put_get_round_trip(tmp_path):
+    with KernelCache(tmp_path / "k.sqlite") as cache:
+        t, w = FakeTarget(), gemm()
+        assert cache.get(t, w) is None
+        assert cache.put(t, w, cand("int a;", 1.0), provenance={"run": "r1"})
+        e = cache.get(t, w)
+        assert e.code == "int a;" and e.latency_ms == 1.0 and e.baseline_ms == 2.0 and e.speedup == 2.0
+        assert e.menu_ids == ["vectorize", "block_rows"] and e.knobs == {"isa": "avx2", "rows": 4}
+        assert e.provenance["run"] == "r1" and e.evidence["max_abs_error"] == 1e-3
+        assert e.candidate().code == "int a;" and e.candidate().origin == f"cache:{e.key}"
+
+
+def test_only_correct_kernels_are_stored(tmp_path):
+    with KernelCache(tmp_path / "k.sqlite") as cache:
+        with pytest.raises(ValueError, match="correctness"):
+            cache.put(FakeTarget(), gemm(), cand("int a;", 1.0, correct=False))
+        assert cache.entries() == []
+
+
+def test_a_slower_kernel_does_not_replace_a_faster_one(tmp_path):
+    with KernelCache(tmp_path / "k.sqlite") as cache:
+        t, w = FakeTarget(), gemm()
+        assert cache.put(t, w, cand("int fast;", 1.0))
+        assert not cache.put(t, w, cand("int slow;", 2.0))
+        assert cache.get(t, w).code == "int fast;"
+        assert cache.put(t, w, cand("int faster;", 0.5))
+        assert cache.get(t, w).code == "int faster;" and len(cache.entries()) == 1
+
+
+def test_changed_fingerprint_or_codegen_or_shape_misses(tmp_path):
+    with KernelCache(tmp_path / "k.sqlite") as cache:
+        cache.put(FakeTarget(), gemm(), cand("int a;", 1.0))
+        assert cache.get(FakeTarget(isa="avx512"), gemm()) is None
+        assert cache.get(FakeTarget(codegen="cpu-other"), gemm()) is None
+        assert cache.get(FakeTarget(), gemm(n=512)) is None
+        assert cache.get(FakeTarget(), gemm()) is not None
+
+
+def test_a_row_whose_code_was_altered_is_skipped_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "k.sqlite"
+    with KernelCache(path) as cache:
+        cache.put(FakeTarget(), gemm(), cand("int a;", 1.0))
+        cache.put(FakeTarget(), gemm(n=128), cand("int b;", 1.0))
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE kernels SET code = 'int evil;' WHERE code = 'int a;'")
+    conn.execute("UPDATE kernels SET menu_ids = '{not json' WHERE code = 'int b;'")
+    conn.commit()
+    conn.close()
+    with caplog.at_level(logging.WARNING), KernelCache(path) as cache:
+        assert cache.get(FakeTarget(), gemm()) is None
+        assert cache.get(FakeTarget(), gemm(n=128)) is None
+        assert cache.entries() == []
+        assert cache.put(FakeTarget(), gemm(n=64), cand("int c;", 1.0))  # still a working cache
+    assert "does not match its hash" in caplog.text and "undecodable" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_damaged_database_file_is_moved_aside(tmp_path, caplog, damage):
+    path = tmp_path / "k.sqlite"
+    with KernelCache(path) as cache:
+        for n in (64, 128, 256, 512):
+            cache.put(FakeTarget(), gemm(n=n), cand(f"int k{n};", 1.0))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"this is not a database" * 100)
+    with caplog.at_level(logging.WARNING), KernelCache(path) as cache:
+        cache.entries()
+        assert cache.put(FakeTarget(), gemm(), cand("int a;", 1.0))
+        assert cache.get(FakeTarget(), gemm()).code == "int a;"
+    assert "unreadable" in caplog.text
+    assert list(tmp_path.glob("k.sqlite.corrupt-*"))
+
+
+def _writer(args):
+    path, worker, count = args
+    with KernelCache(path) as cache:
+        for i in range(count):
+            cache.put(FakeTarget(), gemm(n=8 * (worker * count + i + 1)), cand(f"int w{worker}_{i};", 1.0 + i))
+    return count
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    path = tmp_path / "k.sqlite"
+    KernelCache(path).close()
+    with mp.get_context("spawn").Pool(4) as pool:
+        assert sum(pool.map(_writer, [(str(path), w, 25) for w in range(4)])) == 100
+    with KernelCache(path) as cache:
+        entries = cache.entries()
+        assert len(entries) == 100
+        assert {e.code for e in entries} == {f"int w{w}_{i};" for w in range(4) for i in range(25)}
+        assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_export_import_round_trip_and_refusals(tmp_path):
+    src = KernelCache(tmp_path / "a.sqlite")
+    src.put(FakeTarget(), gemm(), cand("int a;", 1.0))
+    src.put(FakeTarget(), gemm(n=128), cand("int b;", 1.5))
+    src.put(FakeTarget("cuda", "sm90", "cuda-test"), gemm(), cand("int g;", 0.1))
+    assert src.export(tmp_path / "cache.json") == 3
+    dst = KernelCache(tmp_path / "b.sqlite")
+    imported, refused = dst.import_(tmp_path / "cache.json", {"cpu": "cpu-test", "cuda": "cuda-other"})
+    assert imported == 2 and len(refused) == 1 and "cuda-other" in refused[0]
+    assert {e.code for e in dst.entries()} == {"int a;", "int b;"}
+    assert dst.get(FakeTarget(), gemm()).latency_ms == 1.0
+    (tmp_path / "bad.json").write_text('{"format": "something-else"}')
+    with pytest.raises(CacheError, match="not an autocomp-compile cache export"):
+        dst.import_(tmp_path / "bad.json", {"cpu": "cpu-test"})
+
+
+def test_import_verifies_code_hashes(tmp_path):
+    import json
+
+    src = KernelCache(tmp_path / "a.sqlite")
+    src.put(FakeTarget(), gemm(), cand("int a;", 1.0))
+    src.export(tmp_path / "c.json")
+    payload = json.loads((tmp_path / "c.json").read_text())
+    payload["entries"][0]["code"] = "int tampered;"
+    (tmp_path / "c.json").write_text(json.dumps(payload))
+    imported, refused = KernelCache(tmp_path / "b.sqlite").import_(tmp_path / "c.json", {"cpu": "cpu-test"})
+    assert imported == 0 and "does not match its hash" in refused[0]
+
+
+def test_nearest_prefers_same_shape_class_then_closest_shape(tmp_path):
+    with KernelCache(tmp_path / "k.sqlite") as cache:
+        t = FakeTarget()
+        cache.put(t, gemm(m=1, n=4096, k=4096), cand("int gemv_big;", 1.0))
+        cache.put(t, gemm(m=1, n=1024, k=1024), cand("int gemv_small;", 1.0))
+        cache.put(t, gemm(m=512, n=512, k=512), cand("int square;", 1.0))
+        cache.put(t, make_workload("rmsnorm"), cand("int other_kind;", 1.0))
+        cache.put(FakeTarget(isa="avx512"), gemm(m=1, n=2048, k=2048), cand("int other_host;", 1.0))
+        near = cache.nearest(t, gemm(m=1, n=2048, k=1536))
+        assert [e.code for e in near] == ["int gemv_small;", "int gemv_big;", "int square;"]
+        assert cache.nearest(t, gemm(m=1, n=1024, k=1024))[0].code == "int gemv_big;"  # never itself
+        assert cache.nearest(t, gemm(m=384, n=512, k=512))[0].code == "int square;"
+
+
+def test_clear_by_target(tmp_path):
+    with KernelCache(tmp_path / "k.sqlite") as cache:
+        cache.put(FakeTarget(), gemm(), cand("int a;", 1.0))
+        cache.put(FakeTarget("cuda", "sm90", "cuda-test"), gemm(), cand("int g;", 1.0))
+        assert cache.clear("cuda") == 1
+        assert [e.target for e in cache.entries()] == ["cpu"]
+        assert cache.clear() == 1 and cache.entries() == []
