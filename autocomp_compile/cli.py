@@ -8,11 +8,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from autocomp_compile.evaluation.job import EvalSettings
+from autocomp_compile.kernels_cache.store import CacheError
 from autocomp_compile.references import KINDS
+from autocomp_compile.references import MODEL_CONFIGS as MODELS
 from autocomp_compile.search.artifacts import RunConflict
 from autocomp_compile.search.beam import SearchConfig, summarize
 from autocomp_compile.targets.base import TargetError, get_target, target_names
 from autocomp_compile.workload import DTYPES, Workload, WorkloadError, make_workload
+
+
 
 # CLI option -> workload parameter; which kinds accept it is decided by the kind itself.
 SHAPE_OPTIONS = {
@@ -44,6 +48,8 @@ def _add_search_options(p: argparse.ArgumentParser, budget: int) -> None:
     p.add_argument("--output-dir", default="output", help="run directories go here (default: ./output)")
     p.add_argument("--json", dest="json_path", help="write the results to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the kernel cache")
+    p.add_argument("--reuse", type=int, default=3, help="cached schedules of similar workloads to replay (0: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--kv-len", type=int, default=1024)
     _add_search_options(demo, budget=32)
 
+    warm = sub.add_parser("warm", help="fill the kernel cache for a model's kernels (idempotent, resumable)")
+    warm.add_argument("--model", default="llama-3.2-1b", choices=sorted(MODELS))
+    warm.add_argument("--batch", type=int, default=1)
+    warm.add_argument("--kv-len", type=int, default=1024)
+    warm.add_argument("--workers", type=int, default=None, help="parallel compiler processes (default: all cores)")
+    _add_search_options(warm, budget=64)
+
+    cache = sub.add_parser("cache", help="inspect and move the kernel cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    cache_sub.add_parser("ls", help="one line per cached kernel").add_argument("--target")
+    cache_sub.add_parser("show", help="one entry, with its code").add_argument("key")
+    exp = cache_sub.add_parser("export", help="write the cache (or one target's part) to a file")
+    exp.add_argument("file")
+    exp.add_argument("--target")
+    cache_sub.add_parser("import", help="verify and add the entries of an exported file").add_argument("file")
+    cache_sub.add_parser("clear", help="delete entries").add_argument("--target")
+
     sub.add_parser("targets", help="list targets and whether each can run here")
     return parser
 
@@ -79,6 +102,12 @@ def _settings(args: argparse.Namespace) -> tuple[SearchConfig, EvalSettings]:
     return config, EvalSettings(args.sets, args.timing_ms, args.timeout, args.seed)
 
 
+def _cache(args: argparse.Namespace):
+    from autocomp_compile.kernels_cache import KernelCache
+
+    return None if getattr(args, "no_cache", False) else KernelCache()
+
+
 def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | None = None) -> list[dict[str, Any]]:
     from autocomp_compile.optimize import optimize
     from autocomp_compile.report import console, results_table, search_progress
@@ -92,12 +121,16 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
     if read_gbps:
         console.print(f"{target.describe()}: measured memory read bandwidth {read_gbps:.1f} GB/s")
     rows = []
-    for w in workloads:
+    cache = _cache(args)
+    for i, w in enumerate(workloads):
         label = f"{w.kind}" + (f" ({w.params['phase']})" if "phase" in w.params else "")
+        if len(workloads) > 1:
+            label = f"[{i + 1}/{len(workloads)}] {label}"
         with search_progress(label, config.budget, enabled=not args.quiet) as progress:
-            result = optimize(w, target, config, settings, args.output_dir, run_name, progress=progress)
+            result = optimize(w, target, config, settings, args.output_dir, run_name, progress=progress,
+                              cache=cache, reuse=args.reuse)
         row = summarize(result, w)
-        row["label"] = label
+        row["label"] = label + (" (cached)" if result.from_cache else "")
         row["target"] = target.fingerprint()
         row["read_gbps"] = read_gbps
         if row["best_ms"]:
@@ -129,6 +162,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all(r["correct"] for r in rows) else 1
 
 
+def cmd_warm(args: argparse.Namespace) -> int:
+    """Optimize every kernel of the model that the cache lacks; a second run finds them all cached."""
+    from autocomp_compile.references import llama_decode_workloads
+
+    workloads = llama_decode_workloads(args.dtype, batch=args.batch, kv_len=args.kv_len, config=args.model)
+    if args.workers:
+        import os
+
+        os.environ["AUTOCOMP_BUILD_WORKERS"] = str(args.workers)
+    rows = _run(workloads, args)
+    return 0 if all(r["correct"] for r in rows) else 1
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from autocomp_compile.kernels_cache import KernelCache
+
+    cache = KernelCache()
+    if args.cache_command == "ls":
+        entries = cache.entries(args.target)
+        for e in entries:
+            speed = f"{e.speedup:.2f}x" if e.speedup else "-"
+            print(f"{e.key}  {e.target:5s} {e.kind:10s} {e.workload['dtype']:5s} {e.latency_ms:9.4f} ms  {speed:>7s}  "
+                  f"{json.dumps(e.workload['params'], sort_keys=True)}")
+        print(f"{len(entries)} kernel(s) in {cache.path}", file=sys.stderr)
+    elif args.cache_command == "show":
+        e = cache.show(args.key)
+        if e is None:
+            raise UsageError(f"no cache entry with key {args.key!r}")
+        meta = {k: v for k, v in e.__dict__.items() if k != "code"}
+        print(json.dumps(meta, indent=2, default=str))
+        print(e.code)
+    elif args.cache_command == "export":
+        print(f"exported {cache.export(args.file, args.target)} kernel(s) to {args.file}")
+    elif args.cache_command == "import":
+        versions = {}
+        for name in target_names():
+            versions[name] = get_target(name).fingerprint().get("codegen", "")
+        imported, refused = cache.import_(args.file, versions)
+        for why in refused:
+            print(f"refused {why}", file=sys.stderr)
+        print(f"imported {imported} kernel(s), refused {len(refused)}")
+        return 0 if not refused else 1
+    elif args.cache_command == "clear":
+        print(f"deleted {cache.clear(args.target)} kernel(s)")
+    return 0
+
+
 def cmd_targets(args: argparse.Namespace) -> int:
     for name in target_names():
         target = get_target(name)
@@ -140,10 +220,10 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"optimize": cmd_optimize, "demo": cmd_demo, "targets": cmd_targets}
+    handlers = {"optimize": cmd_optimize, "demo": cmd_demo, "warm": cmd_warm, "cache": cmd_cache, "targets": cmd_targets}
     try:
         return handlers[args.command](args)
-    except (UsageError, WorkloadError, TargetError, RunConflict) as exc:
+    except (UsageError, WorkloadError, TargetError, RunConflict, CacheError) as exc:
         print(f"autocomp-compile: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

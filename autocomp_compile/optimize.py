@@ -5,14 +5,18 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autocomp_compile.agents.schedule import Proposer, ScheduleProposer
 from autocomp_compile.evaluation.job import EvalSettings
 from autocomp_compile.search.artifacts import RunDirectory
 from autocomp_compile.search.beam import BeamSearch, ProgressFn, SearchConfig, SearchResult
 from autocomp_compile.search.candidate import Candidate
-from autocomp_compile.targets.base import Target, get_target, require_available
+from autocomp_compile.targets.base import EvalResult, Target, get_target, require_available
 from autocomp_compile.workload import Workload
+
+if TYPE_CHECKING:
+    from autocomp_compile.kernels_cache import CacheEntry, KernelCache
 
 
 def run_name(workload: Workload, target: Target, config: SearchConfig, settings: EvalSettings) -> str:
@@ -34,6 +38,8 @@ def optimize(
     proposers: list[Proposer] | None = None,
     seeds: list[Candidate] | None = None,
     progress: ProgressFn | None = None,
+    cache: "KernelCache | None" = None,
+    reuse: int = 3,
 ) -> SearchResult:
     """Search for a fast, correct kernel for `workload`.
 
@@ -46,7 +52,10 @@ def optimize(
     output_dir, name: the run is written to `output_dir/name` and resumed from there when re-run
         with the same settings; `name` defaults to a hash of the settings.
     proposers: defaults to the offline `ScheduleProposer`.
-    seeds: extra starting points (schedule reuse).
+    seeds: extra starting points.
+    cache: a `KernelCache`. A hit returns the cached kernel without searching; on a miss the schedules
+        of up to `reuse` most similar solved workloads are replayed on this workload as extra starting
+        points (schedule reuse), and the winner is stored.
 
     Returns
     -------
@@ -54,6 +63,12 @@ def optimize(
     """
     tgt = get_target(target) if isinstance(target, str) else target
     require_available(tgt)
+    if cache is not None:
+        hit = cache.get(tgt, workload)
+        if hit is not None:
+            return _from_cache(hit)
+        reused = reuse_seeds(tgt, workload, cache.nearest(tgt, workload, reuse)) if reuse else []
+        seeds = list(seeds or []) + reused
     config = config or SearchConfig()
     settings = settings or EvalSettings(seed=config.seed)
     name = name or run_name(workload, tgt, config, settings)
@@ -70,6 +85,36 @@ def optimize(
     proposers = proposers or [ScheduleProposer(dropout=config.dropout)]
     evaluator = tgt.make_evaluator(workload, settings=settings)
     try:
-        return BeamSearch(tgt, workload, evaluator, proposers, config, run_dir, progress).run(seeds)
+        result = BeamSearch(tgt, workload, evaluator, proposers, config, run_dir, progress).run(seeds)
     finally:
         evaluator.close()
+    result.reused = [c.origin.split(":", 1)[1] for c in result.candidates if c.origin.startswith("reuse:")]
+    if cache is not None and result.best is not None:
+        cache.put(tgt, workload, result.best, provenance={"run": name, "reused": result.reused})
+        entry = cache.get(tgt, workload)
+        result.cache_key = entry.key if entry else None
+    return result
+
+
+def reuse_seeds(target: Target, workload: Workload, entries: "list[CacheEntry]") -> list[Candidate]:
+    """Replay solved workloads' schedules on `workload`: their knobs, re-legalised for the new shape."""
+    seeds = []
+    for e in entries:
+        if e.knobs is None:
+            continue  # code without a schedule (LLM-written) cannot be re-targeted to another shape
+        knobs = target.legalize(workload, e.knobs)
+        seeds.append(Candidate(
+            id="seed", parent_id=None, iteration=0, language=target.language, code=target.generate(workload, knobs),
+            plan=f"Schedule reuse: the optimization sequence {e.menu_ids} of cached kernel {e.key} "
+                 f"({e.workload['params']}), re-legalised for this shape.",
+            menu_ids=list(e.menu_ids), knobs=knobs, origin=f"reuse:{e.key}",
+        ))
+    return seeds
+
+
+def _from_cache(entry: "CacheEntry") -> SearchResult:
+    cand = entry.candidate()
+    cand.result = EvalResult(correct=True, stage="ok", latency_ms=entry.latency_ms, baseline_ms=entry.baseline_ms,
+                             latency_p99_ms=entry.evidence.get("p99_ms"), extra={"from_cache": entry.key})
+    return SearchResult(root=None, best=cand, candidates=[], iterations=0, stop_reason="cache hit",
+                        baseline_ms=entry.baseline_ms, evaluated_now=0, cache_key=entry.key)

@@ -253,15 +253,24 @@ def get_kind(kind: str) -> KindSpec:
         raise WorkloadError(f"unknown workload {kind!r}; choose one of {sorted(KINDS)}") from None
 
 
-def llama_decode_workloads(dtype: str = "bf16", batch: int = 1, kv_len: int = 1024) -> list[Workload]:
-    """The Llama-3.2-1B decode kernels: attention, MLP, LM head, RMSNorm."""
+# A Llama-shaped model small enough for tests and CI.
+TINY_LLAMA = dict(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=256, eps=1e-5)
+MODEL_CONFIGS = {"llama-3.2-1b": LLAMA_3_2_1B, "tiny-llama": TINY_LLAMA}
+
+
+def llama_decode_workloads(
+    dtype: str = "bf16", batch: int = 1, kv_len: int = 1024, config: dict[str, Any] | str = "llama-3.2-1b"
+) -> list[Workload]:
+    """A Llama model's decode kernels (Llama-3.2-1B by default): attention, MLP, LM head, RMSNorm."""
     from autocomp_compile.workload import make_workload
 
+    c = MODEL_CONFIGS[config] if isinstance(config, str) else config
     return [
-        make_workload("attention", dtype, batch=batch, kv_len=kv_len, max_kv_len=max(2048, kv_len)),
-        make_workload("mlp", dtype, batch=batch),
-        make_workload("lm_head", dtype, batch=batch),
-        make_workload("rmsnorm", dtype, rows=batch),
+        make_workload("attention", dtype, batch=batch, heads=c["heads"], kv_heads=c["kv_heads"], head_dim=c["head_dim"],
+                      kv_len=kv_len, max_kv_len=max(2048, kv_len)),
+        make_workload("mlp", dtype, batch=batch, hidden=c["hidden"], intermediate=c["intermediate"]),
+        make_workload("lm_head", dtype, batch=batch, hidden=c["hidden"], vocab=c["vocab"]),
+        make_workload("rmsnorm", dtype, rows=batch, hidden=c["hidden"], eps=c["eps"]),
     ]
 
 

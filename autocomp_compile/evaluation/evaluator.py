@@ -36,7 +36,7 @@ class RoundEvaluator:
         self.workload = workload
         self.build_dir = build_dir
         self.settings = settings or EvalSettings()
-        self.build_workers = build_workers or os.cpu_count() or 1
+        self.build_workers = build_workers or int(os.environ.get("AUTOCOMP_BUILD_WORKERS", 0)) or os.cpu_count() or 1
         self._worker = IsolatedWorker()
 
     def build(self, candidate: Candidate) -> Built:

@@ -38,7 +38,7 @@ class SearchConfig:
 
 @dataclass
 class SearchResult:
-    root: Candidate
+    root: Candidate | None  # None when the kernel came from the cache
     best: Candidate | None
     candidates: list[Candidate]
     iterations: int
@@ -46,6 +46,12 @@ class SearchResult:
     baseline_ms: float | None
     evaluated_now: int  # evaluated in this process (the rest came from the run directory)
     history: list[dict[str, Any]] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)  # cache keys whose schedules seeded the search
+    cache_key: str | None = None  # set when the result came from, or was stored in, the kernel cache
+
+    @property
+    def from_cache(self) -> bool:
+        return self.stop_reason == "cache hit"
 
     @property
     def candidates_evaluated(self) -> int:
@@ -201,7 +207,7 @@ def summarize(r: SearchResult, w: Workload) -> dict[str, Any]:
         "workload": w.describe(),
         "signature": w.signature(),
         "baseline_ms": r.baseline_ms,
-        "naive_ms": r.root.latency_ms if r.root.correct else None,
+        "naive_ms": r.root.latency_ms if r.root is not None and r.root.correct else None,
         "best_ms": best.latency_ms if best else None,
         "best_p99_ms": best.result.latency_p99_ms if best and best.result else None,
         "speedup": r.speedup,
@@ -216,6 +222,9 @@ def summarize(r: SearchResult, w: Workload) -> dict[str, Any]:
         "stop_reason": r.stop_reason,
         "bytes_moved": w.bytes_moved(),
         "history": r.history,
+        "reused": r.reused,
+        "from_cache": r.from_cache,
+        "cache_key": r.cache_key,
     }
 
 

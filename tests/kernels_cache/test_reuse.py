@@ -1,0 +1,69 @@
+"""The cache inside optimize(): hits skip the search, misses replay similar workloads' schedules, winners
+are stored; and the CLI's warm and cache commands."""
+from __future__ import annotations
+
+import json
+
+from autocomp_compile import EvalSettings, SearchConfig, make_workload, optimize
+from autocomp_compile import cli
+from autocomp_compile.kernels_cache import KernelCache
+
+FAST = EvalSettings(timing_budget_ms=20, correctness_sets=3)
+
+
+def test_hit_skips_search_and_miss_reuses_nearest(tmp_path):
+    cache = KernelCache(tmp_path / "k.sqlite")
+    a = make_workload("gemm", "bf16", m=1, n=256, k=512)
+    b = make_workload("gemm", "bf16", m=1, n=512, k=256)
+    first = optimize(a, "cpu", SearchConfig(budget=8), FAST, tmp_path / "out", cache=cache)
+    assert first.best is not None and not first.from_cache and first.reused == []
+    assert cache.get(__import__("autocomp_compile").get_target("cpu"), a).code == first.best.code
+
+    again = optimize(a, "cpu", SearchConfig(budget=8), FAST, tmp_path / "out", cache=cache)
+    assert again.from_cache and again.candidates_evaluated == 0 and again.best.code == first.best.code
+    assert again.best.latency_ms == first.best.latency_ms
+
+    other = optimize(b, "cpu", SearchConfig(budget=8), FAST, tmp_path / "out", cache=cache)
+    assert other.reused == [first.cache_key]
+    seed = next(c for c in other.candidates if c.origin.startswith("reuse:"))
+    assert seed.id == "seed0" and seed.correct and seed.menu_ids == first.best.menu_ids
+    assert seed.knobs == first.best.knobs  # the schedule, re-legalised for the new shape (no change needed here)
+    result = json.loads(next((tmp_path / "out").glob("gemm-*/result.json")).read_text())
+    assert "reused" in result
+
+
+def test_no_reuse_when_disabled(tmp_path):
+    cache = KernelCache(tmp_path / "k.sqlite")
+    optimize(make_workload("gemm", "bf16", m=1, n=256, k=512), "cpu", SearchConfig(budget=4), FAST, tmp_path / "o", cache=cache)
+    r = optimize(make_workload("gemm", "bf16", m=1, n=128, k=512), "cpu", SearchConfig(budget=4), FAST, tmp_path / "o",
+                 cache=cache, reuse=0)
+    assert r.reused == [] and not any(c.origin.startswith("reuse:") for c in r.candidates)
+
+
+def test_warm_is_idempotent_and_cache_commands_work(tmp_path, capsys):
+    argv = ["warm", "--model", "tiny-llama", "--budget", "4", "--timing-ms", "20", "--output-dir", str(tmp_path / "o"),
+            "--quiet", "--json", str(tmp_path / "w1.json")]
+    assert cli.main(argv) == 0
+    first = json.loads((tmp_path / "w1.json").read_text())
+    assert [r["from_cache"] for r in first] == [False] * 4 and all(r["correct"] for r in first)
+    argv[-1] = str(tmp_path / "w2.json")
+    assert cli.main(argv) == 0
+    second = json.loads((tmp_path / "w2.json").read_text())
+    assert [r["from_cache"] for r in second] == [True] * 4
+    assert [r["candidates_evaluated"] for r in second] == [0] * 4
+    capsys.readouterr()
+
+    assert cli.main(["cache", "ls"]) == 0
+    listing = capsys.readouterr().out.strip().splitlines()
+    assert len(listing) == 4 and {line.split()[2] for line in listing} == {"attention", "mlp", "lm_head", "rmsnorm"}
+    key = listing[0].split()[0]
+    assert cli.main(["cache", "show", key[:8]]) == 0
+    assert "autocomp_kernel" in capsys.readouterr().out
+    assert cli.main(["cache", "show", "nosuchkey"]) == 2
+    assert "no cache entry" in capsys.readouterr().err
+    assert cli.main(["cache", "export", str(tmp_path / "c.json")]) == 0
+    assert cli.main(["cache", "clear"]) == 0 and "deleted 4" in capsys.readouterr().out
+    assert cli.main(["cache", "import", str(tmp_path / "c.json")]) == 0
+    assert "imported 4 kernel(s), refused 0" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("{}")
+    assert cli.main(["cache", "import", str(tmp_path / "bad.json")]) == 2
