@@ -126,7 +126,8 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
         label = f"{w.kind}" + (f" ({w.params['phase']})" if "phase" in w.params else "")
         if len(workloads) > 1:
             label = f"[{i + 1}/{len(workloads)}] {label}"
-        with search_progress(label, config.budget, enabled=not args.quiet) as progress:
+        cached = cache is not None and cache.get(target, w) is not None
+        with search_progress(label, config.budget, enabled=not args.quiet and not cached) as progress:
             result = optimize(w, target, config, settings, args.output_dir, run_name, progress=progress,
                               cache=cache, reuse=args.reuse)
         row = summarize(result, w)
@@ -135,7 +136,8 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
         row["read_gbps"] = read_gbps
         if row["best_ms"]:
             row["achieved_gbps"] = row["bytes_moved"] / (row["best_ms"] * 1e6)
-            row["percent_of_read_bw"] = 100 * row["achieved_gbps"] / read_gbps if read_gbps else None
+            # A cached latency was measured another day: comparing it with today's bandwidth means nothing.
+            row["percent_of_read_bw"] = 100 * row["achieved_gbps"] / read_gbps if read_gbps and not cached else None
         rows.append(row)
         if not result.best:
             console.print(f"[red]{label}: no correct kernel found ({result.stop_reason})")

@@ -22,7 +22,7 @@ def results_table(rows: list[dict[str, Any]], read_gbps: float | None, title: st
         table.add_column(col, justify="left" if col == "workload" else "right")
     for r in rows:
         gbps = r["bytes_moved"] / (r["best_ms"] * 1e6) if r.get("best_ms") else None
-        pct = 100 * gbps / read_gbps if gbps and read_gbps else None
+        pct = r.get("percent_of_read_bw")
         table.add_row(
             r["label"],
             _fmt(r.get("baseline_ms")),
