@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from autocomp_compile.paths import cache_dir
 from autocomp_compile.search.candidate import Candidate, normalized_code_hash
 from autocomp_compile.workload import Workload
 
@@ -59,10 +60,6 @@ _COLUMNS = (
 
 class CacheError(RuntimeError):
     """A cache operation that cannot be done (e.g. importing a file of another format)."""
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("AUTOCOMP_CACHE_DIR") or Path.home() / ".cache" / "autocomp_compile")
 
 
 def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
@@ -130,7 +127,7 @@ class KernelCache:
     """Correct kernels by (target fingerprint, workload signature, code-generator version)."""
 
     def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path else default_cache_dir() / "kernels.sqlite"
+        self.path = Path(path) if path else cache_dir() / "kernels.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = self._open()
 

@@ -11,12 +11,12 @@ from autocomp_compile.targets.cpu import codegen
 from autocomp_compile.targets.cpu.compiler import compiler, compiler_version
 from autocomp_compile.targets.cpu.evaluator import CpuEvaluator
 from autocomp_compile.targets.cpu.isa import cpu_model, supported_isas
+from autocomp_compile.paths import build_dir
 from autocomp_compile.workload import Workload
 
 
 def default_build_dir() -> Path:
-    base = os.environ.get("AUTOCOMP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autocomp_compile")
-    return Path(base) / "build" / "cpu"
+    return build_dir("cpu")
 
 
 class CpuTarget:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +11,14 @@ from autocomp_compile.search.candidate import Candidate
 from autocomp_compile.targets.cuda import codegen
 from autocomp_compile.targets.cuda.build import build, nvrtc_available, nvrtc_version
 from autocomp_compile.targets.cuda.runtime import launch_spec
+from autocomp_compile.paths import build_dir
 from autocomp_compile.workload import Workload
 
 LOADER = "autocomp_compile.targets.cuda.runtime:load"
 
 
 def default_build_dir() -> Path:
-    base = os.environ.get("AUTOCOMP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autocomp_compile")
-    return Path(base) / "build" / "cuda"
+    return build_dir("cuda")
 
 
 @functools.lru_cache(maxsize=1)
