@@ -70,7 +70,7 @@ class CudaTarget:
         if not torch.cuda.is_available():
             return False, "no CUDA GPU visible to torch (torch.cuda.is_available() is False)"
         if not nvrtc_available():
-            return False, "NVRTC bindings missing: pip install 'autocomp-compile[cuda]' (cuda-python)"
+            return False, "NVRTC bindings missing: pip install 'autocomp-compile[cuda]' (cuda-bindings, nvidia-cuda-nvrtc)"
         return True, ""
 
     @property
