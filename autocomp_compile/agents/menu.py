@@ -173,6 +173,18 @@ def apply_dropout(items: list[MenuItem], dropout: float, rng: random.Random) -> 
     return [item for item in items if rng.random() >= dropout]
 
 
+def _switch_on(item_id: str, title: str, description: str, knob: str, when: Callable[[Knobs], bool] = lambda k: True,
+               **also: Any) -> MenuItem:
+    """An item that turns boolean `knob` on (and sets `also`), offered while `when` holds and it is off."""
+    return MenuItem(item_id, title, description, lambda k: when(k) and not k[knob], lambda k, r: {**k, knob: True, **also})
+
+
+def _retune(item_id: str, title: str, description: str, knob: str, choices: tuple,
+            when: Callable[[Knobs], bool] = lambda k: True) -> MenuItem:
+    """An item that moves `knob` to another of its `choices`, drawn with the proposer's generator."""
+    return MenuItem(item_id, title, description, when, lambda k, r: {**k, knob: _pick_other(choices, k[knob], r)})
+
+
 def cuda_menu(w: Workload) -> list[MenuItem]:
     """The CUDA optimization menu for workload `w`."""
     from autocomp_compile.targets.cuda.codegen import KNOB_CHOICES as CUDA_CHOICES
@@ -181,77 +193,78 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
     fam = cuda_family(w.kind)
     choices = CUDA_CHOICES[fam]
     tiled = lambda k: not k["naive"]  # noqa: E731 - most items refine the tiled kernel
+    leave_naive = lambda k, r: {**k, "naive": False}  # noqa: E731
     items: list[MenuItem] = []
     if fam == "gemv":
         items += [
             MenuItem("warp_per_row", "Warp per output row",
                      "Give each output row to a warp: lanes read consecutive weight elements (coalesced), "
                      "and a warp-shuffle reduction sums the partial dot products.",
-                     lambda k: k["naive"], lambda k, r: {**k, "naive": False}),
-            MenuItem("vector_loads", "16-byte vector loads",
-                     "Load weights as 16-byte vectors (8 bf16 per lane), so each warp request moves 512 bytes.",
-                     lambda k: tiled(k) and not k["vec"], lambda k, r: {**k, "vec": True}),
-            MenuItem("block_rows", "Rows per warp",
-                     "Let each warp compute several output rows so more independent loads are in flight.",
-                     tiled, lambda k, r: {**k, "rows": _pick_other(choices["rows"], k["rows"], r)}),
-            MenuItem("unroll_loads", "Unroll and batch loads",
-                     "Issue several iterations' loads before the first FMA (memory-level parallelism).",
-                     tiled, lambda k, r: {**k, "unroll": _pick_other(choices["unroll"], k["unroll"], r)}),
-            MenuItem("split_k", "Split K across warps",
-                     "Let several warps of a block share a row group, each summing a slice of K, reduced in shared "
-                     "memory: more parallelism when rows are few and long (the MLP down projection).",
-                     tiled, lambda k, r: {**k, "ksplit": _pick_other(choices["ksplit"], k["ksplit"], r)}),
-            MenuItem("block_size", "Retune warps per block",
-                     "Change the number of warps per block (occupancy vs. scheduling granularity).",
-                     tiled, lambda k, r: {**k, "warps": _pick_other(choices["warps"], k["warps"], r)}),
-            MenuItem("stage_x_smem", "Stage the activation in shared memory",
-                     "Copy the activation vector to shared memory once per block as float, instead of re-reading "
-                     "and widening it from global memory for every row.",
-                     lambda k: tiled(k) and not k["x_smem"], lambda k, r: {**k, "x_smem": True}),
+                     lambda k: k["naive"], leave_naive),
+            _switch_on("vector_loads", "16-byte vector loads",
+                       "Load weights as 16-byte vectors (8 bf16 per lane), so each warp request moves 512 bytes.",
+                       "vec", tiled),
+            _retune("block_rows", "Rows per warp",
+                    "Let each warp compute several output rows so more independent loads are in flight.",
+                    "rows", choices["rows"], tiled),
+            _retune("unroll_loads", "Unroll and batch loads",
+                    "Issue several iterations' loads before the first FMA (memory-level parallelism).",
+                    "unroll", choices["unroll"], tiled),
+            _retune("split_k", "Split K across warps",
+                    "Let several warps of a block share a row group, each summing a slice of K, reduced in shared "
+                    "memory: more parallelism when rows are few and long (the MLP down projection).",
+                    "ksplit", choices["ksplit"], tiled),
+            _retune("block_size", "Retune warps per block",
+                    "Change the number of warps per block (occupancy vs. scheduling granularity).",
+                    "warps", choices["warps"], tiled),
+            _switch_on("stage_x_smem", "Stage the activation in shared memory",
+                       "Copy the activation vector to shared memory once per block as float, instead of re-reading "
+                       "and widening it from global memory for every row.",
+                       "x_smem", tiled),
+            _switch_on("stream_loads", "Streaming (evict-first) weight loads",
+                       "Load weights with the cache-streaming hint: they are read once, so they should not "
+                       "push data that will be reused out of L2.",
+                       "stream_loads", tiled),
         ]
-        items.append(MenuItem("stream_loads", "Streaming (evict-first) weight loads",
-                              "Load weights with the cache-streaming hint: they are read once, so they should not "
-                              "push data that will be reused out of L2.",
-                              lambda k: tiled(k) and not k["stream_loads"], lambda k, r: {**k, "stream_loads": True}))
         if w.kind == "mlp":
-            items.append(MenuItem("l2_prefetch_down", "Prefetch the down projection into L2",
-                                  "While the gate/up kernel streams its weights, have each block prefetch its share of "
-                                  "the down-projection weights into L2 (evict-last), so the second kernel reads from L2.",
-                                  lambda k: tiled(k) and k["fuse"] and not k["l2_prefetch"],
-                                  lambda k, r: {**k, "l2_prefetch": True, "stream_loads": True}))
-            items.append(MenuItem("fuse_epilogue", "Fuse gate, up and SiLU*mul",
-                                  "One kernel computes the gate and up rows together and applies SiLU and the product "
-                                  "in registers: two launches and two intermediate round trips fewer.",
-                                  lambda k: not k["fuse"], lambda k, r: {**k, "fuse": True}))
+            items += [
+                _switch_on("l2_prefetch_down", "Prefetch the down projection into L2",
+                           "While the gate/up kernel streams its weights, have each block prefetch its share of "
+                           "the down-projection weights into L2 (evict-last), so the second kernel reads from L2.",
+                           "l2_prefetch", lambda k: tiled(k) and k["fuse"], stream_loads=True),
+                _switch_on("fuse_epilogue", "Fuse gate, up and SiLU*mul",
+                           "One kernel computes the gate and up rows together and applies SiLU and the product "
+                           "in registers: two launches and two intermediate round trips fewer.",
+                           "fuse"),
+            ]
     elif fam == "attention":
         items += [
             MenuItem("flash", "Warp-per-key online softmax",
                      "Replace the scores buffer by an online softmax: each warp walks keys, lanes split the head "
                      "dimension, running max and sum rescale the accumulator in registers.",
-                     lambda k: k["naive"], lambda k, r: {**k, "naive": False}),
-            MenuItem("gqa_share", "Share K/V across the GQA group",
-                     "One warp serves all query heads of a KV head, so each K/V row is read once per group.",
-                     lambda k: tiled(k) and not k["gqa_share"], lambda k, r: {**k, "gqa_share": True}),
-            MenuItem("block_size", "Retune warps per block", "Change the number of warps per block.",
-                     tiled, lambda k, r: {**k, "warps": _pick_other(choices["warps"], k["warps"], r)}),
+                     lambda k: k["naive"], leave_naive),
+            _switch_on("gqa_share", "Share K/V across the GQA group",
+                       "One warp serves all query heads of a KV head, so each K/V row is read once per group.",
+                       "gqa_share", tiled),
+            _retune("block_size", "Retune warps per block", "Change the number of warps per block.",
+                    "warps", choices["warps"], tiled),
         ]
         if w.params["phase"] == "decode":
-            items.append(MenuItem("split_kv", "Split the KV length across blocks (flash-decoding)",
-                                  "Spread the KV cache over several blocks per head and merge their partial softmax "
-                                  "results in a second kernel: enough blocks to fill the GPU at batch 1.",
-                                  tiled, lambda k, r: {**k, "splits": _pick_other(choices["splits"], k["splits"], r)}))
+            items.append(_retune("split_kv", "Split the KV length across blocks (flash-decoding)",
+                                 "Spread the KV cache over several blocks per head and merge their partial softmax "
+                                 "results in a second kernel: enough blocks to fill the GPU at batch 1.",
+                                 "splits", choices["splits"], tiled))
         else:
-            items.append(MenuItem("q_block", "Query rows per warp",
-                                  "Give each warp several consecutive query rows that reuse each loaded K/V row.",
-                                  tiled, lambda k, r: {**k, "q_block": _pick_other(choices["q_block"], k["q_block"], r)}))
+            items.append(_retune("q_block", "Query rows per warp",
+                                 "Give each warp several consecutive query rows that reuse each loaded K/V row.",
+                                 "q_block", choices["q_block"], tiled))
     else:
         items += [
             MenuItem("block_per_row", "Block per row",
                      "One block per row with a warp-shuffle + shared-memory reduction of the sum of squares.",
-                     lambda k: k["naive"], lambda k, r: {**k, "naive": False}),
-            MenuItem("vector_loads", "16-byte vector loads", "Read rows as 16-byte vectors.",
-                     lambda k: tiled(k) and not k["vec"], lambda k, r: {**k, "vec": True}),
-            MenuItem("block_size", "Retune threads per block", "Change the block size.",
-                     tiled, lambda k, r: {**k, "threads": _pick_other(choices["threads"], k["threads"], r)}),
+                     lambda k: k["naive"], leave_naive),
+            _switch_on("vector_loads", "16-byte vector loads", "Read rows as 16-byte vectors.", "vec", tiled),
+            _retune("block_size", "Retune threads per block", "Change the block size.",
+                    "threads", choices["threads"], tiled),
         ]
     return items
