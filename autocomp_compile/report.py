@@ -15,7 +15,7 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def results_table(rows: list[dict[str, Any]], read_gbps: float | None, title: str) -> Table:
+def results_table(rows: list[dict[str, Any]], title: str) -> Table:
     """One row per workload: eager, naive and best latency, speedup, achieved and % of read bandwidth."""
     table = Table(title=title)
     for col in ("workload", "eager ms", "naive ms", "best ms", "speedup", "GB/s", "% read BW", "candidates", "correct"):

@@ -7,6 +7,7 @@ one started, so a damaged cache never stops a compilation.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -243,18 +244,15 @@ class KernelCache:
             )
         return True
 
-    def _transaction(self):
-        conn = self._conn
-
-        class _Tx:
-            def __enter__(self_inner):
-                conn.execute("BEGIN IMMEDIATE")  # take the write lock now: concurrent writers queue, none is lost
-                return conn
-
-            def __exit__(self_inner, exc_type, *rest):
-                conn.execute("ROLLBACK" if exc_type else "COMMIT")
-
-        return _Tx()
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")  # take the write lock now: concurrent writers queue, none is lost
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
 
     def clear(self, target: str | None = None) -> int:
         with self._transaction() as conn:
