@@ -2,6 +2,7 @@
 inside compiler pipelines."""
 from autocomp_compile.evaluation.job import EvalSettings
 from autocomp_compile.optimize import optimize
+from autocomp_compile.passes import dynamo as _dynamo  # registers torch.compile(backend="autocomp")
 from autocomp_compile.search import Candidate, SearchConfig, SearchResult
 from autocomp_compile.targets.base import EvalResult, TargetError, get_target, target_names
 from autocomp_compile.workload import TensorSpec, Workload, WorkloadError, make_workload

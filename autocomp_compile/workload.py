@@ -116,3 +116,11 @@ def make_workload(kind: str, dtype: str = "bf16", **params: Any) -> Workload:
     if dtype not in DTYPES:
         raise WorkloadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     return get_kind(kind).build(dtype, params)
+
+
+def workload_from_dict(d: dict[str, Any]) -> Workload:
+    """Rebuild a workload from `Workload.describe()` (e.g. a kernel cache row); checks it round-trips."""
+    w = make_workload(d["kind"], d["dtype"], **d["params"])
+    if w.describe() != {**d, "params": dict(sorted(d["params"].items())), "runtime_dims": dict(sorted(d["runtime_dims"].items()))}:
+        raise WorkloadError(f"stored workload does not match this version's definition of {d['kind']!r}")
+    return w

@@ -1,0 +1,243 @@
+"""A compact Llama (Llama-3 family) with a static, preallocated KV cache.
+
+Decoding one token never changes a tensor shape: the KV cache holds `max_seq_len` positions and
+attention reads all of them under a causal mask row picked by `input_pos` (the gpt-fast layout), so
+torch.compile traces prefill and decode once each. Layers are written the way Hugging Face writes
+them (RMSNorm in float32, SwiGLU MLP, rotate-half RoPE with Llama-3 frequency scaling), so that
+weights load unchanged and the graph passes see the same patterns in both implementations.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autocomp_compile.workload import DTYPES, WorkloadError
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    layers: int
+    eps: float = 1e-5
+    rope_theta: float = 500000.0
+    # Llama-3 RoPE scaling (factor, low_freq_factor, high_freq_factor, original_max_position); None: plain RoPE.
+    rope_scaling: tuple[float, float, float, int] | None = None
+    tie_embeddings: bool = True
+    max_seq_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.heads % self.kv_heads:
+            raise WorkloadError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if min(self.hidden, self.intermediate, self.heads, self.head_dim, self.vocab, self.layers, self.max_seq_len) < 1:
+            raise WorkloadError(f"every size in a Llama config must be positive: {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+CONFIGS: dict[str, LlamaConfig] = {
+    "llama-3.2-1b": LlamaConfig(
+        hidden=2048, intermediate=8192, heads=32, kv_heads=8, head_dim=64, vocab=128256, layers=16,
+        rope_scaling=(32.0, 1.0, 4.0, 8192),
+    ),
+    "tiny-llama": LlamaConfig(
+        hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=256, layers=2,
+        rope_theta=10000.0, tie_embeddings=False, max_seq_len=128,
+    ),
+}
+
+
+def get_config(name: str) -> LlamaConfig:
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise WorkloadError(f"unknown model {name!r}; choose one of {sorted(CONFIGS)}") from None
+
+
+def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies of rotary embeddings, with Llama-3 scaling when the config has it."""
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim))
+    if config.rope_scaling is None:
+        return inv.float()
+    factor, low, high, original = config.rope_scaling
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = original / low, original / high
+    smooth = (original / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    scaled = torch.where(medium, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return scaled.float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, [batch, kv_heads, max_seq_len, head_dim]."""
+
+    def __init__(self, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape = (batch, kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.c = c
+        self.q_proj = nn.Linear(c.hidden, c.heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden, c.kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden, c.kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.heads * c.head_dim, c.hidden, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        c = self.c
+        q = self.q_proj(x).view(b, s, c.heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, c.kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, c.kv_heads, c.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.kv_cache is None:
+            raise RuntimeError("call model.setup_caches(batch) before running the model")
+        k, v = self.kv_cache.update(input_pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, c.heads * c.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
+        self.up_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
+        self.down_proj = nn.Linear(c.intermediate, c.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden, c.eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden, c.eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Llama(nn.Module):
+    """`model(tokens [batch, seq], input_pos [seq]) -> logits [batch, seq, vocab]` over a static KV cache.
+
+    Parameter names follow Hugging Face's LlamaForCausalLM (`model.layers.N.self_attn.q_proj.weight`, ...).
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab, config.hidden)
+        self.model.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.layers))
+        self.model.norm = RMSNorm(config.hidden, config.eps)
+        self.lm_head = nn.Linear(config.hidden, config.vocab, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.batch_size = 0
+        n = config.max_seq_len
+        self.register_buffer("rope_cos", torch.empty(n, config.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(n, config.head_dim), persistent=False)
+        self.register_buffer("causal_mask", torch.empty(n, n, dtype=torch.bool), persistent=False)
+        if self.rope_cos.device.type != "meta":
+            self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """Compute the RoPE tables and the causal mask (after `to_empty`, which leaves buffers unset)."""
+        c = self.config
+        angles = torch.outer(torch.arange(c.max_seq_len, dtype=torch.float32), rope_frequencies(c))
+        angles = torch.cat((angles, angles), dim=-1)
+        with torch.no_grad():
+            self.rope_cos.copy_(angles.cos())
+            self.rope_sin.copy_(angles.sin())
+            self.causal_mask.copy_(torch.ones(c.max_seq_len, c.max_seq_len, dtype=torch.bool).tril())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def setup_caches(self, batch: int) -> None:
+        """Allocate (or reset) the KV caches for `batch` sequences of up to `config.max_seq_len` tokens."""
+        c = self.config
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(batch, c.kv_heads, c.max_seq_len, c.head_dim, self.dtype)
+        self.batch_size = batch
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 2 or tokens.shape[0] != self.batch_size:
+            raise ValueError(f"tokens must be [batch={self.batch_size}, seq], got {tuple(tokens.shape)}; "
+                             "call setup_caches(batch) first")
+        x = self.model.embed_tokens(tokens)
+        cos = self.rope_cos[input_pos].to(x.dtype)
+        sin = self.rope_sin[input_pos].to(x.dtype)
+        mask = self.causal_mask[None, None, input_pos]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, input_pos)
+        return self.lm_head(self.model.norm(x))
+
+
+def build_llama(config: LlamaConfig | str, dtype: str | torch.dtype = "bf16", seed: int = 0) -> Llama:
+    """A Llama with random weights (std 0.02, RMSNorm weights near 1), deterministic in `seed`."""
+    cfg = get_config(config) if isinstance(config, str) else config
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        model = Llama(cfg)
+    model = model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                _fill_normal(p, 0.02, gen)
+        model.init_buffers()
+    return model.to(torch_dtype)
+
+
+def _fill_normal(p: torch.Tensor, std: float, gen: torch.Generator, chunk: int = 1 << 24) -> None:
+    flat = p.view(-1)
+    for i in range(0, flat.numel(), chunk):
+        piece = flat[i : i + chunk]
+        piece.copy_(torch.randn(piece.numel(), generator=gen) * std)

@@ -1,0 +1,126 @@
+"""Loaded kernels that graph rewrites call: build a cached kernel, load it, check it, look it up by key.
+
+Custom ops carry a kernel's cache key (a string) rather than a Python object, so that a compiled graph
+that inductor cached on disk still finds its kernel in a new process: a key missing from this
+process's registry is loaded from the kernel cache on first use.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from autocomp_compile.evaluation.checks import compare
+from autocomp_compile.references import InputFactory, empty_outputs, get_kind
+from autocomp_compile.search.candidate import Candidate
+from autocomp_compile.targets.base import Target, get_target
+from autocomp_compile.workload import Workload, workload_from_dict
+
+log = logging.getLogger(__name__)
+
+KernelFn = Callable[[Sequence[torch.Tensor], Sequence[int]], None]
+
+
+class KernelUnavailable(RuntimeError):
+    """A kernel that cannot be built, loaded or trusted; the graph keeps the PyTorch computation."""
+
+
+@dataclass
+class BoundKernel:
+    key: str
+    workload: Workload
+    run: KernelFn
+
+    def __call__(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], dims: Sequence[int] = ()) -> None:
+        self.run([*inputs, *outputs], dims)
+
+
+def load_kernel(target: Target, workload: Workload, candidate: Candidate) -> KernelFn:
+    """Build `candidate` with the target's own build step and load it into this process."""
+    evaluator = target.make_evaluator(workload)
+    try:
+        built = evaluator.build(candidate)
+        if not built.ok or built.artifact is None:
+            raise KernelUnavailable(f"build failed: {built.log.strip()[-500:]}")
+        loader, args = evaluator.loader(candidate, built.artifact)
+    finally:
+        evaluator.close()
+    module, _, fn = loader.partition(":")
+    try:
+        return getattr(importlib.import_module(module), fn)(*args)
+    except Exception as exc:  # a loader error of any kind means: do not use this kernel
+        raise KernelUnavailable(f"load failed: {exc}") from exc
+
+
+def check_loaded(kernel: KernelFn, workload: Workload, seed: int = 0, device: str = "cpu") -> None:
+    """One fresh random input set against the reference, in this process, before the kernel enters a model."""
+    spec = get_kind(workload.kind)
+    factory = InputFactory(seed)
+    inputs = factory.inputs(workload)
+    if device != "cpu":
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+    outputs = empty_outputs(workload, device=device)
+    kernel([*inputs.values(), *outputs.values()], list(workload.runtime_dims.values()))
+    ref = spec.reference({k: v.cpu() for k, v in inputs.items()}, workload.params, workload.runtime_dims)
+    for name, out in outputs.items():
+        mismatch = compare(name, out.cpu(), ref[name])
+        if not mismatch.ok:
+            raise KernelUnavailable(f"wrong result in this process: {mismatch.message}")
+
+
+class KernelRegistry:
+    """Process-wide map from cache key to loaded kernel."""
+
+    def __init__(self) -> None:
+        self._kernels: dict[str, BoundKernel] = {}
+        self._failed: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def add(self, key: str, target: Target, workload: Workload, candidate: Candidate, check: bool = True) -> BoundKernel:
+        with self._lock:
+            if key in self._kernels:
+                return self._kernels[key]
+            fn = load_kernel(target, workload, candidate)
+            if check:
+                check_loaded(fn, workload, device="cuda" if target.name == "cuda" else "cpu")
+            bound = BoundKernel(key, workload, fn)
+            self._kernels[key] = bound
+            return bound
+
+    def get(self, key: str) -> BoundKernel | None:
+        """The kernel for `key`, loading it from the kernel cache when this process has not yet."""
+        bound = self._kernels.get(key)
+        if bound is not None or key in self._failed:
+            return bound
+        try:
+            return self._load_from_cache(key)
+        except (KernelUnavailable, LookupError) as exc:
+            self._failed[key] = str(exc)
+            log.warning("autocomp: kernel %s unavailable (%s); running PyTorch instead", key, exc)
+            return None
+
+    def _load_from_cache(self, key: str) -> BoundKernel:
+        from autocomp_compile.kernels_cache.store import KernelCache
+
+        with KernelCache() as cache:
+            entry = cache.show(key)
+        if entry is None:
+            raise LookupError("not in the kernel cache")
+        target = get_target(entry.target)
+        return self.add(key, target, workload_from_dict(entry.workload), entry.candidate())
+
+    def keys(self) -> list[str]:
+        return list(self._kernels)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kernels.clear()
+            self._failed.clear()
+
+
+REGISTRY = KernelRegistry()
+

@@ -1,0 +1,158 @@
+"""Custom ops (`torch.ops.autocomp.*`) that rewritten graphs call in place of recognised subgraphs.
+
+Each op takes the subgraph's tensors plus the cache key of the kernel that computes it. The op runs
+the kernel when the registry has it and the call is one the kernel covers (shapes, contiguity, a
+prefix attention mask); otherwise it computes the same result with PyTorch. A graph that calls
+these ops is therefore always correct, whatever the state of the cache.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from autocomp_compile.passes.kernels import REGISTRY
+
+Tensor = torch.Tensor
+
+
+def _run(key: str, inputs: list[Tensor], out: Tensor, dims: tuple[int, ...] = ()) -> bool:
+    kernel = REGISTRY.get(key)
+    if kernel is None:
+        return False
+    expected = [s.shape for s in kernel.workload.inputs]
+    if [tuple(t.shape) for t in inputs] != expected or any(t.dtype != out.dtype for t in inputs):
+        return False
+    kernel([t.contiguous() for t in inputs], [out], dims)
+    return True
+
+
+# ---------------------------------------------------------------- linear (GEMM / GEMV, LM head)
+
+
+@torch.library.custom_op("autocomp::linear", mutates_args=())
+def linear(x: Tensor, w: Tensor, key: str) -> Tensor:
+    """x [M, K] @ w[N, K].T"""
+    out = x.new_empty(x.shape[0], w.shape[0])
+    if not _run(key, [x, w], out):
+        torch.mm(x, w.t(), out=out)
+    return out
+
+
+@linear.register_fake
+def _(x: Tensor, w: Tensor, key: str) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+# ---------------------------------------------------------------- SwiGLU MLP
+
+
+@torch.library.custom_op("autocomp::mlp", mutates_args=())
+def mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, key: str) -> Tensor:
+    """down(silu(gate(x)) * up(x)) for x [M, hidden]."""
+    out = x.new_empty(x.shape[0], w_down.shape[0])
+    if not _run(key, [x, w_gate, w_up, w_down], out):
+        torch.mm(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down.t(), out=out)
+    return out
+
+
+@mlp.register_fake
+def _(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, key: str) -> Tensor:
+    return x.new_empty(x.shape[0], w_down.shape[0])
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+@torch.library.custom_op("autocomp::rmsnorm", mutates_args=())
+def rmsnorm(x: Tensor, weight: Tensor, eps: float, key: str) -> Tensor:
+    """weight * (x * rsqrt(mean(x^2) + eps)), normalised in float32, over the last dim."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty_like(rows)
+    if not _run(key, [rows, weight], out):
+        xf = rows.float()
+        torch.mul((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), weight, out=out)
+    return out.view(x.shape)
+
+
+@rmsnorm.register_fake
+def _(x: Tensor, weight: Tensor, eps: float, key: str) -> Tensor:
+    return torch.empty_like(x)
+
+
+# ---------------------------------------------------------------- GQA attention
+
+
+def prefix_length(mask: Optional[Tensor], kv_len: int) -> int | None:
+    """For a decode mask over the KV cache (every query row the same prefix of True / 0.0 entries),
+    the prefix length; None when the mask is anything else."""
+    if mask is None:
+        return kv_len
+    rows = mask.reshape(-1, mask.shape[-1])
+    if mask.dtype == torch.bool:
+        valid = rows
+    else:
+        valid = rows == 0
+        if not bool((valid | (rows == float("-inf"))).all()):
+            return None
+    n = int(valid[0].sum())
+    if not bool(valid[:, :n].all()) or bool(valid[:, n:].any()):
+        return None
+    return n
+
+
+def is_causal_from_start(mask: Optional[Tensor], seq: int, kv_len: int, is_causal: bool) -> bool:
+    """True when query i sees exactly keys 0..i (prefill from position 0 of the cache)."""
+    if mask is None:
+        return is_causal and seq == kv_len
+    if is_causal:
+        return False
+    rows = mask.reshape(-1, seq, mask.shape[-1])
+    valid = rows if mask.dtype == torch.bool else rows == 0
+    if mask.dtype != torch.bool and not bool((valid | (rows == float("-inf"))).all()):
+        return False
+    expected = torch.ones(seq, mask.shape[-1], dtype=torch.bool).tril()
+    return bool((valid == expected).all())
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+@torch.library.custom_op("autocomp::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, key: str) -> Tensor:
+    """GQA attention, q [B, H, S, D] over k, v [B, Hkv, L, D] (the whole static cache for decode).
+
+    Decode (S == 1) runs the kernel with the KV length the mask allows; prefill runs it when the mask
+    is causal from position 0. Anything else is computed by PyTorch.
+    """
+    b, h, s, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    kernel = REGISTRY.get(key)
+    if kernel is not None and q.dtype == k.dtype == v.dtype:
+        if s == 1:
+            n = prefix_length(mask, k.shape[2])
+            if n is not None and n > 0:
+                out = q.new_empty(b, h, d)
+                if _run(key, [q.reshape(b, h, d), k, v], out, (n,)):
+                    return out.view(b, h, 1, d)
+        elif is_causal_from_start(mask, s, k.shape[2], is_causal):
+            out = q.new_empty(b, h, s, d)
+            if _run(key, [q, k[:, :, :s], v[:, :, :s]], out):
+                return out
+    return _sdpa(q, k, v, mask, is_causal, scale).contiguous()
+
+
+@attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, key: str) -> Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# The OpOverloads graph rewrites insert.
+LINEAR = torch.ops.autocomp.linear.default
+MLP = torch.ops.autocomp.mlp.default
+RMSNORM = torch.ops.autocomp.rmsnorm.default
+ATTENTION = torch.ops.autocomp.attention.default
