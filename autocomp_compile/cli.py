@@ -10,7 +10,8 @@ from typing import Any, Sequence
 from autocomp_compile.evaluation.job import EvalSettings
 from autocomp_compile.kernels_cache.store import CacheError
 from autocomp_compile.references import KINDS
-from autocomp_compile.references import MODEL_CONFIGS as MODELS
+from autocomp_compile.models.llama import CONFIGS as MODELS
+from autocomp_compile.passes.dynamo import ALL_KINDS, DEFAULT_KINDS
 from autocomp_compile.search.artifacts import RunConflict
 from autocomp_compile.search.beam import SearchConfig, summarize
 from autocomp_compile.targets.base import TargetError, get_target, target_names
@@ -71,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     warm = sub.add_parser("warm", help="fill the kernel cache for a model's kernels (idempotent, resumable)")
     warm.add_argument("--model", default="llama-3.2-1b", choices=sorted(MODELS))
     warm.add_argument("--batch", type=int, default=1)
-    warm.add_argument("--kv-len", type=int, default=1024)
+    warm.add_argument("--max-seq-len", type=int, default=None,
+                      help="KV-cache length the model is compiled with (default: the model's, 2048 for Llama-3.2-1B)")
+    warm.add_argument("--prefill", type=int, action="append", default=[], metavar="N",
+                      help="also the kernels of prefilling N tokens (repeatable)")
+    warm.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
+                      help=f"kernel kinds to warm, comma-separated (default: {','.join(DEFAULT_KINDS)}; also rmsnorm)")
     warm.add_argument("--workers", type=int, default=None, help="parallel compiler processes (default: all cores)")
     _add_search_options(warm, budget=64)
 
@@ -166,9 +172,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_warm(args: argparse.Namespace) -> int:
     """Optimize every kernel of the model that the cache lacks; a second run finds them all cached."""
-    from autocomp_compile.references import llama_decode_workloads
+    from autocomp_compile.models.workloads import model_workloads
 
-    workloads = llama_decode_workloads(args.dtype, batch=args.batch, kv_len=args.kv_len, config=args.model)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - set(ALL_KINDS))
+    if unknown:
+        raise UsageError(f"--kinds: unknown {unknown}; choose from {list(ALL_KINDS)}")
+    workloads = model_workloads(args.model, args.dtype, batch=args.batch, prefill_lens=args.prefill,
+                                max_seq_len=args.max_seq_len, kinds=kinds)
     if args.workers:
         import os
 

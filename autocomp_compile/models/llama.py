@@ -174,8 +174,7 @@ class Llama(nn.Module):
         self.model.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.layers))
         self.model.norm = RMSNorm(config.hidden, config.eps)
         self.lm_head = nn.Linear(config.hidden, config.vocab, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.batch_size = 0
         n = config.max_seq_len
         self.register_buffer("rope_cos", torch.empty(n, config.head_dim), persistent=False)
@@ -183,6 +182,11 @@ class Llama(nn.Module):
         self.register_buffer("causal_mask", torch.empty(n, n, dtype=torch.bool), persistent=False)
         if self.rope_cos.device.type != "meta":
             self.init_buffers()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when the config says so (again after `to_empty`)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_buffers(self) -> None:
         """Compute the RoPE tables and the causal mask (after `to_empty`, which leaves buffers unset)."""
@@ -199,13 +203,20 @@ class Llama(nn.Module):
         return self.lm_head.weight.dtype
 
     def setup_caches(self, batch: int) -> None:
-        """Allocate (or reset) the KV caches for `batch` sequences of up to `config.max_seq_len` tokens."""
+        """Allocate the KV caches for `batch` sequences of up to `config.max_seq_len` tokens, or zero the
+        existing ones (same objects, so compiled graphs guarding on them stay valid)."""
         c = self.config
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch, c.kv_heads, c.max_seq_len, c.head_dim, self.dtype)
+            cache = layer.self_attn.kv_cache
+            if cache is not None and cache.k.shape[0] == batch and cache.k.dtype == self.dtype:
+                cache.k.zero_()
+                cache.v.zero_()
+            else:
+                layer.self_attn.kv_cache = KVCache(batch, c.kv_heads, c.max_seq_len, c.head_dim, self.dtype)
         self.batch_size = batch
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits for every position, or for the last one only (`last_only`, what generation needs)."""
         if tokens.dim() != 2 or tokens.shape[0] != self.batch_size:
             raise ValueError(f"tokens must be [batch={self.batch_size}, seq], got {tuple(tokens.shape)}; "
                              "call setup_caches(batch) first")
@@ -215,6 +226,8 @@ class Llama(nn.Module):
         mask = self.causal_mask[None, None, input_pos]
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, input_pos)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
 
@@ -223,8 +236,9 @@ def build_llama(config: LlamaConfig | str, dtype: str | torch.dtype = "bf16", se
     cfg = get_config(config) if isinstance(config, str) else config
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     with torch.device("meta"):
-        model = Llama(cfg)
+        model = Llama(cfg).to(torch_dtype)
     model = model.to_empty(device="cpu")
+    model.tie_weights()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -233,7 +247,7 @@ def build_llama(config: LlamaConfig | str, dtype: str | torch.dtype = "bf16", se
             else:
                 _fill_normal(p, 0.02, gen)
         model.init_buffers()
-    return model.to(torch_dtype)
+    return model
 
 
 def _fill_normal(p: torch.Tensor, std: float, gen: torch.Generator, chunk: int = 1 << 24) -> None:

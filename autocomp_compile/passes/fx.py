@@ -389,7 +389,7 @@ def find_subgraphs(gm: fx.GraphModule) -> list[Match]:
         dtype = _dtype(lin.mm)
         if dtype is None:
             matches.append(Match("gemm", None, lin.mm, (), ops.LINEAR, f"dtype {_val(lin.mm).dtype} not supported"))
-        elif _feeds_output(lin.mm):
+        elif _feeds_output(lin.mm) and lin.n > lin.k:  # the model's last projection, onto a vocabulary
             w, why = _make("lm_head", dtype, batch=lin.m, hidden=lin.k, vocab=lin.n)
             matches.append(Match("lm_head", w, lin.mm, (lin.x, lin.weight), ops.LINEAR, why))
         else:

@@ -130,25 +130,30 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal
     is causal from position 0. Anything else is computed by PyTorch.
     """
     b, h, s, d = q.shape
-    scale = 1.0 / math.sqrt(d)
+    result = _bshd(q)
     kernel = REGISTRY.get(key)
     if kernel is not None and q.dtype == k.dtype == v.dtype:
         if s == 1:
             n = prefix_length(mask, k.shape[2])
-            if n is not None and n > 0:
-                out = q.new_empty(b, h, d)
-                if _run(key, [q.reshape(b, h, d), k, v], out, (n,)):
-                    return out.view(b, h, 1, d)
+            if n is not None and n > 0 and _run(key, [q.reshape(b, h, d), k, v], result.view(b, h, d), (n,)):
+                return result
         elif is_causal_from_start(mask, s, k.shape[2], is_causal):
             out = q.new_empty(b, h, s, d)
             if _run(key, [q, k[:, :, :s], v[:, :, :s]], out):
-                return out
-    return _sdpa(q, k, v, mask, is_causal, scale).contiguous()
+                return result.copy_(out)
+    return result.copy_(_sdpa(q, k, v, mask, is_causal, 1.0 / math.sqrt(d)))
+
+
+def _bshd(q: Tensor) -> Tensor:
+    """[B, H, S, D] stored as [B, S, H, D]: the layout PyTorch's SDPA kernels return, which the graph's
+    following transpose-and-view relies on."""
+    b, h, s, d = q.shape
+    return q.new_empty(b, s, h, d).permute(0, 2, 1, 3)
 
 
 @attention.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, key: str) -> Tensor:
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return _bshd(q)
 
 
 # The OpOverloads graph rewrites insert.

@@ -1,0 +1,60 @@
+"""Greedy generation over the compact Llama's static KV cache, with per-phase timings."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from autocomp_compile.models.llama import Llama
+
+Forward = Callable[..., torch.Tensor]
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # [batch, new tokens]
+    prefill_s: float
+    decode_s: list[float] = field(default_factory=list)  # one entry per decode step
+    logits: list[torch.Tensor] = field(default_factory=list)  # last-position logits per step, if kept
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens/sec of one sequence's decoding (multiply by the batch for the batch's throughput)."""
+        return len(self.decode_s) / sum(self.decode_s) if self.decode_s else float("nan")
+
+
+@torch.no_grad()
+def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, forward: Forward | None = None,
+             keep_logits: bool = False) -> Generation:
+    """Greedy decoding of `max_new_tokens` tokens after `prompt` [batch, length].
+
+    `forward` is the callable to run (e.g. `torch.compile(model, ...)`); it defaults to the model.
+    The KV cache is reset for the prompt's batch size first.
+    """
+    if prompt.dim() != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be [batch, length >= 1] token ids, got shape {tuple(prompt.shape)}")
+    batch, length = prompt.shape
+    if length + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"prompt ({length}) + new tokens ({max_new_tokens}) exceed max_seq_len "
+                         f"({model.config.max_seq_len})")
+    forward = forward or model
+    model.setup_caches(batch)
+    t0 = time.perf_counter()
+    logits = forward(prompt, torch.arange(length), last_only=True)[:, -1]
+    nxt = logits.argmax(-1)
+    prefill_s = time.perf_counter() - t0
+    out = Generation(torch.empty(batch, max_new_tokens, dtype=torch.long), prefill_s)
+    out.tokens[:, 0] = nxt
+    if keep_logits:
+        out.logits.append(logits.float().clone())
+    for i in range(1, max_new_tokens):
+        t0 = time.perf_counter()
+        logits = forward(nxt[:, None], torch.tensor([length + i - 1]), last_only=True)[:, -1]
+        nxt = logits.argmax(-1)
+        out.decode_s.append(time.perf_counter() - t0)
+        out.tokens[:, i] = nxt
+        if keep_logits:
+            out.logits.append(logits.float().clone())
+    return out

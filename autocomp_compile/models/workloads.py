@@ -1,0 +1,73 @@
+"""The kernel workloads of a model, found by tracing it (on the meta device) through the graph passes.
+
+This is what `autocomp-compile warm` optimizes: exactly the workloads the `autocomp` backend will
+look up when it compiles the same model, at the same batch size and sequence lengths.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from autocomp_compile.models.llama import Llama, LlamaConfig, get_config
+from autocomp_compile.workload import DTYPES, Workload, WorkloadError
+
+
+def model_workloads(
+    config: LlamaConfig | str,
+    dtype: str = "bf16",
+    batch: int = 1,
+    prefill_lens: Sequence[int] = (),
+    decode: bool = True,
+    max_seq_len: int | None = None,
+    kinds: Sequence[str] | None = None,
+) -> list[Workload]:
+    """Distinct workloads of decoding (and prefilling `prefill_lens` tokens) with the compact Llama."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from autocomp_compile.passes.fx import find_subgraphs
+
+    cfg = get_config(config) if isinstance(config, str) else config
+    if max_seq_len is not None:
+        cfg = dataclasses.replace(cfg, max_seq_len=max_seq_len)
+    if batch < 1 or any(n < 1 or n > cfg.max_seq_len for n in prefill_lens):
+        raise WorkloadError(f"batch must be >= 1 and prefill lengths in [1, {cfg.max_seq_len}]")
+    found: dict[str, Workload] = {}
+
+    def collect(gm: torch.fx.GraphModule, example_inputs: object) -> object:
+        for match in find_subgraphs(gm):
+            if match.workload is not None and (kinds is None or match.kind in kinds):
+                found.setdefault(match.workload.signature(), match.workload)
+
+        def do_not_run(*args: object) -> None:
+            raise _Traced
+
+        return do_not_run
+
+    # CPU tensors whose memory is never touched (so no RAM is used): the graph must be the CPU graph,
+    # since attention lowers differently on the meta device.
+    with torch.device("meta"):
+        model = Llama(cfg).to(DTYPES[dtype])
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    model.init_buffers()
+    model.setup_caches(batch)
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=collect), dynamic=False, fullgraph=True)
+    calls = [(n, torch.arange(n)) for n in prefill_lens]
+    if decode:
+        calls.append((1, torch.tensor([cfg.max_seq_len // 2])))
+    try:
+        with torch.no_grad():
+            for seq, pos in calls:
+                try:
+                    compiled(torch.zeros(batch, seq, dtype=torch.long), pos, last_only=True)
+                except _Traced:
+                    pass
+    finally:
+        torch._dynamo.reset()
+    return list(found.values())
+
+
+class _Traced(Exception):
+    """Raised instead of running a graph that was traced only to collect its workloads."""

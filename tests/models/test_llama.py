@@ -1,0 +1,128 @@
+"""The compact Llama: shapes, static KV cache, greedy generation, Hugging Face weights and equivalence."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from autocomp_compile.models import build_llama, config_from_hf, generate, get_config, load_pretrained
+from autocomp_compile.models.llama import LlamaConfig, rope_frequencies
+from autocomp_compile.workload import WorkloadError
+
+
+def test_unknown_model_and_bad_config_are_clear_errors():
+    with pytest.raises(WorkloadError, match="unknown model"):
+        get_config("llama-9000")
+    with pytest.raises(WorkloadError, match="multiple of kv_heads"):
+        LlamaConfig(hidden=64, intermediate=128, heads=4, kv_heads=3, head_dim=16, vocab=10, layers=1)
+
+
+def test_forward_shapes_and_last_only():
+    model = build_llama("tiny-llama", "fp32")
+    model.setup_caches(2)
+    tokens = torch.randint(0, 256, (2, 5))
+    with torch.no_grad():
+        full = model(tokens, torch.arange(5))
+        model.setup_caches(2)
+        last = model(tokens, torch.arange(5), last_only=True)
+    assert full.shape == (2, 5, 256) and last.shape == (2, 1, 256)
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+
+
+def test_forward_requires_caches_for_the_batch():
+    model = build_llama("tiny-llama", "fp32")
+    with pytest.raises(ValueError, match="setup_caches"):
+        model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
+
+
+def test_decode_with_cache_matches_full_recompute():
+    """Token-by-token decoding over the static cache gives the logits of one full forward pass."""
+    model = build_llama("tiny-llama", "fp32", seed=3)
+    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.setup_caches(1)
+        full = model(tokens, torch.arange(9))
+        model.setup_caches(1)
+        model(tokens[:, :4], torch.arange(4))
+        steps = [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(4, 9)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_setup_caches_reuses_buffers_of_the_same_batch():
+    model = build_llama("tiny-llama", "fp32")
+    model.setup_caches(1)
+    cache = model.model.layers[0].self_attn.kv_cache
+    cache.k.fill_(1.0)
+    model.setup_caches(1)
+    assert model.model.layers[0].self_attn.kv_cache is cache and not cache.k.any()
+    model.setup_caches(2)
+    assert model.model.layers[0].self_attn.kv_cache.k.shape[0] == 2
+
+
+def test_generate_is_deterministic_and_checks_lengths():
+    model = build_llama("tiny-llama", "fp32", seed=1)
+    prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    a, b = generate(model, prompt, 8), generate(model, prompt, 8)
+    assert a.tokens.shape == (2, 8) and torch.equal(a.tokens, b.tokens)
+    assert len(a.decode_s) == 7 and a.decode_tokens_per_s > 0
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, prompt, 1000)
+    with pytest.raises(ValueError, match="prompt must be"):
+        generate(model, torch.zeros(3, dtype=torch.long), 2)
+
+
+def test_random_weights_are_seeded():
+    a = build_llama("tiny-llama", "bf16", seed=0)
+    b = build_llama("tiny-llama", "bf16", seed=0)
+    c = build_llama("tiny-llama", "bf16", seed=1)
+    wa, wb, wc = (m.model.layers[0].mlp.up_proj.weight for m in (a, b, c))
+    assert wa.dtype == torch.bfloat16 and torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_llama3_rope_scaling_keeps_high_frequencies_and_scales_low_ones():
+    cfg = get_config("llama-3.2-1b")
+    plain = rope_frequencies(LlamaConfig(**{**cfg.to_dict(), "rope_scaling": None}))
+    scaled = rope_frequencies(cfg)
+    assert torch.equal(scaled[:4], plain[:4])  # short wavelengths untouched
+    torch.testing.assert_close(scaled[-1], plain[-1] / 32)  # longest wavelengths divided by the factor
+
+
+def _hf_tiny(tmp_path, tie: bool = False):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32},
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_hugging_face_weights_give_hugging_face_logits(tmp_path, tie):
+    hf = _hf_tiny(tmp_path, tie)
+    ours = load_pretrained(tmp_path, "fp32")
+    assert ours.config.rope_scaling == (8.0, 1.0, 4.0, 32) and ours.config.tie_embeddings == tie
+    tokens = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))  # past the original 32
+    ours.setup_caches(1)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens, torch.arange(40)), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_load_pretrained_errors(tmp_path):
+    with pytest.raises(WorkloadError, match="no config.json"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                                      "num_attention_heads": 4, "num_hidden_layers": 1, "vocab_size": 8}))
+    with pytest.raises(WorkloadError, match="no \\*.safetensors"):
+        load_pretrained(tmp_path)
+    with pytest.raises(WorkloadError, match="not a Llama"):
+        config_from_hf({"model_type": "mistral"})
+    with pytest.raises(WorkloadError, match="not supported"):
+        config_from_hf({"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}, "num_attention_heads": 4})

@@ -1,0 +1,33 @@
+"""The workloads `warm` optimizes are the ones the backend looks up."""
+from __future__ import annotations
+
+import pytest
+
+from autocomp_compile.models.workloads import model_workloads
+from autocomp_compile.workload import WorkloadError, make_workload
+
+
+def test_tiny_llama_decode_and_prefill_workloads():
+    found = {w.signature(): w for w in model_workloads("tiny-llama", "bf16", batch=1, prefill_lens=[8])}
+    expected = [
+        make_workload("gemm", "bf16", m=1, n=64, k=64),
+        make_workload("gemm", "bf16", m=1, n=32, k=64),
+        make_workload("gemm", "bf16", m=8, n=64, k=64),
+        make_workload("gemm", "bf16", m=8, n=32, k=64),
+        make_workload("mlp", "bf16", batch=1, hidden=64, intermediate=128),
+        make_workload("mlp", "bf16", batch=8, hidden=64, intermediate=128),
+        make_workload("lm_head", "bf16", batch=1, hidden=64, vocab=256),
+        make_workload("attention", "bf16", phase="decode", batch=1, heads=4, kv_heads=2, head_dim=16, kv_len=64,
+                      max_kv_len=128),
+        make_workload("attention", "bf16", phase="prefill", batch=1, heads=4, kv_heads=2, head_dim=16, seq_len=8),
+        make_workload("rmsnorm", "bf16", rows=1, hidden=64, eps=1e-5),
+        make_workload("rmsnorm", "bf16", rows=8, hidden=64, eps=1e-5),
+    ]
+    assert set(found) == {w.signature() for w in expected}
+
+
+def test_kinds_filter_and_bad_lengths():
+    kinds = {w.kind for w in model_workloads("tiny-llama", "fp32", kinds=["mlp", "lm_head"])}
+    assert kinds == {"mlp", "lm_head"}
+    with pytest.raises(WorkloadError):
+        model_workloads("tiny-llama", prefill_lens=[1000])

@@ -1,0 +1,131 @@
+"""The autocomp torch.compile backend, end to end on the tiny Llama (compact and Hugging Face):
+kernels found by search replace the subgraphs, tokens stay those of eager, decoding never recompiles."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import autocomp_compile  # noqa: F401  (registers the backend)
+from autocomp_compile.kernels_cache.store import KernelCache
+from autocomp_compile.models import build_llama, generate
+from autocomp_compile.passes.dynamo import BackendOptions, BackendOptionsError, reports
+from autocomp_compile.passes.kernels import REGISTRY
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("backend")
+    return {"cache_dir": str(root / "cache"), "output_dir": str(root / "runs")}
+
+
+def search_options(dirs, **extra):
+    # min_speedup 0: at these tiny shapes PyTorch often wins; the test is about replacing and staying exact.
+    return {"mode": "search", "budget": 3, "min_speedup": 0.0, "verbose": False, **dirs, **extra}
+
+
+def test_backend_is_registered_by_name():
+    from torch._dynamo import list_backends
+
+    assert "autocomp" in list_backends(exclude_tags=())
+
+
+def test_option_errors_are_clear():
+    with pytest.raises(BackendOptionsError, match="unknown autocomp option"):
+        BackendOptions.parse({"budgett": 3})
+    with pytest.raises(BackendOptionsError, match="mode"):
+        BackendOptions.parse({"mode": "fast"})
+    with pytest.raises(BackendOptionsError, match="kinds"):
+        BackendOptions.parse({"kinds": ["conv"]})
+    assert BackendOptions.parse(None).mode == "cache-only"
+
+
+def test_compact_llama_search_mode_matches_eager_and_never_recompiles_while_decoding(dirs):
+    torch._dynamo.reset()
+    model = build_llama("tiny-llama", "fp32", seed=0)
+    prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    eager = generate(model, prompt, 32, keep_logits=True)
+    compiled = torch.compile(model, backend="autocomp", dynamic=False, options=search_options(dirs))
+    generate(model, prompt, 3, forward=compiled)  # compiles prefill and decode, searching every workload
+    n_reports = len(reports())
+    got = generate(model, prompt, 32, forward=compiled, keep_logits=True)
+    assert len(reports()) == n_reports, "decoding recompiled"
+    assert torch.equal(got.tokens, eager.tokens)
+    for a, b in zip(got.logits, eager.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    decode = [r for r in reports()[-2:] if any("decode" in d.workload for d in r.decisions)]
+    assert decode, "no decode graph was compiled"
+    replaced = {d.workload.split("_")[0] for d in decode[0].decisions if d.replaced}
+    assert replaced == {"gemm", "mlp", "attention", "lm"}  # lm_head's name starts with "lm"
+    assert all(d.source == "search" for d in decode[0].decisions if d.replaced)
+    with KernelCache(Path(dirs["cache_dir"]) / "kernels.sqlite") as cache:  # what replaced a subgraph is cached
+        assert all(cache.show(d.key) is not None and d.key in REGISTRY.keys()
+                   for d in decode[0].decisions if d.replaced)
+
+
+def test_cache_only_reuses_the_searched_kernels_and_reports_misses(dirs):
+    torch._dynamo.reset()
+    model = build_llama("tiny-llama", "fp32", seed=0)
+    prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    searched = torch.compile(model, backend="autocomp", dynamic=False, options=search_options(dirs))
+    generate(model, prompt, 2, forward=searched)  # fills the cache (hits when an earlier test filled it)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="autocomp", dynamic=False,
+                             options={"mode": "cache-only", "min_speedup": 0.0, "verbose": False, **dirs})
+    eager = generate(model, prompt, 4)
+    got = generate(model, prompt, 4, forward=compiled)
+    assert torch.equal(got.tokens, eager.tokens)
+    decisions = [d for r in reports()[-2:] for d in r.decisions]
+    assert any(d.replaced and d.source == "cache" for d in decisions)
+    assert all(not d.replaced for d in decisions if d.workload.startswith("rmsnorm"))
+    # an empty cache: nothing is replaced, every miss says why, the output is still eager's
+    torch._dynamo.reset()
+    empty = torch.compile(model, backend="autocomp", dynamic=False,
+                          options={"mode": "cache-only", "verbose": False, "cache_dir": dirs["cache_dir"] + "-empty"})
+    assert torch.equal(generate(model, prompt, 4, forward=empty).tokens, eager.tokens)
+    last = reports()[-1]
+    assert last.replaced == 0 and all("not in the kernel cache" in d.reason or "rmsnorm" in d.reason
+                                      for d in last.decisions)
+
+
+def test_mode_off_is_inductor(dirs):
+    torch._dynamo.reset()
+    model = build_llama("tiny-llama", "fp32", seed=0)
+    prompt = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(0))
+    n = len(reports())
+    compiled = torch.compile(model, backend="autocomp", dynamic=False, options={"mode": "off"})
+    assert torch.equal(generate(model, prompt, 3, forward=compiled).tokens, generate(model, prompt, 3).tokens)
+    assert len(reports()) == n
+
+
+def test_hugging_face_llama_greedy_tokens_match_eager(dirs):
+    transformers = pytest.importorskip("transformers")
+    from transformers import DynamicCache
+
+    torch._dynamo.reset()
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, num_hidden_layers=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+
+    def greedy(fn, n=32):
+        cache, x, toks, logits = DynamicCache(), prompt, [], []
+        with torch.no_grad():
+            for _ in range(n):
+                out = fn(input_ids=x, past_key_values=cache, use_cache=True).logits[:, -1]
+                logits.append(out)
+                x = out.argmax(-1, keepdim=True)
+                toks.append(x)
+        return torch.cat(toks, 1), logits
+
+    want, want_logits = greedy(hf)
+    n = len(reports())
+    got, got_logits = greedy(torch.compile(hf, backend="autocomp", options=search_options(dirs)))
+    assert torch.equal(got, want)
+    for a, b in zip(got_logits, want_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    replaced = {d.workload.split("_")[0] for r in reports()[n:] for d in r.decisions if d.replaced}
+    assert {"mlp", "gemm", "lm"} <= replaced
+

@@ -1,0 +1,163 @@
+"""Subgraph recognition on the aten graphs torch.compile produces, for the compact model, a
+Hugging Face LlamaForCausalLM and hand-written variants (what must and must not match)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.backends.common import aot_autograd
+
+from autocomp_compile.models import build_llama
+from autocomp_compile.passes.fx import find_subgraphs
+
+
+def trace(fn, *args, rewrite=False, **kwargs):
+    """All matches of every graph torch.compile produces for fn(*args); with `rewrite`, also the
+    output of the graphs after every replaceable match became an autocomp op (with no kernel
+    registered, so the ops compute with PyTorch: the rewiring itself is what is tested)."""
+    matches = []
+
+    def collect(gm, example_inputs):
+        found = find_subgraphs(gm)
+        matches.extend(found)
+        if rewrite:
+            for m in found:
+                if m.workload is not None:
+                    m.replace(gm.graph, "no-kernel")
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=collect), dynamic=False)
+    with torch.no_grad():
+        out = compiled(*args, **kwargs)
+    torch._dynamo.reset()
+    return (matches, out) if rewrite else matches
+
+
+def kinds(matches, replaceable=True):
+    return Counter(m.kind for m in matches if (m.workload is not None) == replaceable)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compact_llama_decode(dtype):
+    model = build_llama("tiny-llama", dtype)
+    model.setup_caches(1)
+    found = trace(model, torch.tensor([[3]]), torch.tensor([5]))
+    # 2 layers: q, k, v, o projections, one MLP, attention and two norms each; a final norm and the LM head.
+    assert kinds(found) == {"gemm": 8, "mlp": 2, "attention": 2, "rmsnorm": 5, "lm_head": 1}
+    attn = next(m for m in found if m.kind == "attention").workload
+    assert attn.params["phase"] == "decode" and attn.params["max_kv_len"] == 128 and attn.params["kv_heads"] == 2
+    mlp = next(m for m in found if m.kind == "mlp")
+    assert mlp.workload.params == {"batch": 1, "hidden": 64, "intermediate": 128}
+
+
+def test_rewritten_compact_llama_computes_the_same_logits():
+    model = build_llama("tiny-llama", "fp32", seed=2)
+    tokens = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    model.setup_caches(1)
+    found, out = trace(model, tokens, torch.arange(5), rewrite=True)
+    assert len(found) == 18
+    model.setup_caches(1)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(tokens, torch.arange(5)), rtol=1e-5, atol=1e-5)
+
+
+def test_compact_llama_prefill_is_causal_attention():
+    model = build_llama("tiny-llama", "fp32")
+    model.setup_caches(2)
+    found = trace(model, torch.zeros(2, 6, dtype=torch.long), torch.arange(6))
+    attn = [m for m in found if m.kind == "attention"]
+    assert len(attn) == 2 and attn[0].workload.params["phase"] == "prefill"
+    assert attn[0].workload.params["seq_len"] == 6 and attn[0].workload.params["batch"] == 2
+
+
+def test_hugging_face_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, num_hidden_layers=2, attn_implementation="sdpa")
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    found = trace(hf, torch.zeros(1, 8, dtype=torch.long))
+    assert kinds(found) == {"gemm": 8, "mlp": 2, "attention": 2, "rmsnorm": 5, "lm_head": 1}
+    assert {m.workload.params["kv_heads"] for m in found if m.kind == "attention"} == {2}
+
+
+class Gated(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+        self.gate = nn.Linear(32, 64, bias=False)
+        self.up = nn.Linear(32, 64, bias=False)
+        self.down = nn.Linear(64, 32, bias=False)
+
+    def forward(self, x):
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+def test_swiglu_is_recognised_and_other_gated_units_are_not():
+    x = torch.randn(1, 32)
+    assert kinds(trace(Gated(F.silu), x)) == {"mlp": 1}
+    assert kinds(trace(Gated(nn.SiLU()), x)) == {"mlp": 1}
+    assert kinds(trace(Gated(lambda t: t * torch.sigmoid(t)), x)) == {"mlp": 1}
+    assert kinds(trace(Gated(F.gelu), x)) == {"gemm": 3}  # GeGLU is not SwiGLU: three plain linears
+    assert kinds(trace(Gated(torch.relu), x)) == {"gemm": 3}
+
+
+def test_swiglu_with_up_computed_first_keeps_gate_and_up_apart():
+    class UpFirst(Gated):
+        def forward(self, x):
+            u = self.up(x)
+            return self.down(u * F.silu(self.gate(x)))
+
+    m, x = UpFirst(F.silu), torch.randn(1, 32)
+    (match,), out = trace(m, x, rewrite=True)
+    assert match.kind == "mlp"
+    with torch.no_grad():
+        torch.testing.assert_close(out, m(x))  # gate and up swapped would give silu(up) * gate
+
+
+def test_bias_linears_and_dynamic_shapes_are_not_replaced():
+    lin = nn.Linear(16, 8)  # with bias: addmm, not a plain linear
+    assert kinds(trace(lin, torch.randn(2, 16))) == {}
+
+
+def test_rmsnorm_needs_the_scaling_weight():
+    w = torch.randn(16)
+
+    def norm(x):
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    def no_weight(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    (m,) = trace(norm, torch.randn(3, 16))
+    assert m.kind == "rmsnorm" and m.workload.params == {"rows": 3, "hidden": 16, "eps": 1e-6}
+    assert trace(no_weight, torch.randn(3, 16)) == []
+
+
+def test_attention_variants():
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16)
+
+    def gqa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    def repeat_kv(q, k, v):  # the way Hugging Face expands KV heads
+        k = k[:, :, None].expand(1, 2, 2, 10, 16).reshape(1, 4, 10, 16)
+        v = v[:, :, None].expand(1, 2, 2, 10, 16).reshape(1, 4, 10, 16)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    for fn in (gqa, repeat_kv):
+        (m,) = trace(fn, q, k, v)
+        assert m.workload is not None and m.workload.params["kv_heads"] == 2, fn.__name__
+    (m,) = trace(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=0.3), q, k, v)
+    assert m.workload is None and "scale" in m.reason
+    (m,) = trace(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), q, k, v)
+    assert m.workload is None and "is_causal" in m.reason
+    qp, kp = torch.randn(1, 4, 6, 16), torch.randn(1, 2, 6, 16)
+    (m,) = trace(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), qp, kp, kp)
+    assert m.workload is None and "non-causal" in m.reason

@@ -1,0 +1,78 @@
+"""The autocomp custom ops: PyTorch fallbacks, mask checks, and running a registered kernel."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autocomp_compile.passes import ops
+from autocomp_compile.passes.kernels import REGISTRY, BoundKernel
+from autocomp_compile.workload import make_workload
+
+
+def test_prefix_length_of_bool_and_additive_masks():
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    assert ops.prefix_length(causal[None, None, 4:5], 8) == 5
+    additive = torch.zeros(1, 1, 1, 8).masked_fill(~causal[4], float("-inf"))
+    assert ops.prefix_length(additive, 8) == 5
+    assert ops.prefix_length(None, 8) == 8
+    holes = causal[4].clone()
+    holes[1] = False
+    assert ops.prefix_length(holes[None, None, None], 8) is None
+    assert ops.prefix_length(torch.full((1, 1, 1, 8), 0.5), 8) is None  # a bias, not a mask
+
+
+def test_causal_from_start_detection():
+    causal = torch.ones(4, 8, dtype=torch.bool).tril()
+    assert ops.is_causal_from_start(causal[None, None], 4, 8, False)
+    assert not ops.is_causal_from_start(torch.ones(4, 8, dtype=torch.bool).tril(2)[None, None], 4, 8, False)
+    assert ops.is_causal_from_start(None, 4, 4, True)
+    assert not ops.is_causal_from_start(None, 4, 4, False)
+
+
+def test_ops_without_a_kernel_compute_the_pytorch_result():
+    x, w = torch.randn(3, 16), torch.randn(8, 16)
+    torch.testing.assert_close(ops.LINEAR(x, w, "no-such-key"), x @ w.t())
+    wg, wu, wd = torch.randn(32, 16), torch.randn(32, 16), torch.randn(16, 32)
+    torch.testing.assert_close(ops.MLP(x, wg, wu, wd, "no-such-key"), (F.silu(x @ wg.t()) * (x @ wu.t())) @ wd.t())
+    g = torch.randn(16)
+    torch.testing.assert_close(ops.RMSNORM(x, g, 1e-5, "no-such-key"),
+                               g * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 6, 8)
+    mask = torch.tensor([True] * 3 + [False] * 3)[None, None, None]
+    want = F.scaled_dot_product_attention(q, k, k, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(ops.ATTENTION(q, k, k, mask, False, "no-such-key"), want)
+
+
+@pytest.fixture
+def fake_kernel():
+    """A registered 'kernel' (a Python function) for a decode attention workload, recording its calls."""
+    w = make_workload("attention", "fp32", batch=1, heads=4, kv_heads=2, head_dim=8, kv_len=3, max_kv_len=6)
+    calls = []
+
+    def run(tensors, dims):
+        q, k, v, out = tensors
+        calls.append(tuple(dims))
+        n = dims[0]
+        o = F.scaled_dot_product_attention(q[:, :, None], k[:, :, :n], v[:, :, :n], enable_gqa=True)
+        out.copy_(o[:, :, 0])
+
+    REGISTRY._kernels["test-key"] = BoundKernel("test-key", w, run)
+    yield calls
+    REGISTRY._kernels.pop("test-key", None)
+
+
+def test_attention_op_runs_the_kernel_with_the_mask_prefix(fake_kernel):
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()[None, None, 3:4]
+    out = ops.ATTENTION(q, k, v, mask, False, "test-key")
+    assert fake_kernel == [(4,)]
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+    # a mask with a hole is not a prefix: PyTorch computes it, the kernel is not called
+    holes = mask.clone()
+    holes[..., 1] = False
+    ops.ATTENTION(q, k, v, holes, False, "test-key")
+    assert fake_kernel == [(4,)]
+    # shapes the kernel was not built for: PyTorch as well
+    ops.ATTENTION(q, torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), None, False, "test-key")
+    assert fake_kernel == [(4,)]
