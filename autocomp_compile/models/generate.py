@@ -39,7 +39,7 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, forward: F
     if length + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"prompt ({length}) + new tokens ({max_new_tokens}) exceed max_seq_len "
                          f"({model.config.max_seq_len})")
-    forward = forward or model
+    forward = model if forward is None else forward
     model.setup_caches(batch)
     t0 = time.perf_counter()
     logits = forward(prompt, torch.arange(length), last_only=True)[:, -1]

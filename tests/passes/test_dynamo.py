@@ -54,11 +54,12 @@ def test_compact_llama_search_mode_matches_eager_and_never_recompiles_while_deco
     assert torch.equal(got.tokens, eager.tokens)
     for a, b in zip(got.logits, eager.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    decode = [r for r in reports()[-2:] if any("decode" in d.workload for d in r.decisions)]
+    decode = [r for r in reports()[-2:] if any(d.workload.startswith("mlp_fp32_batch1_") for d in r.decisions)]
     assert decode, "no decode graph was compiled"
     replaced = {d.workload.split("_")[0] for d in decode[0].decisions if d.replaced}
     assert replaced == {"gemm", "mlp", "attention", "lm"}  # lm_head's name starts with "lm"
-    assert all(d.source == "search" for d in decode[0].decisions if d.replaced)
+    # searched while compiling this graph, or while compiling the prefill graph that shares a workload
+    assert {d.source for d in decode[0].decisions if d.replaced} <= {"search", "cache"}
     with KernelCache(Path(dirs["cache_dir"]) / "kernels.sqlite") as cache:  # what replaced a subgraph is cached
         assert all(cache.show(d.key) is not None and d.key in REGISTRY.keys()
                    for d in decode[0].decisions if d.replaced)
