@@ -132,6 +132,11 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             raise RuntimeError("call model.setup_caches(batch) before running the model")
         k, v = self.kv_cache.update(input_pos, k, v)
+        if not torch.compiler.is_compiling():
+            # Eager runs at its best: attend to the filled part of the cache only. (A compiled graph
+            # keeps static shapes instead: one graph for every decode step.)
+            n = int(input_pos[-1]) + 1
+            k, v, mask = k[:, :, :n], v[:, :, :n], mask[..., :n]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(b, s, c.heads * c.head_dim))
 

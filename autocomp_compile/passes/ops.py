@@ -32,7 +32,6 @@ def _run(key: str, inputs: list[Tensor], out: Tensor, dims: tuple[int, ...] = ()
 # ---------------------------------------------------------------- linear (GEMM / GEMV, LM head)
 
 
-@torch.library.custom_op("autocomp::linear", mutates_args=())
 def linear(x: Tensor, w: Tensor, key: str) -> Tensor:
     """x [M, K] @ w[N, K].T"""
     out = x.new_empty(x.shape[0], w.shape[0])
@@ -41,15 +40,13 @@ def linear(x: Tensor, w: Tensor, key: str) -> Tensor:
     return out
 
 
-@linear.register_fake
-def _(x: Tensor, w: Tensor, key: str) -> Tensor:
+def linear_fake(x: Tensor, w: Tensor, key: str) -> Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
 
 # ---------------------------------------------------------------- SwiGLU MLP
 
 
-@torch.library.custom_op("autocomp::mlp", mutates_args=())
 def mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, key: str) -> Tensor:
     """down(silu(gate(x)) * up(x)) for x [M, hidden]."""
     out = x.new_empty(x.shape[0], w_down.shape[0])
@@ -58,15 +55,13 @@ def mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, key: str) -> Te
     return out
 
 
-@mlp.register_fake
-def _(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, key: str) -> Tensor:
+def mlp_fake(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, key: str) -> Tensor:
     return x.new_empty(x.shape[0], w_down.shape[0])
 
 
 # ---------------------------------------------------------------- RMSNorm
 
 
-@torch.library.custom_op("autocomp::rmsnorm", mutates_args=())
 def rmsnorm(x: Tensor, weight: Tensor, eps: float, key: str) -> Tensor:
     """weight * (x * rsqrt(mean(x^2) + eps)), normalised in float32, over the last dim."""
     rows = x.reshape(-1, x.shape[-1])
@@ -77,8 +72,7 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float, key: str) -> Tensor:
     return out.view(x.shape)
 
 
-@rmsnorm.register_fake
-def _(x: Tensor, weight: Tensor, eps: float, key: str) -> Tensor:
+def rmsnorm_fake(x: Tensor, weight: Tensor, eps: float, key: str) -> Tensor:
     return torch.empty_like(x)
 
 
@@ -122,7 +116,6 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bo
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
-@torch.library.custom_op("autocomp::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, key: str) -> Tensor:
     """GQA attention, q [B, H, S, D] over k, v [B, Hkv, L, D] (the whole static cache for decode).
 
@@ -151,10 +144,25 @@ def _bshd(q: Tensor) -> Tensor:
     return q.new_empty(b, s, h, d).permute(0, 2, 1, 3)
 
 
-@attention.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, key: str) -> Tensor:
+def attention_fake(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, key: str) -> Tensor:
     return _bshd(q)
 
+
+# Registered with torch.library.Library rather than torch.library.custom_op: a call costs ~6 us
+# instead of ~25 us, and a decode step of Llama-3.2-1B makes about a hundred of them.
+_LIB = torch.library.Library("autocomp", "DEF")
+_SCHEMAS = {
+    "linear": ("linear(Tensor x, Tensor w, str key) -> Tensor", linear, linear_fake),
+    "mlp": ("mlp(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, str key) -> Tensor", mlp, mlp_fake),
+    "rmsnorm": ("rmsnorm(Tensor x, Tensor weight, float eps, str key) -> Tensor", rmsnorm, rmsnorm_fake),
+    "attention": ("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, str key) -> Tensor",
+                  attention, attention_fake),
+}
+for _name, (_schema, _impl, _fake) in _SCHEMAS.items():
+    _LIB.define(_schema)
+    for _device in ("CPU", "CUDA"):
+        _LIB.impl(_name, _impl, _device)
+    torch.library.register_fake(f"autocomp::{_name}", _fake, lib=_LIB)
 
 # The OpOverloads graph rewrites insert.
 LINEAR = torch.ops.autocomp.linear.default
