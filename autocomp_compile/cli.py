@@ -11,7 +11,7 @@ from autocomp_compile.evaluation.job import EvalSettings
 from autocomp_compile.kernels_cache.store import CacheError
 from autocomp_compile.references import KINDS
 from autocomp_compile.models.llama import CONFIGS as MODELS
-from autocomp_compile.passes.dynamo import ALL_KINDS, DEFAULT_KINDS
+from autocomp_compile.passes import ALL_KINDS, DEFAULT_KINDS
 from autocomp_compile.search.artifacts import RunConflict
 from autocomp_compile.search.beam import SearchConfig, summarize
 from autocomp_compile.targets.base import TargetError, get_target, target_names

@@ -20,13 +20,12 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from autocomp_compile.passes import ALL_KINDS, DEFAULT_KINDS
 from autocomp_compile.passes.fx import Match, find_subgraphs
 from autocomp_compile.passes.kernels import REGISTRY, KernelUnavailable
 from autocomp_compile.targets.base import Target, TargetError, get_target, require_available
 
 MODES = ("cache-only", "search", "off")
-DEFAULT_KINDS = ("attention", "mlp", "lm_head", "gemm")
-ALL_KINDS = DEFAULT_KINDS + ("rmsnorm",)
 
 
 class BackendOptionsError(ValueError):
