@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from autocomp_compile.evaluation.job import EvalSettings
+from autocomp_compile.executors import ExecutorError
 from autocomp_compile.kernels_cache.store import CacheError
 from autocomp_compile.references import KINDS
 from autocomp_compile.models.llama import CONFIGS as MODELS
@@ -79,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
                       help=f"kernel kinds to warm, comma-separated (default: {','.join(DEFAULT_KINDS)}; also rmsnorm)")
     warm.add_argument("--workers", type=int, default=None, help="parallel compiler processes (default: all cores)")
+    warm.add_argument("--executor", choices=["local", "ray"], default="local",
+                      help="local: search here, one workload after another; ray: one Ray task per workload")
+    warm.add_argument("--ray-address", default=None,
+                      help="Ray cluster to join (e.g. ray://head:10001 or auto; default: start a local one)")
     _add_search_options(warm, budget=64)
 
     cache = sub.add_parser("cache", help="inspect and move the kernel cache")
@@ -184,8 +189,54 @@ def cmd_warm(args: argparse.Namespace) -> int:
         import os
 
         os.environ["AUTOCOMP_BUILD_WORKERS"] = str(args.workers)
-    rows = _run(workloads, args)
+    rows = _run(workloads, args) if args.executor == "local" else _run_on_ray(workloads, args)
     return 0 if all(r["correct"] for r in rows) else 1
+
+
+def _run_on_ray(workloads: list[Workload], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """warm --executor ray: one Ray task per workload the cache lacks; winners cached as tasks finish."""
+    from autocomp_compile.executors import NodeTarget, RayExecutor, SearchJob
+    from autocomp_compile.optimize import optimize, reuse_seeds
+    from autocomp_compile.report import console, results_table
+    from autocomp_compile.search.candidate import Candidate
+
+    target = get_target(args.target)
+    config, settings = _settings(args)
+    cache = _cache(args)
+    if cache is None:
+        raise UsageError("--executor ray stores results in the kernel cache; drop --no-cache")
+    rows: list[dict[str, Any] | None] = [None] * len(workloads)
+    jobs, job_index = [], []
+    for i, w in enumerate(workloads):
+        if cache.get(target, w) is not None:
+            rows[i] = summarize(optimize(w, target, config, settings, args.output_dir, cache=cache), w)
+            rows[i]["label"] = f"{w.kind} (cached)"
+            continue
+        seeds = reuse_seeds(target, w, cache.nearest(target, w, args.reuse)) if args.reuse else []
+        jobs.append(SearchJob.make(w, target.name, config, settings, args.output_dir, seeds))
+        job_index.append(i)
+    if jobs:
+        executor = RayExecutor(args.ray_address)
+        console.print(f"{executor.describe()}: {len(jobs)} search(es), {len(workloads) - len(jobs)} already cached")
+        for done, (j, out) in enumerate(executor.map(jobs), 1):
+            i = job_index[j]
+            w = workloads[i]
+            row = out["row"]
+            row["label"] = f"{w.kind} on {out['host']}"
+            row["target"] = out["fingerprint"]
+            if out["best"] is not None:
+                cache.put(NodeTarget(target.name, out["fingerprint"]), w, Candidate.from_dict(out["best"]),
+                          provenance={"executor": "ray", "host": out["host"]})
+            rows[i] = row
+            speed = f"{row['speedup']:.2f}x eager" if row.get("speedup") else "no correct kernel"
+            console.print(f"[{done}/{len(jobs)}] {w.name}: {speed} ({out['host']})")
+    from rich.console import Console
+
+    done_rows = [r for r in rows if r is not None]
+    Console(width=max(120, Console().width)).print(results_table(done_rows, f"warm on Ray ({args.dtype})"))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(done_rows, indent=2, default=str))
+    return done_rows
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -236,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"optimize": cmd_optimize, "demo": cmd_demo, "warm": cmd_warm, "cache": cmd_cache, "targets": cmd_targets}
     try:
         return handlers[args.command](args)
-    except (UsageError, WorkloadError, TargetError, RunConflict, CacheError) as exc:
+    except (UsageError, WorkloadError, TargetError, RunConflict, CacheError, ExecutorError) as exc:
         print(f"autocomp-compile: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

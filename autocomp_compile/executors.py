@@ -1,0 +1,106 @@
+"""Where `warm` runs its searches: in this process one workload after another, or on a Ray cluster.
+
+With Ray, each workload missing from the cache becomes one task that runs a whole `optimize()` on a
+cluster node and returns the winner; the driver stores it in its own cache as soon as the task ends
+(so an interrupted warm keeps every finished workload, and each node resumes its own run directories).
+A task asks for every CPU of a node: two searches timing kernels on the same cores would corrupt each
+other's measurements. Kernels are cached under the fingerprint of the node that measured them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from autocomp_compile.evaluation.job import EvalSettings
+from autocomp_compile.search.beam import SearchConfig
+from autocomp_compile.search.candidate import Candidate
+from autocomp_compile.workload import Workload
+
+EXECUTORS = ("local", "ray")
+
+
+class ExecutorError(RuntimeError):
+    """The executor cannot run (Ray missing, cluster unreachable)."""
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """One workload's search, as plain data that pickles to a cluster node."""
+
+    workload: dict[str, Any]
+    target: str
+    config: dict[str, Any]
+    settings: dict[str, Any]
+    output_dir: str
+    seeds: list[dict[str, Any]]
+
+    @classmethod
+    def make(cls, workload: Workload, target: str, config: SearchConfig, settings: EvalSettings,
+             output_dir: str | Path, seeds: list[Candidate]) -> "SearchJob":
+        return cls(workload.describe(), target, dataclasses.asdict(config), dataclasses.asdict(settings),
+                   str(Path(output_dir).resolve()), [s.to_dict() for s in seeds])
+
+
+def run_search_job(job: SearchJob) -> dict[str, Any]:
+    """Run one search where this function is called; returns the summary row, the winner and the node."""
+    from autocomp_compile.optimize import optimize
+    from autocomp_compile.search.beam import summarize
+    from autocomp_compile.targets.base import get_target
+    from autocomp_compile.workload import workload_from_dict
+
+    workload = workload_from_dict(job.workload)
+    target = get_target(job.target)
+    result = optimize(workload, target, SearchConfig(**job.config), EvalSettings(**job.settings), job.output_dir,
+                      seeds=[Candidate.from_dict(s) for s in job.seeds])
+    return {
+        "row": summarize(result, workload),
+        "best": result.best.to_dict() if result.best else None,
+        "fingerprint": target.fingerprint(),
+        "host": socket.gethostname(),
+    }
+
+
+@dataclass(frozen=True)
+class NodeTarget:
+    """Stands in for the target of the node that measured a kernel when the driver caches it."""
+
+    name: str
+    fp: dict[str, Any]
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.fp
+
+
+class RayExecutor:
+    """Runs search jobs as Ray tasks, one per node at a time; yields (index, result) as tasks finish."""
+
+    def __init__(self, address: str | None = None, **init_kwargs: Any):
+        try:
+            import ray
+        except ImportError:
+            raise ExecutorError("--executor ray needs Ray: pip install 'autocomp-compile[ray]'") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, **init_kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ExecutorError(f"cannot start or reach the Ray cluster at {address or 'local'}: {exc}") from exc
+        cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+        if not cpus or min(cpus) < 1:
+            raise ExecutorError("the Ray cluster has no node with a CPU")
+        self.cpus_per_task = min(cpus)
+
+    def map(self, jobs: list[SearchJob]) -> Iterator[tuple[int, dict[str, Any]]]:
+        remote = self.ray.remote(num_cpus=self.cpus_per_task, max_retries=1)(run_search_job)
+        pending = {remote.remote(job): i for i, job in enumerate(jobs)}
+        while pending:
+            done, _ = self.ray.wait(list(pending), num_returns=1)
+            index = pending.pop(done[0])
+            yield index, self.ray.get(done[0])
+
+    def describe(self) -> str:
+        nodes = [n for n in self.ray.nodes() if n.get("Alive")]
+        return f"Ray cluster: {len(nodes)} node(s), {self.cpus_per_task:g} CPUs per search"
