@@ -1,0 +1,60 @@
+"""warm --executor ray: searches run as Ray tasks on a local cluster, the driver caches the winners."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autocomp_compile import cli
+from autocomp_compile.executors import NodeTarget, SearchJob, run_search_job
+from autocomp_compile.kernels_cache import KernelCache
+from autocomp_compile.search.beam import SearchConfig
+from autocomp_compile.evaluation.job import EvalSettings
+from autocomp_compile.workload import make_workload
+
+
+def test_a_search_job_round_trips_as_plain_data(tmp_path):
+    w = make_workload("gemm", "fp32", m=1, n=16, k=32)
+    job = SearchJob.make(w, "cpu", SearchConfig(budget=2), EvalSettings(timing_budget_ms=10), tmp_path / "o", [])
+    out = run_search_job(job)
+    assert out["row"]["correct"] and out["best"]["result"]["correct"]
+    assert out["fingerprint"]["target"] == "cpu" and out["host"]
+    assert NodeTarget("cpu", out["fingerprint"]).fingerprint() is out["fingerprint"]
+
+
+def test_ray_executor_without_ray_is_a_clear_error(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("no ray")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    argv = ["warm", "--model", "tiny-llama", "--kinds", "lm_head", "--budget", "2", "--executor", "ray", "--quiet"]
+    assert cli.main(argv) == 2
+    assert "pip install 'autocomp-compile[ray]'" in capsys.readouterr().err
+
+
+def test_warm_on_a_local_ray_cluster_is_idempotent(tmp_path, capsys):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 1024 * 1024)
+    try:
+        argv = ["warm", "--model", "tiny-llama", "--kinds", "mlp,lm_head", "--budget", "3", "--timing-ms", "20",
+                "--executor", "ray", "--output-dir", str(tmp_path / "o"), "--quiet", "--json", str(tmp_path / "a.json")]
+        assert cli.main(argv) == 0
+        assert "2 search(es)" in capsys.readouterr().out
+        first = json.loads((tmp_path / "a.json").read_text())
+        assert len(first) == 2 and all(r["correct"] and not r["from_cache"] for r in first)
+        entries = KernelCache().entries()
+        assert {e.kind for e in entries} == {"mlp", "lm_head"}
+        assert all(e.provenance["executor"] == "ray" for e in entries)
+        argv[-1] = str(tmp_path / "b.json")
+        assert cli.main(argv) == 0
+        second = json.loads((tmp_path / "b.json").read_text())
+        assert [r["from_cache"] for r in second] == [True, True]
+        assert "search(es)" not in capsys.readouterr().out  # nothing was submitted the second time
+    finally:
+        ray.shutdown()
