@@ -52,6 +52,10 @@ def _add_search_options(p: argparse.ArgumentParser, budget: int) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the kernel cache")
     p.add_argument("--reuse", type=int, default=3, help="cached schedules of similar workloads to replay (0: none)")
+    p.add_argument("--models", default="", help="LLM models, comma-separated provider::model (e.g. openai::gpt-4.1,"
+                   "anthropic::claude-sonnet-4-5); default: the offline menu-driven proposer")
+    p.add_argument("--api-base", default=None, help="OpenAI-compatible server for the models (vLLM, Ollama, ...)")
+    p.add_argument("--prompts", default=None, help="folder of prompt markdown to use instead of the built-in one")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +117,21 @@ def _settings(args: argparse.Namespace) -> tuple[SearchConfig, EvalSettings]:
     return config, EvalSettings(args.sets, args.timing_ms, args.timeout, args.seed)
 
 
+def _proposers(args: argparse.Namespace, config: SearchConfig) -> list[Any] | None:
+    """LLM proposers when --models is given (credentials checked here, before any work); else None (offline)."""
+    models = [m.strip() for m in getattr(args, "models", "").split(",") if m.strip()]
+    if not models:
+        return None
+    from autocomp_compile.agents.llm import LLMProposer
+    from autocomp_compile.agents.llm_client import LLMClient, LLMConfigError
+
+    try:
+        client = LLMClient(models, api_base=args.api_base)
+    except LLMConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return [LLMProposer(client, dropout=config.dropout, prompts_dir=args.prompts)]
+
+
 def _cache(args: argparse.Namespace):
     from autocomp_compile.kernels_cache import KernelCache
 
@@ -128,6 +147,7 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
     target = get_target(args.target)
     require_available(target)
     config, settings = _settings(args)
+    proposers = _proposers(args, config)
     read_gbps = measure_read_bandwidth() if target.name == "cpu" else None
     if read_gbps:
         console.print(f"{target.describe()}: measured memory read bandwidth {read_gbps:.1f} GB/s")
@@ -140,7 +160,7 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
         cached = cache is not None and cache.get(target, w) is not None
         with search_progress(label, config.budget, enabled=not args.quiet and not cached) as progress:
             result = optimize(w, target, config, settings, args.output_dir, run_name, progress=progress,
-                              cache=cache, reuse=args.reuse)
+                              cache=cache, reuse=args.reuse, proposers=proposers)
         row = summarize(result, w)
         row["label"] = label + (" (cached)" if result.from_cache else "")
         row["target"] = target.fingerprint()
@@ -205,6 +225,8 @@ def _run_on_ray(workloads: list[Workload], args: argparse.Namespace) -> list[dic
     cache = _cache(args)
     if cache is None:
         raise UsageError("--executor ray stores results in the kernel cache; drop --no-cache")
+    if args.models:
+        raise UsageError("--executor ray runs the offline proposer only; LLM proposers run with --executor local")
     rows: list[dict[str, Any] | None] = [None] * len(workloads)
     jobs, job_index = [], []
     for i, w in enumerate(workloads):

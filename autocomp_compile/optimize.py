@@ -83,6 +83,9 @@ def optimize(
         },
     )
     proposers = proposers or [ScheduleProposer(dropout=config.dropout)]
+    for p in proposers:
+        if hasattr(p, "attach_run_dir"):  # LLM proposers keep their prompts and responses with the run
+            p.attach_run_dir(run_dir.root)
     evaluator = tgt.make_evaluator(workload, settings=settings)
     try:
         result = BeamSearch(tgt, workload, evaluator, proposers, config, run_dir, progress).run(seeds)

@@ -105,7 +105,7 @@ class LLMClient:
     """Calls the configured models; thread-safe; `complete_many` runs calls in parallel."""
 
     def __init__(self, models: Sequence[str], api_base: str | None = None, max_concurrency: int = 8,
-                 timeout_s: float = 300.0, max_retries: int = 4, backoff_s: float = 2.0, temperature: float = 0.7,
+                 timeout_s: float = 300.0, max_retries: int = 4, backoff_s: float | None = None, temperature: float = 0.7,
                  completion_fn: Callable[..., Any] | None = None):
         if not models:
             raise LLMConfigError("no LLM models configured")
@@ -114,7 +114,8 @@ class LLMClient:
         self.api_base = api_base
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.backoff_s = backoff_s
+        # first retry waits ~backoff_s, doubling after each; $AUTOCOMP_LLM_BACKOFF_S sets the default
+        self.backoff_s = backoff_s if backoff_s is not None else float(os.environ.get("AUTOCOMP_LLM_BACKOFF_S", 2.0))
         self.temperature = temperature
         self.usage = Usage()
         self._lock = threading.Lock()

@@ -1,0 +1,131 @@
+"""Plan-then-implement against a local OpenAI-compatible server serving recorded responses: prompt
+assembly, response parsing, rejections with reasons, and a full `optimize` run through the CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from autocomp_compile import cli, make_workload
+from autocomp_compile.agents.llm import (
+    PromptDocs, ResponseRejected, extract_code, implement_prompt, menu_item_of, plan_prompt,
+)
+from autocomp_compile.targets.cpu.target import CpuTarget
+from tests.agents.llm_server import RecordedServer, Reply
+
+N, K = 256, 512
+GOOD = f"""Here is the kernel.
+```c
+#include <immintrin.h>
+#include <stdint.h>
+void autocomp_kernel(void **t, const int64_t *dims) {{
+    const float *x = t[0], *w = t[1];
+    float *out = t[2];
+    #pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < {N}; n++) {{
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t k = 0; k < {K}; k += 8)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + n * {K} + k), _mm256_loadu_ps(x + k), acc);
+        float lanes[8];
+        _mm256_storeu_ps(lanes, acc);
+        float s = 0.0f;
+        for (int i = 0; i < 8; i++) s += lanes[i];
+        out[n] = SCALE s;
+    }}
+}}
+```"""
+
+
+def good(scale: str = "") -> str:
+    return GOOD.replace("SCALE ", scale)
+
+
+def test_extract_code_rules():
+    assert "autocomp_kernel" in extract_code(good())
+    with pytest.raises(ResponseRejected, match="no code block"):
+        extract_code("I would vectorize the loop.")
+    with pytest.raises(ResponseRejected, match="entry point"):
+        extract_code("```c\nvoid kernel(float *x) {}\n```")
+    with pytest.raises(ResponseRejected, match="none in C"):
+        extract_code("```python\nimport torch\n```")
+    with pytest.raises(ResponseRejected, match="dlopen"):
+        extract_code("```c\n#include <dlfcn.h>\nvoid autocomp_kernel(void **t, const int64_t *d) { dlopen(0, 0); }\n```")
+    two = "```c\nvoid autocomp_kernel(void **t, const int64_t *d) { /* draft */ }\n```\n" + good()
+    assert "_mm256_fmadd_ps" in extract_code(two)  # the last complete kernel wins
+    assert menu_item_of("Menu item: [cpu-omp]\n...", ["cpu-omp"]) == "cpu-omp"
+    assert menu_item_of("Menu item: [made-up]", ["cpu-omp"]) is None
+
+
+def test_prompts_have_their_sections_in_order():
+    target = CpuTarget(["scalar", "avx2"])
+    w = make_workload("gemm", "fp32", m=1, n=N, k=K)
+    root = target.lower(w)
+    docs = PromptDocs.load("cpu")
+    plan = plan_prompt(docs, w, root, "correctness: max error 3.2", "- [a] A: do a\n- [b] B: do b")
+    order = [docs.overview[:40], "# ISA reference", "# Example", "# The kernel to optimize", "# Measurements",
+             "Feedback from the evaluator", "# Optimization menu", "# Instruction", "# Rules"]
+    positions = [plan.index(marker) for marker in order]
+    assert positions == sorted(positions)
+    assert "## bf16" not in plan and "## AVX2" in plan  # ISA sections picked for an fp32 scalar kernel
+    impl = implement_prompt(docs, w, root, "Menu item: [none]\nVectorize.")
+    order = [docs.overview[:40], "# ISA reference", "# The current kernel", "# The plan", "# Instruction", "# Rules"]
+    positions = [impl.index(marker) for marker in order]
+    assert positions == sorted(positions) and "# Example" not in impl and "# Optimization menu" not in impl
+
+
+def test_user_prompt_folder_must_be_complete(tmp_path):
+    (tmp_path / "overview.md").write_text("x")
+    with pytest.raises(FileNotFoundError, match="isa.md"):
+        PromptDocs.load("cpu", tmp_path)
+
+
+@pytest.fixture
+def server():
+    impls = [Reply(good()),                       # correct and faster than the scalar root
+             Reply(good("0.5f *")),               # wrong numbers
+             Reply(good().replace("out[n] = ", "out[n] = oops ")),  # does not compile
+             Reply("Sorry, I cannot write that kernel."),          # no code at all
+             Reply(status=429),                   # rate limited, then answered on retry
+             Reply(good(), delay_s=0.5)]          # slow but fine (a duplicate of the first: deduplicated)
+
+    def script(body, n):
+        prompt = body["messages"][0]["content"]
+        if "Propose ONE optimization plan" in prompt:
+            return Reply("Menu item: [none]\nVectorize the dot products with AVX2 FMAs and split rows over threads.")
+        script.impl += 1
+        return impls[script.impl % len(impls)] if script.impl < 12 else Reply(good())
+
+    script.impl = -1
+    srv = RecordedServer(script)
+    yield srv
+    srv.close()
+
+
+def test_optimize_with_an_llm_through_the_cli(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOCOMP_LLM_BACKOFF_S", "0.01")
+    argv = ["optimize", "--workload", "gemm", "--m", "1", "--n", str(N), "--k", str(K), "--dtype", "fp32",
+            "--models", "openai::test-model", "--api-base", server.api_base, "--budget", "8", "--beam-size", "1",
+            "--plans", "2", "--impls", "3", "--iterations", "1", "--timing-ms", "30", "--no-cache", "--quiet",
+            "--output-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json")]
+    assert cli.main(argv) == 0
+    row = json.loads((tmp_path / "r.json").read_text())
+    assert row["correct"] and row["best_ms"] < row["naive_ms"]
+    assert row["failures"].get("compile") == 1 and row["failures"].get("correctness") == 1
+    run = next((tmp_path / "runs").iterdir())
+    rejected = [json.loads(line) for line in (run / "llm" / "rejected.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in rejected] == ["no code block in the response"]
+    best = json.loads((run / "result.json").read_text())
+    assert best["best_id"].startswith("i1")
+    # a re-run reads every response back from the run directory: no new request reaches the server
+    before = len(server.requests)
+    (tmp_path / "r.json").unlink()
+    assert cli.main(argv) == 0
+    assert len(server.requests) == before
+    assert json.loads((tmp_path / "r.json").read_text())["best_ms"] == row["best_ms"]
+
+
+def test_missing_key_fails_before_any_work(monkeypatch, capsys):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    assert cli.main(["optimize", "--workload", "gemm", "--models", "anthropic::claude-x"]) == 2
+    assert "ANTHROPIC_API_KEY" in capsys.readouterr().err
