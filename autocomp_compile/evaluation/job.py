@@ -5,6 +5,7 @@ Runs inside `IsolatedWorker`; `state` persists between jobs in that process.
 from __future__ import annotations
 
 import importlib
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -13,6 +14,10 @@ import torch
 from autocomp_compile.evaluation.checks import compare, time_interleaved, time_interleaved_cuda
 from autocomp_compile.references import InputFactory, empty_outputs, get_kind
 from autocomp_compile.workload import Workload
+
+
+# The clock the timing loops read; a candidate that swaps it is rejected (see check_and_time).
+_PERF_COUNTER, _PERF_COUNTER_NS = time.perf_counter, time.perf_counter_ns
 
 
 @dataclass(frozen=True)
@@ -75,15 +80,23 @@ def check_and_time(
                 return dict(correct=False, stage="correctness", message=f"input set {s}: {m.message}", max_abs_error=m.max_abs_error)
     outs = empty_outputs(w, device=dev)
     args = [inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs]
-    fns: dict[str, Callable[[], None]] = {"candidate": lambda: kernel(args, dims)}
+    refresh = ActivationRefresher(w, inputs, settings.seed)
+    fns: dict[str, Callable[[], None]] = {"candidate": lambda: (refresh(), kernel(args, dims))}
     if settings.time_baseline:
         base_outs = empty_outputs(w, device=dev)
-        fns["baseline"] = lambda: spec.eager(inputs, base_outs, w.params, w.runtime_dims)
+        fns["baseline"] = lambda: (refresh(), spec.eager(inputs, base_outs, w.params, w.runtime_dims))
     timing = _timer(dev)(fns, budget_ms=settings.timing_budget_ms)
+    if time.perf_counter is not _PERF_COUNTER or time.perf_counter_ns is not _PERF_COUNTER_NS:
+        return dict(correct=False, stage="harness_modified", message="the candidate replaced the harness's timer")
     cand = timing["candidate"]
-    # The timed calls' own output must still be right (no caching of results across calls).
+    # The timed calls' own output must be right for the inputs of the last call: with activations that
+    # change before every call, a kernel that caches results (by pointer or by value) is caught here.
+    refresh()
+    kernel(args, dims)
+    _sync(dev)
     out_name = w.outputs[0].name
-    final = compare("out(timed)", outs[out_name].cpu(), spec.reference(host_inputs, w.params, w.runtime_dims)[out_name])
+    current = {k: v.cpu() for k, v in inputs.items()}
+    final = compare("out(timed)", outs[out_name].cpu(), spec.reference(current, w.params, w.runtime_dims)[out_name])
     if not final.ok:
         return dict(correct=False, stage="correctness", message=f"after timing: {final.message}")
     return dict(
@@ -95,6 +108,33 @@ def check_and_time(
         runs=cand.runs,
         baseline_ms=timing["baseline"].median_ms if "baseline" in timing else None,
     )
+
+
+class ActivationRefresher:
+    """Writes new values into the small activation inputs (not the weights) before every timed call, so that
+    no two timed calls see the same inputs at the same addresses. Candidate and baseline both pay the copy
+    (microseconds: decode activations are a few KB)."""
+
+    MAX_ELEMENTS = 1 << 16  # decode activations; not KV caches or prefill inputs
+    WINDOWS = 1024
+
+    def __init__(self, w: Workload, inputs: dict[str, torch.Tensor], seed: int):
+        gen = torch.Generator().manual_seed(seed + 7919)
+        self.targets = []
+        for spec in w.inputs:
+            if spec.role != "input" or spec.numel > self.MAX_ELEMENTS:
+                continue
+            t = inputs[spec.name]
+            pool = torch.randn(spec.numel * 4, generator=gen).to(t.dtype).to(t.device)
+            offsets = torch.randint(0, spec.numel * 3, (self.WINDOWS,), generator=gen).tolist()
+            self.targets.append((t.view(-1), pool, offsets))
+        self.calls = 0
+
+    def __call__(self) -> None:
+        i = self.calls % self.WINDOWS
+        self.calls += 1
+        for flat, pool, offsets in self.targets:
+            flat.copy_(pool[offsets[i] : offsets[i] + flat.numel()])
 
 
 def time_functions(

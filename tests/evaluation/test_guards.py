@@ -1,0 +1,103 @@
+"""Deliberately cheating kernels, one per reward-hacking family the evaluator must catch."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from autocomp_compile.agents.llm import ResponseRejected, extract_code
+from autocomp_compile.evaluation.job import EvalSettings, check_and_time
+from autocomp_compile.targets.cpu.evaluator import LOADER
+from tests.helpers import build_ok, hand_gemm, hand_gemm_workload
+
+import pytest
+
+SETTINGS = EvalSettings(correctness_sets=2, timing_budget_ms=20)
+
+
+def _run(code, tmp_path, settings=SETTINGS):
+    w = hand_gemm_workload()
+    so = build_ok(code, "scalar", tmp_path).so_path
+    return check_and_time({}, w, LOADER, (str(so), len(w.tensors)), settings)
+
+
+def test_an_honest_kernel_passes(tmp_path):
+    assert _run(hand_gemm(), tmp_path)["stage"] == "ok"
+
+
+def test_modifying_the_inputs(tmp_path):
+    out = _run(hand_gemm(after="x[0] = 0.0f;"), tmp_path)
+    assert out["stage"] == "inputs_modified"
+
+
+def test_leaving_the_output_unwritten(tmp_path):
+    """Output memory may still hold an earlier result; it is NaN-poisoned before every call."""
+    out = _run(hand_gemm(store="if (n % 7) out[m * N + n] = s;"), tmp_path)
+    assert out["stage"] == "correctness" and "non-finite" in out["message"]
+
+
+def test_caching_results_by_input_pointer_during_timing(tmp_path):
+    """Honest for the correctness calls, then returns the saved result whenever x sits at the same address:
+    timed calls get new activation values at the same address, and the timed output is checked."""
+    code = hand_gemm(
+        before="static const void *last = 0; static float saved[M * N]; static int calls = 0;"
+               "if (calls++ >= 2 && t[0] == last) { for (int i = 0; i < M * N; i++) out[i] = saved[i]; return; }"
+               "last = t[0];",
+        store="out[m * N + n] = s; saved[m * N + n] = s;",
+    )
+    out = _run(code, tmp_path)
+    assert out["stage"] == "correctness" and "after timing" in out["message"]
+
+
+def test_caching_across_correctness_sets(tmp_path):
+    code = hand_gemm(before="static float saved[M * N]; static int calls = 0;",
+                     store="if (calls == 0) saved[m * N + n] = s; out[m * N + n] = saved[m * N + n];",
+                     after="calls++;")
+    assert _run(code, tmp_path)["stage"] == "correctness"
+
+
+def cheating_loader(so_path: str, n: int):
+    """A 'kernel' that computes correctly but swaps the harness's clock for one that barely moves."""
+    from autocomp_compile.targets.cpu.runtime import CpuKernel
+
+    real = CpuKernel(so_path, n)
+    start = time.perf_counter()
+
+    def kernel(tensors, dims):
+        real(tensors, dims)
+        time.perf_counter = lambda: start  # noqa: the cheat under test
+    return kernel
+
+
+def test_patching_the_timer(tmp_path):
+    w = hand_gemm_workload()
+    so = build_ok(hand_gemm(), "scalar", tmp_path).so_path
+    real = time.perf_counter
+    try:
+        out = check_and_time({}, w, "tests.evaluation.test_guards:cheating_loader", (str(so), len(w.tensors)), SETTINGS)
+    except ZeroDivisionError:  # the frozen clock may break the timing loop itself: also not a pass
+        out = {"stage": "harness_modified"}
+    finally:
+        time.perf_counter = real
+    assert out["stage"] == "harness_modified"
+
+
+@pytest.mark.parametrize("call", ["dlopen(0, 0)", "system(\"true\")", "PyRun_SimpleString(\"x\")",
+                                  "pthread_create(0, 0, 0, 0)"])
+def test_calling_outside_the_kernel_is_rejected_before_compiling(call):
+    code = "```c\nvoid autocomp_kernel(void **t, const int64_t *d) { " + call + "; }\n```"
+    with pytest.raises(ResponseRejected):
+        extract_code(code)
+
+
+def test_refreshed_activations_change_between_calls():
+    from autocomp_compile.evaluation.job import ActivationRefresher
+    from autocomp_compile.workload import make_workload
+
+    w = make_workload("mlp", "fp32", batch=1, hidden=64, intermediate=128)
+    inputs = {s.name: torch.zeros(s.shape) for s in w.inputs}
+    r = ActivationRefresher(w, inputs, seed=0)
+    r()
+    first = inputs["x"].clone()
+    r()
+    assert not torch.equal(first, inputs["x"]) and not inputs["w_gate"].any()  # weights are left alone
