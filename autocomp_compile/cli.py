@@ -56,6 +56,10 @@ def _add_search_options(p: argparse.ArgumentParser, budget: int) -> None:
                    "anthropic::claude-sonnet-4-5); default: the offline menu-driven proposer")
     p.add_argument("--api-base", default=None, help="OpenAI-compatible server for the models (vLLM, Ollama, ...)")
     p.add_argument("--prompts", default=None, help="folder of prompt markdown to use instead of the built-in one")
+    p.add_argument("--skip-planning", action="store_true", help="LLM: plan and code in one call")
+    p.add_argument("--repair", action="store_true", help="LLM: one more call per failed candidate, with its error")
+    p.add_argument("--no-translate", action="store_true",
+                   help="LLM: start from the target's naive kernel only, without asking for a translation first")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +133,8 @@ def _proposers(args: argparse.Namespace, config: SearchConfig) -> list[Any] | No
         client = LLMClient(models, api_base=args.api_base)
     except LLMConfigError as exc:
         raise UsageError(str(exc)) from None
-    return [LLMProposer(client, dropout=config.dropout, prompts_dir=args.prompts)]
+    return [LLMProposer(client, dropout=config.dropout, prompts_dir=args.prompts, skip_planning=args.skip_planning,
+                        repair=args.repair, translate=not args.no_translate)]
 
 
 def _cache(args: argparse.Namespace):

@@ -86,6 +86,8 @@ def optimize(
     for p in proposers:
         if hasattr(p, "attach_run_dir"):  # LLM proposers keep their prompts and responses with the run
             p.attach_run_dir(run_dir.root)
+        if hasattr(p, "translate"):  # translation phase: first kernels from the PyTorch reference
+            seeds = list(seeds or []) + p.translate(workload, tgt)
     evaluator = tgt.make_evaluator(workload, settings=settings)
     try:
         result = BeamSearch(tgt, workload, evaluator, proposers, config, run_dir, progress).run(seeds)

@@ -109,6 +109,60 @@ def implement_prompt(docs: PromptDocs, workload: Workload, parent: Candidate, pl
     ])
 
 
+def translate_prompt(docs: PromptDocs, workload: Workload, reference_source: str) -> str:
+    return "\n\n".join([
+        docs.overview,
+        docs.isa_sections(relevant_words(workload, "")),
+        docs.examples,
+        "# What to compute\n" + describe_workload(workload)
+        + f"\nThe PyTorch reference (inputs and outputs in `t`, params in `p`, runtime dims in `rt`):\n"
+        f"```python\n{reference_source}\n```",
+        "# Instruction\nWrite a first, correct kernel for this workload on this target. Favour correctness over speed.",
+        docs.rules,
+    ])
+
+
+def one_call_prompt(docs: PromptDocs, workload: Workload, parent: Candidate, feedback: str, menu_text: str) -> str:
+    """Plan and code in one call (--skip-planning): the plan prompt with an instruction to write the code."""
+    plan = plan_prompt(docs, workload, parent, feedback, menu_text)
+    return plan.replace(
+        "# Instruction\nPropose ONE optimization plan for this kernel: pick the menu item it applies "
+        "(start your answer with `Menu item: [id]`, or `Menu item: [none]`), then describe the concrete changes "
+        "step by step. Do not write the code yet.",
+        "# Instruction\nPick ONE optimization (start your answer with `Menu item: [id]` or `Menu item: [none]`), "
+        "say in a few lines what you change, then give the complete new kernel.")
+
+
+def repair_prompt(docs: PromptDocs, workload: Workload, failed: Candidate) -> str:
+    r = failed.result
+    error = (r.message or "") + ("\n" + r.stderr if getattr(r, "stderr", None) else "") if r else ""
+    return "\n\n".join([
+        docs.overview,
+        docs.isa_sections(relevant_words(workload, failed.code)),
+        "# The kernel that failed\n" + describe_workload(workload) + f"\n```c\n{failed.code}\n```",
+        f"# What went wrong (stage: {r.stage if r else '?'})\n```\n{error.strip()[-3000:]}\n```",
+        "# Instruction\nFix the kernel so that it compiles and computes the right result; keep its optimizations. "
+        "Answer with the complete fixed kernel.",
+        docs.rules,
+    ])
+
+
+def reference_source(workload: Workload) -> str:
+    """The source of the workload's float32 reference (and the helpers it calls from the same module)."""
+    import inspect
+
+    from autocomp_compile import references
+    from autocomp_compile.references import get_kind
+
+    fn = get_kind(workload.kind).reference
+    parts = [inspect.getsource(fn)]
+    for name in fn.__code__.co_names:
+        helper = getattr(references, name, None)
+        if inspect.isfunction(helper) and helper.__module__ == references.__name__ and helper is not fn:
+            parts.insert(0, inspect.getsource(helper))
+    return "\n".join(parts).strip()
+
+
 # ---------------------------------------------------------------- responses
 
 _BLOCK = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.S)
@@ -148,8 +202,12 @@ class LLMProposer:
     name = "llm"
 
     def __init__(self, client: LLMClient, models: Sequence[str] | None = None, dropout: float = 0.7,
-                 prompts_dir: str | Path | None = None, transcript_dir: str | Path | None = None):
+                 prompts_dir: str | Path | None = None, transcript_dir: str | Path | None = None,
+                 skip_planning: bool = False, repair: bool = False, translate: bool = True):
         self.client = client
+        self.skip_planning = skip_planning
+        self.repair_failed = repair
+        self.translate_first = translate
         self.models = list(models or client.specs)
         self.name = f"llm[{','.join(self.models)}]"
         self.dropout = dropout
@@ -179,12 +237,15 @@ class LLMProposer:
             else:
                 out.append(None)
                 todo.append((len(out) - 1, model, prompt, path))
-        answers = self.client.complete_many([(m, [{"role": "user", "content": p}]) for _, m, p, _ in todo])
+        answers = self.client.complete_many([(m, [{"role": "user", "content": p}]) for _, m, p, _ in todo]) if todo else []
         for (i, model, prompt, path), answer in zip(todo, answers):
             out[i] = answer
             if path is not None and isinstance(answer, str):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps({"model": model, "prompt": prompt, "response": answer}, indent=1))
+        if todo and self.transcript_dir is not None:  # the run's record of calls, tokens and cost so far
+            self.transcript_dir.mkdir(parents=True, exist_ok=True)
+            (self.transcript_dir / "usage.json").write_text(json.dumps(self.client.usage.to_dict(), indent=1))
         return out  # type: ignore[return-value]
 
     def _path(self, model: str, prompt: str, key: str) -> Path | None:
@@ -200,10 +261,63 @@ class LLMProposer:
             with open(self.transcript_dir / "rejected.jsonl", "a") as f:
                 f.write(json.dumps(self.rejected[-1]) + "\n")
 
+    def _code_candidates(self, answers: Sequence[str | LLMCallError], models: Sequence[str], parent: Candidate | None,
+                         stage: str, make: Any) -> list[Candidate]:
+        """Candidates from code-bearing answers; failures and unusable answers are recorded as rejections."""
+        out = []
+        for k, (model, answer) in enumerate(zip(models, answers)):
+            owner = parent or Candidate(id="root", parent_id=None, iteration=0, language="", code="", plan="")
+            if isinstance(answer, LLMCallError):
+                self._reject(owner, model, stage, str(answer))
+                continue
+            try:
+                code = extract_code(answer)
+            except ResponseRejected as exc:
+                self._reject(owner, model, stage, str(exc))
+                continue
+            out.append(make(k, model, code, answer))
+        return out
+
+    def translate(self, workload: Workload, target: Any) -> list[Candidate]:
+        """First kernels written from the PyTorch reference, one per model (the translation phase)."""
+        if not self.translate_first:
+            return []
+        prompt = translate_prompt(self.docs(target), workload, reference_source(workload))
+        answers = self._ask([(m, prompt, "translate") for m in self.models])
+        return self._code_candidates(answers, self.models, None, "translate", lambda k, model, code, text: Candidate(
+            id=f"translate-{k}", parent_id=None, iteration=0, language=target.language, code=code,
+            plan=f"Translation of the PyTorch reference by {model}.", models=[model], origin=f"llm:{model}"))
+
+    def repair(self, failed: Sequence[Candidate], workload: Workload, target: Any, iteration: int) -> list[Candidate]:
+        """One more call per failed candidate, with its compiler or correctness error."""
+        docs = self.docs(target)
+        todo = [c for c in failed if c.result is not None and not c.result.correct and c.origin.startswith("llm:")]
+        models = [c.origin.split(":", 1)[1] if c.origin.split(":", 1)[1] in self.models else self.models[0] for c in todo]
+        answers = self._ask([(m, repair_prompt(docs, workload, c), f"repair-{iteration}-{c.code_hash}")
+                             for m, c in zip(models, todo)])
+        return [c for c in self._code_candidates(answers, models, None, "repair", lambda k, model, code, text: Candidate(
+            id=f"{todo[k].id}-fix", parent_id=todo[k].parent_id, iteration=iteration, language=target.language,
+            code=code, plan=todo[k].plan + "\n\nRepaired after: " + (todo[k].result.message or todo[k].result.stage),
+            menu_ids=list(todo[k].menu_ids), models=[model], origin=f"llm:{model}"))]
+
     def propose(self, parent: Candidate, workload: Workload, target: Any, feedback: str, n_plans: int, n_impls: int,
                 rng: random.Random, iteration: int) -> list[Candidate]:
         docs = self.docs(target)
         items = [m for m in target.menu(workload) if parent.knobs is None or m.applies(parent.knobs)]
+        ids = [m.id for m in items]
+        if self.skip_planning:
+            reqs = []
+            for p in range(n_plans * n_impls):
+                menu = apply_dropout(items, self.dropout, rng) or items
+                model = self.models[(iteration + p) % len(self.models)]
+                reqs.append((model, one_call_prompt(docs, workload, parent, feedback,
+                                                    "\n".join(m.as_text() for m in menu)), f"code-{iteration}-{parent.id}-{p}"))
+            answers = self._ask(reqs)
+            return self._code_candidates(answers, [m for m, _, _ in reqs], parent, "code", lambda k, model, code, text:
+                                         Candidate(id=f"i{iteration}-{parent.id}-c{k}", parent_id=parent.id,
+                                                   iteration=iteration, language=target.language, code=code, plan=text,
+                                                   menu_ids=parent.menu_ids + [i for i in [menu_item_of(text, ids)] if i],
+                                                   models=[model], origin=f"llm:{model}"))
         plan_reqs = []
         for p in range(n_plans):
             menu = apply_dropout(items, self.dropout, rng) or items
@@ -222,7 +336,6 @@ class LLMProposer:
                                   f"impl-{iteration}-{parent.id}-{p}-{i}"))
                 impl_meta.append((p, i, plan, plan_model))
         children = []
-        ids = [m.id for m in items]
         for (model, _, _), (p, i, plan, plan_model), answer in zip(impl_reqs, impl_meta, self._ask(impl_reqs)):
             if isinstance(answer, LLMCallError):
                 self._reject(parent, model, "implement", str(answer))

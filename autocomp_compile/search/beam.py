@@ -107,6 +107,21 @@ class BeamSearch:
         base = f" (PyTorch eager {r.baseline_ms:.3f} ms)" if r.baseline_ms else ""
         return f"latency {r.latency_ms:.3f} ms median{p99}{base}"
 
+    def _repairs(self, children: list[Candidate], seen: set[str], iteration: int, room: int) -> list[Candidate]:
+        """Proposers that repair (LLM proposers with repair on) get one more call per failed child."""
+        fixers = [p for p in self.proposers if getattr(p, "repair_failed", False)]
+        failed = [c for c in children if not c.correct]
+        if not fixers or not failed or room <= 0:
+            return []
+        fixes = []
+        for fix in fixers[0].repair(failed, self.workload, self.target, iteration):
+            if fix.code_hash not in seen and len(fixes) < room:
+                seen.add(fix.code_hash)
+                fix.id, fix.iteration = f"i{iteration}r{len(fixes):02d}", iteration
+                fixes.append(fix)
+        self._evaluate(fixes)
+        return fixes
+
     def run(self, seeds: list[Candidate] | None = None) -> SearchResult:
         cfg = self.config
         rng = random.Random(cfg.seed)
@@ -155,6 +170,9 @@ class BeamSearch:
                 child.iteration = iteration
             self._evaluate(children)
             every += children
+            fixes = self._repairs(children, seen, iteration, cfg.budget - len(every))
+            every += fixes
+            children += fixes
             best_before = beam[0].latency_ms
             pool = {c.code_hash: c for c in beam + [c for c in children if c.correct]}
             beam = sorted(pool.values(), key=lambda c: c.latency_ms)[: cfg.beam_size]

@@ -41,6 +41,37 @@ def good(scale: str = "") -> str:
     return GOOD.replace("SCALE ", scale)
 
 
+SCALAR = f"""```c
+#include <stdint.h>
+void autocomp_kernel(void **t, const int64_t *dims) {{
+    const float *x = t[0], *w = t[1];
+    float *out = t[2];
+    for (int64_t n = 0; n < {N}; n++) {{
+        float s = 0.0f;
+        for (int64_t k = 0; k < {K}; k++) s += x[k] * w[n * {K} + k];
+        out[n] = s;
+    }}
+}}
+```"""
+
+
+def scripted(impls, translation=Reply(SCALAR), fix=Reply(good())):
+    """Replies by prompt kind: translation, plan, repair, one-call code, then implementations in turn."""
+    def script(body, n):
+        prompt = body["messages"][0]["content"]
+        if "Write a first, correct kernel" in prompt:
+            return translation
+        if "Propose ONE optimization plan" in prompt:
+            return Reply("Menu item: [none]\nVectorize the dot products with AVX2 FMAs and split rows over threads.")
+        if "Fix the kernel" in prompt:
+            return fix
+        script.impl += 1
+        return impls[script.impl % len(impls)]
+
+    script.impl = -1
+    return script
+
+
 def test_extract_code_rules():
     assert "autocomp_kernel" in extract_code(good())
     with pytest.raises(ResponseRejected, match="no code block"):
@@ -89,23 +120,22 @@ def server():
              Reply(status=429),                   # rate limited, then answered on retry
              Reply(good(), delay_s=0.5)]          # slow but fine (a duplicate of the first: deduplicated)
 
-    def script(body, n):
-        prompt = body["messages"][0]["content"]
-        if "Propose ONE optimization plan" in prompt:
-            return Reply("Menu item: [none]\nVectorize the dot products with AVX2 FMAs and split rows over threads.")
-        script.impl += 1
-        return impls[script.impl % len(impls)] if script.impl < 12 else Reply(good())
-
-    script.impl = -1
-    srv = RecordedServer(script)
+    srv = RecordedServer(scripted(impls))
     yield srv
     srv.close()
+
+
+def cli_args(server, tmp_path, *extra):
+    return ["optimize", "--workload", "gemm", "--m", "1", "--n", str(N), "--k", str(K), "--dtype", "fp32",
+            "--models", "openai::test-model", "--api-base", server.api_base, "--budget", "8", "--beam-size", "1",
+            "--iterations", "1", "--timing-ms", "30", "--no-cache", "--quiet", "--output-dir", str(tmp_path / "runs"),
+            "--json", str(tmp_path / "r.json"), *extra]
 
 
 def test_optimize_with_an_llm_through_the_cli(server, tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOCOMP_LLM_BACKOFF_S", "0.01")
     argv = ["optimize", "--workload", "gemm", "--m", "1", "--n", str(N), "--k", str(K), "--dtype", "fp32",
-            "--models", "openai::test-model", "--api-base", server.api_base, "--budget", "8", "--beam-size", "1",
+            "--models", "openai::test-model", "--api-base", server.api_base, "--budget", "9", "--beam-size", "1",
             "--plans", "2", "--impls", "3", "--iterations", "1", "--timing-ms", "30", "--no-cache", "--quiet",
             "--output-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json")]
     assert cli.main(argv) == 0
@@ -116,7 +146,9 @@ def test_optimize_with_an_llm_through_the_cli(server, tmp_path, monkeypatch):
     rejected = [json.loads(line) for line in (run / "llm" / "rejected.jsonl").read_text().splitlines()]
     assert [r["reason"] for r in rejected] == ["no code block in the response"]
     best = json.loads((run / "result.json").read_text())
-    assert best["best_id"].startswith("i1")
+    assert best["best_id"].startswith("i1")  # the translation (seed0) was correct but scalar
+    seed = json.loads(next(run.glob("iter-000/seed0/candidate.json")).read_text())
+    assert seed["origin"] == "llm:openai::test-model" and seed["result"]["correct"]
     # a re-run reads every response back from the run directory: no new request reaches the server
     before = len(server.requests)
     (tmp_path / "r.json").unlink()
@@ -129,3 +161,39 @@ def test_missing_key_fails_before_any_work(monkeypatch, capsys):
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     assert cli.main(["optimize", "--workload", "gemm", "--models", "anthropic::claude-x"]) == 2
     assert "ANTHROPIC_API_KEY" in capsys.readouterr().err
+
+
+def test_repair_fixes_a_kernel_that_did_not_compile(tmp_path):
+    broken = Reply(good().replace("out[n] = ", "out[n] = oops "))
+    srv = RecordedServer(scripted([broken]))
+    try:
+        assert cli.main(cli_args(srv, tmp_path, "--plans", "1", "--impls", "1", "--repair", "--no-translate")) == 0
+    finally:
+        srv.close()
+    row = json.loads((tmp_path / "r.json").read_text())
+    assert row["failures"] == {"compile": 1} and row["best_id"] == "i1r00" and row["best_ms"] < row["naive_ms"]
+    assert any("Fix the kernel" in r["messages"][0]["content"] and "error" in r["messages"][0]["content"]
+               for r in srv.requests)
+
+
+def test_skip_planning_asks_for_code_in_one_call(tmp_path):
+    srv = RecordedServer(scripted([Reply("Menu item: [none]\nVectorize.\n" + good())]))
+    try:
+        assert cli.main(cli_args(srv, tmp_path, "--plans", "1", "--impls", "2", "--skip-planning", "--no-translate")) == 0
+    finally:
+        srv.close()
+    prompts = [r["messages"][0]["content"] for r in srv.requests]
+    assert prompts and not any("Propose ONE optimization plan" in p for p in prompts)
+    assert all("give the complete new kernel" in p for p in prompts)
+    assert json.loads((tmp_path / "r.json").read_text())["correct"]
+
+
+def test_translation_prompt_carries_the_pytorch_reference():
+    from autocomp_compile.agents.llm import reference_source, translate_prompt
+
+    w = make_workload("mlp", "bf16", batch=1, hidden=64, intermediate=128)
+    src = reference_source(w)
+    assert "def _mlp_reference" in src and "def _linear_f32" in src  # with the helper it calls
+    prompt = translate_prompt(PromptDocs.load("cpu"), w, src)
+    assert prompt.index("# What to compute") < prompt.index("def _mlp_reference") < prompt.index("# Instruction")
+    assert "## bf16" in prompt and "## Exp and SiLU" in prompt
