@@ -87,7 +87,7 @@ def plan_prompt(docs: PromptDocs, workload: Workload, parent: Candidate, feedbac
         docs.overview,
         docs.isa_sections(relevant_words(workload, parent.code)),
         docs.examples,
-        "# The kernel to optimize\n" + describe_workload(workload) + f"\n```c\n{parent.code}\n```",
+        "# The kernel to optimize\n" + describe_workload(workload) + f"\n```{parent.language}\n{parent.code}\n```",
         f"# Measurements\nLatency: {latency}" + (f"; PyTorch eager: {baseline:.4f} ms" if baseline else "")
         + (f"\nFeedback from the evaluator:\n{feedback}" if feedback else ""),
         "# Optimization menu\n" + menu_text,
@@ -102,7 +102,7 @@ def implement_prompt(docs: PromptDocs, workload: Workload, parent: Candidate, pl
     return "\n\n".join([
         docs.overview,
         docs.isa_sections(relevant_words(workload, parent.code)),
-        "# The current kernel\n" + describe_workload(workload) + f"\n```c\n{parent.code}\n```",
+        "# The current kernel\n" + describe_workload(workload) + f"\n```{parent.language}\n{parent.code}\n```",
         "# The plan\n" + plan,
         "# Instruction\nApply the plan to the current kernel and answer with the complete new kernel.",
         docs.rules,
@@ -139,7 +139,7 @@ def repair_prompt(docs: PromptDocs, workload: Workload, failed: Candidate) -> st
     return "\n\n".join([
         docs.overview,
         docs.isa_sections(relevant_words(workload, failed.code)),
-        "# The kernel that failed\n" + describe_workload(workload) + f"\n```c\n{failed.code}\n```",
+        "# The kernel that failed\n" + describe_workload(workload) + f"\n```{failed.language}\n{failed.code}\n```",
         f"# What went wrong (stage: {r.stage if r else '?'})\n```\n{error.strip()[-3000:]}\n```",
         "# Instruction\nFix the kernel so that it compiles and computes the right result; keep its optimizations. "
         "Answer with the complete fixed kernel.",
@@ -170,21 +170,48 @@ _ENTRY_C = re.compile(r"\bvoid\s+autocomp_kernel\s*\(\s*void\s*\*\s*\*\s*\w*\s*,
 _FORBIDDEN = re.compile(r"\b(dlopen|dlsym|system|popen|fork|execv\w*|Py[A-Z]\w*|pthread_create|fopen|socket)\s*\(")
 
 
+_LAUNCH = "// autocomp-launch:"
+_FORBIDDEN_CUDA = re.compile(r"(cudaStreamCreate\w*|cudaMalloc\w*|cudaLaunch\w*|<<<|#\s*include|printf\s*\()")
+
+
+def _cuda_entry(code: str) -> str | None:
+    """Why a CUDA source does not follow the launch convention, or None when it does."""
+    if not code.startswith(_LAUNCH):
+        return f"the first line must be the launch line `{_LAUNCH} {{...}}`"
+    try:
+        spec = json.loads(code.split("\n", 1)[0][len(_LAUNCH):])
+        names = [k["name"] for k in spec["kernels"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"bad launch line: {exc}"
+    missing = [n for n in names if not re.search(rf'extern\s+"C"\s+__global__\s+void\s+{re.escape(n)}\s*\(', code)]
+    return f"no `extern \"C\" __global__` kernel named {missing}" if missing or not names else None
+
+
 def extract_code(response: str, language: str = "c") -> str:
-    """The kernel in a response: the last fenced block (C/C++/CUDA or unlabelled) that has the entry point."""
+    """The kernel in a response: the last fenced block in the target's language that has its entry point
+    (C: `autocomp_kernel`; CUDA: the launch line and the kernels it names)."""
     blocks = [(lang.lower(), body.strip()) for lang, body in _BLOCK.findall(response)]
     if not blocks:
         raise ResponseRejected("no code block in the response")
-    usable = [b for lang, b in blocks if lang in ("", "c", "cpp", "c++", "cuda", "cu")]
+    langs = ("", "cuda", "cu", "cpp", "c++") if language == "cuda" else ("", "c", "cpp", "c++")
+    usable = [b for lang, b in blocks if lang in langs]
     if not usable:
-        raise ResponseRejected(f"code blocks in {sorted({lang for lang, _ in blocks})}, none in C")
-    with_entry = [b for b in usable if _ENTRY_C.search(b)]
-    if not with_entry:
-        raise ResponseRejected("no `void autocomp_kernel(void **tensors, const int64_t *dims)` entry point")
-    code = with_entry[-1]
-    bad = _FORBIDDEN.search(code)
+        raise ResponseRejected(f"code blocks in {sorted({lang for lang, _ in blocks})}, none in {language}")
+    if language == "cuda":
+        reasons = [_cuda_entry(b) for b in usable]
+        with_entry = [b for b, why in zip(usable, reasons) if why is None]
+        if not with_entry:
+            raise ResponseRejected(reasons[-1] or "no kernel")
+        code = with_entry[-1]
+        bad = _FORBIDDEN_CUDA.search(code)
+    else:
+        with_entry = [b for b in usable if _ENTRY_C.search(b)]
+        if not with_entry:
+            raise ResponseRejected("no `void autocomp_kernel(void **tensors, const int64_t *dims)` entry point")
+        code = with_entry[-1]
+        bad = _FORBIDDEN.search(code)
     if bad:
-        raise ResponseRejected(f"calls {bad.group(1)}(): kernels compute everything themselves (rules)")
+        raise ResponseRejected(f"uses {bad.group(1)}: kernels compute everything themselves (rules)")
     return code + "\n"
 
 
@@ -262,7 +289,7 @@ class LLMProposer:
                 f.write(json.dumps(self.rejected[-1]) + "\n")
 
     def _code_candidates(self, answers: Sequence[str | LLMCallError], models: Sequence[str], parent: Candidate | None,
-                         stage: str, make: Any) -> list[Candidate]:
+                         stage: str, make: Any, language: str = "c") -> list[Candidate]:
         """Candidates from code-bearing answers; failures and unusable answers are recorded as rejections."""
         out = []
         for k, (model, answer) in enumerate(zip(models, answers)):
@@ -271,7 +298,7 @@ class LLMProposer:
                 self._reject(owner, model, stage, str(answer))
                 continue
             try:
-                code = extract_code(answer)
+                code = extract_code(answer, language)
             except ResponseRejected as exc:
                 self._reject(owner, model, stage, str(exc))
                 continue
@@ -286,7 +313,8 @@ class LLMProposer:
         answers = self._ask([(m, prompt, "translate") for m in self.models])
         return self._code_candidates(answers, self.models, None, "translate", lambda k, model, code, text: Candidate(
             id=f"translate-{k}", parent_id=None, iteration=0, language=target.language, code=code,
-            plan=f"Translation of the PyTorch reference by {model}.", models=[model], origin=f"llm:{model}"))
+            plan=f"Translation of the PyTorch reference by {model}.", models=[model], origin=f"llm:{model}"),
+            target.language)
 
     def repair(self, failed: Sequence[Candidate], workload: Workload, target: Any, iteration: int) -> list[Candidate]:
         """One more call per failed candidate, with its compiler or correctness error."""
@@ -298,7 +326,7 @@ class LLMProposer:
         return [c for c in self._code_candidates(answers, models, None, "repair", lambda k, model, code, text: Candidate(
             id=f"{todo[k].id}-fix", parent_id=todo[k].parent_id, iteration=iteration, language=target.language,
             code=code, plan=todo[k].plan + "\n\nRepaired after: " + (todo[k].result.message or todo[k].result.stage),
-            menu_ids=list(todo[k].menu_ids), models=[model], origin=f"llm:{model}"))]
+            menu_ids=list(todo[k].menu_ids), models=[model], origin=f"llm:{model}"), target.language)]
 
     def propose(self, parent: Candidate, workload: Workload, target: Any, feedback: str, n_plans: int, n_impls: int,
                 rng: random.Random, iteration: int) -> list[Candidate]:
@@ -317,7 +345,7 @@ class LLMProposer:
                                          Candidate(id=f"i{iteration}-{parent.id}-c{k}", parent_id=parent.id,
                                                    iteration=iteration, language=target.language, code=code, plan=text,
                                                    menu_ids=parent.menu_ids + [i for i in [menu_item_of(text, ids)] if i],
-                                                   models=[model], origin=f"llm:{model}"))
+                                                   models=[model], origin=f"llm:{model}"), target.language)
         plan_reqs = []
         for p in range(n_plans):
             menu = apply_dropout(items, self.dropout, rng) or items

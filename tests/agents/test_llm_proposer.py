@@ -78,7 +78,7 @@ def test_extract_code_rules():
         extract_code("I would vectorize the loop.")
     with pytest.raises(ResponseRejected, match="entry point"):
         extract_code("```c\nvoid kernel(float *x) {}\n```")
-    with pytest.raises(ResponseRejected, match="none in C"):
+    with pytest.raises(ResponseRejected, match="none in c"):
         extract_code("```python\nimport torch\n```")
     with pytest.raises(ResponseRejected, match="dlopen"):
         extract_code("```c\n#include <dlfcn.h>\nvoid autocomp_kernel(void **t, const int64_t *d) { dlopen(0, 0); }\n```")
@@ -197,3 +197,28 @@ def test_translation_prompt_carries_the_pytorch_reference():
     prompt = translate_prompt(PromptDocs.load("cpu"), w, src)
     assert prompt.index("# What to compute") < prompt.index("def _mlp_reference") < prompt.index("# Instruction")
     assert "## bf16" in prompt and "## Exp and SiLU" in prompt
+
+
+def test_cuda_prompts_and_responses():
+    from autocomp_compile.targets.cuda.target import CudaTarget
+
+    target = CudaTarget()
+    w = make_workload("gemm", "bf16", m=1, n=256, k=512)
+    root = target.lower(w)  # code generation needs no GPU
+    docs = PromptDocs.load("cuda")
+    plan = plan_prompt(docs, w, root, "", "- [a] A: do a")
+    order = ["# Target: NVIDIA GPU", "# CUDA reference", "# Example", "# The kernel to optimize",
+             "# Optimization menu", "# Instruction", "# Rules"]
+    positions = [plan.index(marker) for marker in order]
+    assert positions == sorted(positions) and "## bf16" in plan
+    assert plan.index("```cuda\n// autocomp-launch", positions[3]) < positions[4]  # the kernel, fenced as CUDA
+    ok = "```cuda\n" + root.code + "```"
+    assert extract_code(ok, "cuda").startswith("// autocomp-launch:")
+    with pytest.raises(ResponseRejected, match="launch line"):
+        extract_code("```cuda\nextern \"C\" __global__ void gemv() {}\n```", "cuda")
+    with pytest.raises(ResponseRejected, match="no `extern"):
+        extract_code('```cuda\n// autocomp-launch: {"kernels":[{"name":"k2","grid":[1,1,1],"block":[32,1,1],'
+                     '"args":[]}]}\nextern "C" __global__ void gemv() {}\n```', "cuda")
+    with pytest.raises(ResponseRejected, match="cudaMalloc"):
+        extract_code("```cuda\n" + root.code.replace("float a = 0.0f;", "float a = 0.0f; cudaMalloc(0, 4);") + "```",
+                     "cuda")
