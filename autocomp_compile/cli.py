@@ -58,6 +58,9 @@ def _add_search_options(p: argparse.ArgumentParser, budget: int) -> None:
     p.add_argument("--prompts", default=None, help="folder of prompt markdown to use instead of the built-in one")
     p.add_argument("--skip-planning", action="store_true", help="LLM: plan and code in one call")
     p.add_argument("--repair", action="store_true", help="LLM: one more call per failed candidate, with its error")
+    p.add_argument("--edits", action="store_true", help="LLM: implement plans as OLD/NEW edits of the parent (long kernels)")
+    p.add_argument("--extra-menu", action="store_true",
+                   help="LLM: one call per parent for extra menu items of the model's own")
     p.add_argument("--no-translate", action="store_true",
                    help="LLM: start from the target's naive kernel only, without asking for a translation first")
 
@@ -134,7 +137,8 @@ def _proposers(args: argparse.Namespace, config: SearchConfig) -> list[Any] | No
     except LLMConfigError as exc:
         raise UsageError(str(exc)) from None
     return [LLMProposer(client, dropout=config.dropout, prompts_dir=args.prompts, skip_planning=args.skip_planning,
-                        repair=args.repair, translate=not args.no_translate)]
+                        repair=args.repair, translate=not args.no_translate, edits=args.edits,
+                        extra_menu=args.extra_menu)]
 
 
 def _cache(args: argparse.Namespace):

@@ -98,13 +98,16 @@ def plan_prompt(docs: PromptDocs, workload: Workload, parent: Candidate, feedbac
     ])
 
 
+IMPLEMENT_INSTRUCTION = "# Instruction\nApply the plan to the current kernel and answer with the complete new kernel."
+
+
 def implement_prompt(docs: PromptDocs, workload: Workload, parent: Candidate, plan: str) -> str:
     return "\n\n".join([
         docs.overview,
         docs.isa_sections(relevant_words(workload, parent.code)),
         "# The current kernel\n" + describe_workload(workload) + f"\n```{parent.language}\n{parent.code}\n```",
         "# The plan\n" + plan,
-        "# Instruction\nApply the plan to the current kernel and answer with the complete new kernel.",
+        IMPLEMENT_INSTRUCTION,
         docs.rules,
     ])
 
@@ -145,6 +148,40 @@ def repair_prompt(docs: PromptDocs, workload: Workload, failed: Candidate) -> st
         "Answer with the complete fixed kernel.",
         docs.rules,
     ])
+
+
+EDIT_INSTRUCTION = (
+    "# Instruction\nApply the plan as edits to the current kernel, not as a new file. For each change write\n"
+    "<<<<<<< OLD\n(exact lines of the current kernel, unique in it)\n=======\n(their replacement)\n>>>>>>> NEW\n"
+    "Give as many such blocks as the plan needs, and nothing else.")
+_EDIT = re.compile(r"<<<<<<< OLD\n(.*?)\n=======\n(.*?)\n?>>>>>>> NEW", re.S)
+
+
+def apply_edits(code: str, response: str) -> str:
+    """The parent's code with the response's OLD/NEW edit blocks applied, each OLD matching exactly once."""
+    edits = _EDIT.findall(response)
+    if not edits:
+        raise ResponseRejected("no <<<<<<< OLD / ======= / >>>>>>> NEW edit blocks in the response")
+    for i, (old, new) in enumerate(edits):
+        count = code.count(old)
+        if count != 1:
+            raise ResponseRejected(f"edit {i + 1}: its OLD text occurs {count} times in the kernel (must be exactly once)")
+        code = code.replace(old, new)
+    return code
+
+
+def extra_menu_prompt(docs: PromptDocs, workload: Workload, parent: Candidate, menu_text: str) -> str:
+    return "\n\n".join([
+        docs.overview,
+        "# The kernel\n" + describe_workload(workload) + f"\n```{parent.language}\n{parent.code}\n```",
+        "# Optimizations already on the menu\n" + menu_text,
+        "# Instruction\nList up to 5 further optimizations that could make THIS kernel faster on this target and "
+        "are not on the menu, one per line as `- [short-id] Title: one-sentence description`.",
+    ])
+
+
+def parse_menu_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if re.match(r"\s*- \[[\w.-]+\] .+", line)][:5]
 
 
 def reference_source(workload: Workload) -> str:
@@ -230,8 +267,11 @@ class LLMProposer:
 
     def __init__(self, client: LLMClient, models: Sequence[str] | None = None, dropout: float = 0.7,
                  prompts_dir: str | Path | None = None, transcript_dir: str | Path | None = None,
-                 skip_planning: bool = False, repair: bool = False, translate: bool = True):
+                 skip_planning: bool = False, repair: bool = False, translate: bool = True, edits: bool = False,
+                 extra_menu: bool = False):
         self.client = client
+        self.edits = edits
+        self.extra_menu = extra_menu
         self.skip_planning = skip_planning
         self.repair_failed = repair
         self.translate_first = translate
@@ -328,18 +368,31 @@ class LLMProposer:
             code=code, plan=todo[k].plan + "\n\nRepaired after: " + (todo[k].result.message or todo[k].result.stage),
             menu_ids=list(todo[k].menu_ids), models=[model], origin=f"llm:{model}"), target.language)]
 
+    def _extra_menu(self, docs: PromptDocs, workload: Workload, parent: Candidate, items: Sequence[Any],
+                    iteration: int) -> list[str]:
+        """Once per parent: the model proposes menu items of its own (Autocomp's LLM-generated menu)."""
+        if not self.extra_menu:
+            return []
+        prompt = extra_menu_prompt(docs, workload, parent, "\n".join(m.as_text() for m in items))
+        (answer,) = self._ask([(self.models[iteration % len(self.models)], prompt, f"menu-{parent.code_hash}")])
+        return parse_menu_lines(answer) if isinstance(answer, str) else []
+
     def propose(self, parent: Candidate, workload: Workload, target: Any, feedback: str, n_plans: int, n_impls: int,
                 rng: random.Random, iteration: int) -> list[Candidate]:
         docs = self.docs(target)
         items = [m for m in target.menu(workload) if parent.knobs is None or m.applies(parent.knobs)]
         ids = [m.id for m in items]
+        extra = self._extra_menu(docs, workload, parent, items, iteration)
+
+        def menu_text() -> str:
+            kept = [m.as_text() for m in (apply_dropout(items, self.dropout, rng) or items)]
+            return "\n".join(kept + [line for line in extra if rng.random() >= self.dropout])
         if self.skip_planning:
             reqs = []
             for p in range(n_plans * n_impls):
-                menu = apply_dropout(items, self.dropout, rng) or items
                 model = self.models[(iteration + p) % len(self.models)]
-                reqs.append((model, one_call_prompt(docs, workload, parent, feedback,
-                                                    "\n".join(m.as_text() for m in menu)), f"code-{iteration}-{parent.id}-{p}"))
+                reqs.append((model, one_call_prompt(docs, workload, parent, feedback, menu_text()),
+                             f"code-{iteration}-{parent.id}-{p}"))
             answers = self._ask(reqs)
             return self._code_candidates(answers, [m for m, _, _ in reqs], parent, "code", lambda k, model, code, text:
                                          Candidate(id=f"i{iteration}-{parent.id}-c{k}", parent_id=parent.id,
@@ -348,9 +401,8 @@ class LLMProposer:
                                                    models=[model], origin=f"llm:{model}"), target.language)
         plan_reqs = []
         for p in range(n_plans):
-            menu = apply_dropout(items, self.dropout, rng) or items
             model = self.models[(iteration + p) % len(self.models)]
-            prompt = plan_prompt(docs, workload, parent, feedback, "\n".join(m.as_text() for m in menu))
+            prompt = plan_prompt(docs, workload, parent, feedback, menu_text())
             plan_reqs.append((model, prompt, f"plan-{iteration}-{parent.id}-{p}"))
         plans = self._ask(plan_reqs)
         impl_reqs, impl_meta = [], []
@@ -360,8 +412,10 @@ class LLMProposer:
                 continue
             for i in range(n_impls):
                 model = self.models[(iteration + p + i) % len(self.models)]
-                impl_reqs.append((model, implement_prompt(docs, workload, parent, plan),
-                                  f"impl-{iteration}-{parent.id}-{p}-{i}"))
+                prompt = implement_prompt(docs, workload, parent, plan)
+                if self.edits:
+                    prompt = prompt.replace(IMPLEMENT_INSTRUCTION, EDIT_INSTRUCTION)
+                impl_reqs.append((model, prompt, f"impl-{iteration}-{parent.id}-{p}-{i}"))
                 impl_meta.append((p, i, plan, plan_model))
         children = []
         for (model, _, _), (p, i, plan, plan_model), answer in zip(impl_reqs, impl_meta, self._ask(impl_reqs)):
@@ -369,6 +423,8 @@ class LLMProposer:
                 self._reject(parent, model, "implement", str(answer))
                 continue
             try:
+                if self.edits:  # the edited kernel must pass the same checks as a whole one
+                    answer = f"```{target.language}\n{apply_edits(parent.code, answer)}```"
                 code = extract_code(answer, target.language)
             except ResponseRejected as exc:
                 self._reject(parent, model, "parse", str(exc))

@@ -222,3 +222,44 @@ def test_cuda_prompts_and_responses():
     with pytest.raises(ResponseRejected, match="cudaMalloc"):
         extract_code("```cuda\n" + root.code.replace("float a = 0.0f;", "float a = 0.0f; cudaMalloc(0, 4);") + "```",
                      "cuda")
+
+
+def test_apply_edits():
+    from autocomp_compile.agents.llm import apply_edits
+
+    code = "int a = 1;\nint b = 2;\nint c = 1;\n"
+    assert apply_edits(code, "<<<<<<< OLD\nint b = 2;\n=======\nint b = 3;\n>>>>>>> NEW") == "int a = 1;\nint b = 3;\nint c = 1;\n"
+    with pytest.raises(ResponseRejected, match="occurs 2 times"):
+        apply_edits(code, "<<<<<<< OLD\n= 1;\n=======\n= 5;\n>>>>>>> NEW")
+    with pytest.raises(ResponseRejected, match="occurs 0 times"):
+        apply_edits(code, "<<<<<<< OLD\nint z;\n=======\nint y;\n>>>>>>> NEW")
+    with pytest.raises(ResponseRejected, match="no <<<<<<< OLD"):
+        apply_edits(code, "rewrite it all")
+
+
+def test_edits_and_extra_menu_through_the_cli(tmp_path):
+    root = CpuTarget().lower(make_workload("gemm", "fp32", m=1, n=N, k=K)).code.strip()
+    body = extract_code(good()).strip()
+    edit = Reply(f"<<<<<<< OLD\n{root}\n=======\n{body}\n>>>>>>> NEW")
+
+    def script(body_, n):
+        prompt = body_["messages"][0]["content"]
+        if "List up to 5 further optimizations" in prompt:
+            return Reply("- [x-tile] Tile the rows: keep x in L1.\nnot a menu line")
+        if "Propose ONE optimization plan" in prompt:
+            return Reply("Menu item: [x-tile]\nReplace the loops.")
+        return edit
+
+    srv = RecordedServer(script)
+    try:
+        argv = cli_args(srv, tmp_path, "--plans", "1", "--impls", "1", "--edits", "--extra-menu", "--no-translate",
+                        "--dropout", "0")
+        assert cli.main(argv) == 0
+    finally:
+        srv.close()
+    plans = [r["messages"][0]["content"] for r in srv.requests if "Propose ONE" in r["messages"][0]["content"]]
+    assert plans and "- [x-tile] Tile the rows" in plans[0]
+    impl = [r["messages"][0]["content"] for r in srv.requests if "OLD" in r["messages"][0]["content"]]
+    assert impl and "<<<<<<< OLD" in impl[0]
+    row = json.loads((tmp_path / "r.json").read_text())
+    assert row["correct"] and row["best_ms"] < row["naive_ms"] and row["best_id"].startswith("i1")
