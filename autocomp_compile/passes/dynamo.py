@@ -45,6 +45,8 @@ class BackendOptions:
     min_speedup: a kernel replaces PyTorch only when its measured speedup over eager reaches this.
     cache_dir: the kernel cache directory (default $AUTOCOMP_CACHE_DIR or ~/.cache/autocomp_compile).
     output_dir: where `search` mode writes its runs. verbose: print a summary per compiled graph.
+    models, api_base: LLM models (`provider::model`) that propose kernels in `search` mode, and an
+        OpenAI-compatible server for them; without models the offline menu-driven proposer searches.
     """
 
     target: str | None = None
@@ -56,6 +58,8 @@ class BackendOptions:
     output_dir: str = "output"
     seed: int = 0
     verbose: bool = True
+    models: tuple[str, ...] = ()  # LLM proposers for search mode (provider::model); default: offline proposer
+    api_base: str | None = None  # OpenAI-compatible server for the models
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "BackendOptions":
@@ -64,8 +68,9 @@ class BackendOptions:
         unknown = sorted(set(options) - names)
         if unknown:
             raise BackendOptionsError(f"unknown autocomp option(s) {unknown}; valid: {sorted(names)}")
-        if "kinds" in options:
-            options["kinds"] = tuple(options["kinds"])
+        for name in ("kinds", "models"):
+            if name in options:
+                options[name] = (options[name],) if isinstance(options[name], str) else tuple(options[name])
         opts = cls(**options)
         if opts.mode not in MODES:
             raise BackendOptionsError(f"autocomp option mode={opts.mode!r}; choose one of {list(MODES)}")
@@ -145,6 +150,12 @@ class Rewriter:
         self.opts = opts
         self.target = target
         self.cache = KernelCache(Path(opts.cache_dir) / "kernels.sqlite" if opts.cache_dir else None)
+        self.proposers = None
+        if opts.models and opts.mode == "search":
+            from autocomp_compile.agents.llm import LLMProposer
+            from autocomp_compile.agents.llm_client import LLMClient
+
+            self.proposers = [LLMProposer(LLMClient(opts.models, api_base=opts.api_base))]
 
     def _kernel_for(self, workload) -> Decision:
         from autocomp_compile.optimize import optimize
@@ -157,7 +168,7 @@ class Rewriter:
             t0 = time.perf_counter()
             _log(self.opts, f"autocomp: searching {name} ({self.opts.budget} candidates) ...")
             result = optimize(workload, self.target, SearchConfig(budget=self.opts.budget, seed=self.opts.seed),
-                              output_dir=self.opts.output_dir, cache=self.cache)
+                              output_dir=self.opts.output_dir, cache=self.cache, proposers=self.proposers)
             _log(self.opts, f"autocomp: {name} searched in {time.perf_counter() - t0:.0f} s")
             entry = self.cache.get(self.target, workload) if result.best is not None else None
             source = "search"

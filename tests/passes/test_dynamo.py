@@ -130,3 +130,15 @@ def test_hugging_face_llama_greedy_tokens_match_eager(dirs):
     replaced = {d.workload.split("_")[0] for r in reports()[n:] for d in r.decisions if d.replaced}
     assert {"mlp", "gemm", "lm"} <= replaced
 
+
+
+def test_llm_models_option_checks_credentials_when_the_backend_compiles(dirs, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    opts = BackendOptions.parse({"mode": "search", "models": "anthropic::claude-x", **dirs})
+    assert opts.models == ("anthropic::claude-x",)
+    from autocomp_compile.agents.llm_client import LLMConfigError
+    from autocomp_compile.passes.dynamo import Rewriter
+    from autocomp_compile.targets.base import get_target
+
+    with pytest.raises(LLMConfigError, match="ANTHROPIC_API_KEY"):
+        Rewriter(opts, get_target("cpu"))
