@@ -45,7 +45,8 @@ def test_warm_on_a_local_ray_cluster_is_idempotent(tmp_path, capsys):
         argv = ["warm", "--model", "tiny-llama", "--kinds", "mlp,lm_head", "--budget", "3", "--timing-ms", "20",
                 "--executor", "ray", "--output-dir", str(tmp_path / "o"), "--quiet", "--json", str(tmp_path / "a.json")]
         assert cli.main(argv) == 0
-        assert "2 search(es)" in capsys.readouterr().out
+        printed = capsys.readouterr()
+        assert "2 search(es)" in printed.out + printed.err
         first = json.loads((tmp_path / "a.json").read_text())
         assert len(first) == 2 and all(r["correct"] and not r["from_cache"] for r in first)
         entries = KernelCache().entries()
@@ -55,6 +56,7 @@ def test_warm_on_a_local_ray_cluster_is_idempotent(tmp_path, capsys):
         assert cli.main(argv) == 0
         second = json.loads((tmp_path / "b.json").read_text())
         assert [r["from_cache"] for r in second] == [True, True]
-        assert "search(es)" not in capsys.readouterr().out  # nothing was submitted the second time
+        printed = capsys.readouterr()
+        assert "search(es)" not in printed.out + printed.err  # nothing was submitted the second time
     finally:
         ray.shutdown()
