@@ -28,6 +28,10 @@ class EvalSettings:
     seed: int = 0
     time_baseline: bool = True
     device: str = "cpu"  # where kernels run; inputs are drawn on the CPU and copied there
+    # A workload moving at least roofline_min_mb (too much for any cache) that a candidate finishes faster
+    # than roofline_factor x the measured memory read bandwidth allows is not trusted (CPU).
+    roofline_min_mb: float = 64.0
+    roofline_factor: float = 2.5  # generous: the bandwidth probe moves 29-41 GB/s within an hour here
 
 
 def _timer(device: str) -> Callable[..., dict]:
@@ -89,6 +93,9 @@ def check_and_time(
     if time.perf_counter is not _PERF_COUNTER or time.perf_counter_ns is not _PERF_COUNTER_NS:
         return dict(correct=False, stage="harness_modified", message="the candidate replaced the harness's timer")
     cand = timing["candidate"]
+    beyond = _beyond_roofline(state, w, cand.median_ms, settings)
+    if beyond:
+        return dict(correct=False, stage="beyond_roofline", message=beyond, latency_ms=cand.median_ms)
     # The timed calls' own output must be right for the inputs of the last call: with activations that
     # change before every call, a kernel that caches results (by pointer or by value) is caught here.
     refresh()
@@ -108,6 +115,23 @@ def check_and_time(
         runs=cand.runs,
         baseline_ms=timing["baseline"].median_ms if "baseline" in timing else None,
     )
+
+
+def _beyond_roofline(state: dict[str, Any], w: Workload, latency_ms: float, settings: EvalSettings) -> str:
+    """Why a latency is physically implausible for this workload on this machine, or "" when it is not."""
+    moved = w.bytes_moved()
+    if settings.device != "cpu" or moved < settings.roofline_min_mb * 1e6 or latency_ms <= 0:
+        return ""
+    if "read_gbps" not in state:
+        from autocomp_compile.targets.cpu.bandwidth import measure_read_bandwidth
+
+        state["read_gbps"] = measure_read_bandwidth()
+    implied = moved / (latency_ms * 1e6)
+    limit = settings.roofline_factor * state["read_gbps"]
+    if implied <= limit:
+        return ""
+    return (f"{latency_ms:.4f} ms implies {implied:.1f} GB/s for {moved / 1e6:.0f} MB, above {settings.roofline_factor}x "
+            f"the measured read bandwidth ({state['read_gbps']:.1f} GB/s): not trusted")
 
 
 class ActivationRefresher:

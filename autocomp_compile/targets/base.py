@@ -23,8 +23,8 @@ class TargetError(RuntimeError):
 class EvalResult:
     """Outcome of building, checking and timing one candidate.
 
-    `stage` names where it stopped: "ok", "compile", "load", "crash", "timeout", "correctness",
-    "inputs_modified"; `message` says why, in words a user can act on.
+    `stage` names where it stopped: "ok", "compile", "load", "crash", "timeout", "runtime", "correctness",
+    "inputs_modified", "harness_modified", "beyond_roofline"; `message` says why, in words a user can act on.
     """
 
     correct: bool

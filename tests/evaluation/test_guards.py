@@ -101,3 +101,24 @@ def test_refreshed_activations_change_between_calls():
     first = inputs["x"].clone()
     r()
     assert not torch.equal(first, inputs["x"]) and not inputs["w_gate"].any()  # weights are left alone
+
+
+def test_doing_the_work_late(tmp_path):
+    """Honest for the correctness calls, then each call returns the previous call's result (work deferred)."""
+    code = hand_gemm(
+        before="static float prev[M * N]; static int calls = 0; float cur[M * N];",
+        store="cur[m * N + n] = s;",
+        after="for (int i = 0; i < M * N; i++) { out[i] = calls >= 2 ? prev[i] : cur[i]; prev[i] = cur[i]; } calls++;",
+    )
+    out = _run(code, tmp_path)
+    assert out["stage"] == "correctness" and "after timing" in out["message"]
+
+
+def test_a_speedup_beyond_the_roofline_is_not_trusted(tmp_path):
+    w = hand_gemm_workload()
+    so = build_ok(hand_gemm(), "scalar", tmp_path).so_path
+    strict = EvalSettings(correctness_sets=1, timing_budget_ms=5, roofline_min_mb=0.0)
+    flagged = check_and_time({"read_gbps": 1e-9}, w, LOADER, (str(so), len(w.tensors)), strict)
+    assert flagged["stage"] == "beyond_roofline" and "not trusted" in flagged["message"]
+    fine = check_and_time({"read_gbps": 1e6}, w, LOADER, (str(so), len(w.tensors)), strict)
+    assert fine["stage"] == "ok"
