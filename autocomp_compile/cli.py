@@ -58,6 +58,9 @@ def _add_search_options(p: argparse.ArgumentParser, budget: int) -> None:
     p.add_argument("--prompts", default=None, help="folder of prompt markdown to use instead of the built-in one")
     p.add_argument("--skip-planning", action="store_true", help="LLM: plan and code in one call")
     p.add_argument("--repair", action="store_true", help="LLM: one more call per failed candidate, with its error")
+    p.add_argument("--wandb", action="store_true",
+                   help="log each search's best latency per round to Weights & Biases (offline without WANDB_API_KEY)")
+    p.add_argument("--wandb-project", default="autocomp-compile")
     p.add_argument("--edits", action="store_true", help="LLM: implement plans as OLD/NEW edits of the parent (long kernels)")
     p.add_argument("--extra-menu", action="store_true",
                    help="LLM: one call per parent for extra menu items of the model's own")
@@ -167,9 +170,23 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
         if len(workloads) > 1:
             label = f"[{i + 1}/{len(workloads)}] {label}"
         cached = cache is not None and cache.get(target, w) is not None
+        logger = None
+        if getattr(args, "wandb", False) and not cached:
+            from autocomp_compile.tracking import WandbLogger
+
+            try:
+                logger = WandbLogger(args.wandb_project, w.name, {"workload": w.describe(), "budget": config.budget,
+                                                                   "target": target.name, "models": args.models},
+                                     directory=args.output_dir)
+            except RuntimeError as exc:
+                raise UsageError(str(exc)) from None
         with search_progress(label, config.budget, enabled=not args.quiet and not cached) as progress:
-            result = optimize(w, target, config, settings, args.output_dir, run_name, progress=progress,
+            from autocomp_compile.tracking import chain
+
+            result = optimize(w, target, config, settings, args.output_dir, run_name, progress=chain(progress, logger),
                               cache=cache, reuse=args.reuse, proposers=proposers)
+        if logger is not None:
+            logger.finish()
         row = summarize(result, w)
         row["label"] = label + (" (cached)" if result.from_cache else "")
         row["target"] = target.fingerprint()
