@@ -208,7 +208,9 @@ _FORBIDDEN = re.compile(r"\b(dlopen|dlsym|system|popen|fork|execv\w*|Py[A-Z]\w*|
 
 
 _LAUNCH = "// autocomp-launch:"
-_FORBIDDEN_CUDA = re.compile(r"(cudaStreamCreate\w*|cudaMalloc\w*|cudaLaunch\w*|<<<|#\s*include|printf\s*\()")
+# The harness launches every kernel on PyTorch's stream; device code must not launch work of its own
+# (dynamic parallelism, fire-and-forget or tail launches run outside the timed region) or allocate.
+_FORBIDDEN_CUDA = re.compile(r"(cudaStream\w*|cudaMalloc\w*|cudaLaunch\w*|cudaGraph\w*|<<<|#\s*include|printf\s*\()")
 
 
 def _cuda_entry(code: str) -> str | None:

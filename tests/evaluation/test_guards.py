@@ -122,3 +122,17 @@ def test_a_speedup_beyond_the_roofline_is_not_trusted(tmp_path):
     assert flagged["stage"] == "beyond_roofline" and "not trusted" in flagged["message"]
     fine = check_and_time({"read_gbps": 1e6}, w, LOADER, (str(so), len(w.tensors)), strict)
     assert fine["stage"] == "ok"
+
+
+@pytest.mark.parametrize("launch", ["child<<<1, 32, 0, cudaStreamFireAndForget>>>(out);",
+                                    "cudaStream_t s; cudaStreamCreateWithFlags(&s, 1);",
+                                    "cudaGraphLaunch(g, 0);"])
+def test_cuda_work_outside_the_harness_stream_is_rejected(launch):
+    """CUDA kernels are launched by the harness on PyTorch's stream; a candidate cannot pick a side stream
+    from the host, and device-side launches (which would run outside the timed region) are refused."""
+    src = ('// autocomp-launch: {"kernels":[{"name":"k","grid":[1,1,1],"block":[32,1,1],"args":["out"]}],"scratch":{}}\n'
+           'extern "C" __global__ void k(float *out) { ' + launch + ' }\n')
+    with pytest.raises(ResponseRejected):
+        extract_code("```cuda\n" + src + "```", "cuda")
+    honest = src.replace(launch, "out[threadIdx.x] = 0.0f;")
+    assert extract_code("```cuda\n" + honest + "```", "cuda").startswith("// autocomp-launch")
