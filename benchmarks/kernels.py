@@ -24,7 +24,7 @@ from rich.table import Table
 from autocomp_compile import EvalSettings, SearchConfig, get_target, make_workload, optimize
 from autocomp_compile.evaluation.worker import IsolatedWorker
 from autocomp_compile.report import search_progress
-from autocomp_compile.search.candidate import Candidate
+from autocomp_compile.passes.kernels import build_loader
 from autocomp_compile.targets.base import require_available
 from autocomp_compile.workload import Workload
 
@@ -37,18 +37,6 @@ def measure_bandwidth(target_name: str) -> float:
     from autocomp_compile.targets.cpu.bandwidth import measure_read_bandwidth
 
     return measure_read_bandwidth()
-
-
-def kernel_loader(target, w: Workload, cand: Candidate) -> tuple[str, tuple]:
-    """Build `cand` and return the worker's loader for it."""
-    evaluator = target.make_evaluator(w)
-    try:
-        built = evaluator.build(cand)
-        if not built.ok:
-            raise RuntimeError(f"cannot rebuild {cand.id}: {built.log}")
-        return evaluator.loader(cand, built.artifact)
-    finally:
-        evaluator.close()
 
 
 def workloads(dtype: str):
@@ -109,9 +97,9 @@ def main() -> None:
             console.print(f"[red]{label}: no correct kernel ({r.stop_reason})")
             continue
         # This machine's timings move by 10-20% between processes: repeat the main pairing and take medians.
-        best_loader = kernel_loader(target, w, r.best)
+        best_loader = build_loader(target, w, r.best)
         rounds = [paired(w, {"autocomp": best_loader}, False) for _ in range(args.rounds)]
-        naive = paired(w, {"naive": kernel_loader(target, w, r.root)}, False)
+        naive = paired(w, {"naive": build_loader(target, w, r.root)}, False)
         ind = None if args.no_inductor else paired(w, {}, True)
         eager_ms = statistics.median(x["eager"]["median_ms"] for x in rounds)
         best_ms = statistics.median(x["autocomp"]["median_ms"] for x in rounds)

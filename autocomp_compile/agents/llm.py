@@ -80,7 +80,17 @@ def describe_workload(workload: Workload) -> str:
             f"Tensors, in the order of `tensors[]`:\n{tensors}\n" + (f"Runtime dims: {dims}.\n" if dims else ""))
 
 
-def plan_prompt(docs: PromptDocs, workload: Workload, parent: Candidate, feedback: str, menu_text: str) -> str:
+PLAN_INSTRUCTION = (
+    "# Instruction\nPropose ONE optimization plan for this kernel: pick the menu item it applies "
+    "(start your answer with `Menu item: [id]`, or `Menu item: [none]`), then describe the concrete changes "
+    "step by step. Do not write the code yet.")
+ONE_CALL_INSTRUCTION = (
+    "# Instruction\nPick ONE optimization (start your answer with `Menu item: [id]` or `Menu item: [none]`), "
+    "say in a few lines what you change, then give the complete new kernel.")
+
+
+def plan_prompt(docs: PromptDocs, workload: Workload, parent: Candidate, feedback: str, menu_text: str,
+                instruction: str = PLAN_INSTRUCTION) -> str:
     latency = f"{parent.latency_ms:.4f} ms" if parent.result and parent.result.correct else "not measured"
     baseline = parent.result.baseline_ms if parent.result else None
     return "\n\n".join([
@@ -91,9 +101,7 @@ def plan_prompt(docs: PromptDocs, workload: Workload, parent: Candidate, feedbac
         f"# Measurements\nLatency: {latency}" + (f"; PyTorch eager: {baseline:.4f} ms" if baseline else "")
         + (f"\nFeedback from the evaluator:\n{feedback}" if feedback else ""),
         "# Optimization menu\n" + menu_text,
-        "# Instruction\nPropose ONE optimization plan for this kernel: pick the menu item it applies "
-        "(start your answer with `Menu item: [id]`, or `Menu item: [none]`), then describe the concrete changes "
-        "step by step. Do not write the code yet.",
+        instruction,
         docs.rules,
     ])
 
@@ -101,13 +109,14 @@ def plan_prompt(docs: PromptDocs, workload: Workload, parent: Candidate, feedbac
 IMPLEMENT_INSTRUCTION = "# Instruction\nApply the plan to the current kernel and answer with the complete new kernel."
 
 
-def implement_prompt(docs: PromptDocs, workload: Workload, parent: Candidate, plan: str) -> str:
+def implement_prompt(docs: PromptDocs, workload: Workload, parent: Candidate, plan: str,
+                     instruction: str = IMPLEMENT_INSTRUCTION) -> str:
     return "\n\n".join([
         docs.overview,
         docs.isa_sections(relevant_words(workload, parent.code)),
         "# The current kernel\n" + describe_workload(workload) + f"\n```{parent.language}\n{parent.code}\n```",
         "# The plan\n" + plan,
-        IMPLEMENT_INSTRUCTION,
+        instruction,
         docs.rules,
     ])
 
@@ -127,13 +136,7 @@ def translate_prompt(docs: PromptDocs, workload: Workload, reference_source: str
 
 def one_call_prompt(docs: PromptDocs, workload: Workload, parent: Candidate, feedback: str, menu_text: str) -> str:
     """Plan and code in one call (--skip-planning): the plan prompt with an instruction to write the code."""
-    plan = plan_prompt(docs, workload, parent, feedback, menu_text)
-    return plan.replace(
-        "# Instruction\nPropose ONE optimization plan for this kernel: pick the menu item it applies "
-        "(start your answer with `Menu item: [id]`, or `Menu item: [none]`), then describe the concrete changes "
-        "step by step. Do not write the code yet.",
-        "# Instruction\nPick ONE optimization (start your answer with `Menu item: [id]` or `Menu item: [none]`), "
-        "say in a few lines what you change, then give the complete new kernel.")
+    return plan_prompt(docs, workload, parent, feedback, menu_text, ONE_CALL_INSTRUCTION)
 
 
 def repair_prompt(docs: PromptDocs, workload: Workload, failed: Candidate) -> str:
@@ -414,9 +417,8 @@ class LLMProposer:
                 continue
             for i in range(n_impls):
                 model = self.models[(iteration + p + i) % len(self.models)]
-                prompt = implement_prompt(docs, workload, parent, plan)
-                if self.edits:
-                    prompt = prompt.replace(IMPLEMENT_INSTRUCTION, EDIT_INSTRUCTION)
+                prompt = implement_prompt(docs, workload, parent, plan,
+                                          EDIT_INSTRUCTION if self.edits else IMPLEMENT_INSTRUCTION)
                 impl_reqs.append((model, prompt, f"impl-{iteration}-{parent.id}-{p}-{i}"))
                 impl_meta.append((p, i, plan, plan_model))
         children = []

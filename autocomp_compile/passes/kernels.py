@@ -39,16 +39,21 @@ class BoundKernel:
         self.run([*inputs, *outputs], dims)
 
 
-def load_kernel(target: Target, workload: Workload, candidate: Candidate) -> KernelFn:
-    """Build `candidate` with the target's own build step and load it into this process."""
+def build_loader(target: Target, workload: Workload, candidate: Candidate) -> tuple[str, tuple]:
+    """Build `candidate` with the target's own build step; returns the `module:function` loader and its args."""
     evaluator = target.make_evaluator(workload)
     try:
         built = evaluator.build(candidate)
         if not built.ok or built.artifact is None:
             raise KernelUnavailable(f"build failed: {built.log.strip()[-500:]}")
-        loader, args = evaluator.loader(candidate, built.artifact)
+        return evaluator.loader(candidate, built.artifact)
     finally:
         evaluator.close()
+
+
+def load_kernel(target: Target, workload: Workload, candidate: Candidate) -> KernelFn:
+    """Build `candidate` and load it into this process."""
+    loader, args = build_loader(target, workload, candidate)
     module, _, fn = loader.partition(":")
     try:
         return getattr(importlib.import_module(module), fn)(*args)

@@ -79,18 +79,23 @@ def rmsnorm_fake(x: Tensor, weight: Tensor, eps: float, key: str) -> Tensor:
 # ---------------------------------------------------------------- GQA attention
 
 
+def _allowed(mask: Tensor) -> Optional[Tensor]:
+    """The positions a boolean or additive (0 / -inf) mask lets attention see; None for any other mask (a bias)."""
+    if mask.dtype == torch.bool:
+        return mask
+    allowed = mask == 0
+    return allowed if bool((allowed | (mask == float("-inf"))).all()) else None
+
+
 def prefix_length(mask: Optional[Tensor], kv_len: int) -> int | None:
     """For a decode mask over the KV cache (every query row the same prefix of True / 0.0 entries),
     the prefix length; None when the mask is anything else."""
     if mask is None:
         return kv_len
-    rows = mask.reshape(-1, mask.shape[-1])
-    if mask.dtype == torch.bool:
-        valid = rows
-    else:
-        valid = rows == 0
-        if not bool((valid | (rows == float("-inf"))).all()):
-            return None
+    allowed = _allowed(mask)
+    if allowed is None:
+        return None
+    valid = allowed.reshape(-1, mask.shape[-1])
     n = int(valid[0].sum())
     if not bool(valid[:, :n].all()) or bool(valid[:, n:].any()):
         return None
@@ -103,10 +108,10 @@ def is_causal_from_start(mask: Optional[Tensor], seq: int, kv_len: int, is_causa
         return is_causal and seq == kv_len
     if is_causal:
         return False
-    rows = mask.reshape(-1, seq, mask.shape[-1])
-    valid = rows if mask.dtype == torch.bool else rows == 0
-    if mask.dtype != torch.bool and not bool((valid | (rows == float("-inf"))).all()):
+    allowed = _allowed(mask)
+    if allowed is None:
         return False
+    valid = allowed.reshape(-1, seq, mask.shape[-1])
     expected = torch.ones(seq, mask.shape[-1], dtype=torch.bool).tril()
     return bool((valid == expected).all())
 
