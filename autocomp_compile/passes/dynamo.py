@@ -10,10 +10,8 @@ replaced by `torch.ops.autocomp.*` calls. Inductor compiles everything else as u
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -22,11 +20,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from autocomp_compile.passes import ALL_KINDS, DEFAULT_KINDS
 from autocomp_compile.passes.fx import Match, find_subgraphs
-from autocomp_compile.passes.kernels import REGISTRY, KernelUnavailable
+from autocomp_compile.passes.selection import MODES, Decision, GraphReport, KernelSelector, log
 from autocomp_compile.targets.base import Target, TargetError, get_target, require_available
-
-MODES = ("cache-only", "search", "off")
-
 
 class BackendOptionsError(ValueError):
     pass
@@ -82,47 +77,6 @@ class BackendOptions:
         return opts
 
 
-@dataclass
-class Decision:
-    """What happened to one workload of a graph (all its occurrences)."""
-
-    kind: str
-    workload: str
-    count: int
-    replaced: bool
-    source: str = ""  # "cache" or "search"
-    speedup: float | None = None
-    reason: str = ""
-    key: str | None = None
-
-
-@dataclass
-class GraphReport:
-    target: str
-    mode: str
-    decisions: list[Decision] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def replaced(self) -> int:
-        return sum(d.count for d in self.decisions if d.replaced)
-
-    @property
-    def total(self) -> int:
-        return sum(d.count for d in self.decisions)
-
-    def summary(self) -> str:
-        lines = [f"autocomp ({self.target}, {self.mode}): replaced {self.replaced} of {self.total} recognised "
-                 f"subgraphs in {self.seconds:.1f} s"]
-        for d in self.decisions:
-            if d.replaced:
-                what = f"{d.source}, {d.speedup:.2f}x eager" if d.speedup else d.source
-                lines.append(f"  + {d.count:3d} x {d.workload}: {what}")
-            else:
-                lines.append(f"  - {d.count:3d} x {d.workload}: not replaced: {d.reason}")
-        return "\n".join(lines)
-
-
 REPORTS: list[GraphReport] = []
 
 
@@ -145,47 +99,10 @@ class Rewriter:
     """Decides, per workload, whether a kernel replaces the subgraph, then rewrites the graph."""
 
     def __init__(self, opts: BackendOptions, target: Target):
-        from autocomp_compile.kernels_cache.store import KernelCache
-
         self.opts = opts
         self.target = target
-        self.cache = KernelCache(Path(opts.cache_dir) / "kernels.sqlite" if opts.cache_dir else None)
-        self.proposers = None
-        if opts.models and opts.mode == "search":
-            from autocomp_compile.agents.llm import LLMProposer
-            from autocomp_compile.agents.llm_client import LLMClient
-
-            self.proposers = [LLMProposer(LLMClient(opts.models, api_base=opts.api_base))]
-
-    def _kernel_for(self, workload) -> Decision:
-        from autocomp_compile.optimize import optimize
-        from autocomp_compile.search.beam import SearchConfig
-
-        kind, name = workload.kind, workload.name
-        entry = self.cache.get(self.target, workload)
-        source = "cache"
-        if entry is None and self.opts.mode == "search":
-            t0 = time.perf_counter()
-            _log(self.opts, f"autocomp: searching {name} ({self.opts.budget} candidates) ...")
-            result = optimize(workload, self.target, SearchConfig(budget=self.opts.budget, seed=self.opts.seed),
-                              output_dir=self.opts.output_dir, cache=self.cache, proposers=self.proposers)
-            _log(self.opts, f"autocomp: {name} searched in {time.perf_counter() - t0:.0f} s")
-            entry = self.cache.get(self.target, workload) if result.best is not None else None
-            source = "search"
-            if entry is None:
-                return Decision(kind, name, 0, False, reason="search found no correct kernel")
-        if entry is None:
-            return Decision(kind, name, 0, False, reason="not in the kernel cache (run `autocomp-compile warm` "
-                            "or use mode='search')")
-        speedup = entry.speedup
-        if speedup is not None and speedup < self.opts.min_speedup:
-            return Decision(kind, name, 0, False, source, speedup, key=entry.key,
-                            reason=f"the best kernel is {speedup:.2f}x eager, below min_speedup {self.opts.min_speedup}")
-        try:
-            REGISTRY.add(entry.key, self.target, workload, entry.candidate())
-        except KernelUnavailable as exc:
-            return Decision(kind, name, 0, False, source, speedup, key=entry.key, reason=str(exc))
-        return Decision(kind, name, 0, True, source, speedup, key=entry.key)
+        self.selector = KernelSelector(target, opts.mode, opts.budget, opts.min_speedup, opts.cache_dir,
+                                       opts.output_dir, opts.seed, opts.models, opts.api_base, opts.verbose)
 
     def rewrite(self, gm: fx.GraphModule) -> GraphReport:
         t0 = time.perf_counter()
@@ -203,7 +120,7 @@ class Rewriter:
                 sig = match.workload.signature()
                 if sig not in decisions:
                     with unset_fake_temporarily():  # real tensors for searching and checking kernels
-                        decisions[sig] = self._kernel_for(match.workload)
+                        decisions[sig] = self.selector.decide(match.workload)
                 d = decisions[sig]
             d.count += 1
             plan.append((match, d))
@@ -217,12 +134,7 @@ class Rewriter:
         return report
 
     def close(self) -> None:
-        self.cache.close()
-
-
-def _log(opts: BackendOptions, text: str) -> None:
-    if opts.verbose:
-        print(text, file=sys.stderr, flush=True)
+        self.selector.close()
 
 
 def autocomp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None,
@@ -248,7 +160,7 @@ def autocomp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options:
         finally:
             rewriter.close()
         REPORTS.append(report)
-        _log(opts, report.summary())
+        log(opts.verbose, report.summary())
         return compile_fx_inner(aten_gm, aten_inputs, **kwargs)
 
     # AOTAutogradCache would hand back a compiled graph without calling inner_compile (no rewrite, no report).

@@ -1,0 +1,125 @@
+"""Which kernel, if any, replaces a recognised subgraph: shared by the torch.compile backend and the TVM pass.
+
+`KernelSelector.decide(workload)` looks the workload up in the kernel cache (or searches for it in
+`search` mode), applies `min_speedup`, loads the kernel into this process and checks it once more
+against the reference. A `Decision` says what happened and why; a `GraphReport` collects them per graph.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from autocomp_compile.passes.kernels import REGISTRY, KernelUnavailable
+
+if TYPE_CHECKING:
+    from autocomp_compile.targets.base import Target
+    from autocomp_compile.workload import Workload
+
+MODES = ("cache-only", "search", "off")
+
+
+@dataclass
+class Decision:
+    """What happened to one workload of a graph (all its occurrences)."""
+
+    kind: str
+    workload: str
+    count: int
+    replaced: bool
+    source: str = ""  # "cache" or "search"
+    speedup: float | None = None
+    reason: str = ""
+    key: str | None = None
+
+
+@dataclass
+class GraphReport:
+    target: str
+    mode: str
+    decisions: list[Decision] = field(default_factory=list)
+    seconds: float = 0.0
+    pipeline: str = "autocomp"
+
+    @property
+    def replaced(self) -> int:
+        return sum(d.count for d in self.decisions if d.replaced)
+
+    @property
+    def total(self) -> int:
+        return sum(d.count for d in self.decisions)
+
+    def summary(self) -> str:
+        lines = [f"{self.pipeline} ({self.target}, {self.mode}): replaced {self.replaced} of {self.total} recognised "
+                 f"subgraphs in {self.seconds:.1f} s"]
+        for d in self.decisions:
+            if d.replaced:
+                what = f"{d.source}, {d.speedup:.2f}x eager" if d.speedup else d.source
+                lines.append(f"  + {d.count:3d} x {d.workload}: {what}")
+            else:
+                lines.append(f"  - {d.count:3d} x {d.workload}: not replaced: {d.reason}")
+        return "\n".join(lines)
+
+
+def log(verbose: bool, text: str) -> None:
+    if verbose:
+        print(text, file=sys.stderr, flush=True)
+
+
+class KernelSelector:
+    """Finds (or searches for) the kernel of a workload and loads it; one per compile, closed after."""
+
+    def __init__(self, target: "Target", mode: str = "cache-only", budget: int = 16, min_speedup: float = 1.0,
+                 cache_dir: str | None = None, output_dir: str = "output", seed: int = 0,
+                 models: tuple[str, ...] = (), api_base: str | None = None, verbose: bool = True):
+        from autocomp_compile.kernels_cache.store import KernelCache
+
+        self.target = target
+        self.mode = mode
+        self.budget = budget
+        self.min_speedup = min_speedup
+        self.output_dir = output_dir
+        self.seed = seed
+        self.verbose = verbose
+        self.cache = KernelCache(Path(cache_dir) / "kernels.sqlite" if cache_dir else None)
+        self.proposers = None
+        if models and mode == "search":
+            from autocomp_compile.agents.llm import LLMProposer
+            from autocomp_compile.agents.llm_client import LLMClient
+
+            self.proposers = [LLMProposer(LLMClient(models, api_base=api_base))]
+
+    def decide(self, workload: "Workload") -> Decision:
+        from autocomp_compile.optimize import optimize
+        from autocomp_compile.search.beam import SearchConfig
+
+        kind, name = workload.kind, workload.name
+        entry = self.cache.get(self.target, workload)
+        source = "cache"
+        if entry is None and self.mode == "search":
+            t0 = time.perf_counter()
+            log(self.verbose, f"autocomp: searching {name} ({self.budget} candidates) ...")
+            result = optimize(workload, self.target, SearchConfig(budget=self.budget, seed=self.seed),
+                              output_dir=self.output_dir, cache=self.cache, proposers=self.proposers)
+            log(self.verbose, f"autocomp: {name} searched in {time.perf_counter() - t0:.0f} s")
+            entry = self.cache.get(self.target, workload) if result.best is not None else None
+            source = "search"
+            if entry is None:
+                return Decision(kind, name, 0, False, reason="search found no correct kernel")
+        if entry is None:
+            return Decision(kind, name, 0, False, reason="not in the kernel cache (run `autocomp-compile warm` "
+                            "or use mode='search')")
+        speedup = entry.speedup
+        if speedup is not None and speedup < self.min_speedup:
+            return Decision(kind, name, 0, False, source, speedup, key=entry.key,
+                            reason=f"the best kernel is {speedup:.2f}x eager, below min_speedup {self.min_speedup}")
+        try:
+            REGISTRY.add(entry.key, self.target, workload, entry.candidate())
+        except KernelUnavailable as exc:
+            return Decision(kind, name, 0, False, source, speedup, key=entry.key, reason=str(exc))
+        return Decision(kind, name, 0, True, source, speedup, key=entry.key)
+
+    def close(self) -> None:
+        self.cache.close()
