@@ -1,0 +1,185 @@
+"""The TVM Relax pass: patterns on Before/Expected modules, regions it must leave alone, cache misses,
+and the tiny Llama's decode step through both frontends (outputs equal before and after the pass)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm")
+pytest.importorskip("onnx")
+from tvm import relax  # noqa: E402
+
+from autocomp_compile.models import build_llama  # noqa: E402
+from autocomp_compile.models.export import (  # noqa: E402
+    PastKVDecodeStep, decode_step_inputs, export_decode_step, export_decode_step_onnx)
+from autocomp_compile.passes.tvm import (  # noqa: E402
+    KERNEL_PREFIX, AutocompPartition, PartitionError, find_regions, kernel_keys)
+from autocomp_compile.passes.tvm_import import from_onnx, from_torch  # noqa: E402
+
+ALL = ("attention", "mlp", "lm_head", "gemm", "rmsnorm")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One kernel cache for the module: each tiny workload is searched once (budget 2)."""
+    return str(tmp_path_factory.mktemp("tvm_cache"))
+
+
+def partition(cache_dir, mode="search", **kw):
+    return AutocompPartition(target="cpu", mode=mode, budget=2, min_speedup=0.0, cache_dir=cache_dir,
+                             output_dir=str(cache_dir) + "/runs", verbose=False, **kw)
+
+
+def tvm_tensor(t: torch.Tensor):
+    return tvm.runtime.tensor(t.numpy())
+
+
+def run(mod, inputs):
+    ex = relax.build(mod, target=tvm.target.Target({"kind": "llvm"}))
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](*inputs)
+    return [o.numpy() for o in out] if isinstance(out, (list, tuple)) or hasattr(out, "__len__") else [out.numpy()]
+
+
+def linear_module(with_weight_param: bool = True):
+    """x [1, 64] @ W[32, 64]^T, W a parameter after num_input (a weight) or a second input (an activation)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 64), "float32"))
+    w = relax.Var("w", relax.TensorType((32, 64), "float32"))
+    attrs = {"num_input": 1} if with_weight_param else {"num_input": 2}
+    with bb.function("main", [x, w], attrs=attrs):
+        with bb.dataflow():
+            wt = bb.emit(relax.op.permute_dims(w, [1, 0]))
+            y = bb.emit(relax.op.matmul(x, wt))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_options_are_checked():
+    with pytest.raises(PartitionError, match="mode"):
+        AutocompPartition(mode="fast")
+    with pytest.raises(PartitionError, match="kinds"):
+        AutocompPartition(kinds=("conv",))
+    with pytest.raises(PartitionError, match="target"):
+        AutocompPartition(target="nki")
+
+
+def test_linear_becomes_kernel_call(cache_dir):
+    before = linear_module()
+    p = partition(cache_dir)
+    after = p(before)
+    [decision] = p.report.decisions
+    assert decision.replaced and decision.workload == "gemm_fp32_k64_m1_n32"
+    # Expected: the weight goes to the kernel as stored ([n, k]); no transpose remains.
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 64), "float32"))
+    w = relax.Var("w", relax.TensorType((32, 64), "float32"))
+    with bb.function("main", [x, w], attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = bb.emit(relax.call_dps_packed(KERNEL_PREFIX + decision.key, [x, w],
+                                              relax.TensorType([1, 32], "float32")))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(after, bb.get())
+    xs, ws = torch.randn(1, 64), torch.randn(32, 64)
+    np.testing.assert_allclose(run(after, [tvm_tensor(xs), tvm_tensor(ws)])[0], (xs @ ws.T).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_activation_matmul_is_left_alone(cache_dir):
+    before = linear_module(with_weight_param=False)  # w is a runtime input: q @ k^T, not a layer
+    assert find_regions(before["main"]) == []
+    after = partition(cache_dir)(before)
+    tvm.ir.assert_structural_equal(after, before)
+
+
+def test_cache_miss_in_cache_only_mode_leaves_region_to_tvm(tmp_path):
+    before = linear_module()
+    p = partition(str(tmp_path / "empty"), mode="cache-only")
+    after = p(before)
+    tvm.ir.assert_structural_equal(after, before)
+    [decision] = p.report.decisions
+    assert not decision.replaced and "not in the kernel cache" in decision.reason
+
+
+def tiny(dtype="fp32"):
+    model = build_llama("tiny-llama", dtype=dtype).eval()
+    return model, decode_step_inputs(model, batch=1, past_len=7)
+
+
+@pytest.fixture(scope="module")
+def tiny_modules(tmp_path_factory):
+    model, example = tiny()
+    onnx_path = export_decode_step_onnx(model, example, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+    return model, example, {"torch": from_torch(export_decode_step(model, example)), "onnx": from_onnx(onnx_path)}
+
+
+@pytest.mark.parametrize("frontend", ["torch", "onnx"])
+def test_patterns_find_every_region_of_the_tiny_llama(tiny_modules, frontend):
+    *_, mods = tiny_modules
+    regions = find_regions(mods[frontend]["main"])
+    counts: dict[str, int] = {}
+    for r in regions:
+        assert r.workload is not None, r.reason
+        counts[r.kind] = counts.get(r.kind, 0) + 1
+    # 2 layers: attention core, q/k/v/o, SwiGLU MLP and 2 norms each; final norm and the LM head.
+    assert counts == {"attention": 2, "gemm": 8, "mlp": 2, "rmsnorm": 5, "lm_head": 1}
+    names = {r.workload.name for r in regions}
+    assert "attention_fp32_batch1_head_dim16_heads4_kv_heads2_kv_len4_max_kv_len8_seq_len256" in names
+    assert "mlp_fp32_batch1_hidden64_intermediate128" in names and "lm_head_fp32_batch1_hidden64_vocab256" in names
+
+
+@pytest.mark.parametrize("frontend", ["torch", "onnx"])
+def test_partitioned_decode_step_matches_the_original(tiny_modules, cache_dir, frontend):
+    model, example, mods = tiny_modules
+    p = partition(cache_dir, kinds=ALL)
+    after = p(mods[frontend])
+    assert p.report.replaced == p.report.total == 18, p.report.summary()
+    assert len(kernel_keys(after)) == 6
+    inputs = [tvm_tensor(t) for t in example]
+    got, original = run(after, inputs), run(mods[frontend], inputs)
+    with torch.no_grad():
+        eager = [t.numpy() for t in PastKVDecodeStep(model)(*example)]
+    assert len(got) == len(eager) == 5
+    for g, o, e in zip(got, original, eager):
+        np.testing.assert_allclose(g, o, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_regions_include_their_casts(cache_dir):
+    model, example = tiny("bf16")
+    mod = from_torch(export_decode_step(model, example))
+    regions = find_regions(mod["main"])
+    attention = [r for r in regions if r.kind == "attention"]
+    # torch's decomposition attends in float32 between casts; the region takes the casts in: a bf16 kernel.
+    assert len(attention) == 2 and all(r.workload.dtype == "bf16" for r in attention)
+    assert sum(r.kind == "mlp" for r in regions) == 2
+    p = partition(cache_dir, kinds=("attention", "mlp"))
+    after = p(mod)
+    assert p.report.replaced == 4, p.report.summary()
+    import ml_dtypes
+
+    inputs = [tvm.runtime.tensor(t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16
+                                 else t.numpy()) for t in example]
+    got, original = run(after, inputs), run(mod, inputs)
+    for g, o in zip(got, original):
+        g, o = g.astype(np.float32), o.astype(np.float32)
+        assert np.linalg.norm(g - o) <= 2e-2 * np.linalg.norm(o)
+
+
+def test_geglu_mlp_is_not_a_swiglu_region(cache_dir):
+    """An MLP with GELU instead of SiLU: its projections are linears, never one SwiGLU kernel."""
+
+    class GeGLU(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(64, 128, bias=False)
+            self.up = torch.nn.Linear(64, 128, bias=False)
+            self.down = torch.nn.Linear(128, 64, bias=False)
+
+        def forward(self, x):
+            return self.down(torch.nn.functional.gelu(self.gate(x)) * self.up(x))
+
+    ep = torch.export.export(GeGLU().eval(), (torch.randn(1, 64),))
+    kinds = [r.kind for r in find_regions(from_torch(ep)["main"])]
+    assert "mlp" not in kinds and kinds.count("gemm") == 3
