@@ -237,6 +237,12 @@ def run_dtype(args, dtype: str) -> dict[str, Any]:
     for row in args.rows:  # one at a time: no build overlaps another process's work
         print(f"[{dtype}] building {row} ...", file=sys.stderr, flush=True)
         proc, conn = start(row, cfg)
+        t0 = time.perf_counter()
+        if not conn.poll(args.build_timeout):
+            proc.kill()
+            errors[row] = f"build did not finish within {args.build_timeout:.0f} s (killed)"
+            print(f"[{dtype}] {row}: {errors[row]}", file=sys.stderr, flush=True)
+            continue
         msg = conn.recv()
         if msg[0] == "error":
             errors[row] = msg[1]
@@ -244,6 +250,7 @@ def run_dtype(args, dtype: str) -> dict[str, Any]:
             proc.join(5)
             continue
         _, facts[row], first[row] = msg
+        facts[row]["ready_s"] = round(time.perf_counter() - t0, 1)
         workers[row] = (proc, conn)
         print(f"[{dtype}] {row} ready: {json.dumps({k: v for k, v in facts[row].items() if k != 'decisions'})}",
               file=sys.stderr, flush=True)
@@ -325,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--work-dir", type=Path, default=Path("output/tvm_bench"))
+    p.add_argument("--build-timeout", type=float, default=1800, help="seconds a row may take to build (and tune)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     results = [run_dtype(args, dtype) for dtype in args.dtypes]
