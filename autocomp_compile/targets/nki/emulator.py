@@ -204,6 +204,7 @@ class Access:
         self._index, self.shape = self._resolve()
 
     def _resolve(self) -> tuple[tuple, tuple[int, ...]]:
+        self._fast: tuple | None = None
         shape = self.tensor.shape
         key = list(self.key)
         if any(k is Ellipsis for k in key):
@@ -217,8 +218,9 @@ class Access:
             if any(isinstance(k, slice) for k in key):
                 raise NkiUnsupported("mixing slices and index grids (nl.arange / nl.mgrid) in one access")
             idx = tuple(np.asarray(k) if _is_grid(k) else np.asarray(int(k)) for k in key)
-            out_shape = np.broadcast_shapes(*(k.shape for k in idx))
-            return idx, tuple(out_shape)
+            out_shape = tuple(np.broadcast_shapes(*(k.shape for k in idx)))
+            self._fast = _affine_view(idx, out_shape, shape)
+            return idx, out_shape
         idx, out_shape = [], []
         for d, (k, n) in enumerate(zip(key, shape)):
             if isinstance(k, slice):
@@ -241,19 +243,34 @@ class Access:
                 return idx, None
             grids = iter(np.ix_(*(np.arange(k.start, k.stop, k.step) for k in idx if isinstance(k, slice))))
             idx = tuple(next(grids) if isinstance(k, slice) else np.asarray(k) for k in idx)
-        m = None if mask is None else np.broadcast_to(np.asarray(mask, dtype=bool), self.shape)
+        if mask is None:  # bounds of an unmasked grid: broadcasting adds no new index values
+            for d, k in enumerate(idx):
+                n = self.tensor.shape[d]
+                if k.size and (k.min() < 0 or k.max() >= n):
+                    bad = int(k.max() if k.max() >= n else k.min())
+                    raise NkiRuleError("out-of-bounds", f"index {bad} of dim {d} (size {n}) of {self.tensor.shape} "
+                                       "without a mask")
+            return idx, None
+        m = np.broadcast_to(np.asarray(mask, dtype=bool), self.shape)
         safe = []
         for d, k in enumerate(idx):
             n = self.tensor.shape[d]
             kb = np.broadcast_to(k, self.shape)
-            live = kb if m is None else kb[m]
+            live = kb[m]
             if live.size and (live.min() < 0 or live.max() >= n):
                 raise NkiRuleError("out-of-bounds", f"index {int(live.max() if live.max() >= n else live.min())} of dim "
-                                   f"{d} (size {n}) of {self.tensor.shape}{'' if m is not None else ' without a mask'}")
-            safe.append(kb if m is None else np.where(m, kb, 0))
+                                   f"{d} (size {n}) of {self.tensor.shape} where the mask is true")
+            safe.append(np.where(m, kb, 0))
         return tuple(safe), m
 
+    def _view(self) -> np.ndarray:
+        """The accessed elements as a view in access order (grids that are plain shifted aranges)."""
+        basic, perm, missing = self._fast  # type: ignore[misc]
+        return np.expand_dims(self.tensor.data[basic].transpose(perm), missing)  # a view: writes go through
+
     def read(self, mask: Any = None) -> np.ndarray:
+        if mask is None and self._fast is not None:
+            return self._view()
         idx, m = self._checked(mask)
         out = self.tensor.data[idx]
         if m is not None:
@@ -271,8 +288,14 @@ class Access:
             mask = value.load_mask  # a masked load assigned to a tile writes only the elements it loaded
         vals = _values(value) if isinstance(value, (Tensor, Access)) else np.asarray(value, dtype=np.float32)
         vals = np.broadcast_to(vals, self.shape).astype(t.dtype)
-        idx, m = self._checked(mask)
-        if m is None:
+        if mask is None and self._fast is not None:
+            self._view()[...] = vals
+            idx, m = (), None
+        else:
+            idx, m = self._checked(mask)
+        if idx == ():
+            pass
+        elif m is None:
             t.data[idx] = vals
         else:
             t.data[tuple(k[m] for k in idx)] = vals[m]
@@ -294,6 +317,34 @@ class Access:
     def __mul__(self, o): return _binary(np.multiply, self, o)
     def __rmul__(self, o): return _binary(np.multiply, o, self)
     def __truediv__(self, o): return _binary(np.divide, self, o)
+
+
+def _affine_view(idx: tuple, out_shape: tuple[int, ...], shape: tuple[int, ...]) -> tuple | None:
+    """Basic slices + axis permutation equal to the grid index `idx`, when each index array is a run of
+    consecutive integers along one output axis (the common `base + nl.arange(n)` form); else None.
+    Out-of-range runs return None so that the checked path reports them."""
+    r = len(out_shape)
+    basic: list[Any] = []
+    axes: list[int] = []
+    for d, k in enumerate(idx):
+        k = k.reshape((1,) * (r - k.ndim) + k.shape)
+        varying = [a for a in range(r) if k.shape[a] > 1]
+        flat = k.reshape(-1)
+        if not varying:
+            v = int(flat[0])
+            if not 0 <= v < shape[d]:
+                return None
+            basic.append(v)
+            continue
+        if len(varying) > 1 or varying[0] in axes:
+            return None
+        lo, hi = int(flat[0]), int(flat[-1])
+        if hi - lo + 1 != flat.size or lo < 0 or hi >= shape[d] or (flat.size > 2 and not np.all(np.diff(flat) == 1)):
+            return None
+        basic.append(slice(lo, hi + 1))
+        axes.append(varying[0])
+    perm = tuple(int(i) for i in np.argsort(axes))
+    return tuple(basic), perm, tuple(a for a in range(r) if a not in axes)
 
 
 def _values(x: Any) -> np.ndarray:
@@ -477,8 +528,9 @@ def _contiguous_bytes(acc: Access, mask: Any) -> int:
             if length != t.shape[d] or k.step != 1:
                 break
         return run * item
-    flat = np.ravel_multi_index(tuple(np.broadcast_to(k, acc.shape) for k in idx), t.shape).reshape(-1, acc.shape[-1])
-    steps = np.diff(flat[0])
+    first_row = (0,) * (len(acc.shape) - 1)
+    flat = np.ravel_multi_index(tuple(np.broadcast_to(k, acc.shape)[first_row] for k in idx), t.shape)
+    steps = np.diff(flat)
     return (1 + int((steps == 1).cumprod().sum())) * item
 
 
