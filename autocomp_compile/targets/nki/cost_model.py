@@ -20,7 +20,9 @@ Sources and assumptions
   eff = min(1, contiguous bytes per descriptor / 512) (descriptors under 512 B waste bandwidth), and completes
   2 us after that (fixed DMA latency, overlappable with other work).
 
-Scheduling: instructions issue in program order per engine. An instruction starts when its engine is free,
+Scheduling: compute instructions issue in program order per engine; DMAs are spread over the core's 16 queues,
+so a transfer starts as soon as its inputs are ready and the shared bandwidth has a free slot (a load never
+waits behind an unrelated store). An instruction starts when its engine (or bandwidth slot) is free,
 the tiles it reads are written (RAW), and the tiles it writes are no longer being read or written (WAR/WAW).
 Iterations of `nl.sequential_range` wait for everything before them; `nl.affine_range` iterations overlap
 as far as these dependencies allow (fresh tiles per iteration are what lets DMA run ahead of compute).
@@ -28,6 +30,7 @@ The latency is the time the last instruction completes.
 """
 from __future__ import annotations
 
+import bisect
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +81,24 @@ class Estimate:
                 "dma_bytes": self.dma_bytes, "simulated": True, "model": self.model, "bottleneck": self.bottleneck}
 
 
+class _Bandwidth:
+    """Busy intervals of the shared DMA bandwidth; a transfer takes the first free slot after it is ready."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+
+    def place(self, ready: float, length: float) -> float:
+        i = bisect.bisect_right(self.ends, ready)
+        t = ready
+        while i < len(self.starts) and self.starts[i] < t + length:
+            t = max(t, self.ends[i])
+            i += 1
+        self.starts.insert(i, t)
+        self.ends.insert(i, t + length)
+        return t
+
+
 def estimate(ops: list[Op]) -> Estimate:
     """Schedule the trace `ops` on one trn1 NeuronCore and return the simulated latency."""
     engine_free: dict[str, float] = defaultdict(float)
@@ -85,15 +106,20 @@ def estimate(ops: list[Op]) -> Estimate:
     last_read: dict[int, float] = defaultdict(float)  # buffer -> when its last reader finishes
     busy: dict[str, float] = defaultdict(float)
     floor, end, epoch = 0.0, 0.0, 0
+    bandwidth = _Bandwidth()
     for op in ops:
         if op.barrier != epoch:
             epoch, floor = op.barrier, end
         occ, lat = op_seconds(op)
-        start = max(floor, engine_free[op.engine], *(ready[b] for b in op.reads), *(ready[b] for b in op.writes),
+        start = max(floor, *(ready[b] for b in op.reads), *(ready[b] for b in op.writes),
                     *(last_read[b] for b in op.writes))
+        if op.engine == "dma":
+            start = bandwidth.place(start, occ)
+        else:
+            start = max(start, engine_free[op.engine])
         finish = start + occ
         done = finish + lat
-        engine_free[op.engine] = finish
+        engine_free[op.engine] = max(engine_free[op.engine], finish)
         busy[op.engine] += occ
         for b in op.reads:
             last_read[b] = max(last_read[b], done)

@@ -471,7 +471,7 @@ def sequential_range(*args: int) -> Iterator[int]:
 def _alloc(shape: Any, dtype: Any, buffer: str, fill: float, name: str = "") -> Tensor:
     shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
     dt = np.dtype(dtype)
-    return Tensor(np.full(shape, fill if dt.kind == "f" else 0, dtype=dt), buffer or sbuf, name)
+    return Tensor(np.full(shape, fill if dt.kind not in "iub" else 0, dtype=dt), buffer or sbuf, name)
 
 
 def ndarray(shape: Any, dtype: Any, buffer: str = sbuf, name: str = "", **_: Any) -> Tensor:
@@ -507,7 +507,7 @@ def _dma(acc: Access, tile: Tensor, name: str, mask: Any) -> None:
     nbytes = int(np.prod(acc.shape)) * t.dtype.itemsize
     _record("dma", name, [tile] if name == "store" else [], tile if name == "load" else None,
             free=_free(acc.shape), partitions=acc.shape[0] if acc.shape else 1, bytes=nbytes,
-            chunk_bytes=_contiguous_bytes(acc, mask))
+            chunk_bytes=builtins.min(_contiguous_bytes(acc, mask), _free(acc.shape) * t.dtype.itemsize))  # one partition per descriptor
 
 
 def _contiguous_bytes(acc: Access, mask: Any) -> int:
