@@ -298,7 +298,8 @@ def nki_menu(w: Workload) -> list[MenuItem]:
                     "load_k", choices["load_k"]),
             _retune("batch_transposes", "Fill a PSUM bank with transposes",
                     "Transpose several 128x128 weight blocks into one 2 KiB PSUM bank (up to 512 fp32 per partition) "
-                    "and evacuate them with one copy: fewer fixed-cost instructions.", "tb", choices["tb"]),
+                    "and evacuate them with one copy: fewer fixed-cost instructions.", "tb", choices["tb"],
+                    lambda k: k["load_k"] > 128),
             MenuItem("split_evacuation", "Split PSUM evacuation over two engines",
                      "Alternate the PSUM-to-SBUF copies of transposed weights between the Vector Engine "
                      "(tensor_copy) and the Scalar Engine (activation copy), so both work in parallel.",

@@ -81,7 +81,7 @@ def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
             k["causal_skip"] = False
         else:
             k["group"] = False
-            k["kv_tile"] = min(k["kv_tile"], max(P, w.params["seq_len"] // P * P))
+            k["kv_tile"] = min(k["kv_tile"], max(P, -(-w.params["seq_len"] // P) * P))
     return k
 
 
