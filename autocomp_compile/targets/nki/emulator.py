@@ -279,6 +279,8 @@ class Access:
 
     def write(self, value: Any, mask: Any = None) -> None:
         t = self.tensor
+        if isinstance(value, Access) and getattr(value, "accumulated", False) and value.tensor is t:
+            return  # `tile[idx] += matmul` already accumulated in place
         fresh = isinstance(value, Tensor) and value.producer is not None and value.read_count == 0
         if isinstance(value, Tensor) and value.producer is not None and value.producer.name.startswith("matmul") \
                 and t.buffer != "psum":
@@ -309,6 +311,21 @@ class Access:
 
     def values(self) -> np.ndarray:
         return self.read()
+
+    def __iadd__(self, other: Any) -> Any:
+        """`psum[idx] += nc_matmul(...)` accumulates in PSUM on the Tensor Engine; otherwise a VectorE add."""
+        t = self.tensor
+        if t.buffer == "psum" and isinstance(other, Tensor) and other.producer is not None \
+                and other.producer.name.startswith("matmul") and other.read_count == 0 \
+                and (self._fast is not None or not any(isinstance(k, np.ndarray) for k in self._index)):
+            view = self._view() if self._fast is not None else t.data[self._index]
+            view[...] = (view.astype(np.float32) + other.data).astype(t.dtype)
+            other.producer.reads.append(t.buf)
+            other.producer.writes.append(t.buf)
+            other.read_count += 1
+            self.accumulated = True
+            return self
+        return _binary(np.add, self, other)
 
     def __add__(self, o): return _binary(np.add, self, o)
     def __radd__(self, o): return _binary(np.add, o, self)

@@ -148,3 +148,22 @@ def test_dma_descriptor_size_is_recorded():
         "    return out\n")
     ops = [op for op in run(body, bf16(128, 128)).ops if op.engine == "dma"]
     assert [op.chunk_bytes for op in ops] == [128, 2, 128]
+
+
+def test_psum_slice_accumulation_stays_on_the_tensor_engine():
+    body = (
+        "    out = nl.ndarray((128, 256), dtype=nl.float32, buffer=nl.shared_hbm)\n"
+        "    acc = nl.zeros((128, 256), nl.float32, buffer=nl.psum)\n"
+        "    for k in nl.affine_range(2):\n"
+        "        s = nl.load(a[k * 128:(k + 1) * 128, 0:128])\n"
+        "        m = nl.load(a[k * 128:(k + 1) * 128, 0:128])\n"
+        "        acc[:, 0:128] += nisa.nc_matmul(s, m)\n"
+        "        acc[:, 128:256] += nisa.nc_matmul(s, m)\n"
+        "    nl.store(out, value=nl.copy(acc))\n"
+        "    return out\n")
+    a = bf16(256, 128)
+    res = run(body, a)
+    f = a.astype(np.float32)
+    ref = f[:128].T @ f[:128] + f[128:].T @ f[128:]
+    np.testing.assert_allclose(res.outputs[0], np.concatenate([ref, ref], axis=1), rtol=1e-4, atol=1e-3)
+    assert [op.engine for op in res.ops if op.engine != "dma"] == ["tensor"] * 4 + ["vector"]
