@@ -22,6 +22,7 @@ from rich.table import Table
 
 from autocomp_compile import EvalSettings, SearchConfig, get_target, make_workload, optimize
 from autocomp_compile.report import search_progress
+from autocomp_compile.targets.nki.evaluate import check_and_estimate
 
 os.environ.setdefault("AUTOCOMP_NKI_BACKEND", "emulator")  # simulated numbers even on a trn1 host
 
@@ -41,7 +42,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=int, default=16, help="candidates per workload, the naive kernel included")
     ap.add_argument("--only", default="", help="comma-separated keys: rmsnorm,attention,prefill,mlp,lm_head")
-    ap.add_argument("--sets", type=int, default=1, help="fresh random input sets per candidate")
+    ap.add_argument("--sets", type=int, default=1, help="fresh random input sets per candidate during the search")
+    ap.add_argument("--verify-sets", type=int, default=3, help="fresh input sets the naive and best kernels are "
+                    "re-checked on afterwards (the seed's correctness check)")
     ap.add_argument("--output-dir", default="output")
     ap.add_argument("--json", dest="json_path", default="")
     args = ap.parse_args()
@@ -57,12 +60,16 @@ def main() -> int:
             res = optimize(w, target, config, EvalSettings(correctness_sets=args.sets, timeout_s=900),
                            output_dir=args.output_dir, progress=progress)
         naive, best = res.root, res.best
+        # The search checked each candidate on --sets input sets; re-check the two reported kernels on more.
+        verify = EvalSettings(correctness_sets=args.verify_sets, seed=20261127)
+        verified = [check_and_estimate({}, w, "", (c.code,), verify) if c else {"correct": False} for c in (naive, best)]
         rows.append({
             "workload": label, "key": key, "shape": w.describe(),
             "naive_us_simulated": naive.latency_ms * 1e3 if naive and naive.result and naive.result.correct else None,
             "best_us_simulated": best.latency_ms * 1e3 if best else None,
-            "naive_correct": bool(naive and naive.result and naive.result.correct),
-            "best_correct": bool(best and best.result and best.result.correct),
+            "naive_correct": bool(naive and naive.result and naive.result.correct and verified[0]["correct"]),
+            "best_correct": bool(best and best.result and best.result.correct and verified[1]["correct"]),
+            "verified_input_sets": args.verify_sets,
             "best_max_abs_error": best.result.max_abs_error if best else None,
             "best_menu_ids": best.menu_ids if best else [],
             "best_knobs": best.knobs if best else None,

@@ -137,7 +137,7 @@ def _matvec(k: dict[str, Any], w_name: str, acc: str, n_expr: str, kdim: int, x_
 
 
 def _x_block(k: dict[str, Any], src: str) -> str:
-    return f"xT[i_p, kt * B + i_b]" if k["hoist_x"] else f"nl.load({src}[i_b, kt * 128 + i_p])"
+    return "xT[i_p, kt * B + i_b]" if k["hoist_x"] else f"nl.load({src}[i_b, kt * 128 + i_p])"
 
 
 def _gemv(w: Workload, k: dict[str, Any]) -> str:
@@ -290,7 +290,6 @@ def _attention(w: Workload, k: dict[str, Any]) -> str:
         ]
         k_src, v_src = "k_cache[b, kvh, k0 + i_kv, i_dd]", "v_cache[b, kvh, k0 + i_kv, i_dd]"
         mask_pred = "k0 + i_sf < kv_len"
-        q0 = None
     else:
         m = P
         sig = "def kernel(q, k, v):"
@@ -310,7 +309,6 @@ def _attention(w: Workload, k: dict[str, Any]) -> str:
         ]
         k_src, v_src = "k[b, kvh, k0 + i_kv, i_dd]", "v[b, kvh, k0 + i_kv, i_dd]"
         mask_pred = f"(k0 + i_sf <= q0 + i_m) & (k0 + i_sf < {p['seq_len']})"
-        q0 = "q0"
     skip = bool(k["causal_skip"]) and not decode
     nb = f"min(NB, (q0 + {128 + kt - 1}) // {kt})" if skip else "NB"
     body = list(setup)
