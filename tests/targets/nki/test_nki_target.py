@@ -104,3 +104,5 @@ def test_search_improves_simulated_latency_and_labels_it(name, tmp_path, monkeyp
     assert result.best.result.extra["simulated"] is True
     entry = cache.get(get_target("nki"), w)
     assert entry is not None and entry.fingerprint["simulated"] is True
+    hit = optimize(w, "nki", output_dir=tmp_path, cache=cache)
+    assert hit.from_cache and hit.best.result.extra["simulated"] is True
