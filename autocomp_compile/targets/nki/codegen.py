@@ -13,7 +13,7 @@ from typing import Any
 
 from autocomp_compile.workload import Workload
 
-CODEGEN_VERSION = "nki-1"
+CODEGEN_VERSION = "nki-2"
 P = 128
 
 HEADER = """import neuronxcc.nki as nki
@@ -326,13 +326,17 @@ def _attention(w: Workload, k: dict[str, Any]) -> str:
         "    s_ps = nisa.nc_matmul(qT, kT)",
         f"    s_sb[i_m, k0 + i_sf] = nisa.affine_select(pred={mask_pred}, on_true_tile=s_ps, on_false_value=-30000.0)",
     ]
+    # Probabilities feed the P @ V matmul in bf16 for decode (many keys per row average the rounding out) and
+    # in fp32 for prefill, where early rows attend to a handful of keys and bf16 P misses the bf16 tolerance.
+    pdt = "q.dtype" if decode else "nl.float32"
+    first = pdt if k["defer_norm"] else "nl.float32"  # one rounding: normalise in fp32, then cast
     if k["exp_fused"]:
         body += [
             "mx = nl.max(s_sb, axis=1, keepdims=True)",
             f"nmx = nl.multiply(mx, {-scale!r})",
             f"rs = nl.ndarray(({m}, 1), nl.float32, buffer=nl.sbuf)",
             f"pr = nisa.activation_reduce(op=nl.exp, data=s_sb, bias=nmx, scale={scale!r}, reduce_op=nl.add, "
-            "reduce_res=rs, dtype=q.dtype)",
+            f"reduce_res=rs, dtype={first})",
         ]
     else:
         body += [
@@ -340,10 +344,10 @@ def _attention(w: Workload, k: dict[str, Any]) -> str:
             "sh = nl.subtract(s_sb, mx)",
             f"e = nl.exp(nl.multiply(sh, {scale!r}), dtype=nl.float32)",
             "rs = nl.sum(e, axis=1, keepdims=True)",
-            "pr = nl.copy(e, dtype=q.dtype)",
+            f"pr = nl.copy(e, dtype={first})",
         ]
     if not k["defer_norm"]:
-        body += ["inv = nl.reciprocal(rs)", "pr = nl.multiply(pr, inv, dtype=q.dtype)"]
+        body += ["inv = nl.reciprocal(rs)", f"pr = nl.multiply(pr, inv, dtype={pdt})"]
     if k["psum_acc"]:
         body.append(f"o_acc = nl.zeros(({m}, {d}), nl.float32, buffer=nl.psum)")
     else:
@@ -353,9 +357,9 @@ def _attention(w: Workload, k: dict[str, Any]) -> str:
         f"for c in {loop}({pv_range}):",
         f"    for t in range({kt // P}):",
         f"        k0 = c * {kt} + t * 128",
-        "        vb = nl.zeros((128, " + str(d) + "), k_dtype, buffer=nl.sbuf)",
-        f"        vb[i_kv, i_dd] = nl.load({v_src}, mask=k0 + i_kv < {length})",
-        "        pT = nl.copy(nisa.nc_transpose(pr[i_m, k0 + i_kt]), dtype=q.dtype)  # [128 kv, M]",
+        f"        vb = nl.zeros((128, {d}), {'k_dtype' if decode else 'nl.float32'}, buffer=nl.sbuf)",
+        f"        vb[i_kv, i_dd] = nl.load({v_src}, mask=k0 + i_kv < {length}, dtype=vb.dtype)",
+        f"        pT = nl.copy(nisa.nc_transpose(pr[i_m, k0 + i_kt]), dtype={pdt})  # [128 kv, M]",
     ]
     if k["psum_acc"]:
         body.append("        o_acc += nisa.nc_matmul(pT, vb)")

@@ -722,8 +722,14 @@ def _activation_reduce(op: Any, data: Any, reduce_op: Any, reduce_res: Tensor, b
     """As activation, and also writes the sum along the free axis into `reduce_res` [P, 1]."""
     if reduce_op is not add:
         raise NkiUnsupported("activation_reduce with a reduce_op other than nl.add")
-    out = _activation(op, data, bias, scale, dtype)
-    reduce_res.data[...] = out.data.astype(np.float32).sum(axis=1, keepdims=True).astype(reduce_res.dtype)
+    x = _f32(data)
+    sc = _f32(scale) if isinstance(scale, (Tensor, Access)) else np.float32(scale)
+    b = _f32(bias) if isinstance(bias, (Tensor, Access)) else np.float32(0.0 if bias is None else bias)
+    with np.errstate(all="ignore"):
+        vals = _np_of(op)(x * sc + b)
+    out = _unary_result(vals, np.dtype(dtype) if dtype is not None else _dtype_of(data), [data, scale, bias],
+                        "scalar", "activation")
+    reduce_res.data[...] = vals.sum(axis=1, keepdims=True).astype(reduce_res.dtype)  # reduced before the cast
     out.producer.writes.append(reduce_res.buf)  # type: ignore[union-attr]
     return out
 
