@@ -19,8 +19,8 @@ WORKLOADS = {
     "lm_head": make_workload("lm_head", hidden=256, vocab=640),
     "rmsnorm": make_workload("rmsnorm", hidden=512),
     "rmsnorm_rows": make_workload("rmsnorm", rows=130, hidden=96),
-    "attention_decode": make_workload("attention", heads=8, kv_heads=2, head_dim=64, kv_len=300, max_kv_len=512),
-    "attention_prefill": make_workload("attention", phase="prefill", heads=4, kv_heads=2, head_dim=64, seq_len=200),
+    "attention_decode": make_workload("attention", heads=4, kv_heads=1, head_dim=64, kv_len=300, max_kv_len=512),
+    "attention_prefill": make_workload("attention", phase="prefill", heads=2, kv_heads=1, head_dim=64, seq_len=160),
     "mlp_fp32": make_workload("mlp", "fp32", hidden=128, intermediate=256),
 }
 SETTINGS = _Settings(correctness_sets=2, seed=3)
@@ -97,7 +97,7 @@ def test_search_improves_simulated_latency_and_labels_it(name, tmp_path, monkeyp
     monkeypatch.setattr(neuron, "neuronxcc_version", lambda: "")
     w = WORKLOADS[name]
     cache = KernelCache(tmp_path / "kernels.sqlite")
-    result = optimize(w, "nki", SearchConfig(budget=10, beam_size=2, iterations=4, seed=0),
+    result = optimize(w, "nki", SearchConfig(budget=8, beam_size=2, iterations=4, seed=0),
                       EvalSettings(correctness_sets=1), output_dir=tmp_path, cache=cache)
     assert result.root.result.correct and result.best.result.correct
     assert result.best.latency_ms < 0.8 * result.root.latency_ms
