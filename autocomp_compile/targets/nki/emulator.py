@@ -203,6 +203,8 @@ class Access:
         self.key = key if isinstance(key, tuple) else (key,)
         self._index, self.shape = self._resolve()
 
+    dtype = property(lambda self: self.tensor.dtype)
+
     def _resolve(self) -> tuple[tuple, tuple[int, ...]]:
         self._fast: tuple | None = None
         shape = self.tensor.shape
