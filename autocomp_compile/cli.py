@@ -200,7 +200,8 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
             console.print(f"[red]{label}: no correct kernel found ({result.stop_reason})")
     from rich.console import Console
 
-    Console(width=max(120, Console().width)).print(results_table(rows, f"autocomp-compile on {target.name} ({args.dtype})"))
+    simulated = " - SIMULATED latencies (emulator + cost model)" if target.fingerprint().get("simulated") else ""
+    Console(width=max(120, Console().width)).print(results_table(rows, f"autocomp-compile on {target.name} ({args.dtype}){simulated}"))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(rows if len(rows) > 1 else rows[0], indent=2, default=str))
     return rows

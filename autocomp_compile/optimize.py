@@ -120,6 +120,7 @@ def reuse_seeds(target: Target, workload: Workload, entries: "list[CacheEntry]")
 def _from_cache(entry: "CacheEntry") -> SearchResult:
     cand = entry.candidate()
     cand.result = EvalResult(correct=True, stage="ok", latency_ms=entry.latency_ms, baseline_ms=entry.baseline_ms,
-                             latency_p99_ms=entry.evidence.get("p99_ms"), extra={"from_cache": entry.key})
+                             latency_p99_ms=entry.evidence.get("p99_ms"),
+                             extra={"from_cache": entry.key, "simulated": bool(entry.fingerprint.get("simulated"))})
     return SearchResult(root=None, best=cand, candidates=[], iterations=0, stop_reason="cache hit",
                         baseline_ms=entry.baseline_ms, evaluated_now=0, cache_key=entry.key)

@@ -268,3 +268,82 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
                     "threads", choices["threads"], tiled),
         ]
     return items
+
+
+def nki_menu(w: Workload) -> list[MenuItem]:
+    """The NKI (Trainium) optimization menu for workload `w`."""
+    from autocomp_compile.targets.nki.codegen import KNOB_CHOICES as NKI_CHOICES
+    from autocomp_compile.targets.nki.codegen import family as nki_family
+
+    fam = nki_family(w.kind)
+    choices = NKI_CHOICES[fam]
+    items: list[MenuItem] = [
+        MenuItem("affine_loops", "Affine instead of sequential loops",
+                 "Declare loops without loop-carried dependencies with nl.affine_range: the scheduler may overlap "
+                 "iterations and double-buffer the tiles allocated in the loop body (the next tile's DMA runs while "
+                 "this tile is computed), where nl.sequential_range waits for each iteration to finish.",
+                 lambda k: k["loop"] == "sequential", lambda k, r: {**k, "loop": "affine"}),
+    ]
+    if fam == "gemv":
+        items += [
+            _switch_on("hoist_x", "Hoist activation loads; keep x^T in SBUF",
+                       "Load the activation's transposed blocks once before the loops and keep them in SBUF across "
+                       "iterations, instead of a DMA per weight tile.", "hoist_x"),
+            _switch_on("psum_accumulate", "Accumulate in PSUM",
+                       "Accumulate the contraction blocks of each output tile in one PSUM tile (acc += nc_matmul), "
+                       "instead of copying every partial product out and adding it on the Vector Engine.", "psum_acc"),
+            _retune("block_free_dim", "Block the free dimension of weight loads",
+                    "Load wider weight tiles (128 partitions x load_k columns) with one DMA and walk them with a "
+                    "constant inner loop of 128-column transposes: fewer, larger DMAs (>= 512 B per descriptor).",
+                    "load_k", choices["load_k"]),
+            _retune("batch_transposes", "Fill a PSUM bank with transposes",
+                    "Transpose several 128x128 weight blocks into one 2 KiB PSUM bank (up to 512 fp32 per partition) "
+                    "and evacuate them with one copy: fewer fixed-cost instructions.", "tb", choices["tb"],
+                    lambda k: k["load_k"] > 128),
+            MenuItem("split_evacuation", "Split PSUM evacuation over two engines",
+                     "Alternate the PSUM-to-SBUF copies of transposed weights between the Vector Engine "
+                     "(tensor_copy) and the Scalar Engine (activation copy), so both work in parallel.",
+                     lambda k: k["evac"] == "vector", lambda k, r: {**k, "evac": "split"}),
+        ]
+        if w.kind == "mlp":
+            items.append(_switch_on("fuse_epilogue", "Fuse SiLU * up into the matmul epilogue",
+                                    "Apply SiLU on the Scalar Engine straight from the gate's PSUM tile and multiply "
+                                    "by the up projection's PSUM tile, writing SwiGLU(x)^T into SBUF once, instead of "
+                                    "copying both to SBUF first.", "fuse"))
+    elif fam == "rmsnorm":
+        items += [
+            _switch_on("spread_partitions", "Spread the row over 128 partitions",
+                       "Lay one row out as [128, hidden/128] so every engine works on 128 lanes, and sum the "
+                       "per-partition squares across partitions with a matmul by a ones tile.", "spread"),
+            _switch_on("fuse_square_reduce", "Fuse square and sum",
+                       "Square on the Scalar Engine and reduce along the free axis in the same instruction "
+                       "(nisa.activation_reduce).", "fused_sq"),
+            _switch_on("fuse_scale", "Fuse the normalisation scale",
+                       "Scale by rstd as the activation's per-partition scale, then multiply by the weight: one "
+                       "instruction fewer per tile.", "fused_scale"),
+        ]
+    else:
+        items += [
+            _retune("kv_tile", "Retune the KV tile",
+                    "Compute scores for 128, 256 or 512 keys per matmul (moving free size up to 512, one PSUM bank), "
+                    "transposing several K blocks into one PSUM tile.", "kv_tile", choices["kv_tile"]),
+            _switch_on("fused_exp", "Fused exp with bias, scale and row sum",
+                       "Compute exp(scale * s - scale * max) and the row sum in one Scalar Engine instruction "
+                       "(activation_reduce with a per-partition bias).", "exp_fused"),
+            _switch_on("psum_accumulate", "Accumulate P @ V in PSUM",
+                       "Accumulate the output over KV blocks in PSUM instead of copying each block's product out.",
+                       "psum_acc"),
+            _switch_on("defer_normalization", "Normalise the output, not the probabilities",
+                       "Divide the [queries, head_dim] output by the row sums once at the end instead of "
+                       "normalising the [queries, kv_len] probabilities.", "defer_norm"),
+        ]
+        if w.params["phase"] == "decode":
+            items.append(_switch_on("gqa_group", "Share K/V across the GQA group",
+                                    "Process all query heads of a KV head as rows of one matmul: each K/V block is "
+                                    "loaded and transposed once per group instead of once per query head.", "group"))
+        else:
+            items.append(_switch_on("causal_skip", "Skip fully masked KV blocks",
+                                    "With a causal mask, stop the KV loops at the diagonal block of each query "
+                                    "block (the loop bound is static once the query-block loop is unrolled).",
+                                    "causal_skip"))
+    return items

@@ -31,6 +31,8 @@ class RoundEvaluator:
 
     # Stages after which the worker process is replaced (its state may be corrupt, e.g. a CUDA context).
     restart_after: tuple[str, ...] = ()
+    # The `module:function` the worker runs per candidate (a target may check and time in its own way).
+    job: str = _JOB
 
     def __init__(self, workload: Workload, build_dir: Path, settings: EvalSettings | None = None, build_workers: int | None = None):
         self.workload = workload
@@ -61,7 +63,7 @@ class RoundEvaluator:
             settings = dataclasses.replace(self.settings, seed=self.settings.seed * 1_000_003 + int(cand.code_hash[:8], 16))
             loader, args = self.loader(cand, b.artifact)
             try:
-                res = EvalResult(**self._worker.run(_JOB, self.workload, loader, args, settings, timeout_s=self.settings.timeout_s))
+                res = EvalResult(**self._worker.run(self.job, self.workload, loader, args, settings, timeout_s=self.settings.timeout_s))
             except WorkerTimeout as exc:
                 res = EvalResult.failure("timeout", str(exc))
             except WorkerCrash as exc:

@@ -91,6 +91,7 @@ class Evaluator(Protocol):
 _FACTORIES: dict[str, str] = {
     "cpu": "autocomp_compile.targets.cpu.target:CpuTarget",
     "cuda": "autocomp_compile.targets.cuda.target:CudaTarget",
+    "nki": "autocomp_compile.targets.nki.target:NkiTarget",
 }
 _INSTANCES: dict[str, Target] = {}
 

@@ -1,0 +1,69 @@
+"""The NXDI helper's wiring, with stand-in NXDI modules and our NKI kernel run on the emulator
+(the real substitution is UNVERIFIED until run on a trn1)."""
+from __future__ import annotations
+
+import torch
+
+from autocomp_compile import make_workload
+from autocomp_compile.targets.nki import codegen, nxdi
+from autocomp_compile.targets.nki.emulator import load_source, run_kernel
+from autocomp_compile.targets.nki.evaluate import to_numpy, to_torch
+
+
+def emulator_runner(code, inputs, dims):
+    return to_torch(run_kernel(load_source(code), [to_numpy(t.detach()) for t in inputs], dims).outputs[0])
+
+
+class NeuronLlamaMLP(torch.nn.Module):  # the NXDI class name the helper looks for
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inter, bias=False, dtype=torch.bfloat16)
+        self.up_proj = torch.nn.Linear(hidden, inter, bias=False, dtype=torch.bfloat16)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=False, dtype=torch.bfloat16)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_mlp_substitution_matches_the_module_and_falls_back_on_other_shapes():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(NeuronLlamaMLP(256, 512), torch.nn.Identity(), NeuronLlamaMLP(256, 512))
+    w = make_workload("mlp", hidden=256, intermediate=512)
+    code = codegen.generate(w, codegen.legalize(w, {"loop": "affine", "psum_acc": True, "fuse": True}))
+    x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    expected = [m(x).float() for m in (model[0], model[2])]
+    calls = []
+
+    def runner(c, inputs, dims):
+        calls.append([tuple(t.shape) for t in inputs])
+        return emulator_runner(c, inputs, dims)
+
+    assert nxdi.substitute_kernels(model, mlp_code=code, run=runner) == 2
+    assert nxdi.UNVERIFIED
+    for m, ref in zip((model[0], model[2]), expected):
+        out = m(x)
+        assert out.shape == (1, 1, 256)
+        torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    assert calls == [[(1, 256), (512, 256), (512, 256), (256, 512)]] * 2
+    model[0](torch.randn(2, 7, 256, dtype=torch.bfloat16))  # prefill-shaped: NXDI's own forward
+    assert len(calls) == 2
+
+
+class NeuronLlamaAttention(torch.nn.Module):
+    def perform_prefill(self, Q, K, V, q_len, bsz, attention_mask):
+        return torch.nn.functional.scaled_dot_product_attention(Q, K, V, is_causal=True, enable_gqa=True)
+
+
+def test_attention_prefill_substitution():
+    torch.manual_seed(1)
+    w = make_workload("attention", phase="prefill", heads=4, kv_heads=2, head_dim=64, seq_len=128)
+    code = codegen.generate(w, codegen.legalize(w, {"loop": "affine", "exp_fused": True, "psum_acc": True}))
+    attn = NeuronLlamaAttention()
+    q = torch.randn(1, 4, 128, 64, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 128, 64, dtype=torch.bfloat16) for _ in range(2))
+    ref = attn.perform_prefill(q, k, v, 128, 1, None).float()
+    assert nxdi.substitute_kernels(torch.nn.Sequential(attn), attention_prefill_code=code, prefill_seq_len=128,
+                                   run=emulator_runner) == 1
+    torch.testing.assert_close(attn.perform_prefill(q, k, v, 128, 1, None).float(), ref, atol=3e-2, rtol=3e-2)
+    short = attn.perform_prefill(q[:, :, :16], k[:, :, :16], v[:, :, :16], 16, 1, None)  # other length: NXDI's own
+    assert short.shape == (1, 4, 16, 64)
