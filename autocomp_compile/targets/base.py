@@ -81,6 +81,32 @@ class Target(Protocol):
         """An evaluator bound to `workload`; close it when done."""
 
 
+class ScheduleSpaceTarget:
+    """`generate` and `lower` for a target whose kernels come from a codegen module's schedule space.
+
+    Subclasses set `codegen` (a module with `naive_knobs(workload)` and `generate(workload, knobs)`),
+    `naive_plan` (the root candidate's plan text) and `language`, and define `legalize`.
+    """
+
+    codegen: Any
+    naive_plan: str
+    language: str
+
+    def legalize(self, workload: "Workload", knobs: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def generate(self, workload: "Workload", knobs: dict[str, Any]) -> str:
+        return self.codegen.generate(workload, self.legalize(workload, knobs))
+
+    def lower(self, workload: "Workload") -> "Candidate":
+        from autocomp_compile.search.candidate import Candidate
+
+        knobs = self.legalize(workload, self.codegen.naive_knobs(workload))
+        return Candidate(id="root", parent_id=None, iteration=0, language=self.language,
+                         code=self.codegen.generate(workload, knobs), plan=self.naive_plan, knobs=knobs,
+                         origin="lower")
+
+
 class Evaluator(Protocol):
     def evaluate(self, candidates: list["Candidate"]) -> list[EvalResult]:
         """Build, check and time candidates; one failure never stops the others."""

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from autocomp_compile.evaluation.job import EvalSettings
-from autocomp_compile.search.candidate import Candidate
 from autocomp_compile.targets.cpu import codegen
 from autocomp_compile.targets.cpu.compiler import compiler, compiler_version
 from autocomp_compile.targets.cpu.evaluator import CpuEvaluator
 from autocomp_compile.targets.cpu.isa import cpu_model, supported_isas
 from autocomp_compile.paths import build_dir
+from autocomp_compile.targets.base import ScheduleSpaceTarget
 from autocomp_compile.workload import Workload
 
 
@@ -19,9 +19,11 @@ def default_build_dir() -> Path:
     return build_dir("cpu")
 
 
-class CpuTarget:
+class CpuTarget(ScheduleSpaceTarget):
     name = "cpu"
     language = "c"
+    codegen = codegen
+    naive_plan = "Naive translation of the PyTorch reference: scalar loops, one thread."
 
     def __init__(self, isas: list[str] | None = None):
         self.isas = isas or supported_isas()
@@ -47,22 +49,6 @@ class CpuTarget:
 
     def legalize(self, workload: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
         return codegen.legalize(workload, knobs, self.isas)
-
-    def generate(self, workload: Workload, knobs: dict[str, Any]) -> str:
-        return codegen.generate(workload, self.legalize(workload, knobs))
-
-    def lower(self, workload: Workload) -> Candidate:
-        knobs = self.legalize(workload, codegen.naive_knobs(workload))
-        return Candidate(
-            id="root",
-            parent_id=None,
-            iteration=0,
-            language=self.language,
-            code=codegen.generate(workload, knobs),
-            plan="Naive translation of the PyTorch reference: scalar loops, one thread.",
-            knobs=knobs,
-            origin="lower",
-        )
 
     def menu(self, workload: Workload):
         from autocomp_compile.agents.menu import cpu_menu

@@ -12,6 +12,7 @@ from autocomp_compile.targets.cuda import codegen
 from autocomp_compile.targets.cuda.build import build, nvrtc_available, nvrtc_version
 from autocomp_compile.targets.cuda.runtime import launch_spec
 from autocomp_compile.paths import build_dir
+from autocomp_compile.targets.base import ScheduleSpaceTarget
 from autocomp_compile.workload import Workload
 
 LOADER = "autocomp_compile.targets.cuda.runtime:load"
@@ -58,9 +59,11 @@ class CudaEvaluator(RoundEvaluator):
         return LOADER, (str(artifact), candidate.code, names, list(self.workload.runtime_dims))
 
 
-class CudaTarget:
+class CudaTarget(ScheduleSpaceTarget):
     name = "cuda"
     language = "cuda"
+    codegen = codegen
+    naive_plan = "Naive translation: one thread per output element (or one block per attention row)."
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -89,16 +92,6 @@ class CudaTarget:
 
     def legalize(self, workload: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
         return codegen.legalize(workload, knobs)
-
-    def generate(self, workload: Workload, knobs: dict[str, Any]) -> str:
-        return codegen.generate(workload, self.legalize(workload, knobs))
-
-    def lower(self, workload: Workload) -> Candidate:
-        knobs = self.legalize(workload, codegen.naive_knobs(workload))
-        return Candidate(id="root", parent_id=None, iteration=0, language=self.language,
-                         code=codegen.generate(workload, knobs),
-                         plan="Naive translation: one thread per output element (or one block per attention row).",
-                         knobs=knobs, origin="lower")
 
     def menu(self, workload: Workload):
         from autocomp_compile.agents.menu import cuda_menu

@@ -15,6 +15,7 @@ from autocomp_compile.paths import build_dir as default_build_dir
 from autocomp_compile.search.candidate import Candidate
 from autocomp_compile.targets.nki import codegen, neuron
 from autocomp_compile.targets.nki.cost_model import MODEL_NAME
+from autocomp_compile.targets.base import ScheduleSpaceTarget
 from autocomp_compile.workload import Workload
 
 BACKEND_ENV = "AUTOCOMP_NKI_BACKEND"  # "emulator" forces the emulator even where neuronxcc is installed
@@ -40,9 +41,12 @@ class EmulatorEvaluator(RoundEvaluator):
         return "autocomp_compile.targets.nki.evaluate:load", (candidate.code,)
 
 
-class NkiTarget:
+class NkiTarget(ScheduleSpaceTarget):
     name = "nki"
     language = "nki"
+    codegen = codegen
+    naive_plan = ("Naive translation: sequential loops, 128x128 weight tiles, one transpose per PSUM "
+                  "evacuation, activations reloaded per tile, partial sums added on VectorE.")
 
     @property
     def backend(self) -> str:
@@ -72,17 +76,6 @@ class NkiTarget:
 
     def legalize(self, workload: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
         return codegen.legalize(workload, knobs)
-
-    def generate(self, workload: Workload, knobs: dict[str, Any]) -> str:
-        return codegen.generate(workload, self.legalize(workload, knobs))
-
-    def lower(self, workload: Workload) -> Candidate:
-        knobs = self.legalize(workload, codegen.naive_knobs(workload))
-        return Candidate(id="root", parent_id=None, iteration=0, language=self.language,
-                         code=codegen.generate(workload, knobs),
-                         plan="Naive translation: sequential loops, 128x128 weight tiles, one transpose per PSUM "
-                              "evacuation, activations reloaded per tile, partial sums added on VectorE.",
-                         knobs=knobs, origin="lower")
 
     def menu(self, workload: Workload):
         from autocomp_compile.agents.menu import nki_menu
