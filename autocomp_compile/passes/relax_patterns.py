@@ -41,7 +41,8 @@ class Region:
     runtime_dims: tuple[int, ...] = ()
 
 
-Check = Callable[[dict[str, relax.Expr], relax.Function], Region]
+# A check returns the Region, or None when the match is not a region at all (an activation matmul).
+Check = Callable[..., "Region | None"]
 
 
 # ---------------------------------------------------------------- small pattern combinators
@@ -191,10 +192,11 @@ def linear_pattern() -> tuple[DFPattern, dict[str, DFPattern]]:
     return out, {"x": x, "w": w, "wt": wt, "out": out}
 
 
-def check_linear(m: dict[str, relax.Expr], func: relax.Function, head_weights: Sequence[relax.Expr] = ()) -> Region:
+def check_linear(m: dict[str, relax.Expr], func: relax.Function,
+                 head_weights: Sequence[relax.Expr] = ()) -> Region | None:
     out = m["out"]
     if not is_weight(m["w"], func):
-        return Region("gemm", out, reason="the right operand is not a weight (an activation matmul)")
+        return None  # q @ k^T and the like: not a layer
     xs, nk = shape_of(m["x"]), _weight_nk(m, "w", "wt")
     if xs is None or nk is None or len(xs) < 2:
         return Region("gemm", out, reason=f"shapes {xs} x {nk} are symbolic or not a linear layer")

@@ -160,12 +160,12 @@ def find_regions(func: relax.Function, kinds: Sequence[str] = ALL_KINDS) -> list
                 continue
             ann = {k: matched[p] for k, p in annotations.items() if p in matched}
             region = check(ann, func, head_weights) if name == "autocomp.linear" else check(ann, func)
+            if region is None:
+                continue
             arg_exprs = {(a[1] if isinstance(a, tuple) else a) for a in region.args}
             inner = {val2var[e] for e in matched.values() if e in val2var and e not in arg_exprs}
             if inner & claimed:
                 continue  # part of a region matched by an earlier pattern
-            if region.workload is None and region.reason.startswith("the right operand is not a weight"):
-                continue  # an activation matmul (attention scores), not a linear layer
             region.output = val2var.get(b.value, b.var)
             if region.workload is not None:
                 claimed |= inner
