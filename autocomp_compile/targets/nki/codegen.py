@@ -204,19 +204,25 @@ def _gemv(w: Workload, k: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- RMSNorm
 
 
+def _rmsnorm_steps(k: dict[str, Any], ind: str, rows: str) -> tuple[str, str]:
+    """The sum-of-squares and scaling lines of an RMSNorm tile (`rows` partitions), fused or not."""
+    sq = (f"{ind}ss = nl.ndarray(({rows}, 1), nl.float32, buffer=nl.sbuf)\n"
+          f"{ind}sq = nisa.activation_reduce(op=nl.square, data=xt, reduce_op=nl.add, reduce_res=ss, dtype=nl.float32)\n"
+          if k["fused_sq"] else
+          f"{ind}sq = nl.square(xt, dtype=nl.float32)\n"
+          f"{ind}ss = nl.sum(sq, axis=1, keepdims=True)\n")
+    scale = (f"{ind}y = nisa.tensor_tensor(nisa.activation(op=nl.copy, data=xt, scale=rstd, dtype=nl.float32), wt, "
+             "op=nl.multiply, dtype=x.dtype)\n" if k["fused_scale"] else
+             f"{ind}xn = nl.multiply(xt, rstd, dtype=nl.float32)\n"
+             f"{ind}y = nl.multiply(xn, wt, dtype=x.dtype)\n")
+    return sq, scale
+
+
 def _rmsnorm(w: Workload, k: dict[str, Any]) -> str:
     rows, h, eps = w.params["rows"], w.params["hidden"], w.params["eps"]
     if k["spread"]:
         f = h // P
-        sq = ("    ss = nl.ndarray((128, 1), nl.float32, buffer=nl.sbuf)\n"
-              "    sq = nisa.activation_reduce(op=nl.square, data=xt, reduce_op=nl.add, reduce_res=ss, dtype=nl.float32)\n"
-              if k["fused_sq"] else
-              "    sq = nl.square(xt, dtype=nl.float32)\n"
-              "    ss = nl.sum(sq, axis=1, keepdims=True)\n")
-        scale = ("    y = nisa.tensor_tensor(nisa.activation(op=nl.copy, data=xt, scale=rstd, dtype=nl.float32), wt, "
-                 "op=nl.multiply, dtype=x.dtype)\n" if k["fused_scale"] else
-                 "    xn = nl.multiply(xt, rstd, dtype=nl.float32)\n"
-                 "    y = nl.multiply(xn, wt, dtype=x.dtype)\n")
+        sq, scale = _rmsnorm_steps(k, "    ", "128")
         return (
             "@nki.jit\n"
             "def kernel(x, weight):\n"
@@ -236,15 +242,7 @@ def _rmsnorm(w: Workload, k: dict[str, Any]) -> str:
         )
     tile = min(rows, P)
     nt = -(-rows // tile)
-    sq = ("        ss = nl.ndarray((R, 1), nl.float32, buffer=nl.sbuf)\n"
-          "        sq = nisa.activation_reduce(op=nl.square, data=xt, reduce_op=nl.add, reduce_res=ss, dtype=nl.float32)\n"
-          if k["fused_sq"] else
-          "        sq = nl.square(xt, dtype=nl.float32)\n"
-          "        ss = nl.sum(sq, axis=1, keepdims=True)\n")
-    scale = ("        y = nisa.tensor_tensor(nisa.activation(op=nl.copy, data=xt, scale=rstd, dtype=nl.float32), wt, "
-             "op=nl.multiply, dtype=x.dtype)\n" if k["fused_scale"] else
-             "        xn = nl.multiply(xt, rstd, dtype=nl.float32)\n"
-             "        y = nl.multiply(xn, wt, dtype=x.dtype)\n")
+    sq, scale = _rmsnorm_steps(k, "        ", "R")
     return (
         "@nki.jit\n"
         "def kernel(x, weight):\n"

@@ -142,7 +142,19 @@ class _Buffer(str):
 sbuf, psum, hbm, shared_hbm, private_hbm = (_Buffer(s) for s in ("sbuf", "psum", "hbm", "hbm", "hbm"))
 
 
-class Tensor:
+class _VectorOps:
+    """Python's arithmetic operators on tiles and accesses: elementwise work on the Vector Engine."""
+
+    def __add__(self, o): return _binary(np.add, self, o)
+    def __radd__(self, o): return _binary(np.add, o, self)
+    def __sub__(self, o): return _binary(np.subtract, self, o)
+    def __rsub__(self, o): return _binary(np.subtract, o, self)
+    def __mul__(self, o): return _binary(np.multiply, self, o)
+    def __rmul__(self, o): return _binary(np.multiply, o, self)
+    def __truediv__(self, o): return _binary(np.divide, self, o)
+
+
+class Tensor(_VectorOps):
     """An HBM tensor or an on-chip tile. Indexing gives an `Access`; results of ops are new tiles."""
 
     def __init__(self, data: np.ndarray, buffer: str, name: str = ""):
@@ -177,14 +189,6 @@ class Tensor:
             self[...] = _binary(np.add, self, other)
         return self
 
-    # elementwise operators on the Vector Engine
-    def __add__(self, o): return _binary(np.add, self, o)
-    def __radd__(self, o): return _binary(np.add, o, self)
-    def __sub__(self, o): return _binary(np.subtract, self, o)
-    def __rsub__(self, o): return _binary(np.subtract, o, self)
-    def __mul__(self, o): return _binary(np.multiply, self, o)
-    def __rmul__(self, o): return _binary(np.multiply, o, self)
-    def __truediv__(self, o): return _binary(np.divide, self, o)
     def __neg__(self): return _binary(np.multiply, self, -1.0)
 
     def broadcast_to(self, shape: tuple[int, ...]) -> "Tensor":
@@ -195,7 +199,7 @@ def _is_grid(x: Any) -> bool:
     return isinstance(x, np.ndarray) and x.dtype.kind in "iu"
 
 
-class Access:
+class Access(_VectorOps):
     """`tensor[key]`: an index expression not yet read or written (masks apply when it is)."""
 
     def __init__(self, tensor: Tensor, key: Any):
@@ -329,13 +333,6 @@ class Access:
             return self
         return _binary(np.add, self, other)
 
-    def __add__(self, o): return _binary(np.add, self, o)
-    def __radd__(self, o): return _binary(np.add, o, self)
-    def __sub__(self, o): return _binary(np.subtract, self, o)
-    def __rsub__(self, o): return _binary(np.subtract, o, self)
-    def __mul__(self, o): return _binary(np.multiply, self, o)
-    def __rmul__(self, o): return _binary(np.multiply, o, self)
-    def __truediv__(self, o): return _binary(np.divide, self, o)
 
 
 def _affine_view(idx: tuple, out_shape: tuple[int, ...], shape: tuple[int, ...]) -> tuple | None:
