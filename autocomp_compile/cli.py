@@ -230,8 +230,12 @@ def cmd_warm(args: argparse.Namespace) -> int:
     unknown = sorted(set(kinds) - set(ALL_KINDS))
     if unknown:
         raise UsageError(f"--kinds: unknown {unknown}; choose from {list(ALL_KINDS)}")
+    from autocomp_compile.targets.base import require_available
+
+    require_available(get_target(args.target))  # before tracing on the target's device
     workloads = model_workloads(args.model, args.dtype, batch=args.batch, prefill_lens=args.prefill,
-                                max_seq_len=args.max_seq_len, kinds=kinds)
+                                max_seq_len=args.max_seq_len, kinds=kinds,
+                                device="cuda" if args.target == "cuda" else "cpu")
     if args.workers:
         import os
 

@@ -1,15 +1,21 @@
 """End-to-end tokens/sec: PyTorch eager vs torch.compile (inductor) vs torch.compile(backend="autocomp").
 
-One process, one model (random weights, nothing downloaded), the three variants interleaved round by
+One process, one model (random weights, nothing downloaded), the variants interleaved round by
 round so that machine noise hits them alike. Prefill tokens/sec counts the prompt tokens of the whole
 batch; decode tokens/sec counts generated tokens of the whole batch (batch x steps / time). The
 autocomp variant runs in cache-only mode: warm the cache first (`autocomp-compile warm`, or `--warm`).
 
     python benchmarks/e2e.py --model llama-3.2-1b --batch 1 --json benchmarks/results/e2e_cpu.json
     python benchmarks/e2e.py --model tiny-llama --batch 1 32 --warm 8
+    python benchmarks/e2e.py --device cuda --batch 1 --warm 16 --cudagraphs --eager-prefill   # NVIDIA GPU
 
-A per-kernel breakdown of one decode step follows: eager time by module (attention block, MLP,
-LM head, the rest) and, for autocomp, the time inside each autocomp op and in the inductor code between.
+On a GPU every step is timed to the end of its device work; `--cudagraphs` adds inductor's and
+autocomp's CUDA-graph variants (`mode="reduce-overhead"` and options={"cudagraphs": True}), and
+`--eager-prefill` runs every variant's prompt through eager (only the decode graph is compiled).
+
+A breakdown of one decode step follows: on the CPU, eager time by module (attention block, MLP,
+LM head, the rest) and, for autocomp, the time inside each autocomp op and in the inductor code between;
+on a GPU, device time per kernel (from the profiler) next to the step's wall time.
 """
 from __future__ import annotations
 
@@ -35,20 +41,53 @@ from autocomp_compile.passes.dynamo import reports
 console = Console(width=140)
 
 
-def warm(model: str, batch: int, prompt_len: int, budget: int) -> None:
-    """Fill the cache for the decode and prefill kernels (in a child process: nothing else runs meanwhile)."""
+def warm(model: str, batch: int, prompt_len: int | None, budget: int, target: str = "cpu") -> None:
+    """Fill the cache for the decode (and prefill) kernels (in a child process: nothing else runs meanwhile)."""
     cmd = [sys.executable, "-m", "autocomp_compile.cli", "warm", "--model", model, "--batch", str(batch),
-           "--prefill", str(prompt_len), "--budget", str(budget), "--quiet"]
+           "--target", target, "--budget", str(budget), "--quiet"]
+    if prompt_len:
+        cmd += ["--prefill", str(prompt_len)]
     console.print(f"[bold]warming:[/] {' '.join(cmd[2:])}")
     subprocess.run(cmd, check=True)
 
 
-def variants(model, options: dict) -> dict:
-    return {
+def variants(model, options: dict, cudagraphs: bool = False) -> dict:
+    fns = {
         "eager": model,
         "inductor": torch.compile(model, dynamic=False),
         "autocomp": torch.compile(model, backend="autocomp", dynamic=False, options=options),
     }
+    if cudagraphs:
+        fns["inductor+cudagraphs"] = torch.compile(model, dynamic=False, mode="reduce-overhead")
+        fns["autocomp+cudagraphs"] = torch.compile(model, backend="autocomp", dynamic=False,
+                                                   options={**options, "cudagraphs": True})
+    return fns
+
+
+def gpu_breakdown(fn, batch: int, pos: int, device: str, steps: int = 5, top: int = 8) -> dict[str, float]:
+    """Seconds per decode step: device time of the `top` costliest kernels, of all kernels, and wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    pos_t = torch.tensor([pos], device=device)
+    with torch.no_grad():
+        fn(tok, pos_t, last_only=True)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn(tok, pos_t, last_only=True)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+    kernels: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[ev.name[:60]] += ev.device_time_total / 1e6 / steps  # microseconds
+    out = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:top])
+    out["other kernels"] = sum(kernels.values()) - sum(out.values())
+    out["= all GPU kernels"] = sum(kernels.values())
+    out["= wall time of the step"] = wall / steps
+    return out
 
 
 def eager_breakdown(model, batch: int, pos: int, steps: int = 5) -> dict[str, float]:
@@ -111,42 +150,67 @@ def autocomp_breakdown(fn, batch: int, pos: int, vocab: int, steps: int = 5) -> 
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     cfg = get_config(args.model)
-    console.print(f"building {args.model} with random {args.dtype} weights ...")
-    model = build_llama(args.model, args.dtype, seed=0)
+    console.print(f"building {args.model} with random {args.dtype} weights on {args.device} ...")
+    model = build_llama(args.model, args.dtype, seed=0).to(args.device)
     options = {"mode": "cache-only", "verbose": args.verbose}
-    fns = variants(model, options)
-    results: dict = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
-                     "date": datetime.datetime.now().isoformat(timespec="seconds"), "runs": []}
+    fns = variants(model, options, args.cudagraphs)
+    results: dict = {"model": args.model, "dtype": args.dtype, "device": describe_device(args.device),
+                     "threads": torch.get_num_threads(), "eager_prefill": args.eager_prefill,
+                     "date": datetime.datetime.now().isoformat(timespec="seconds"), "runs": [],
+                     "torch": torch.__version__}
     for batch in args.batch:
         prompt_len = args.prompt_len if batch == 1 else args.prompt_len_batched
         steps = args.decode_tokens if batch == 1 else args.decode_tokens_batched
         rounds = args.rounds if batch == 1 else args.rounds_batched
         prompt = torch.randint(0, cfg.vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
-        samples: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in fns}
+        prompt = prompt.to(args.device)
+        prefill_fn = model if args.eager_prefill else None
+        samples: dict[str, dict[str, list[float]]] = {}
         tokens: dict[str, torch.Tensor] = {}
+        failed: dict[str, str] = {}
         console.print(f"batch {batch}: compiling (first call of each variant) ...")
         for name, fn in fns.items():
             t0 = time.perf_counter()
-            generate(model, prompt, 3, forward=fn)
+            try:
+                generate(model, prompt, 3, forward=fn, prefill_forward=prefill_fn)
+            except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the others
+                failed[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                console.print(f"  [red]{name}: failed[/] {failed[name]}")
+                continue
+            samples[name] = {"prefill": [], "decode": []}
             console.print(f"  {name}: warm-up {time.perf_counter() - t0:.1f} s")
+        row: dict = {"batch": batch, "prompt_len": prompt_len, "decode_steps": steps, "failed": failed}
+        results["runs"].append(row)
         for r in range(rounds):
-            for name, fn in fns.items():
-                g = generate(model, prompt, steps, forward=fn)
+            for name in samples:
+                g = generate(model, prompt, steps, forward=fns[name], prefill_forward=prefill_fn)
                 samples[name]["prefill"].append(batch * prompt_len / g.prefill_s)
                 samples[name]["decode"].extend(batch / s for s in g.decode_s)
                 tokens[name] = g.tokens
             console.print(f"  round {r + 1}/{rounds}: " + ", ".join(
                 f"{n} {statistics.median(s['decode']):.2f} tok/s" for n, s in samples.items()))
-        row = {"batch": batch, "prompt_len": prompt_len, "decode_steps": steps}
-        for name, s in samples.items():
-            row[name] = {"prefill_tok_s": statistics.median(s["prefill"]), "decode_tok_s": statistics.median(s["decode"]),
-                         "decode_samples": len(s["decode"])}
-        for name in ("inductor", "autocomp"):
-            row[name]["tokens_match_eager"] = bool(torch.equal(tokens[name], tokens["eager"]))
+            for name, s in samples.items():
+                row[name] = {"prefill_tok_s": statistics.median(s["prefill"]),
+                             "decode_tok_s": statistics.median(s["decode"]), "decode_samples": len(s["decode"])}
+                if name != "eager" and "eager" in tokens:
+                    same = tokens[name] == tokens["eager"]
+                    row[name]["tokens_match_eager"] = bool(same.all())
+                    row[name]["token_agreement_with_eager"] = float(same.float().mean())
+            if args.json_path:  # after every round: an interrupted run keeps what it measured
+                write_json(results, args.json_path)
         pos = prompt_len + steps // 2
-        row["breakdown_eager_s"] = eager_breakdown(model, batch, pos)
-        row["breakdown_autocomp_s"] = autocomp_breakdown(fns["autocomp"], batch, pos, cfg.vocab)
-        results["runs"].append(row)
+        if args.breakdown and args.device == "cpu":
+            row["breakdown_eager_s"] = eager_breakdown(model, batch, pos)
+            if "autocomp" in samples:
+                row["breakdown_autocomp_s"] = autocomp_breakdown(fns["autocomp"], batch, pos, cfg.vocab)
+        elif args.breakdown:
+            for name in samples:
+                try:
+                    row[f"breakdown_{name}_s"] = gpu_breakdown(fns[name], batch, pos, args.device)
+                except Exception as exc:  # noqa: BLE001 - the profiler is a diagnostic, not the result
+                    console.print(f"  [yellow]{name}: no GPU breakdown[/] ({type(exc).__name__}: {exc})")
+        if args.json_path:
+            write_json(results, args.json_path)
     last = reports()
     results["autocomp_replaced"] = [
         {"workload": d.workload, "count": d.count, "replaced": d.replaced, "speedup": d.speedup, "reason": d.reason}
@@ -155,30 +219,51 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def describe_device(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def write_json(res: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(res, indent=2))
+
+
 def print_tables(res: dict) -> None:
-    t = Table(title=f"{res['model']} {res['dtype']}, {res['threads']} threads: tokens/sec (median; batch totals)")
+    t = Table(title=f"{res['model']} {res['dtype']} on {res['device']}: tokens/sec (median; batch totals)")
     for col in ("batch", "variant", "prefill tok/s", "decode tok/s", "decode vs eager", "decode vs inductor",
-                "same tokens as eager"):
+                "tokens equal to eager's"):
         t.add_column(col, justify="right")
     for run in res["runs"]:
-        for name in ("eager", "inductor", "autocomp"):
+        names = [n for n in run if isinstance(run[n], dict) and "decode_tok_s" in run[n]]
+        for name in names:
             r = run[name]
-            t.add_row(str(run["batch"]), name, f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.2f}",
-                      f"{r['decode_tok_s'] / run['eager']['decode_tok_s']:.2f}x",
-                      f"{r['decode_tok_s'] / run['inductor']['decode_tok_s']:.2f}x",
-                      "" if name == "eager" else ("yes" if r["tokens_match_eager"] else "no"))
+            prefill = "(eager)" if res.get("eager_prefill") and name != "eager" else f"{r['prefill_tok_s']:.1f}"
+            vs = {b: (f"{r['decode_tok_s'] / run[b]['decode_tok_s']:.2f}x" if b in run else "-")
+                  for b in ("eager", "inductor")}
+            t.add_row(str(run["batch"]), name, prefill, f"{r['decode_tok_s']:.2f}", vs["eager"], vs["inductor"],
+                      "" if name == "eager" else f"{100 * r.get('token_agreement_with_eager', float('nan')):.0f}%")
+        for name, why in run.get("failed", {}).items():
+            t.add_row(str(run["batch"]), name, "failed", why[:60], "", "", "")
     console.print(t)
     for run in res["runs"]:
+        if not any(key.startswith("breakdown_") for key in run):
+            continue
         b = Table(title=f"one decode step, batch {run['batch']}: where the time goes")
         b.add_column("variant")
         b.add_column("part")
         b.add_column("ms", justify="right")
         b.add_column("share", justify="right")
-        for variant in ("eager", "autocomp"):
-            parts = run[f"breakdown_{variant}_s"]
-            total = sum(parts.values())
+        for key, parts in run.items():
+            if not key.startswith("breakdown_"):
+                continue
+            variant = key[len("breakdown_"):-len("_s")]
+            total = parts.get("= wall time of the step") or sum(parts.values())
             for part, s in sorted(parts.items(), key=lambda kv: -kv[1]):
-                b.add_row(variant, part, f"{s * 1e3:.2f}", f"{100 * s / total:.0f}%")
+                b.add_row(variant, part, f"{s * 1e3:.3f}", f"{100 * s / total:.0f}%")
         console.print(b)
 
 
@@ -195,20 +280,31 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="rounds at batch 1")
     p.add_argument("--rounds-batched", type=int, default=2, help="rounds at batch > 1")
     p.add_argument("--warm", type=int, default=0, metavar="BUDGET", help="warm the cache first with this budget")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the model runs; cuda warms and uses the CUDA target")
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="also time inductor and autocomp under CUDA graphs (GPU only)")
+    p.add_argument("--eager-prefill", action="store_true",
+                   help="run every variant's prompt through eager; only decode graphs are compiled")
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the per-step breakdown")
     p.add_argument("--verbose", action="store_true", help="print the backend's replacement summaries")
     p.add_argument("--json", dest="json_path")
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU visible to torch")
+    if args.cudagraphs and args.device != "cuda":
+        p.error("--cudagraphs needs --device cuda")
     if args.warm:
         for batch in args.batch:
-            warm(args.model, batch, args.prompt_len if batch == 1 else args.prompt_len_batched, args.warm)
+            prompt_len = None if args.eager_prefill else (args.prompt_len if batch == 1 else args.prompt_len_batched)
+            warm(args.model, batch, prompt_len, args.warm, target=args.device)
     res = run(args)
     print_tables(res)
     for d in res["autocomp_replaced"]:
         status = f"replaced, {d['speedup']:.2f}x eager" if d["replaced"] else f"not replaced: {d['reason']}"
         console.print(f"  {d['count']:3d} x {d['workload']}: {status}")
     if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(res, indent=2))
+        write_json(res, args.json_path)
         console.print(f"wrote {args.json_path}")
 
 

@@ -61,6 +61,10 @@ def main() -> None:
     ap.add_argument("--no-inductor", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="fresh-process repeats of the autocomp-vs-eager pairing")
     ap.add_argument("--only", help="comma-separated workload labels' first words, e.g. 'lm_head,mlp'")
+    ap.add_argument("--sets", type=int, default=EvalSettings().correctness_sets,
+                    help="fresh random input sets per candidate during search")
+    ap.add_argument("--cache", action="store_true",
+                    help="store the winners in the kernel cache (a cached workload is timed, not searched)")
     args = ap.parse_args()
 
     target = get_target(args.target)
@@ -69,12 +73,18 @@ def main() -> None:
     console = Console(width=140)
     results = []
     searches = []
+    cache = None
+    if args.cache:
+        from autocomp_compile.kernels_cache import KernelCache
+
+        cache = KernelCache()
     selected = [(label, w) for label, w in workloads(args.dtype)
                 if not args.only or any(label.startswith(o.strip()) for o in args.only.split(","))]
     for label, w in selected:
         with search_progress(label, args.budget) as progress:
             r = optimize(w, target, SearchConfig(budget=args.budget, seed=args.seed),
-                         EvalSettings(seed=args.seed, timing_budget_ms=args.search_timing_ms), args.output_dir, progress=progress)
+                         EvalSettings(args.sets, seed=args.seed, timing_budget_ms=args.search_timing_ms), args.output_dir,
+                         progress=progress, cache=cache)
         searches.append((label, w, r))
 
     # All searches (and their compiles) are finished before anything below is timed.
@@ -99,7 +109,7 @@ def main() -> None:
         # This machine's timings move by 10-20% between processes: repeat the main pairing and take medians.
         best_loader = build_loader(target, w, r.best)
         rounds = [paired(w, {"autocomp": best_loader}, False) for _ in range(args.rounds)]
-        naive = paired(w, {"naive": build_loader(target, w, r.root)}, False)
+        naive = paired(w, {"naive": build_loader(target, w, r.root)}, False) if r.root is not None else None
         ind = None if args.no_inductor else paired(w, {}, True)
         eager_ms = statistics.median(x["eager"]["median_ms"] for x in rounds)
         best_ms = statistics.median(x["autocomp"]["median_ms"] for x in rounds)
@@ -115,7 +125,7 @@ def main() -> None:
         results.append({
             "workload": label, "signature": w.signature(), "params": w.params, "dtype": w.dtype,
             "runs": {"autocomp_vs_eager": rounds, "naive_vs_eager": naive, "inductor_vs_eager": ind},
-            "eager_ms": eager_ms, "autocomp_ms": best_ms, "naive_ms": naive["naive"]["median_ms"],
+            "eager_ms": eager_ms, "autocomp_ms": best_ms, "naive_ms": naive["naive"]["median_ms"] if naive else None,
             "inductor_ms": ind["inductor"]["median_ms"] if ind else None,
             "bytes_moved": w.bytes_moved(), "autocomp_gbps": gbps, "read_probe_gbps": probe_gbps,
             "percent_of_bw": pct,
@@ -132,7 +142,7 @@ def main() -> None:
     for x in results:
         table.add_row(
             x["workload"], f"{x['eager_ms']:.3f}", f"{x['inductor_ms']:.3f}" if x["inductor_ms"] else "-",
-            f"{x['naive_ms']:.3f}", f"{x['autocomp_ms']:.3f}", f"{x['speedup_vs_eager']:.2f}x",
+            f"{x['naive_ms']:.3f}" if x['naive_ms'] else "-", f"{x['autocomp_ms']:.3f}", f"{x['speedup_vs_eager']:.2f}x",
             f"{x['speedup_vs_inductor']:.2f}x" if x["speedup_vs_inductor"] else "-",
             f"{x['autocomp_gbps']:.1f}", f"{x['read_probe_gbps']:.1f}", f"{x['percent_of_bw']:.0f}",
         )

@@ -236,6 +236,16 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
                            "One kernel computes the gate and up rows together and applies SiLU and the product "
                            "in registers: two launches and two intermediate round trips fewer.",
                            "fuse"),
+                _switch_on("one_kernel_mlp", "Whole MLP in one kernel (split the intermediate dimension)",
+                           "Give each block a chunk of the intermediate rows: it computes SiLU(gate) * up for them "
+                           "in shared memory, multiplies by the matching columns of the down projection and adds "
+                           "its partial sums with fp32 atomics; the last block writes the output. No launch waits "
+                           "for another, and every block streams all three weights at once.",
+                           "fuse_down", tiled, vec=True),
+                _retune("mlp_chunk", "Intermediate rows per block",
+                        "Change the chunk of the intermediate dimension each block of the one-kernel MLP owns "
+                        "(more blocks vs. longer contiguous reads of the down projection).",
+                        "chunk", choices["chunk"], lambda k: tiled(k) and k["fuse_down"]),
             ]
     elif fam == "attention":
         items += [

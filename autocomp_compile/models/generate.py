@@ -25,13 +25,21 @@ class Generation:
         return len(self.decode_s) / sum(self.decode_s) if self.decode_s else float("nan")
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a host timer measures it (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, forward: Forward | None = None,
-             keep_logits: bool = False) -> Generation:
+             keep_logits: bool = False, prefill_forward: Forward | None = None) -> Generation:
     """Greedy decoding of `max_new_tokens` tokens after `prompt` [batch, length].
 
     `forward` is the callable to run (e.g. `torch.compile(model, ...)`); it defaults to the model.
-    The KV cache is reset for the prompt's batch size first.
+    `prefill_forward`, if given, runs the prompt instead (e.g. eager prefill, compiled decode).
+    The KV cache is reset for the prompt's batch size first. Positions live on the prompt's device;
+    on a GPU each timing ends after the device finished the step.
     """
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be [batch, length >= 1] token ids, got shape {tuple(prompt.shape)}")
@@ -40,10 +48,14 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, forward: F
         raise ValueError(f"prompt ({length}) + new tokens ({max_new_tokens}) exceed max_seq_len "
                          f"({model.config.max_seq_len})")
     forward = model if forward is None else forward
+    prefill_forward = forward if prefill_forward is None else prefill_forward
+    device = prompt.device
     model.setup_caches(batch)
+    _synchronize(device)
     t0 = time.perf_counter()
-    logits = forward(prompt, torch.arange(length), last_only=True)[:, -1]
+    logits = prefill_forward(prompt, torch.arange(length, device=device), last_only=True)[:, -1]
     nxt = logits.argmax(-1)
+    _synchronize(device)
     prefill_s = time.perf_counter() - t0
     out = Generation(torch.empty(batch, max_new_tokens, dtype=torch.long), prefill_s)
     out.tokens[:, 0] = nxt
@@ -51,8 +63,9 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, forward: F
         out.logits.append(logits.float().clone())
     for i in range(1, max_new_tokens):
         t0 = time.perf_counter()
-        logits = forward(nxt[:, None], torch.tensor([length + i - 1]), last_only=True)[:, -1]
+        logits = forward(nxt[:, None], torch.tensor([length + i - 1], device=device), last_only=True)[:, -1]
         nxt = logits.argmax(-1)
+        _synchronize(device)
         out.decode_s.append(time.perf_counter() - t0)
         out.tokens[:, i] = nxt
         if keep_logits:

@@ -132,9 +132,10 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             raise RuntimeError("call model.setup_caches(batch) before running the model")
         k, v = self.kv_cache.update(input_pos, k, v)
-        if not torch.compiler.is_compiling():
-            # Eager runs at its best: attend to the filled part of the cache only. (A compiled graph
-            # keeps static shapes instead: one graph for every decode step.)
+        if not torch.compiler.is_compiling() and input_pos.device.type == "cpu":
+            # Eager runs at its best on the CPU: attend to the filled part of the cache only. (A compiled
+            # graph keeps static shapes instead: one graph for every decode step. On a GPU, reading the
+            # position back would stall the launch queue at every layer, so eager keeps the mask there.)
             n = int(input_pos[-1]) + 1
             k, v, mask = k[:, :, :n], v[:, :, :n], mask[..., :n]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

@@ -22,8 +22,13 @@ def model_workloads(
     decode: bool = True,
     max_seq_len: int | None = None,
     kinds: Sequence[str] | None = None,
+    device: str = "cpu",
 ) -> list[Workload]:
-    """Distinct workloads of decoding (and prefilling `prefill_lens` tokens) with the compact Llama."""
+    """Distinct workloads of decoding (and prefilling `prefill_lens` tokens) with the compact Llama.
+
+    `device` is where the model will run ("cuda" for the CUDA target): attention lowers to a
+    different aten op on each device, so the graph is traced there.
+    """
     from torch._dynamo.backends.common import aot_autograd
 
     from autocomp_compile.passes.fx import find_subgraphs
@@ -45,23 +50,23 @@ def model_workloads(
 
         return do_not_run
 
-    # CPU tensors whose memory is never touched (so no RAM is used): the graph must be the CPU graph,
-    # since attention lowers differently on the meta device.
+    # Tensors whose memory is never touched (on the CPU, no RAM is used): the graph must be the
+    # device's graph, since attention lowers differently on the meta device.
     with torch.device("meta"):
         model = Llama(cfg).to(DTYPES[dtype])
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device=device)
     model.tie_weights()
     model.init_buffers()
     model.setup_caches(batch)
     compiled = torch.compile(model, backend=aot_autograd(fw_compiler=collect), dynamic=False, fullgraph=True)
-    calls = [(n, torch.arange(n)) for n in prefill_lens]
+    calls = [(n, torch.arange(n, device=device)) for n in prefill_lens]
     if decode:
-        calls.append((1, torch.tensor([cfg.max_seq_len // 2])))
+        calls.append((1, torch.tensor([cfg.max_seq_len // 2], device=device)))
     try:
         with torch.no_grad():
             for seq, pos in calls:
                 try:
-                    compiled(torch.zeros(batch, seq, dtype=torch.long), pos, last_only=True)
+                    compiled(torch.zeros(batch, seq, dtype=torch.long, device=device), pos, last_only=True)
                 except _Traced:
                     pass
     finally:

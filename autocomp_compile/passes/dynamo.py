@@ -40,6 +40,9 @@ class BackendOptions:
     min_speedup: a kernel replaces PyTorch only when its measured speedup over eager reaches this.
     cache_dir: the kernel cache directory (default $AUTOCOMP_CACHE_DIR or ~/.cache/autocomp_compile).
     output_dir: where `search` mode writes its runs. verbose: print a summary per compiled graph.
+    cudagraphs: replay the compiled graph as CUDA graphs (inductor's cudagraph trees), as inductor's
+        `mode="reduce-overhead"` does; `torch.compile(..., backend="autocomp", mode="reduce-overhead")`
+        sets it. On the CPU inductor ignores it.
     models, api_base: LLM models (`provider::model`) that propose kernels in `search` mode, and an
         OpenAI-compatible server for them; without models the offline menu-driven proposer searches.
     """
@@ -55,6 +58,7 @@ class BackendOptions:
     verbose: bool = True
     models: tuple[str, ...] = ()  # LLM proposers for search mode (provider::model); default: offline proposer
     api_base: str | None = None  # OpenAI-compatible server for the models
+    cudagraphs: bool = False
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "BackendOptions":
@@ -142,12 +146,15 @@ def autocomp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options:
     """torch.compile backend: recognised subgraphs run autocomp kernels, the rest runs through inductor."""
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-    if mode not in (None, "default"):
-        raise BackendOptionsError(f"autocomp: torch.compile(mode={mode!r}) is inductor's; "
-                                  "pass options={'mode': 'cache-only' | 'search' | 'off'} instead")
+    if mode not in (None, "default", "reduce-overhead"):
+        raise BackendOptionsError(f"autocomp: torch.compile(mode={mode!r}) is not supported (only 'default' and "
+                                  "'reduce-overhead'); pass options={'mode': 'cache-only' | 'search' | 'off'} for ours")
     opts = BackendOptions.parse(options)
+    if mode == "reduce-overhead":
+        opts = dataclasses.replace(opts, cudagraphs=True)
+    patches = {"triton.cudagraphs": True} if opts.cudagraphs else None
     if opts.mode == "off":
-        return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs, config_patches=patches)
     try:
         target = _pick_target(opts, example_inputs)
     except TargetError as exc:
@@ -165,7 +172,7 @@ def autocomp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options:
 
     # AOTAutogradCache would hand back a compiled graph without calling inner_compile (no rewrite, no report).
     with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+        return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
 
 
 def register() -> None:

@@ -125,12 +125,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal
     """GQA attention, q [B, H, S, D] over k, v [B, Hkv, L, D] (the whole static cache for decode).
 
     Decode (S == 1) runs the kernel with the KV length the mask allows; prefill runs it when the mask
-    is causal from position 0. Anything else is computed by PyTorch.
+    is causal from position 0. Anything else is computed by PyTorch, and so is every call made while a
+    CUDA graph is being captured: reading the mask back would break the capture, and a replayed graph
+    would keep the KV length of the step it was captured at.
     """
     b, h, s, d = q.shape
     result = _bshd(q)
     kernel = REGISTRY.get(key)
-    if kernel is not None and q.dtype == k.dtype == v.dtype:
+    if kernel is not None and q.dtype == k.dtype == v.dtype and not _capturing(q):
         if s == 1:
             n = prefix_length(mask, k.shape[2])
             if n is not None and n > 0 and _run(key, [q.reshape(b, h, d), k, v], result.view(b, h, d), (n,)):
@@ -140,6 +142,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal
             if _run(key, [q, k[:, :, :s], v[:, :, :s]], out):
                 return result.copy_(out)
     return result.copy_(_sdpa(q, k, v, mask, is_causal, 1.0 / math.sqrt(d)))
+
+
+def _capturing(t: Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _bshd(q: Tensor) -> Tensor:

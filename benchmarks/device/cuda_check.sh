@@ -1,19 +1,42 @@
 #!/usr/bin/env bash
-# One-shot GPU-machine verification, from the repository root:
-#   1. environment; 2. the CPU target's tests (on a host with AVX-512 / AVX512-BF16 they run those
-#   kernels for real); 3. the CUDA target's tests (every schedule variant checked on the GPU);
-#   4. the per-kernel benchmark on the CUDA target.
-# Results go to ${OUT:-benchmarks/results}.
-# Usage: bash benchmarks/device/cuda_check.sh [budget] [workloads, e.g. "lm_head,mlp,attention decode"]
+# The GPU checks of the CUDA target in one command, from the repository root (a lent H100/H200 ran it):
+#   env         GPU, driver, torch, cuda-bindings, the targets this machine offers
+#   kernels_mlp, kernels_lm_head
+#               search the decode MLP and LM head (winners go to the kernel cache), then time the best
+#               kernel against eager (cuBLAS) interleaved, and report GB/s and % of the measured HBM copy bandwidth
+#   warm        `autocomp-compile warm --target cuda` for the other Llama-3.2-1B decode kernels (projections, attention)
+#   e2e         tokens/sec at batch 1: eager, inductor, autocomp, and both compilers under CUDA graphs
+#   cuda_tests  every schedule variant of every kernel checked against the reference on the GPU
+# Each stage has a time limit, so that a slow one cannot starve the rest; its output goes to <stage>.txt in
+# $RESULTS, and after every stage all of $RESULTS is packed into $OUT/gpu_results.tar.gz (one file to bring back).
+# Usage: OUT=/some/dir bash benchmarks/device/cuda_check.sh     (defaults: OUT=benchmarks/results/gpu)
+# Budgets and limits: BUDGET_MLP=32 BUDGET_LM_HEAD=12 BUDGET_WARM=12 LIMIT_SCALE=1 (multiplies every limit).
 set -uo pipefail
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 AUTOCOMP_CACHE_DIR=/tmp/autocomp-cache
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, cuda.bindings; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cuda-bindings', cuda.bindings.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -m autocomp_compile.cli targets | tee -a "$OUT/gpu.txt"
-python3 -m pytest -q tests/targets/cpu -p no:cacheprovider 2>&1 | tail -4 | tee "$OUT/cpu_tests.txt"
-python3 -m pytest -q tests/targets/cuda -p no:cacheprovider 2>&1 | tail -4 | tee "$OUT/cuda_tests.txt"
-python3 benchmarks/kernels.py --target cuda --budget "${1:-24}" --only "${2:-lm_head,mlp,attention}" --search-timing-ms 150 \
-  --timing-ms 1500 --no-inductor --output-dir /tmp/autocomp-output --json "$OUT/kernels_cuda.json" 2>&1 \
-  | grep -v "━" | tee "$OUT/kernels_cuda.txt"
+OUT=${OUT:-benchmarks/results/gpu}
+RESULTS=${RESULTS:-/tmp/autocomp-gpu-results}
+mkdir -p "$OUT" "$RESULTS"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export AUTOCOMP_CACHE_DIR=${AUTOCOMP_CACHE_DIR:-/tmp/autocomp-cache} TORCHINDUCTOR_FX_GRAPH_CACHE=1
+BUDGET_MLP=${BUDGET_MLP:-32} BUDGET_LM_HEAD=${BUDGET_LM_HEAD:-12} BUDGET_WARM=${BUDGET_WARM:-12} SCALE=${LIMIT_SCALE:-1}
+KOPTS="--target cuda --cache --sets 1 --search-timing-ms 100 --timing-ms 1000 --rounds 2 --no-inductor --output-dir /tmp/autocomp-output"
+
+stage() {  # stage NAME LIMIT_S COMMAND...
+  local name=$1 limit=$(( $2 * SCALE )); shift 2
+  echo "== $name: limit ${limit}s, start $(date +%T)"
+  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | grep --line-buffered -v "━" | tee "$RESULTS/$name.txt"
+  echo "== $name: rc=${PIPESTATUS[0]}, end $(date +%T)" | tee -a "$RESULTS/stages.txt"
+  tar czf "$OUT/gpu_results.tar.gz" -C "$RESULTS" .
+}
+
+stage env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv;
+  python3 -c "import torch, cuda.bindings; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cuda-bindings\", cuda.bindings.__version__)";
+  python3 -m autocomp_compile.cli targets'
+stage kernels_mlp 80 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_MLP" --only mlp --json "$RESULTS/kernels_cuda_mlp.json"
+stage kernels_lm_head 110 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_LM_HEAD" --only lm_head --json "$RESULTS/kernels_cuda_lm_head.json"
+stage warm 90 python3 -m autocomp_compile.cli warm --target cuda --model llama-3.2-1b --batch 1 --budget "$BUDGET_WARM" \
+  --sets 1 --timing-ms 100 --quiet --output-dir /tmp/autocomp-output --json "$RESULTS/warm_cuda.json"
+stage e2e 230 python3 benchmarks/e2e.py --device cuda --batch 1 --cudagraphs --eager-prefill --prompt-len 32 \
+  --decode-tokens 64 --rounds 3 --json "$RESULTS/e2e_cuda_llama-3.2-1b.json"
+stage cuda_tests 70 python3 -m pytest -q tests/targets/cuda -p no:cacheprovider
+stage cache 30 bash -c 'python3 -m autocomp_compile.cli cache ls --target cuda &&
+  python3 -m autocomp_compile.cli cache export "'"$RESULTS"'/cache_cuda.json" --target cuda'

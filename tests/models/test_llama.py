@@ -126,3 +126,17 @@ def test_load_pretrained_errors(tmp_path):
         config_from_hf({"model_type": "mistral"})
     with pytest.raises(WorkloadError, match="not supported"):
         config_from_hf({"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}, "num_attention_heads": 4})
+
+
+def test_generate_runs_the_prompt_through_prefill_forward():
+    model = build_llama("tiny-llama", "fp32", seed=1)
+    prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def prefill(tokens, pos, last_only):
+        seen.append(tokens.shape[1])
+        return model(tokens, pos, last_only=last_only)
+
+    g = generate(model, prompt, 4, prefill_forward=prefill)
+    assert seen == [5]  # the prompt only; the decode steps used the model
+    assert torch.equal(g.tokens, generate(model, prompt, 4).tokens)

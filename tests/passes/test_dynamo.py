@@ -39,6 +39,20 @@ def test_option_errors_are_clear():
     with pytest.raises(BackendOptionsError, match="kinds"):
         BackendOptions.parse({"kinds": ["conv"]})
     assert BackendOptions.parse(None).mode == "cache-only"
+    assert BackendOptions.parse({"cudagraphs": True}).cudagraphs
+
+
+def test_reduce_overhead_mode_is_accepted_and_other_torch_modes_are_refused(dirs):
+    torch._dynamo.reset()
+    model = build_llama("tiny-llama", "fp32", seed=0)
+    prompt = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(0))
+    # On the CPU inductor skips CUDA graphs: the result must simply be eager's.
+    compiled = torch.compile(model, backend="autocomp", dynamic=False, mode="reduce-overhead")
+    assert torch.equal(generate(model, prompt, 3, forward=compiled).tokens, generate(model, prompt, 3).tokens)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="autocomp", dynamic=False, mode="max-autotune")
+    with pytest.raises(Exception, match="not supported"):
+        generate(model, prompt, 2, forward=compiled)
 
 
 def test_compact_llama_search_mode_matches_eager_and_never_recompiles_while_decoding(dirs):

@@ -16,17 +16,18 @@ from typing import Any
 
 from autocomp_compile.workload import Workload
 
-CODEGEN_VERSION = "cuda-2"
+CODEGEN_VERSION = "cuda-3"
 GEMV_KINDS = ("gemm", "lm_head", "mlp")
 
 NAIVE_KNOBS: dict[str, dict[str, Any]] = {
     "gemv": dict(naive=True, warps=4, rows=1, ksplit=1, unroll=1, vec=False, x_smem=False, fuse=False,
-                 stream_loads=False, l2_prefetch=False),
+                 stream_loads=False, l2_prefetch=False, fuse_down=False, chunk=64),
     "attention": dict(naive=True, warps=4, splits=1, gqa_share=False, q_block=1),
     "rmsnorm": dict(naive=True, threads=256, vec=False),
 }
 KNOB_CHOICES: dict[str, dict[str, tuple]] = {
-    "gemv": dict(warps=(1, 2, 4, 8, 16), rows=(1, 2, 4, 8), ksplit=(1, 2, 4, 8), unroll=(1, 2, 4, 8)),
+    "gemv": dict(warps=(1, 2, 4, 8, 16), rows=(1, 2, 4, 8), ksplit=(1, 2, 4, 8), unroll=(1, 2, 4, 8),
+                 chunk=(16, 32, 64, 128)),
     "attention": dict(warps=(1, 2, 4, 8, 16), splits=(1, 2, 4, 8, 16, 32, 64), q_block=(1, 2, 4)),
     "rmsnorm": dict(threads=(64, 128, 256, 512, 1024)),
 }
@@ -84,6 +85,11 @@ def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
             out["ksplit"] = 1
         if out["x_smem"] and m * max(ks) * 4 > 48 * 1024:
             out["x_smem"] = False  # the activation must fit in shared memory as float
+        out["fuse_down"] = _fused_mlp_legal(w, out)
+        if out["fuse_down"]:
+            out["fuse"], out["l2_prefetch"] = True, False
+            while w.params["intermediate"] % out["chunk"]:
+                out["chunk"] //= 2
     if fam == "attention":
         out["gqa_share"] = bool(out["gqa_share"])
         if w.params["phase"] == "decode":
@@ -93,6 +99,16 @@ def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
     if fam == "rmsnorm":
         out["vec"] = bool(out["vec"]) and w.params["hidden"] % (16 // _elem_bytes(w)) == 0
     return out
+
+
+def _fused_mlp_legal(w: Workload, k: dict[str, Any]) -> bool:
+    """The one-kernel MLP needs 16-byte loads, a chunk of the intermediate dimension that divides it,
+    and the float activation plus a chunk of the SiLU output in static shared memory."""
+    if not k["fuse_down"] or k["naive"] or w.kind != "mlp" or not k["vec"]:
+        return False
+    m, h, i = w.params["batch"], w.params["hidden"], w.params["intermediate"]
+    epv = 16 // _elem_bytes(w)
+    return m <= 4 and m * h <= 8192 and i % 16 == 0 and h % epv == 0
 
 
 def generate(w: Workload, knobs: dict[str, Any]) -> str:
@@ -307,12 +323,128 @@ def _gemv_stage(name: str, x_t: str, out_t: str, M: int, N: int, K: int, two: bo
     return code, _launch(name, (math.ceil(N / rows_per_block),), k["warps"] * 32, args, smem)
 
 
+def _mlp_fused_kernel(M: int, H: int, I: int, k: dict[str, Any]) -> str:
+    """The whole SwiGLU MLP in one launch. Block b owns rows [b*C, (b+1)*C) of the intermediate
+    dimension: its warps compute SiLU(gate) * up for those rows into shared memory, then the block
+    multiplies them by its C columns of the down projection and adds the partial sums into an fp32
+    accumulator with atomics. The last block to finish (a counter) writes the output and clears the
+    accumulator and the counter for the next launch. No kernel waits on another."""
+    W, U, C = k["warps"], k["unroll"], k["chunk"]
+    ld = "__ldcs" if k["stream_loads"] else "__ldg"
+    return f"""
+extern "C" __global__ void __launch_bounds__({W * 32}) mlp_fused(const elem_t *__restrict__ x, const elem_t *__restrict__ wg,
+    const elem_t *__restrict__ wu, const elem_t *__restrict__ wd, float *__restrict__ acc, unsigned int *__restrict__ count,
+    elem_t *__restrict__ out) {{
+  const int M = {M}, H = {H}, I = {I}, C = {C}, NT = {W * 32};
+  const int T = C / EPV;  /* threads per down-projection row in phase 2 */
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const long j0 = (long)blockIdx.x * C;
+  __shared__ __align__(16) float xs[M * H];
+  __shared__ float hs[M * C];
+  __shared__ bool last;
+  for (int i = threadIdx.x; i < M * H; i += NT) xs[i] = to_f32(x[i]);
+  __syncthreads();
+  /* phase 1: hs[m][r] = SiLU(gate[j0 + r] . x[m]) * (up[j0 + r] . x[m]), one warp per row */
+  for (int r = warp; r < C; r += {W}) {{
+    const long row = j0 + r;
+    float a[M], b[M];
+    #pragma unroll
+    for (int m = 0; m < M; ++m) a[m] = b[m] = 0.0f;
+    for (int k0 = lane * EPV; k0 < H; k0 += 32 * EPV * {U}) {{
+      uint4 g[{U}], u[{U}];  /* every load of the step issued before the first use */
+      #pragma unroll
+      for (int q = 0; q < {U}; ++q) {{
+        const int kk = k0 + q * 32 * EPV;
+        if (kk < H) {{
+          g[q] = {ld}(reinterpret_cast<const uint4 *>(wg + row * H + kk));
+          u[q] = {ld}(reinterpret_cast<const uint4 *>(wu + row * H + kk));
+        }}
+      }}
+      #pragma unroll
+      for (int q = 0; q < {U}; ++q) {{
+        const int kk = k0 + q * 32 * EPV;
+        if (kk >= H) break;
+        const elem_t *ge = reinterpret_cast<const elem_t *>(&g[q]);
+        const elem_t *ue = reinterpret_cast<const elem_t *>(&u[q]);
+        #pragma unroll
+        for (int m = 0; m < M; ++m) {{
+          float xv[EPV];
+          #pragma unroll
+          for (int v = 0; v < EPV / 4; ++v)
+            reinterpret_cast<float4 *>(xv)[v] = reinterpret_cast<const float4 *>(xs + m * H + kk)[v];
+          #pragma unroll
+          for (int e = 0; e < EPV; ++e) {{
+            a[m] += to_f32(ge[e]) * xv[e];
+            b[m] += to_f32(ue[e]) * xv[e];
+          }}
+        }}
+      }}
+    }}
+    #pragma unroll
+    for (int m = 0; m < M; ++m) {{
+      const float ta = warp_sum(a[m]), tb = warp_sum(b[m]);
+      if (lane == 0) hs[m * C + r] = silu(ta) * tb;
+    }}
+  }}
+  __syncthreads();
+  /* phase 2: acc[m][n] += wd[n][j0 : j0 + C] . hs[m], T threads per row n, EPV columns each */
+  {{
+    const int t = threadIdx.x % T, c0 = t * EPV, P = NT / T;
+    float hv[M][EPV];
+    #pragma unroll
+    for (int m = 0; m < M; ++m)
+      #pragma unroll
+      for (int e = 0; e < EPV; ++e) hv[m][e] = hs[m * C + c0 + e];
+    for (int base = 0; base < H; base += P * {U}) {{  /* trip count uniform across the block (shuffles below) */
+      uint4 d[{U}];
+      #pragma unroll
+      for (int q = 0; q < {U}; ++q) {{
+        const int n = base + q * P + threadIdx.x / T;
+        d[q] = n < H ? {ld}(reinterpret_cast<const uint4 *>(wd + (long)n * I + j0 + c0)) : make_uint4(0u, 0u, 0u, 0u);
+      }}
+      #pragma unroll
+      for (int q = 0; q < {U}; ++q) {{
+        const int n = base + q * P + threadIdx.x / T;
+        const elem_t *de = reinterpret_cast<const elem_t *>(&d[q]);
+        #pragma unroll
+        for (int m = 0; m < M; ++m) {{
+          float s = 0.0f;
+          #pragma unroll
+          for (int e = 0; e < EPV; ++e) s += to_f32(de[e]) * hv[m][e];
+          #pragma unroll
+          for (int o = T / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+          if (t == 0 && n < H) atomicAdd(acc + (long)m * H + n, s);
+        }}
+      }}
+    }}
+  }}
+  /* the last block to finish writes the output and leaves the accumulator and counter zeroed */
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(count, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (last) {{
+    __threadfence();
+    for (int i = threadIdx.x; i < M * H; i += NT) {{
+      store_out(out + i, __ldcg(acc + i));
+      acc[i] = 0.0f;
+    }}
+    if (threadIdx.x == 0) *count = 0u;
+  }}
+}}
+"""
+
+
 def _gemv(w: Workload, k: dict[str, Any]):
     M, N, K = _gemv_shape(w)
     if w.kind != "mlp":
         code, launch = _gemv_stage("gemv", "elem_t", "elem_t", M, N, K, False, k, ["x", "w", "out"])
         return [launch], {}, code
     H, I = w.params["hidden"], w.params["intermediate"]
+    if k["fuse_down"]:
+        launch = _launch("mlp_fused", (I // k["chunk"],), k["warps"] * 32,
+                         ["x", "w_gate", "w_up", "w_down", "$acc", "$count", "out"])
+        return [launch], {"acc": [M * H, "fp32"], "count": [1, "u32"]}, _mlp_fused_kernel(M, H, I, k)
     scratch = {"h": [M * I, "fp32"]}
     parts, launches = [], []
     if k["fuse"]:

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 
 LAUNCH_PREFIX = "// autocomp-launch: "
-_SCRATCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_SCRATCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "u32": torch.int32}  # u32: same bits
 
 
 class CudaKernelError(RuntimeError):
@@ -64,7 +64,8 @@ class CudaKernel:
         self._cached_key: tuple | None = None
         self._cached: list[Any] = []
         self._scratch = {
-            name: torch.empty(int(n), dtype=_SCRATCH_DTYPES[dt], device="cuda") for name, (n, dt) in self.spec.get("scratch", {}).items()
+            # zeroed: kernels that accumulate into scratch (the one-kernel MLP) rely on it and clear it after use
+            name: torch.zeros(int(n), dtype=_SCRATCH_DTYPES[dt], device="cuda") for name, (n, dt) in self.spec.get("scratch", {}).items()
         }
 
     def _params(self, tensors: Sequence[torch.Tensor], dims: Sequence[int]) -> list[Any]:

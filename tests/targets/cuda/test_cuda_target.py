@@ -36,7 +36,10 @@ WORKLOADS = {
 VARIANTS = {
     "gemv": [{}, dict(naive=False), dict(naive=False, vec=True, rows=4, unroll=4, warps=8, ksplit=2, x_smem=True, fuse=True),
              dict(naive=False, vec=True, rows=2, unroll=2, warps=4, fuse=False),
-             dict(naive=False, vec=True, rows=1, unroll=2, warps=4, ksplit=4, fuse=True, stream_loads=True, l2_prefetch=True)],
+             dict(naive=False, vec=True, rows=1, unroll=2, warps=4, ksplit=4, fuse=True, stream_loads=True, l2_prefetch=True),
+             dict(naive=False, vec=True, unroll=4, warps=8, fuse_down=True, chunk=32),
+             dict(naive=False, vec=True, unroll=1, warps=1, fuse_down=True, chunk=128, stream_loads=True),
+             dict(naive=False, vec=True, unroll=8, warps=16, fuse_down=True, chunk=16)],
     "attention": [{}, dict(naive=False), dict(naive=False, gqa_share=True, splits=4, warps=4, q_block=2),
                   dict(naive=False, splits=16, warps=2, q_block=4)],
     "rmsnorm": [{}, dict(naive=False), dict(naive=False, vec=True, threads=512)],
@@ -146,3 +149,26 @@ def test_l2_prefetch_passes_the_down_weights_to_the_first_kernel():
     assert first["args"] == ["x", "w_gate", "w_up", "w_down", "$h"]  # the kernel's parameter order
     assert "const elem_t *__restrict__ wb, const elem_t *__restrict__ pf, float *__restrict__ out" in src
     assert "prefetch.global.L2::evict_last" in src and "__ldcs" in src
+
+
+def test_one_kernel_mlp_is_one_launch_with_zeroed_scratch():
+    w = make_workload("mlp", "bf16", batch=2, hidden=2048, intermediate=8192)
+    knobs = codegen.legalize(w, dict(naive=False, vec=True, fuse_down=True, chunk=64, warps=8, l2_prefetch=True))
+    assert knobs["fuse_down"] and knobs["fuse"] and not knobs["l2_prefetch"]
+    spec = launch_spec(codegen.generate(w, knobs))
+    assert [k["name"] for k in spec["kernels"]] == ["mlp_fused"]
+    assert spec["kernels"][0]["grid"] == [8192 // 64, 1, 1] and spec["kernels"][0]["block"] == [256, 1, 1]
+    assert spec["scratch"] == {"acc": [2 * 2048, "fp32"], "count": [1, "u32"]}
+
+
+@pytest.mark.parametrize("params,knobs", [
+    (dict(batch=1, hidden=2048, intermediate=8192), dict(vec=False)),  # needs 16-byte loads
+    (dict(batch=8, hidden=2048, intermediate=8192), {}),  # too many rows for the registers
+    (dict(batch=4, hidden=4096, intermediate=8192), {}),  # activation does not fit in shared memory
+    (dict(batch=1, hidden=64, intermediate=200), {}),  # intermediate not a multiple of 16
+])
+def test_one_kernel_mlp_is_refused_where_it_cannot_run(params, knobs):
+    w = make_workload("mlp", "bf16", **params)
+    out = codegen.legalize(w, {"naive": False, "vec": True, "fuse_down": True, **knobs})
+    assert not out["fuse_down"]
+    assert [k["name"] for k in launch_spec(codegen.generate(w, out))["kernels"]][-1] == "down"
