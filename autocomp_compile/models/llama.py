@@ -99,11 +99,12 @@ class RMSNorm(nn.Module):
 class KVCache(nn.Module):
     """Preallocated keys and values, [batch, kv_heads, max_seq_len, head_dim]."""
 
-    def __init__(self, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype):
+    def __init__(self, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
         super().__init__()
         shape = (batch, kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.k.index_copy_(2, input_pos, k)
@@ -214,11 +215,13 @@ class Llama(nn.Module):
         c = self.config
         for layer in self.model.layers:
             cache = layer.self_attn.kv_cache
-            if cache is not None and cache.k.shape[0] == batch and cache.k.dtype == self.dtype:
+            device = self.lm_head.weight.device
+            if (cache is not None and cache.k.shape[0] == batch and cache.k.dtype == self.dtype
+                    and cache.k.device == device):
                 cache.k.zero_()
                 cache.v.zero_()
             else:
-                layer.self_attn.kv_cache = KVCache(batch, c.kv_heads, c.max_seq_len, c.head_dim, self.dtype)
+                layer.self_attn.kv_cache = KVCache(batch, c.kv_heads, c.max_seq_len, c.head_dim, self.dtype, device)
         self.batch_size = batch
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
