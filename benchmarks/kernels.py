@@ -25,6 +25,7 @@ from autocomp_compile import EvalSettings, SearchConfig, get_target, make_worklo
 from autocomp_compile.evaluation.worker import IsolatedWorker
 from autocomp_compile.report import search_progress
 from autocomp_compile.passes.kernels import build_loader
+from autocomp_compile.search.candidate import Candidate
 from autocomp_compile.targets.base import require_available
 from autocomp_compile.workload import Workload
 
@@ -48,6 +49,14 @@ def workloads(dtype: str):
     ]
 
 
+def seed_candidate(target, w: Workload, knobs: dict) -> Candidate:
+    """A starting point for the search: the naive schedule with `knobs` applied, legalised for `w`."""
+    legal = target.legalize(w, {"naive": False, **knobs})
+    return Candidate(id="seed", parent_id=None, iteration=0, language=target.language,
+                     code=target.generate(w, legal), plan=f"Seed schedule given on the command line: {knobs}",
+                     menu_ids=["seed"], knobs=legal, origin="seed:cli")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="cpu")
@@ -63,6 +72,8 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated workload labels' first words, e.g. 'lm_head,mlp'")
     ap.add_argument("--sets", type=int, default=EvalSettings().correctness_sets,
                     help="fresh random input sets per candidate during search")
+    ap.add_argument("--seed-knobs", default=None, metavar="JSON",
+                    help="an extra starting schedule for the search, e.g. '{\"fuse_down\": true}' (legalised per workload)")
     ap.add_argument("--cache", action="store_true",
                     help="store the winners in the kernel cache (a cached workload is timed, not searched)")
     args = ap.parse_args()
@@ -81,10 +92,11 @@ def main() -> None:
     selected = [(label, w) for label, w in workloads(args.dtype)
                 if not args.only or any(label.startswith(o.strip()) for o in args.only.split(","))]
     for label, w in selected:
+        seeds = [seed_candidate(target, w, json.loads(args.seed_knobs))] if args.seed_knobs else None
         with search_progress(label, args.budget) as progress:
             r = optimize(w, target, SearchConfig(budget=args.budget, seed=args.seed),
                          EvalSettings(args.sets, seed=args.seed, timing_budget_ms=args.search_timing_ms), args.output_dir,
-                         progress=progress, cache=cache)
+                         progress=progress, cache=cache, seeds=seeds)
         searches.append((label, w, r))
 
     # All searches (and their compiles) are finished before anything below is timed.
@@ -134,6 +146,7 @@ def main() -> None:
             # ratio of two in-run ratios: (inductor / eager) / (autocomp / eager)
             "speedup_vs_inductor": (ind["inductor"]["median_ms"] / ind["eager"]["median_ms"]) / (best_ms / eager_ms) if ind else None,
             "candidates_evaluated": r.candidates_evaluated, "best_menu_ids": r.best.menu_ids, "best_knobs": r.best.knobs,
+            "seed_knobs": json.loads(args.seed_knobs) if args.seed_knobs else None,
         })
 
     table = Table(title=f"{target.name} kernels, {args.dtype}, Llama-3.2-1B shapes (median ms; each kernel interleaved with eager in its own process; autocomp: median of {args.rounds} such runs)")

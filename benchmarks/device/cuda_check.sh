@@ -11,6 +11,9 @@
 # $RESULTS, and after every stage all of $RESULTS is packed into $OUT/gpu_results.tar.gz (one file to bring back).
 # Usage: OUT=/some/dir bash benchmarks/device/cuda_check.sh     (defaults: OUT=benchmarks/results/gpu)
 # Budgets and limits: BUDGET_MLP=32 BUDGET_LM_HEAD=12 BUDGET_WARM=12 LIMIT_SCALE=1 (multiplies every limit).
+# STAGES="env kernels_mlp ..." runs a subset; CACHE_IMPORT=file.json imports a cache export first (entries are
+# used only where the GPU fingerprint matches, and every kernel is checked again before it enters a model);
+# MLP_SEED='{"fuse_down": true}' adds a starting schedule to the MLP search.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 RESULTS=${RESULTS:-/tmp/autocomp-gpu-results}
@@ -20,8 +23,10 @@ export AUTOCOMP_CACHE_DIR=${AUTOCOMP_CACHE_DIR:-/tmp/autocomp-cache} TORCHINDUCT
 BUDGET_MLP=${BUDGET_MLP:-32} BUDGET_LM_HEAD=${BUDGET_LM_HEAD:-12} BUDGET_WARM=${BUDGET_WARM:-12} SCALE=${LIMIT_SCALE:-1}
 KOPTS="--target cuda --cache --sets 1 --search-timing-ms 100 --timing-ms 1000 --rounds 2 --no-inductor --output-dir /tmp/autocomp-output"
 
+STAGES=${STAGES:-env import kernels_mlp kernels_lm_head warm e2e cuda_tests cache}
 stage() {  # stage NAME LIMIT_S COMMAND...
   local name=$1 limit=$(( $2 * SCALE )); shift 2
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
   echo "== $name: limit ${limit}s, start $(date +%T)"
   timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | grep --line-buffered -v "━" | tee "$RESULTS/$name.txt"
   echo "== $name: rc=${PIPESTATUS[0]}, end $(date +%T)" | tee -a "$RESULTS/stages.txt"
@@ -31,7 +36,9 @@ stage() {  # stage NAME LIMIT_S COMMAND...
 stage env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv;
   python3 -c "import torch, cuda.bindings; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cuda-bindings\", cuda.bindings.__version__)";
   python3 -m autocomp_compile.cli targets'
-stage kernels_mlp 80 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_MLP" --only mlp --json "$RESULTS/kernels_cuda_mlp.json"
+[ -n "${CACHE_IMPORT:-}" ] && stage import 60 python3 -m autocomp_compile.cli cache import "$CACHE_IMPORT"
+stage kernels_mlp 80 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_MLP" --only mlp --json "$RESULTS/kernels_cuda_mlp.json" \
+  ${MLP_SEED:+--seed-knobs "$MLP_SEED"}
 stage kernels_lm_head 110 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_LM_HEAD" --only lm_head --json "$RESULTS/kernels_cuda_lm_head.json"
 stage warm 90 python3 -m autocomp_compile.cli warm --target cuda --model llama-3.2-1b --batch 1 --budget "$BUDGET_WARM" \
   --sets 1 --timing-ms 100 --quiet --output-dir /tmp/autocomp-output --json "$RESULTS/warm_cuda.json"
