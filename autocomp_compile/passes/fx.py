@@ -32,6 +32,7 @@ SDPA_OPS = {
     aten._scaled_dot_product_flash_attention_for_cpu.default,
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_cudnn_attention.default,  # what SDPA with a mask becomes on Hopper GPUs
     aten.scaled_dot_product_attention.default,
 }
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
