@@ -1,0 +1,77 @@
+"""Sweep the one-kernel MLP's schedule (chunk, warps, unroll, streaming loads) at Llama-3.2-1B decode shape
+on a GPU: each variant checked against the reference once, then timed interleaved with eager (cuBLAS)
+under the evaluator's CUDA timing (events, L2 flushed). Prints a table sorted by time and writes JSON.
+
+    python benchmarks/device/mlp_sweep.py --json mlp_sweep.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from autocomp_compile import make_workload
+from autocomp_compile.evaluation.checks import compare, time_interleaved_cuda
+from autocomp_compile.references import InputFactory, empty_outputs, get_kind
+from autocomp_compile.targets.cuda import codegen
+from autocomp_compile.targets.cuda.bandwidth import measure_hbm_bandwidth
+from autocomp_compile.targets.cuda.build import build
+from autocomp_compile.targets.cuda.runtime import load
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--timing-ms", type=float, default=150.0)
+    args = ap.parse_args()
+    w = make_workload("mlp", "bf16", batch=1, hidden=2048, intermediate=8192)
+    spec = get_kind(w.kind)
+    host = InputFactory(0).inputs(w)
+    ref = spec.reference(host, w.params, w.runtime_dims)["out"]
+    dev = {k: v.cuda() for k, v in host.items()}
+    base_out = empty_outputs(w, device="cuda")
+    arch = "sm_%d%d" % torch.cuda.get_device_capability()
+    bw = measure_hbm_bandwidth()
+    build_dir = Path(tempfile.mkdtemp())
+    rows = []
+    for chunk, warps, unroll, stream in itertools.product((16, 32, 64, 128), (4, 8, 16), (4, 8), (True, False)):
+        knobs = codegen.legalize(w, dict(naive=False, vec=True, fuse_down=True, chunk=chunk, warps=warps,
+                                         unroll=unroll, stream_loads=stream))
+        src = codegen.generate(w, knobs)
+        b = build(src, arch, build_dir)
+        if not b.ok:
+            rows.append({"knobs": knobs, "error": b.log[-300:]})
+            continue
+        kernel = load(str(b.cubin_path), src, [t.name for t in w.tensors], [])
+        outs = empty_outputs(w, device="cuda")
+        args_ = [dev[t.name] for t in w.inputs] + [outs["out"]]
+        kernel(args_)
+        torch.cuda.synchronize()
+        ok = compare("out", outs["out"].cpu(), ref)
+        t = time_interleaved_cuda({"kernel": lambda: kernel(args_),
+                                   "eager": lambda: spec.eager(dev, base_out, w.params, w.runtime_dims)},
+                                  budget_ms=args.timing_ms)
+        ms = t["kernel"].median_ms
+        rows.append({"knobs": {k: knobs[k] for k in ("chunk", "warps", "unroll", "stream_loads")}, "correct": ok.ok,
+                     "ms": ms, "eager_ms": t["eager"].median_ms, "gbps": w.bytes_moved() / (ms * 1e6),
+                     "percent_of_copy_bw": 100 * w.bytes_moved() / (ms * 1e6) / bw})
+    good = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
+    print(f"{torch.cuda.get_device_name()}: HBM copy bandwidth {bw:.0f} GB/s")
+    print(f"{'chunk':>5} {'warps':>5} {'unroll':>6} {'stream':>6} {'ms':>8} {'eager':>8} {'GB/s':>7} {'%BW':>5} ok")
+    for r in good[:15]:
+        k = r["knobs"]
+        print(f"{k['chunk']:5d} {k['warps']:5d} {k['unroll']:6d} {str(k['stream_loads']):>6} {r['ms']:8.4f} "
+              f"{r['eager_ms']:8.4f} {r['gbps']:7.0f} {r['percent_of_copy_bw']:5.0f} {r['correct']}")
+    print(f"{len(good)} variants timed, {sum(not r['correct'] for r in good)} wrong, "
+          f"{sum('error' in r for r in rows)} failed to build")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": bw, "rows": rows},
+                                              indent=1))
+
+
+if __name__ == "__main__":
+    main()
