@@ -198,6 +198,15 @@ def run(args: argparse.Namespace) -> dict:
                     row[name]["token_agreement_with_eager"] = float(same.float().mean())
             if args.json_path:  # after every round: an interrupted run keeps what it measured
                 write_json(results, args.json_path)
+        # Greedy tokens diverge after the first near-tie of random bf16 logits, so compare logits once: the
+        # first ones the compiled graph computes (the first decode step after an eager prefill, else the prefill).
+        first = 1 if args.eager_prefill else 0
+        ref = generate(model, prompt, 2, forward=model, keep_logits=True).logits[first]
+        for name in samples:
+            if name != "eager":
+                got = generate(model, prompt, 2, forward=fns[name], prefill_forward=prefill_fn,
+                               keep_logits=True).logits[first]
+                row[name]["first_logits_rel_err_vs_eager"] = float((got - ref).abs().max() / ref.abs().max())
         pos = prompt_len + steps // 2
         if args.breakdown and args.device == "cpu":
             row["breakdown_eager_s"] = eager_breakdown(model, batch, pos)
@@ -235,7 +244,7 @@ def write_json(res: dict, path: str) -> None:
 def print_tables(res: dict) -> None:
     t = Table(title=f"{res['model']} {res['dtype']} on {res['device']}: tokens/sec (median; batch totals)")
     for col in ("batch", "variant", "prefill tok/s", "decode tok/s", "decode vs eager", "decode vs inductor",
-                "tokens equal to eager's"):
+                "tokens equal to eager's", "logits rel. err"):
         t.add_column(col, justify="right")
     for run in res["runs"]:
         names = [n for n in run if isinstance(run[n], dict) and "decode_tok_s" in run[n]]
@@ -245,9 +254,10 @@ def print_tables(res: dict) -> None:
             vs = {b: (f"{r['decode_tok_s'] / run[b]['decode_tok_s']:.2f}x" if b in run else "-")
                   for b in ("eager", "inductor")}
             t.add_row(str(run["batch"]), name, prefill, f"{r['decode_tok_s']:.2f}", vs["eager"], vs["inductor"],
-                      "" if name == "eager" else f"{100 * r.get('token_agreement_with_eager', float('nan')):.0f}%")
+                      "" if name == "eager" else f"{100 * r.get('token_agreement_with_eager', float('nan')):.0f}%",
+                      f"{r['first_logits_rel_err_vs_eager']:.1e}" if "first_logits_rel_err_vs_eager" in r else "")
         for name, why in run.get("failed", {}).items():
-            t.add_row(str(run["batch"]), name, "failed", why[:60], "", "", "")
+            t.add_row(str(run["batch"]), name, "failed", why[:60], "", "", "", "")
     console.print(t)
     for run in res["runs"]:
         if not any(key.startswith("breakdown_") for key in run):
