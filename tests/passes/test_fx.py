@@ -161,3 +161,27 @@ def test_attention_variants():
     qp, kp = torch.randn(1, 4, 6, 16), torch.randn(1, 2, 6, 16)
     (m,) = trace(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), qp, kp, kp)
     assert m.workload is None and "non-causal" in m.reason
+
+
+def test_cudnn_attention_of_hopper_gpus_is_recognised_with_its_boolean_mask():
+    """On an H100, SDPA with a mask lowers to `_scaled_dot_product_cudnn_attention` with an additive bias
+    `where(mask, 0, -inf)` and the 8 KV heads unrepeated (read off the backend's graph there). Traced on the
+    meta device: the pass reads only shapes and dtypes."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from autocomp_compile.passes.fx import find_attention
+
+    def decode(q, k, v, allowed):
+        zero = torch.full((), 0.0, dtype=q.dtype, device=q.device)
+        bias = torch.where(allowed, zero, torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, False, 0.0, False, False)[0]
+
+    q = torch.empty(1, 32, 1, 64, dtype=torch.bfloat16, device="meta")
+    kv = torch.empty(1, 8, 2048, 64, dtype=torch.bfloat16, device="meta")
+    mask = torch.empty(1, 1, 1, 2048, dtype=torch.bool, device="meta")
+    gm = make_fx(decode)(q, kv, kv, mask)
+    (match,) = find_attention(gm.graph)
+    assert match.workload is not None, match.reason
+    assert match.workload.params["heads"] == 32 and match.workload.params["kv_heads"] == 8
+    assert match.workload.params["max_kv_len"] == 2048 and match.workload.params["phase"] == "decode"
+    assert match.args[3].op == "placeholder"  # the boolean mask itself, not the additive bias
