@@ -213,9 +213,9 @@ class Llama(nn.Module):
         """Allocate the KV caches for `batch` sequences of up to `config.max_seq_len` tokens, or zero the
         existing ones (same objects, so compiled graphs guarding on them stay valid)."""
         c = self.config
+        device = self.lm_head.weight.device
         for layer in self.model.layers:
             cache = layer.self_attn.kv_cache
-            device = self.lm_head.weight.device
             if (cache is not None and cache.k.shape[0] == batch and cache.k.dtype == self.dtype
                     and cache.k.device == device):
                 cache.k.zero_()
