@@ -242,6 +242,15 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
                            "its partial sums with fp32 atomics; the last block writes the output. No launch waits "
                            "for another, and every block streams all three weights at once.",
                            "fuse_down", tiled, vec=True),
+                _switch_on("persistent_mlp", "Whole MLP in one persistent kernel (grid barrier)",
+                           "Launch only as many blocks as fit on the GPU at once: warps compute SiLU(gate) * up "
+                           "row by row into global memory, all blocks meet at a grid barrier, then each block "
+                           "copies the activation into shared memory and its warps read whole, contiguous rows "
+                           "of the down projection. With the L2 prefetch, the down rows stream in during the "
+                           "first phase.", "persistent", tiled, vec=True),
+                _retune("grid_blocks", "Blocks of the persistent MLP",
+                        "Change how many co-resident blocks the persistent MLP launches.",
+                        "blocks", choices["blocks"], lambda k: tiled(k) and k["persistent"]),
                 _retune("mlp_chunk", "Intermediate rows per block",
                         "Change the chunk of the intermediate dimension each block of the one-kernel MLP owns "
                         "(more blocks vs. longer contiguous reads of the down projection).",

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks of the CUDA target in one command, from the repository root (a lent H100/H200 ran it):
 #   env         GPU, driver, torch, cuda-bindings, the targets this machine offers
+#   cuda_tests  every schedule variant of every kernel checked against the reference on the GPU
+#   mlp_sweep   the decode MLP's three schedule families on a grid (benchmarks/device/mlp_sweep.py)
 #   kernels_mlp, kernels_lm_head
 #               search the decode MLP and LM head (winners go to the kernel cache), then time the best
 #               kernel against eager (cuBLAS) interleaved, and report GB/s and % of the measured HBM copy bandwidth
 #   warm        `autocomp-compile warm --target cuda` for the other Llama-3.2-1B decode kernels (projections, attention)
 #   e2e         tokens/sec at batch 1: eager, inductor, autocomp, and both compilers under CUDA graphs
-#   cuda_tests  every schedule variant of every kernel checked against the reference on the GPU
 # Each stage has a time limit, so that a slow one cannot starve the rest; its output goes to <stage>.txt in
 # $RESULTS, and after every stage all of $RESULTS is packed into $OUT/gpu_results.tar.gz (one file to bring back).
 # Usage: OUT=/some/dir bash benchmarks/device/cuda_check.sh     (defaults: OUT=benchmarks/results/gpu)
@@ -23,7 +24,10 @@ export AUTOCOMP_CACHE_DIR=${AUTOCOMP_CACHE_DIR:-/tmp/autocomp-cache} TORCHINDUCT
 BUDGET_MLP=${BUDGET_MLP:-32} BUDGET_LM_HEAD=${BUDGET_LM_HEAD:-12} BUDGET_WARM=${BUDGET_WARM:-12} SCALE=${LIMIT_SCALE:-1}
 KOPTS="--target cuda --cache --sets 1 --search-timing-ms 100 --timing-ms 1000 --rounds 2 --no-inductor --output-dir /tmp/autocomp-output"
 
-STAGES=${STAGES:-env import kernels_mlp kernels_lm_head warm e2e cuda_tests cache}
+# All stages together need up to ~13 minutes (the limits below); where one command may run 10 minutes,
+# split them over two calls with STAGES; a fresh machine starts with an empty kernel cache, so bring the
+# `cache` stage's export (cache_cuda.json in the archive) to the second call as CACHE_IMPORT.
+STAGES=${STAGES:-env import cuda_tests mlp_sweep kernels_mlp kernels_lm_head warm e2e cache}
 stage() {  # stage NAME LIMIT_S COMMAND...
   local name=$1 limit=$(( $2 * SCALE )); shift 2
   case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
@@ -37,6 +41,8 @@ stage env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,cl
   python3 -c "import torch, cuda.bindings; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cuda-bindings\", cuda.bindings.__version__)";
   python3 -m autocomp_compile.cli targets'
 [ -n "${CACHE_IMPORT:-}" ] && stage import 60 python3 -m autocomp_compile.cli cache import "$CACHE_IMPORT"
+stage cuda_tests 90 python3 -m pytest -q tests/targets/cuda -p no:cacheprovider
+stage mlp_sweep 120 python3 benchmarks/device/mlp_sweep.py --json "$RESULTS/mlp_sweep.json"
 stage kernels_mlp 80 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_MLP" --only mlp --json "$RESULTS/kernels_cuda_mlp.json" \
   ${MLP_SEED:+--seed-knobs "$MLP_SEED"}
 stage kernels_lm_head 110 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_LM_HEAD" --only lm_head --json "$RESULTS/kernels_cuda_lm_head.json"
@@ -44,6 +50,5 @@ stage warm 90 python3 -m autocomp_compile.cli warm --target cuda --model llama-3
   --sets 1 --timing-ms 100 --quiet --output-dir /tmp/autocomp-output --json "$RESULTS/warm_cuda.json"
 stage e2e 230 python3 benchmarks/e2e.py --device cuda --batch 1 --cudagraphs --eager-prefill --prompt-len 32 \
   --decode-tokens 64 --rounds 3 --json "$RESULTS/e2e_cuda_llama-3.2-1b.json"
-stage cuda_tests 70 python3 -m pytest -q tests/targets/cuda -p no:cacheprovider
 stage cache 30 bash -c 'python3 -m autocomp_compile.cli cache ls --target cuda &&
   python3 -m autocomp_compile.cli cache export "'"$RESULTS"'/cache_cuda.json" --target cuda'

@@ -1,8 +1,10 @@
-"""Sweep the one-kernel MLP's schedule (chunk, warps, unroll, streaming loads) at Llama-3.2-1B decode shape
-on a GPU: each variant checked against the reference once, then timed interleaved with eager (cuBLAS)
-under the evaluator's CUDA timing (events, L2 flushed). Prints a table sorted by time and writes JSON.
+"""Sweep the decode MLP's schedule families at Llama-3.2-1B shape on a GPU: the two-kernel MLP (gate/up,
+then down; optionally prefetching the down weights into L2), the one-kernel split-K MLP (atomics) and the
+persistent one-kernel MLP (grid barrier). Each variant is checked against the reference once, then timed
+interleaved with eager (cuBLAS) under the evaluator's CUDA timing (events, L2 flushed). Prints a table
+sorted by time and writes JSON.
 
-    python benchmarks/device/mlp_sweep.py --json mlp_sweep.json
+    python benchmarks/device/mlp_sweep.py --json mlp_sweep.json [--families split_k persistent two_kernel]
 """
 from __future__ import annotations
 
@@ -23,10 +25,22 @@ from autocomp_compile.targets.cuda.build import build
 from autocomp_compile.targets.cuda.runtime import load
 
 
+FAMILIES = {
+    "split_k": [dict(fuse_down=True, chunk=c, warps=wp, unroll=u, stream_loads=st)
+                for c, wp, u, st in itertools.product((16, 32, 64, 128), (4, 8, 16), (4, 8), (True, False))],
+    "persistent": [dict(persistent=True, blocks=b, warps=wp, unroll=u, l2_prefetch=pf, stream_loads=True)
+                   for b, wp, u, pf in itertools.product((64, 128, 256), (4, 8, 16), (4, 8), (True, False))],
+    "two_kernel": [dict(fuse=True, warps=wp, rows=r, ksplit=ks, unroll=u, l2_prefetch=pf, stream_loads=True)
+                   for wp, r, ks, u, pf in itertools.product((4, 8), (1, 2), (1, 4), (4, 8), (True, False))],
+}
+KEYS = ("fuse_down", "persistent", "chunk", "blocks", "warps", "rows", "ksplit", "unroll", "l2_prefetch", "stream_loads")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", default=None)
     ap.add_argument("--timing-ms", type=float, default=150.0)
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     args = ap.parse_args()
     w = make_workload("mlp", "bf16", batch=1, hidden=2048, intermediate=8192)
     spec = get_kind(w.kind)
@@ -38,15 +52,18 @@ def main() -> None:
     bw = measure_hbm_bandwidth()
     build_dir = Path(tempfile.mkdtemp())
     rows = []
-    for chunk, warps, unroll, stream in itertools.product((16, 32, 64, 128), (4, 8, 16), (4, 8), (True, False)):
-        knobs = codegen.legalize(w, dict(naive=False, vec=True, fuse_down=True, chunk=chunk, warps=warps,
-                                         unroll=unroll, stream_loads=stream))
+    for family, schedule in ((f, k) for f in args.families for k in FAMILIES[f]):
+        knobs = codegen.legalize(w, dict(naive=False, vec=True, **schedule))
         src = codegen.generate(w, knobs)
         b = build(src, arch, build_dir)
         if not b.ok:
-            rows.append({"knobs": knobs, "error": b.log[-300:]})
+            rows.append({"family": family, "knobs": knobs, "error": b.log[-300:]})
             continue
-        kernel = load(str(b.cubin_path), src, [t.name for t in w.tensors], [])
+        try:
+            kernel = load(str(b.cubin_path), src, [t.name for t in w.tensors], [])
+        except Exception as exc:  # noqa: BLE001 - e.g. a persistent grid that does not fit on this GPU
+            rows.append({"family": family, "knobs": knobs, "error": f"{type(exc).__name__}: {exc}"})
+            continue
         outs = empty_outputs(w, device="cuda")
         args_ = [dev[t.name] for t in w.inputs] + [outs["out"]]
         kernel(args_)
@@ -56,18 +73,19 @@ def main() -> None:
                                    "eager": lambda: spec.eager(dev, base_out, w.params, w.runtime_dims)},
                                   budget_ms=args.timing_ms)
         ms = t["kernel"].median_ms
-        rows.append({"knobs": {k: knobs[k] for k in ("chunk", "warps", "unroll", "stream_loads")}, "correct": ok.ok,
+        rows.append({"family": family, "knobs": {k: knobs[k] for k in KEYS}, "correct": ok.ok,
                      "ms": ms, "eager_ms": t["eager"].median_ms, "gbps": w.bytes_moved() / (ms * 1e6),
                      "percent_of_copy_bw": 100 * w.bytes_moved() / (ms * 1e6) / bw})
     good = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
     print(f"{torch.cuda.get_device_name()}: HBM copy bandwidth {bw:.0f} GB/s")
-    print(f"{'chunk':>5} {'warps':>5} {'unroll':>6} {'stream':>6} {'ms':>8} {'eager':>8} {'GB/s':>7} {'%BW':>5} ok")
-    for r in good[:15]:
-        k = r["knobs"]
-        print(f"{k['chunk']:5d} {k['warps']:5d} {k['unroll']:6d} {str(k['stream_loads']):>6} {r['ms']:8.4f} "
-              f"{r['eager_ms']:8.4f} {r['gbps']:7.0f} {r['percent_of_copy_bw']:5.0f} {r['correct']}")
+    print(f"{'family':>10} {'ms':>8} {'eager':>8} {'GB/s':>7} {'%BW':>5} ok  schedule")
+    for fam in args.families:
+        for r in [r for r in good if r["family"] == fam][:6]:
+            k = {key: v for key, v in r["knobs"].items() if key not in ("fuse_down", "persistent")}
+            print(f"{fam:>10} {r['ms']:8.4f} {r['eager_ms']:8.4f} {r['gbps']:7.0f} {r['percent_of_copy_bw']:5.0f} "
+                  f"{str(r['correct']):5s} {k}")
     print(f"{len(good)} variants timed, {sum(not r['correct'] for r in good)} wrong, "
-          f"{sum('error' in r for r in rows)} failed to build")
+          f"{sum('error' in r for r in rows)} failed to build or load")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": bw, "rows": rows},
                                               indent=1))

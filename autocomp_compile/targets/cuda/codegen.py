@@ -21,13 +21,13 @@ GEMV_KINDS = ("gemm", "lm_head", "mlp")
 
 NAIVE_KNOBS: dict[str, dict[str, Any]] = {
     "gemv": dict(naive=True, warps=4, rows=1, ksplit=1, unroll=1, vec=False, x_smem=False, fuse=False,
-                 stream_loads=False, l2_prefetch=False, fuse_down=False, chunk=64),
+                 stream_loads=False, l2_prefetch=False, fuse_down=False, chunk=64, persistent=False, blocks=128),
     "attention": dict(naive=True, warps=4, splits=1, gqa_share=False, q_block=1),
     "rmsnorm": dict(naive=True, threads=256, vec=False),
 }
 KNOB_CHOICES: dict[str, dict[str, tuple]] = {
     "gemv": dict(warps=(1, 2, 4, 8, 16), rows=(1, 2, 4, 8), ksplit=(1, 2, 4, 8), unroll=(1, 2, 4, 8),
-                 chunk=(16, 32, 64, 128)),
+                 chunk=(16, 32, 64, 128), blocks=(64, 128, 256)),
     "attention": dict(warps=(1, 2, 4, 8, 16), splits=(1, 2, 4, 8, 16, 32, 64), q_block=(1, 2, 4)),
     "rmsnorm": dict(threads=(64, 128, 256, 512, 1024)),
 }
@@ -72,7 +72,8 @@ def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
         step = epv if out["vec"] else 1
         while out["ksplit"] > 1 and any(k % (out["ksplit"] * step) for k in ks):
             out["ksplit"] //= 2
-        out["fuse"] = bool(out["fuse"]) and w.kind == "mlp"
+        out["persistent"] = _persistent_mlp_legal(w, out)
+        out["fuse"] = (bool(out["fuse"]) or out["persistent"]) and w.kind == "mlp"
         out["stream_loads"] = bool(out["stream_loads"])
         out["l2_prefetch"] = bool(out["l2_prefetch"]) and out["fuse"]
         m = _gemv_shape(w)[0]
@@ -85,7 +86,7 @@ def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
             out["ksplit"] = 1
         if out["x_smem"] and m * max(ks) * 4 > 48 * 1024:
             out["x_smem"] = False  # the activation must fit in shared memory as float
-        out["fuse_down"] = _fused_mlp_legal(w, out)
+        out["fuse_down"] = _fused_mlp_legal(w, out) and not out["persistent"]
         if out["fuse_down"]:
             out["fuse"], out["l2_prefetch"] = True, False
             while w.params["intermediate"] % out["chunk"]:
@@ -109,6 +110,16 @@ def _fused_mlp_legal(w: Workload, k: dict[str, Any]) -> bool:
     m, h, i = w.params["batch"], w.params["hidden"], w.params["intermediate"]
     epv = 16 // _elem_bytes(w)
     return m <= 4 and m * h <= 8192 and i % 16 == 0 and h % epv == 0
+
+
+def _persistent_mlp_legal(w: Workload, k: dict[str, Any]) -> bool:
+    """The persistent MLP needs 16-byte loads and the float activation and SiLU output of every row in
+    (dynamic) shared memory, within the 227 KB a Hopper or Ampere block can have."""
+    if not k["persistent"] or k["naive"] or w.kind != "mlp" or not k["vec"]:
+        return False
+    m, h, i = w.params["batch"], w.params["hidden"], w.params["intermediate"]
+    epv = 16 // _elem_bytes(w)
+    return m <= 4 and (m * h + m * i) * 4 <= 200 * 1024 and i % 16 == 0 and h % epv == 0
 
 
 def generate(w: Workload, knobs: dict[str, Any]) -> str:
@@ -435,6 +446,131 @@ extern "C" __global__ void __launch_bounds__({W * 32}) mlp_fused(const elem_t *_
 """
 
 
+def _mlp_persistent_kernel(M: int, H: int, I: int, k: dict[str, Any]) -> str:
+    """The whole SwiGLU MLP in one launch of co-resident blocks (the runtime checks that they all fit).
+    Phase 1: warps take rows of gate/up in turn and write h = SiLU(gate . x) * (up . x) to global memory;
+    a grid barrier; phase 2: every block copies h into shared memory and its warps take whole rows of the
+    down projection in turn (contiguous reads, no atomics). With `l2_prefetch`, each warp first asks L2
+    to fetch and keep its phase-2 rows, so that they stream from memory while phase 1 runs. The barrier's
+    counter is left at zero (a generation number moves on), ready for the next launch."""
+    W, U = k["warps"], k["unroll"]
+    ld = "__ldcs" if k["stream_loads"] else "__ldg"
+    prefetch = f"""  for (long n = gw; n < H; n += GW) {{  /* this warp's phase-2 rows, to L2 */
+    const char *row = reinterpret_cast<const char *>(wd + n * I);
+    for (int o = lane * 128; o < I * (int)sizeof(elem_t); o += 32 * 128)
+      asm volatile("prefetch.global.L2::evict_last [%0];" :: "l"(row + o));
+  }}
+""" if k["l2_prefetch"] else ""
+    return f"""
+extern "C" __global__ void __launch_bounds__({W * 32}) mlp_persistent(const elem_t *__restrict__ x,
+    const elem_t *__restrict__ wg, const elem_t *__restrict__ wu, const elem_t *__restrict__ wd, float *__restrict__ h,
+    unsigned int *__restrict__ bar, elem_t *__restrict__ out) {{
+  const int M = {M}, H = {H}, I = {I}, NT = {W * 32};
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const long gw = (long)blockIdx.x * {W} + warp, GW = (long)gridDim.x * {W};
+  extern __shared__ __align__(16) float smem[];
+  float *xs = smem, *hs = smem + M * H;
+{prefetch}  for (int i = threadIdx.x; i < M * H; i += NT) xs[i] = to_f32(x[i]);
+  __syncthreads();
+  /* phase 1: h[m][r] = SiLU(gate[r] . x[m]) * (up[r] . x[m]), one warp per row */
+  for (long r = gw; r < I; r += GW) {{
+    float a[M], b[M];
+    #pragma unroll
+    for (int m = 0; m < M; ++m) a[m] = b[m] = 0.0f;
+    for (int k0 = lane * EPV; k0 < H; k0 += 32 * EPV * {U}) {{
+      uint4 g[{U}], u[{U}];
+      #pragma unroll
+      for (int q = 0; q < {U}; ++q) {{
+        const int kk = k0 + q * 32 * EPV;
+        if (kk < H) {{
+          g[q] = {ld}(reinterpret_cast<const uint4 *>(wg + r * H + kk));
+          u[q] = {ld}(reinterpret_cast<const uint4 *>(wu + r * H + kk));
+        }}
+      }}
+      #pragma unroll
+      for (int q = 0; q < {U}; ++q) {{
+        const int kk = k0 + q * 32 * EPV;
+        if (kk >= H) break;
+        const elem_t *ge = reinterpret_cast<const elem_t *>(&g[q]);
+        const elem_t *ue = reinterpret_cast<const elem_t *>(&u[q]);
+        #pragma unroll
+        for (int m = 0; m < M; ++m) {{
+          float xv[EPV];
+          #pragma unroll
+          for (int v = 0; v < EPV / 4; ++v)
+            reinterpret_cast<float4 *>(xv)[v] = reinterpret_cast<const float4 *>(xs + m * H + kk)[v];
+          #pragma unroll
+          for (int e = 0; e < EPV; ++e) {{
+            a[m] += to_f32(ge[e]) * xv[e];
+            b[m] += to_f32(ue[e]) * xv[e];
+          }}
+        }}
+      }}
+    }}
+    #pragma unroll
+    for (int m = 0; m < M; ++m) {{
+      const float ta = warp_sum(a[m]), tb = warp_sum(b[m]);
+      if (lane == 0) __stcg(h + (long)m * I + r, silu(ta) * tb);
+    }}
+  }}
+  /* grid barrier: every block has written its rows of h */
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {{
+    volatile unsigned int *generation = bar + 1;
+    const unsigned int g0 = *generation;
+    __threadfence();
+    if (atomicAdd(bar, 1u) == gridDim.x - 1) {{
+      bar[0] = 0u;
+      __threadfence();
+      atomicAdd(bar + 1, 1u);
+    }} else {{
+      while (*generation == g0) __nanosleep(64);
+    }}
+    __threadfence();
+  }}
+  __syncthreads();
+  for (int i = threadIdx.x * 4; i < M * I; i += NT * 4)
+    *reinterpret_cast<float4 *>(hs + i) = __ldcg(reinterpret_cast<const float4 *>(h + i));
+  __syncthreads();
+  /* phase 2: out[m][n] = down[n] . h[m], one warp per row */
+  for (long n = gw; n < H; n += GW) {{
+    float a[M];
+    #pragma unroll
+    for (int m = 0; m < M; ++m) a[m] = 0.0f;
+    for (int k0 = lane * EPV; k0 < I; k0 += 32 * EPV * {U}) {{
+      uint4 d[{U}];
+      #pragma unroll
+      for (int q = 0; q < {U}; ++q) {{
+        const int kk = k0 + q * 32 * EPV;
+        if (kk < I) d[q] = {ld}(reinterpret_cast<const uint4 *>(wd + n * I + kk));
+      }}
+      #pragma unroll
+      for (int q = 0; q < {U}; ++q) {{
+        const int kk = k0 + q * 32 * EPV;
+        if (kk >= I) break;
+        const elem_t *de = reinterpret_cast<const elem_t *>(&d[q]);
+        #pragma unroll
+        for (int m = 0; m < M; ++m) {{
+          float hv[EPV];
+          #pragma unroll
+          for (int v = 0; v < EPV / 4; ++v)
+            reinterpret_cast<float4 *>(hv)[v] = reinterpret_cast<const float4 *>(hs + m * I + kk)[v];
+          #pragma unroll
+          for (int e = 0; e < EPV; ++e) a[m] += to_f32(de[e]) * hv[e];
+        }}
+      }}
+    }}
+    #pragma unroll
+    for (int m = 0; m < M; ++m) {{
+      const float t = warp_sum(a[m]);
+      if (lane == 0) store_out(out + (long)m * H + n, t);
+    }}
+  }}
+}}
+"""
+
+
 def _gemv(w: Workload, k: dict[str, Any]):
     M, N, K = _gemv_shape(w)
     if w.kind != "mlp":
@@ -445,6 +581,11 @@ def _gemv(w: Workload, k: dict[str, Any]):
         launch = _launch("mlp_fused", (I // k["chunk"],), k["warps"] * 32,
                          ["x", "w_gate", "w_up", "w_down", "$acc", "$count", "out"])
         return [launch], {"acc": [M * H, "fp32"], "count": [1, "u32"]}, _mlp_fused_kernel(M, H, I, k)
+    if k["persistent"]:
+        launch = _launch("mlp_persistent", (k["blocks"],), k["warps"] * 32,
+                         ["x", "w_gate", "w_up", "w_down", "$h", "$barrier", "out"], smem=(M * H + M * I) * 4)
+        launch["cooperative"] = True  # all blocks must be resident at once: the runtime checks it
+        return [launch], {"h": [M * I, "fp32"], "barrier": [2, "u32"]}, _mlp_persistent_kernel(M, H, I, k)
     scratch = {"h": [M * I, "fp32"]}
     parts, launches = [], []
     if k["fuse"]:

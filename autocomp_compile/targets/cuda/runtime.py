@@ -43,6 +43,19 @@ def _check(result: Any, what: str) -> Any:
     return rest[0] if len(rest) == 1 else rest
 
 
+def _check_coresident(fn: Any, k: dict[str, Any]) -> None:
+    """A kernel with a grid barrier deadlocks unless every block is resident at once: refuse it here."""
+    from cuda.bindings import driver
+
+    per_sm = _check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, k["block"][0], k.get("smem", 0)),
+                    f"cuOccupancyMaxActiveBlocksPerMultiprocessor({k['name']})")
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    blocks = k["grid"][0] * k["grid"][1] * k["grid"][2]
+    if blocks > int(per_sm) * sms:
+        raise CudaKernelError(f"{k['name']}: its grid barrier needs all {blocks} blocks resident, but only "
+                              f"{per_sm} per SM x {sms} SMs fit")
+
+
 class CudaKernel:
     """Callable on CUDA tensors (inputs then outputs, in workload order) and runtime dims."""
 
@@ -61,6 +74,9 @@ class CudaKernel:
         for fn, k in zip(self._functions, self.spec["kernels"]):
             if k.get("smem", 0) > 48 * 1024:
                 _check(driver.cuFuncSetAttribute(fn, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, k["smem"]), "cuFuncSetAttribute")
+        for fn, k in zip(self._functions, self.spec["kernels"]):
+            if k.get("cooperative"):
+                _check_coresident(fn, k)
         self._cached_key: tuple | None = None
         self._cached: list[Any] = []
         self._scratch = {

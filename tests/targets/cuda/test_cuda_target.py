@@ -39,7 +39,9 @@ VARIANTS = {
              dict(naive=False, vec=True, rows=1, unroll=2, warps=4, ksplit=4, fuse=True, stream_loads=True, l2_prefetch=True),
              dict(naive=False, vec=True, unroll=4, warps=8, fuse_down=True, chunk=32),
              dict(naive=False, vec=True, unroll=1, warps=1, fuse_down=True, chunk=128, stream_loads=True),
-             dict(naive=False, vec=True, unroll=8, warps=16, fuse_down=True, chunk=16)],
+             dict(naive=False, vec=True, unroll=8, warps=16, fuse_down=True, chunk=16),
+             dict(naive=False, vec=True, unroll=4, warps=8, persistent=True, blocks=64, l2_prefetch=True),
+             dict(naive=False, vec=True, unroll=1, warps=4, persistent=True, blocks=128, stream_loads=True)],
     "attention": [{}, dict(naive=False), dict(naive=False, gqa_share=True, splits=4, warps=4, q_block=2),
                   dict(naive=False, splits=16, warps=2, q_block=4)],
     "rmsnorm": [{}, dict(naive=False), dict(naive=False, vec=True, threads=512)],
@@ -172,3 +174,18 @@ def test_one_kernel_mlp_is_refused_where_it_cannot_run(params, knobs):
     out = codegen.legalize(w, {"naive": False, "vec": True, "fuse_down": True, **knobs})
     assert not out["fuse_down"]
     assert [k["name"] for k in launch_spec(codegen.generate(w, out))["kernels"]][-1] == "down"
+
+
+def test_persistent_mlp_is_one_cooperative_launch_with_dynamic_shared_memory():
+    w = make_workload("mlp", "bf16", batch=1, hidden=2048, intermediate=8192)
+    knobs = codegen.legalize(w, dict(naive=False, vec=True, persistent=True, fuse_down=True, blocks=128, warps=8,
+                                     l2_prefetch=True))
+    assert knobs["persistent"] and not knobs["fuse_down"] and knobs["l2_prefetch"]
+    src = codegen.generate(w, knobs)
+    (k,) = launch_spec(src)["kernels"]
+    assert k["name"] == "mlp_persistent" and k["cooperative"] and k["grid"] == [128, 1, 1]
+    assert k["smem"] == (2048 + 8192) * 4  # over 48 KB: the runtime raises the kernel's limit
+    assert launch_spec(src)["scratch"] == {"h": [8192, "fp32"], "barrier": [2, "u32"]}
+    assert "prefetch.global.L2::evict_last" in src
+    too_big = make_workload("mlp", "bf16", batch=8, hidden=2048, intermediate=8192)
+    assert not codegen.legalize(too_big, dict(naive=False, vec=True, persistent=True))["persistent"]
