@@ -193,15 +193,19 @@ class KernelCache:
 
     def nearest(self, target: Any, workload: Workload, limit: int = 3) -> list[CacheEntry]:
         """Solved workloads of the same kind on the same target and code generator, most similar first:
-        same shape class before other classes, then by distance between shape parameters."""
+        same shape class before other classes, this machine before others of the target (another GPU or
+        CPU model; an imported cache), then by dtype and distance between shape parameters. Another
+        machine's entry for this very workload counts too: its schedule is a starting point here."""
         fp = target.fingerprint()
+        here = fingerprint_hash(fp)
         rows = self._entries(
-            "WHERE fingerprint_hash = ? AND kind = ? AND codegen = ? AND signature != ?",
-            (fingerprint_hash(fp), workload.kind, fp.get("codegen", ""), workload.signature()),
+            "WHERE target = ? AND kind = ? AND codegen = ? AND NOT (fingerprint_hash = ? AND signature = ?)",
+            (target.name, workload.kind, fp.get("codegen", ""), here, workload.signature()),
         )
         cls = workload.shape_class()
         ranked = sorted(
-            rows, key=lambda e: (e.shape_class != cls, e.workload.get("dtype") != workload.dtype,
+            rows, key=lambda e: (e.shape_class != cls, fingerprint_hash(e.fingerprint) != here,
+                                 e.workload.get("dtype") != workload.dtype,
                                  _shape_distance(e.workload["params"], workload.params)),
         )
         return ranked[:limit]

@@ -163,10 +163,21 @@ def test_nearest_prefers_same_shape_class_then_closest_shape(tmp_path):
         cache.put(t, gemm(m=512, n=512, k=512), cand("int square;", 1.0))
         cache.put(t, make_workload("rmsnorm"), cand("int other_kind;", 1.0))
         cache.put(FakeTarget(isa="avx512"), gemm(m=1, n=2048, k=2048), cand("int other_host;", 1.0))
-        near = cache.nearest(t, gemm(m=1, n=2048, k=1536))
-        assert [e.code for e in near] == ["int gemv_small;", "int gemv_big;", "int square;"]
+        near = cache.nearest(t, gemm(m=1, n=2048, k=1536), limit=4)
+        # same shape class first, this machine before another host, then by distance
+        assert [e.code for e in near] == ["int gemv_small;", "int gemv_big;", "int other_host;", "int square;"]
         assert cache.nearest(t, gemm(m=1, n=1024, k=1024))[0].code == "int gemv_big;"  # never itself
         assert cache.nearest(t, gemm(m=384, n=512, k=512))[0].code == "int square;"
+
+
+def test_nearest_offers_another_machines_kernel_for_the_same_workload(tmp_path):
+    with KernelCache(tmp_path / "k.sqlite") as cache:
+        h100, h200 = FakeTarget("cuda", "sm90-h100", "cuda-test"), FakeTarget("cuda", "sm90-h200", "cuda-test")
+        cache.put(h100, gemm(), cand("int from_h100;", 1.0, knobs={"warps": 8}))
+        cache.put(FakeTarget("cpu", "avx2", "cuda-test"), gemm(), cand("int other_target;", 1.0))
+        assert [e.code for e in cache.nearest(h200, gemm())] == ["int from_h100;"]  # not a hit, a seed
+        assert cache.get(h200, gemm()) is None
+        assert cache.nearest(h100, gemm()) == []  # on its own machine it is the cache hit, never a seed
 
 
 def test_clear_by_target(tmp_path):
