@@ -334,31 +334,10 @@ def _gemv_stage(name: str, x_t: str, out_t: str, M: int, N: int, K: int, two: bo
     return code, _launch(name, (math.ceil(N / rows_per_block),), k["warps"] * 32, args, smem)
 
 
-def _mlp_fused_kernel(M: int, H: int, I: int, k: dict[str, Any]) -> str:
-    """The whole SwiGLU MLP in one launch. Block b owns rows [b*C, (b+1)*C) of the intermediate
-    dimension: its warps compute SiLU(gate) * up for those rows into shared memory, then the block
-    multiplies them by its C columns of the down projection and adds the partial sums into an fp32
-    accumulator with atomics. The last block to finish (a counter) writes the output and clears the
-    accumulator and the counter for the next launch. No kernel waits on another."""
-    W, U, C = k["warps"], k["unroll"], k["chunk"]
-    ld = "__ldcs" if k["stream_loads"] else "__ldg"
-    return f"""
-extern "C" __global__ void __launch_bounds__({W * 32}) mlp_fused(const elem_t *__restrict__ x, const elem_t *__restrict__ wg,
-    const elem_t *__restrict__ wu, const elem_t *__restrict__ wd, float *__restrict__ acc, unsigned int *__restrict__ count,
-    elem_t *__restrict__ out) {{
-  const int M = {M}, H = {H}, I = {I}, C = {C}, NT = {W * 32};
-  const int T = C / EPV;  /* threads per down-projection row in phase 2 */
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const long j0 = (long)blockIdx.x * C;
-  __shared__ __align__(16) float xs[M * H];
-  __shared__ float hs[M * C];
-  __shared__ bool last;
-  for (int i = threadIdx.x; i < M * H; i += NT) xs[i] = to_f32(x[i]);
-  __syncthreads();
-  /* phase 1: hs[m][r] = SiLU(gate[j0 + r] . x[m]) * (up[j0 + r] . x[m]), one warp per row */
-  for (int r = warp; r < C; r += {W}) {{
-    const long row = j0 + r;
-    float a[M], b[M];
+def _gate_up_row(row: str, U: int, ld: str, store: str) -> str:
+    """One warp's SiLU(gate . x) * (up . x) for intermediate row `row` and every batch row m, from x staged
+    as float in shared memory (`xs`); lane 0 then runs `store` with the two dot products in ta and tb."""
+    return f"""    float a[M], b[M];
     #pragma unroll
     for (int m = 0; m < M; ++m) a[m] = b[m] = 0.0f;
     for (int k0 = lane * EPV; k0 < H; k0 += 32 * EPV * {U}) {{
@@ -367,8 +346,8 @@ extern "C" __global__ void __launch_bounds__({W * 32}) mlp_fused(const elem_t *_
       for (int q = 0; q < {U}; ++q) {{
         const int kk = k0 + q * 32 * EPV;
         if (kk < H) {{
-          g[q] = {ld}(reinterpret_cast<const uint4 *>(wg + row * H + kk));
-          u[q] = {ld}(reinterpret_cast<const uint4 *>(wu + row * H + kk));
+          g[q] = {ld}(reinterpret_cast<const uint4 *>(wg + {row} * H + kk));
+          u[q] = {ld}(reinterpret_cast<const uint4 *>(wu + {row} * H + kk));
         }}
       }}
       #pragma unroll
@@ -394,9 +373,36 @@ extern "C" __global__ void __launch_bounds__({W * 32}) mlp_fused(const elem_t *_
     #pragma unroll
     for (int m = 0; m < M; ++m) {{
       const float ta = warp_sum(a[m]), tb = warp_sum(b[m]);
-      if (lane == 0) hs[m * C + r] = silu(ta) * tb;
+      if (lane == 0) {store};
     }}
-  }}
+"""
+
+
+def _mlp_fused_kernel(M: int, H: int, I: int, k: dict[str, Any]) -> str:
+    """The whole SwiGLU MLP in one launch. Block b owns rows [b*C, (b+1)*C) of the intermediate
+    dimension: its warps compute SiLU(gate) * up for those rows into shared memory, then the block
+    multiplies them by its C columns of the down projection and adds the partial sums into an fp32
+    accumulator with atomics. The last block to finish (a counter) writes the output and clears the
+    accumulator and the counter for the next launch. No kernel waits on another."""
+    W, U, C = k["warps"], k["unroll"], k["chunk"]
+    ld = "__ldcs" if k["stream_loads"] else "__ldg"
+    return f"""
+extern "C" __global__ void __launch_bounds__({W * 32}) mlp_fused(const elem_t *__restrict__ x, const elem_t *__restrict__ wg,
+    const elem_t *__restrict__ wu, const elem_t *__restrict__ wd, float *__restrict__ acc, unsigned int *__restrict__ count,
+    elem_t *__restrict__ out) {{
+  const int M = {M}, H = {H}, I = {I}, C = {C}, NT = {W * 32};
+  const int T = C / EPV;  /* threads per down-projection row in phase 2 */
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const long j0 = (long)blockIdx.x * C;
+  __shared__ __align__(16) float xs[M * H];
+  __shared__ float hs[M * C];
+  __shared__ bool last;
+  for (int i = threadIdx.x; i < M * H; i += NT) xs[i] = to_f32(x[i]);
+  __syncthreads();
+  /* phase 1: hs[m][r] = SiLU(gate[j0 + r] . x[m]) * (up[j0 + r] . x[m]), one warp per row */
+  for (int r = warp; r < C; r += {W}) {{
+    const long row = j0 + r;
+{_gate_up_row("row", U, ld, "hs[m * C + r] = silu(ta) * tb")}  }}
   __syncthreads();
   /* phase 2: acc[m][n] += wd[n][j0 : j0 + C] . hs[m], T threads per row n, EPV columns each */
   {{
@@ -455,11 +461,11 @@ def _mlp_persistent_kernel(M: int, H: int, I: int, k: dict[str, Any]) -> str:
     counter is left at zero (a generation number moves on), ready for the next launch."""
     W, U = k["warps"], k["unroll"]
     ld = "__ldcs" if k["stream_loads"] else "__ldg"
-    prefetch = f"""  for (long n = gw; n < H; n += GW) {{  /* this warp's phase-2 rows, to L2 */
+    prefetch = """  for (long n = gw; n < H; n += GW) {  /* this warp's phase-2 rows, to L2 */
     const char *row = reinterpret_cast<const char *>(wd + n * I);
     for (int o = lane * 128; o < I * (int)sizeof(elem_t); o += 32 * 128)
       asm volatile("prefetch.global.L2::evict_last [%0];" :: "l"(row + o));
-  }}
+  }
 """ if k["l2_prefetch"] else ""
     return f"""
 extern "C" __global__ void __launch_bounds__({W * 32}) mlp_persistent(const elem_t *__restrict__ x,
@@ -474,45 +480,7 @@ extern "C" __global__ void __launch_bounds__({W * 32}) mlp_persistent(const elem
   __syncthreads();
   /* phase 1: h[m][r] = SiLU(gate[r] . x[m]) * (up[r] . x[m]), one warp per row */
   for (long r = gw; r < I; r += GW) {{
-    float a[M], b[M];
-    #pragma unroll
-    for (int m = 0; m < M; ++m) a[m] = b[m] = 0.0f;
-    for (int k0 = lane * EPV; k0 < H; k0 += 32 * EPV * {U}) {{
-      uint4 g[{U}], u[{U}];
-      #pragma unroll
-      for (int q = 0; q < {U}; ++q) {{
-        const int kk = k0 + q * 32 * EPV;
-        if (kk < H) {{
-          g[q] = {ld}(reinterpret_cast<const uint4 *>(wg + r * H + kk));
-          u[q] = {ld}(reinterpret_cast<const uint4 *>(wu + r * H + kk));
-        }}
-      }}
-      #pragma unroll
-      for (int q = 0; q < {U}; ++q) {{
-        const int kk = k0 + q * 32 * EPV;
-        if (kk >= H) break;
-        const elem_t *ge = reinterpret_cast<const elem_t *>(&g[q]);
-        const elem_t *ue = reinterpret_cast<const elem_t *>(&u[q]);
-        #pragma unroll
-        for (int m = 0; m < M; ++m) {{
-          float xv[EPV];
-          #pragma unroll
-          for (int v = 0; v < EPV / 4; ++v)
-            reinterpret_cast<float4 *>(xv)[v] = reinterpret_cast<const float4 *>(xs + m * H + kk)[v];
-          #pragma unroll
-          for (int e = 0; e < EPV; ++e) {{
-            a[m] += to_f32(ge[e]) * xv[e];
-            b[m] += to_f32(ue[e]) * xv[e];
-          }}
-        }}
-      }}
-    }}
-    #pragma unroll
-    for (int m = 0; m < M; ++m) {{
-      const float ta = warp_sum(a[m]), tb = warp_sum(b[m]);
-      if (lane == 0) __stcg(h + (long)m * I + r, silu(ta) * tb);
-    }}
-  }}
+{_gate_up_row("r", U, ld, "__stcg(h + (long)m * I + r, silu(ta) * tb)")}  }}
   /* grid barrier: every block has written its rows of h */
   __threadfence();
   __syncthreads();
