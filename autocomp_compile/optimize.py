@@ -5,7 +5,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from autocomp_compile.agents.schedule import Proposer, ScheduleProposer
 from autocomp_compile.evaluation.job import EvalSettings
@@ -101,20 +101,24 @@ def optimize(
     return result
 
 
+def schedule_seed(target: Target, workload: Workload, knobs: dict[str, Any], plan: str, menu_ids: list[str],
+                  origin: str) -> Candidate:
+    """A starting point for the search: the kernel of schedule `knobs`, legalised for `workload`."""
+    legal = target.legalize(workload, knobs)
+    return Candidate(id="seed", parent_id=None, iteration=0, language=target.language,
+                     code=target.generate(workload, legal), plan=plan, menu_ids=list(menu_ids), knobs=legal,
+                     origin=origin)
+
+
 def reuse_seeds(target: Target, workload: Workload, entries: "list[CacheEntry]") -> list[Candidate]:
     """Replay solved workloads' schedules on `workload`: their knobs, re-legalised for the new shape."""
-    seeds = []
-    for e in entries:
-        if e.knobs is None:
-            continue  # code without a schedule (LLM-written) cannot be re-targeted to another shape
-        knobs = target.legalize(workload, e.knobs)
-        seeds.append(Candidate(
-            id="seed", parent_id=None, iteration=0, language=target.language, code=target.generate(workload, knobs),
-            plan=f"Schedule reuse: the optimization sequence {e.menu_ids} of cached kernel {e.key} "
-                 f"({e.workload['params']}), re-legalised for this shape.",
-            menu_ids=list(e.menu_ids), knobs=knobs, origin=f"reuse:{e.key}",
-        ))
-    return seeds
+    return [
+        schedule_seed(target, workload, e.knobs,
+                      f"Schedule reuse: the optimization sequence {e.menu_ids} of cached kernel {e.key} "
+                      f"({e.workload['params']}), re-legalised for this shape.", e.menu_ids, f"reuse:{e.key}")
+        for e in entries
+        if e.knobs is not None  # code without a schedule (LLM-written) cannot be re-targeted to another shape
+    ]
 
 
 def _from_cache(entry: "CacheEntry") -> SearchResult:

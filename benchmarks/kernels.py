@@ -22,10 +22,10 @@ from rich.console import Console
 from rich.table import Table
 
 from autocomp_compile import EvalSettings, SearchConfig, get_target, make_workload, optimize
+from autocomp_compile.optimize import schedule_seed
 from autocomp_compile.evaluation.worker import IsolatedWorker
 from autocomp_compile.report import search_progress
 from autocomp_compile.passes.kernels import build_loader
-from autocomp_compile.search.candidate import Candidate
 from autocomp_compile.targets.base import require_available
 from autocomp_compile.workload import Workload
 
@@ -47,14 +47,6 @@ def workloads(dtype: str):
         ("attention decode kv=1024", make_workload("attention", dtype, kv_len=1024)),
         ("attention prefill s=256", make_workload("attention", dtype, phase="prefill", seq_len=256)),
     ]
-
-
-def seed_candidate(target, w: Workload, knobs: dict) -> Candidate:
-    """A starting point for the search: the naive schedule with `knobs` applied, legalised for `w`."""
-    legal = target.legalize(w, {"naive": False, **knobs})
-    return Candidate(id="seed", parent_id=None, iteration=0, language=target.language,
-                     code=target.generate(w, legal), plan=f"Seed schedule given on the command line: {knobs}",
-                     menu_ids=["seed"], knobs=legal, origin="seed:cli")
 
 
 def main() -> None:
@@ -92,7 +84,11 @@ def main() -> None:
     selected = [(label, w) for label, w in workloads(args.dtype)
                 if not args.only or any(label.startswith(o.strip()) for o in args.only.split(","))]
     for label, w in selected:
-        seeds = [seed_candidate(target, w, json.loads(args.seed_knobs))] if args.seed_knobs else None
+        seeds = None
+        if args.seed_knobs:  # the naive schedule with these knobs applied
+            knobs = json.loads(args.seed_knobs)
+            seeds = [schedule_seed(target, w, {"naive": False, **knobs}, f"Seed schedule given on the command line: "
+                                   f"{knobs}", ["seed"], "seed:cli")]
         with search_progress(label, args.budget) as progress:
             r = optimize(w, target, SearchConfig(budget=args.budget, seed=args.seed),
                          EvalSettings(args.sets, seed=args.seed, timing_budget_ms=args.search_timing_ms), args.output_dir,
