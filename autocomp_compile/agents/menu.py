@@ -193,6 +193,7 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
     fam = cuda_family(w.kind)
     choices = CUDA_CHOICES[fam]
     tiled = lambda k: not k["naive"]  # noqa: E731 - most items refine the tiled kernel
+    two_kernel = lambda k: tiled(k) and not (k["fuse_down"] or k["persistent"])  # noqa: E731 - MLP: gate/up, down
     leave_naive = lambda k, r: {**k, "naive": False}  # noqa: E731
     items: list[MenuItem] = []
     if fam == "gemv":
@@ -212,7 +213,8 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
                     "unroll", choices["unroll"], tiled),
             _retune("split_k", "Split K across warps",
                     "Let several warps of a block share a row group, each summing a slice of K, reduced in shared "
-                    "memory: more parallelism when rows are few and long (the MLP down projection).",
+                    "memory: more parallelism when rows are few and long (in the MLP: both projections, unless "
+                    "the down projection has its own schedule).",
                     "ksplit", choices["ksplit"], tiled),
             _retune("block_size", "Retune warps per block",
                     "Change the number of warps per block (occupancy vs. scheduling granularity).",
@@ -248,9 +250,25 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
                            "copies the activation into shared memory and its warps read whole, contiguous rows "
                            "of the down projection. With the L2 prefetch, the down rows stream in during the "
                            "first phase.", "persistent", tiled, vec=True),
-                _retune("grid_blocks", "Blocks of the persistent MLP",
-                        "Change how many co-resident blocks the persistent MLP launches.",
-                        "blocks", choices["blocks"], lambda k: tiled(k) and k["persistent"]),
+                _switch_on("pdl_down", "Start the down kernel early (programmatic dependent launch)",
+                           "Launch the down projection with programmatic stream serialization (Hopper and later): "
+                           "its blocks start while the gate/up kernel's last blocks still run, ask L2 for their "
+                           "weight rows, and only then wait (griddepcontrol.wait) for h. Hides the launch gap "
+                           "and the first kernel's tail.", "pdl", lambda k: two_kernel(k) and k["fuse"]),
+                _retune("down_block_size", "Warps per block of the down projection",
+                        "Give the down projection (few long rows: hidden x intermediate) its own block size "
+                        "instead of the gate/up kernel's.", "down_warps", choices["down_warps"][1:], two_kernel),
+                _retune("down_split_k", "Split K of the down projection",
+                        "Let several warps share each down-projection row, each summing a slice of the "
+                        "intermediate dimension: more loads in flight for few, long rows.",
+                        "down_ksplit", choices["down_ksplit"][1:], two_kernel),
+                _retune("down_unroll", "Loads in flight in the down projection",
+                        "Retune how many 16-byte loads per lane the down projection issues before using them.",
+                        "down_unroll", choices["down_unroll"][1:], two_kernel),
+                _retune("grid_blocks", "Blocks per SM of the persistent MLP",
+                        "Change how many co-resident blocks per SM the persistent MLP launches (the grid is a "
+                        "multiple of the GPU's SM count, so every SM gets the same share).",
+                        "per_sm", choices["per_sm"], lambda k: tiled(k) and k["persistent"]),
                 _retune("mlp_chunk", "Intermediate rows per block",
                         "Change the chunk of the intermediate dimension each block of the one-kernel MLP owns "
                         "(more blocks vs. longer contiguous reads of the down projection).",

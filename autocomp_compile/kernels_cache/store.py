@@ -192,20 +192,24 @@ class KernelCache:
         return list(self._entries("ORDER BY target, kind, updated"))
 
     def nearest(self, target: Any, workload: Workload, limit: int = 3) -> list[CacheEntry]:
-        """Solved workloads of the same kind on the same target and code generator, most similar first:
-        same shape class before other classes, this machine before others of the target (another GPU or
-        CPU model; an imported cache), then by dtype and distance between shape parameters. Another
-        machine's entry for this very workload counts too: its schedule is a starting point here."""
+        """Solved workloads of the same kind on the same target, most similar first: same shape class
+        before other classes, this machine before others of the target (another GPU or CPU model; an
+        imported cache), this code generator before older ones, then by dtype and distance between shape
+        parameters. Another machine's entry for this very workload counts too, and so does an entry an
+        older code generator made here: a schedule (knobs) is re-legalised and its code generated anew,
+        so it is a starting point wherever the knobs still mean the same; its code is never reused."""
         fp = target.fingerprint()
-        here = fingerprint_hash(fp)
+        here, codegen = fingerprint_hash(fp), fp.get("codegen", "")
         rows = self._entries(
-            "WHERE target = ? AND kind = ? AND codegen = ? AND NOT (fingerprint_hash = ? AND signature = ?)",
-            (target.name, workload.kind, fp.get("codegen", ""), here, workload.signature()),
+            "WHERE target = ? AND kind = ? AND NOT (fingerprint_hash = ? AND signature = ?)",
+            (target.name, workload.kind, here, workload.signature()),
         )
         cls = workload.shape_class()
+        this_machine = {k: v for k, v in fp.items() if k != "codegen"}
         ranked = sorted(
-            rows, key=lambda e: (e.shape_class != cls, fingerprint_hash(e.fingerprint) != here,
-                                 e.workload.get("dtype") != workload.dtype,
+            rows, key=lambda e: (e.shape_class != cls,
+                                 {k: v for k, v in e.fingerprint.items() if k != "codegen"} != this_machine,
+                                 e.codegen != codegen, e.workload.get("dtype") != workload.dtype,
                                  _shape_distance(e.workload["params"], workload.params)),
         )
         return ranked[:limit]

@@ -35,6 +35,11 @@ class BoundKernel:
     workload: Workload
     run: KernelFn
 
+    @property
+    def alignment(self) -> int:
+        """Byte alignment the kernel needs of its tensors' addresses (vector loads); 1 when it has none."""
+        return int(getattr(self.run, "alignment", 1))
+
     def __call__(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], dims: Sequence[int] = ()) -> None:
         self.run([*inputs, *outputs], dims)
 

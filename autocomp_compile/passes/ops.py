@@ -1,8 +1,8 @@
 """Custom ops (`torch.ops.autocomp.*`) that rewritten graphs call in place of recognised subgraphs.
 
 Each op takes the subgraph's tensors plus the cache key of the kernel that computes it. The op runs
-the kernel when the registry has it and the call is one the kernel covers (shapes, contiguity, a
-prefix attention mask); otherwise it computes the same result with PyTorch. A graph that calls
+the kernel when the registry has it and the call is one the kernel covers (shapes, contiguity, aligned
+addresses, a prefix attention mask); otherwise it computes the same result with PyTorch. A graph that calls
 these ops is therefore always correct, whatever the state of the cache.
 """
 from __future__ import annotations
@@ -25,7 +25,10 @@ def _run(key: str, inputs: list[Tensor], out: Tensor, dims: tuple[int, ...] = ()
     expected = [s.shape for s in kernel.workload.inputs]
     if [tuple(t.shape) for t in inputs] != expected or any(t.dtype != out.dtype for t in inputs):
         return False
-    kernel([t.contiguous() for t in inputs], [out], dims)
+    inputs = [t.contiguous() for t in inputs]
+    if any(t.data_ptr() % kernel.alignment for t in (*inputs, out)):
+        return False  # e.g. a view at an odd offset, where the kernel's vector loads need aligned addresses
+    kernel(inputs, [out], dims)
     return True
 
 

@@ -14,7 +14,8 @@
 # Budgets and limits: BUDGET_MLP=32 BUDGET_LM_HEAD=12 BUDGET_WARM=12 LIMIT_SCALE=1 (multiplies every limit).
 # STAGES="env kernels_mlp ..." runs a subset; CACHE_IMPORT=file.json imports a cache export first (entries are
 # used only where the GPU fingerprint matches, and every kernel is checked again before it enters a model);
-# MLP_SEED='{"fuse_down": true}' adds a starting schedule to the MLP search.
+# MLP_SEED='{"fuse_down": true}' adds a starting schedule to the MLP search; by default (MLP_SEED=auto) that is the
+# fastest correct schedule of the mlp_sweep stage, when it ran into the same $RESULTS; MLP_SEED= (empty) for none.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 RESULTS=${RESULTS:-/tmp/autocomp-gpu-results}
@@ -24,9 +25,10 @@ export AUTOCOMP_CACHE_DIR=${AUTOCOMP_CACHE_DIR:-/tmp/autocomp-cache} TORCHINDUCT
 BUDGET_MLP=${BUDGET_MLP:-32} BUDGET_LM_HEAD=${BUDGET_LM_HEAD:-12} BUDGET_WARM=${BUDGET_WARM:-12} SCALE=${LIMIT_SCALE:-1}
 KOPTS="--target cuda --cache --sets 1 --search-timing-ms 100 --timing-ms 1000 --rounds 2 --no-inductor --output-dir /tmp/autocomp-output"
 
-# All stages together need up to ~13 minutes (the limits below); where one command may run 10 minutes,
-# split them over two calls with STAGES; a fresh machine starts with an empty kernel cache, so bring the
-# `cache` stage's export (cache_cuda.json in the archive) to the second call as CACHE_IMPORT.
+# All stages together need up to ~15 minutes (the limits below); where one command may run 10 minutes,
+# split them over two calls with STAGES, e.g. "env cuda_tests mlp_sweep kernels_mlp kernels_lm_head" and then
+# "import warm e2e cache"; a fresh machine starts with an empty kernel cache, so bring the first call's
+# winners to the second as CACHE_IMPORT (add the `cache` stage to the first call for its export).
 STAGES=${STAGES:-env import cuda_tests mlp_sweep kernels_mlp kernels_lm_head warm e2e cache}
 stage() {  # stage NAME LIMIT_S COMMAND...
   local name=$1 limit=$(( $2 * SCALE )); shift 2
@@ -42,7 +44,11 @@ stage env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,cl
   python3 -m autocomp_compile.cli targets'
 [ -n "${CACHE_IMPORT:-}" ] && stage import 60 python3 -m autocomp_compile.cli cache import "$CACHE_IMPORT"
 stage cuda_tests 90 python3 -m pytest -q tests/targets/cuda -p no:cacheprovider
-stage mlp_sweep 120 python3 benchmarks/device/mlp_sweep.py --json "$RESULTS/mlp_sweep.json"
+stage mlp_sweep 200 python3 benchmarks/device/mlp_sweep.py --json "$RESULTS/mlp_sweep.json"
+if [ "${MLP_SEED-auto}" = auto ]; then
+  MLP_SEED=$(python3 benchmarks/device/mlp_sweep.py --best-of "$RESULTS/mlp_sweep.json" 2>/dev/null) || MLP_SEED=
+  echo "== MLP search seed: ${MLP_SEED:-none}" | tee -a "$RESULTS/stages.txt"
+fi
 stage kernels_mlp 80 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_MLP" --only mlp --json "$RESULTS/kernels_cuda_mlp.json" \
   ${MLP_SEED:+--seed-knobs "$MLP_SEED"}
 stage kernels_lm_head 110 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_LM_HEAD" --only lm_head --json "$RESULTS/kernels_cuda_lm_head.json"

@@ -180,6 +180,18 @@ def test_nearest_offers_another_machines_kernel_for_the_same_workload(tmp_path):
         assert cache.nearest(h100, gemm()) == []  # on its own machine it is the cache hit, never a seed
 
 
+def test_nearest_offers_an_older_code_generators_schedule_after_the_current_ones(tmp_path):
+    with KernelCache(tmp_path / "k.sqlite") as cache:
+        old, new = FakeTarget("cuda", "sm90-h100", "cuda-old"), FakeTarget("cuda", "sm90-h100", "cuda-new")
+        cache.put(old, gemm(), cand("int old_same_shape;", 1.0, knobs={"warps": 8}))
+        cache.put(new, gemm(m=1, n=1024, k=1024), cand("int new_other_shape;", 1.0, knobs={"warps": 4}))
+        cache.put(FakeTarget("cuda", "sm90-h200", "cuda-new"), gemm(), cand("int new_other_gpu;", 1.0, knobs={}))
+        assert cache.get(new, gemm()) is None  # an older generator's kernel is never a hit
+        # this GPU first (current generator, then older), then another GPU
+        assert [e.code for e in cache.nearest(new, gemm())] == ["int new_other_shape;", "int old_same_shape;",
+                                                                "int new_other_gpu;"]
+
+
 def test_clear_by_target(tmp_path):
     with KernelCache(tmp_path / "k.sqlite") as cache:
         cache.put(FakeTarget(), gemm(), cand("int a;", 1.0))

@@ -76,3 +76,26 @@ def test_attention_op_runs_the_kernel_with_the_mask_prefix(fake_kernel):
     # shapes the kernel was not built for: PyTorch as well
     ops.ATTENTION(q, torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), None, False, "test-key")
     assert fake_kernel == [(4,)]
+
+
+def test_linear_op_leaves_unaligned_views_to_pytorch():
+    """A kernel with 16-byte vector loads is only given tensors that start on a 16-byte boundary."""
+    w = make_workload("gemm", "fp32", m=1, n=4, k=8)
+    calls = []
+
+    def run(tensors, dims):
+        x, wt, out = tensors
+        calls.append(x.data_ptr())
+        torch.mm(x, wt.t(), out=out)
+
+    run.alignment = 16
+    REGISTRY._kernels["aligned-key"] = BoundKernel("aligned-key", w, run)
+    try:
+        weight, buf = torch.randn(4, 8), torch.randn(2 * 8 + 1)
+        aligned, odd = buf[:8].view(1, 8), buf[1:9].view(1, 8)  # fp32: the second starts 4 bytes in
+        assert buf.data_ptr() % 16 == 0
+        torch.testing.assert_close(ops.LINEAR(aligned, weight, "aligned-key"), aligned @ weight.t())
+        torch.testing.assert_close(ops.LINEAR(odd, weight, "aligned-key"), odd @ weight.t())
+        assert calls == [aligned.data_ptr()]
+    finally:
+        REGISTRY._kernels.pop("aligned-key", None)

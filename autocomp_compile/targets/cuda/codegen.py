@@ -3,7 +3,9 @@
 A generated source starts with one line, `// autocomp-launch: {json}`, that tells the runtime which
 `extern "C" __global__` kernels to launch, in order, with which grid, block, dynamic shared memory
 and arguments: a workload tensor by name, `$name` for a scratch buffer the runtime allocates once
-(listed under "scratch"), `#name` for a runtime dim passed as a 64-bit integer.
+(listed under "scratch"), `#name` for a runtime dim passed as a 64-bit integer. A grid size "sms*N" means N blocks per SM of
+the GPU it runs on; "align" is the byte
+alignment the kernels' vector loads need of every workload tensor.
 
 bf16 is handled as raw 16-bit patterns (widening is a shift; narrowing rounds to nearest even), so
 sources need no CUDA headers and compile with NVRTC in well under a second.
@@ -16,18 +18,21 @@ from typing import Any
 
 from autocomp_compile.workload import Workload
 
-CODEGEN_VERSION = "cuda-3"
+CODEGEN_VERSION = "cuda-4"
 GEMV_KINDS = ("gemm", "lm_head", "mlp")
 
 NAIVE_KNOBS: dict[str, dict[str, Any]] = {
     "gemv": dict(naive=True, warps=4, rows=1, ksplit=1, unroll=1, vec=False, x_smem=False, fuse=False,
-                 stream_loads=False, l2_prefetch=False, fuse_down=False, chunk=64, persistent=False, blocks=128),
+                 stream_loads=False, l2_prefetch=False, fuse_down=False, chunk=64, persistent=False, per_sm=2,
+                 down_warps=0, down_rows=0, down_ksplit=0, down_unroll=0, pdl=False),
     "attention": dict(naive=True, warps=4, splits=1, gqa_share=False, q_block=1),
     "rmsnorm": dict(naive=True, threads=256, vec=False),
 }
 KNOB_CHOICES: dict[str, dict[str, tuple]] = {
     "gemv": dict(warps=(1, 2, 4, 8, 16), rows=(1, 2, 4, 8), ksplit=(1, 2, 4, 8), unroll=(1, 2, 4, 8),
-                 chunk=(16, 32, 64, 128), blocks=(64, 128, 256)),
+                 chunk=(16, 32, 64, 128), per_sm=(1, 2, 3, 4),
+                 down_warps=(0, 1, 2, 4, 8, 16), down_rows=(0, 1, 2, 4, 8), down_ksplit=(0, 1, 2, 4, 8),
+                 down_unroll=(0, 1, 2, 4, 8)),
     "attention": dict(warps=(1, 2, 4, 8, 16), splits=(1, 2, 4, 8, 16, 32, 64), q_block=(1, 2, 4)),
     "rmsnorm": dict(threads=(64, 128, 256, 512, 1024)),
 }
@@ -54,6 +59,30 @@ def _gemv_shape(w: Workload) -> tuple[int, int, int]:
     return p["batch"], p["intermediate"], p["hidden"]  # mlp: the gate/up phase; down is (batch, hidden, inter)
 
 
+STAGE_KNOBS = ("warps", "rows", "ksplit", "unroll")  # the two-kernel MLP's down stage may have its own (down_*)
+
+
+def _legal_split(k: dict[str, Any], m: int, ks: list[int], nw: int, step: int) -> None:
+    """Clamp one GEMV stage's warps/rows/ksplit/unroll in `k` for `m` activation rows, reduction lengths `ks`
+    (every one must split evenly) and `nw` weights read together."""
+    k["ksplit"] = min(k["ksplit"], k["warps"])
+    while k["warps"] % k["ksplit"]:
+        k["ksplit"] //= 2
+    while k["ksplit"] > 1 and any(kk % (k["ksplit"] * step) for kk in ks):
+        k["ksplit"] //= 2
+    while k["rows"] > 1 and m * k["rows"] * nw > 32:
+        k["rows"] //= 2  # accumulators live in registers
+    while k["unroll"] > 1 and k["unroll"] * k["rows"] * nw > 32:
+        k["unroll"] //= 2  # loads in flight live in registers too
+    if k["ksplit"] > 1 and k["warps"] * nw * m * k["rows"] * 4 > 48 * 1024:
+        k["ksplit"] = 1
+
+
+def down_stage(k: dict[str, Any]) -> dict[str, Any]:
+    """The down projection's schedule: its own `down_*` knobs, or the gate/up stage's where they are 0."""
+    return {**k, **{n: k[f"down_{n}"] or k[n] for n in STAGE_KNOBS}}
+
+
 def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
     """Fill missing knobs from the naive schedule and clamp them to what the shape allows."""
     fam = family(w.kind)
@@ -64,26 +93,16 @@ def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
     if fam == "gemv":
         epv = 16 // _elem_bytes(w)
         ks = [_gemv_shape(w)[2]] + ([w.params["intermediate"]] if w.kind == "mlp" else [])
-        out["ksplit"] = min(out["ksplit"], out["warps"])
-        while out["warps"] % out["ksplit"]:
-            out["ksplit"] //= 2
         if out["vec"] and any(k % epv for k in ks):
             out["vec"] = False
         step = epv if out["vec"] else 1
-        while out["ksplit"] > 1 and any(k % (out["ksplit"] * step) for k in ks):
-            out["ksplit"] //= 2
+        m = _gemv_shape(w)[0]
+        # the gate/up stage's knobs must also suit the down stage, which inherits them by default
+        _legal_split(out, m, ks, 2 if w.kind == "mlp" else 1, step)
         out["persistent"] = _persistent_mlp_legal(w, out)
         out["fuse"] = (bool(out["fuse"]) or out["persistent"]) and w.kind == "mlp"
         out["stream_loads"] = bool(out["stream_loads"])
         out["l2_prefetch"] = bool(out["l2_prefetch"]) and out["fuse"]
-        m = _gemv_shape(w)[0]
-        nw = 2 if w.kind == "mlp" else 1
-        while out["rows"] > 1 and m * out["rows"] * nw > 32:
-            out["rows"] //= 2  # accumulators live in registers
-        while out["unroll"] > 1 and out["unroll"] * out["rows"] * nw > 32:
-            out["unroll"] //= 2  # loads in flight live in registers too
-        if out["ksplit"] > 1 and out["warps"] * nw * m * out["rows"] * 4 > 48 * 1024:
-            out["ksplit"] = 1
         if out["x_smem"] and m * max(ks) * 4 > 48 * 1024:
             out["x_smem"] = False  # the activation must fit in shared memory as float
         out["fuse_down"] = _fused_mlp_legal(w, out) and not out["persistent"]
@@ -91,6 +110,14 @@ def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
             out["fuse"], out["l2_prefetch"] = True, False
             while w.params["intermediate"] % out["chunk"]:
                 out["chunk"] //= 2
+        two_kernel = w.kind == "mlp" and not (out["naive"] or out["fuse_down"] or out["persistent"])
+        if two_kernel and any(out[f"down_{n}"] for n in STAGE_KNOBS):
+            down = down_stage(out)  # once one is set, all four are explicit and legal for (hidden, intermediate)
+            _legal_split(down, m, [w.params["intermediate"]], 1, step)
+            out.update({f"down_{n}": down[n] for n in STAGE_KNOBS})
+        else:
+            out.update({f"down_{n}": 0 for n in STAGE_KNOBS})
+        out["pdl"] = bool(out["pdl"]) and two_kernel and out["fuse"]
     if fam == "attention":
         out["gqa_share"] = bool(out["gqa_share"])
         if w.params["phase"] == "decode":
@@ -127,6 +154,8 @@ def generate(w: Workload, knobs: dict[str, Any]) -> str:
     fam = family(w.kind)
     launches, scratch, body = {"gemv": _gemv, "attention": _attention, "rmsnorm": _rmsnorm}[fam](w, knobs)
     spec = {"kernels": launches, "scratch": scratch}
+    if knobs.get("vec") and not knobs.get("naive"):
+        spec["align"] = 16  # 16-byte vector loads of the workload's tensors: the runtime checks their addresses
     header = (
         f"// autocomp-launch: {json.dumps(spec, separators=(',', ':'))}\n"
         f"// autocomp-compile {CODEGEN_VERSION}: {w.name}; schedule {sorted(knobs.items())}\n"
@@ -221,12 +250,36 @@ def _l2_prefetch(total_bytes: int) -> str:
 """
 
 
+_PDL_TRIGGER = """#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");  /* the next kernel may start as blocks retire */
+#endif
+"""
+
+
+def _pdl_wait(R: int) -> str:
+    """Before the previous kernel has finished (programmatic dependent launch), ask L2 for this warp's
+    slice of its weight rows; then wait for the previous kernel's results."""
+    return f"""  for (int r = 0; r < {R}; ++r) {{
+    const long row = n0 + r < N ? n0 + r : N - 1;
+    const char *base = reinterpret_cast<const char *>(wa + row * (long)K + kbeg);
+    for (int o = lane * 128; o < kslice * (int)sizeof(elem_t); o += 32 * 128)
+      asm volatile("prefetch.global.L2 [%0];" :: "l"(base + o));
+  }}
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+"""
+
+
 def _gemv_tiled_kernel(
-    name: str, x_t: str, out_t: str, M: int, N: int, K: int, two: bool, k: dict[str, Any], prefetch_bytes: int = 0
+    name: str, x_t: str, out_t: str, M: int, N: int, K: int, two: bool, k: dict[str, Any], prefetch_bytes: int = 0,
+    pdl: str = "",
 ) -> str:
     """Warps own row groups of R rows; S warps split K and reduce through shared memory; U x R
     16-byte (or scalar) weight loads are issued before any is used. `stream_loads` marks weight
-    loads evict-first; `prefetch_bytes` > 0 adds an L2 prefetch of the `pf` argument."""
+    loads evict-first; `prefetch_bytes` > 0 adds an L2 prefetch of the `pf` argument. `pdl` is
+    "trigger" (let the next kernel launch early) or "wait" (prefetch own weights, then wait for the
+    previous kernel before reading x)."""
     W, R, S, U = k["warps"], k["rows"], k["ksplit"], k["unroll"]
     V = "EPV" if k["vec"] else "1"
     nw = 2 if two else 1
@@ -241,6 +294,39 @@ def _gemv_tiled_kernel(
         if k["x_smem"]
         else "  #define XV(m, kk) to_f32(x[(long)(m) * K + (kk)])\n"
     )
+    if k["vec"]:  # the activation, too, in 16-byte (shared: float4) loads: EPV elements as float into xv
+        if k["x_smem"]:
+            x_vec = ("#pragma unroll\n          for (int v = 0; v < EPV / 4; ++v) reinterpret_cast<float4 *>(xv)[v] = "
+                     "reinterpret_cast<const float4 *>(xs + m * K + kk)[v];")
+        elif x_t == "float":
+            x_vec = ("#pragma unroll\n          for (int v = 0; v < EPV / 4; ++v) reinterpret_cast<float4 *>(xv)[v] = "
+                     "__ldg(reinterpret_cast<const float4 *>(x + (long)m * K + kk) + v);")
+        else:
+            x_vec = ("const uint4 xr = __ldg(reinterpret_cast<const uint4 *>(x + (long)m * K + kk));\n"
+                     "          #pragma unroll\n"
+                     "          for (int e = 0; e < EPV; ++e) xv[e] = to_f32(reinterpret_cast<const elem_t *>(&xr)[e]);")
+        x_step = f"""      for (int m = 0; m < M; ++m) {{
+          float xv[EPV];
+          {x_vec}
+          #pragma unroll
+          for (int e = 0; e < EPV; ++e) {{
+            const float xe = xv[e];
+            #pragma unroll
+            for (int r = 0; r < {R}; ++r) {{
+{{fma}}
+            }}
+          }}
+        }}"""
+    else:
+        x_step = f"""      for (int m = 0; m < M; ++m)
+        #pragma unroll
+        for (int e = 0; e < 1; ++e) {{
+          const float xe = XV(m, kk + e);
+          #pragma unroll
+          for (int r = 0; r < {R}; ++r) {{
+{{fma}}
+          }}
+        }}"""
     raw_t = "uint4" if k["vec"] else "elem_t"
     if k["vec"]:
         load = "raw[{j}][u][r] = " + ld + "(reinterpret_cast<const uint4 *>({w} + row * (long)K + kk));"
@@ -257,9 +343,9 @@ extern "C" __global__ void __launch_bounds__({W * 32}) {name}(const {x_t} *__res
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int group = warp / {S}, slice = warp % {S};
   const long n0 = ((long)blockIdx.x * ({W} / {S}) + group) * {R};
-{_l2_prefetch(prefetch_bytes) if prefetch_bytes else ""}{x_decl}  const int kslice = K / {S};
+  const int kslice = K / {S};
   const int kbeg = slice * kslice, kend = kbeg + kslice;
-  float acc[{nw}][M][{R}];
+{_PDL_TRIGGER if pdl == "trigger" else ""}{_pdl_wait(R) if pdl == "wait" else ""}{_l2_prefetch(prefetch_bytes) if prefetch_bytes else ""}{x_decl}  float acc[{nw}][M][{R}];
   #pragma unroll
   for (int j = 0; j < {nw}; ++j)
     #pragma unroll
@@ -284,15 +370,7 @@ extern "C" __global__ void __launch_bounds__({W * 32}) {name}(const {x_t} *__res
       const int kk = k0 + u * 32 * {V};
       if (kk >= kend) break;
       #pragma unroll
-      for (int m = 0; m < M; ++m)
-        #pragma unroll
-        for (int e = 0; e < {V}; ++e) {{
-          const float xe = XV(m, kk + e);
-          #pragma unroll
-          for (int r = 0; r < {R}; ++r) {{
-{fma}
-          }}
-        }}
+{x_step.replace("{fma}", fma)}
     }}
   }}
   #pragma unroll
@@ -324,14 +402,17 @@ extern "C" __global__ void __launch_bounds__({W * 32}) {name}(const {x_t} *__res
 
 
 def _gemv_stage(name: str, x_t: str, out_t: str, M: int, N: int, K: int, two: bool, k: dict[str, Any], args: list[str],
-                prefetch_bytes: int = 0):
+                prefetch_bytes: int = 0, pdl: str = ""):
     if k["naive"]:
         code = _gemv_naive_kernel(name, x_t, out_t, M, N, K, two)
         return code, _launch(name, (math.ceil(M * N / 128),), 128, args)
     rows_per_block = (k["warps"] // k["ksplit"]) * k["rows"]
     smem = M * K * 4 if k["x_smem"] else 0
-    code = _gemv_tiled_kernel(name, x_t, out_t, M, N, K, two, k, prefetch_bytes)
-    return code, _launch(name, (math.ceil(N / rows_per_block),), k["warps"] * 32, args, smem)
+    code = _gemv_tiled_kernel(name, x_t, out_t, M, N, K, two, k, prefetch_bytes, pdl)
+    launch = _launch(name, (math.ceil(N / rows_per_block),), k["warps"] * 32, args, smem)
+    if pdl == "wait":
+        launch["pdl"] = True  # launched with programmatic stream serialization (sm_90+; the runtime decides)
+    return code, launch
 
 
 def _gate_up_row(row: str, U: int, ld: str, store: str) -> str:
@@ -550,7 +631,7 @@ def _gemv(w: Workload, k: dict[str, Any]):
                          ["x", "w_gate", "w_up", "w_down", "$acc", "$count", "out"])
         return [launch], {"acc": [M * H, "fp32"], "count": [1, "u32"]}, _mlp_fused_kernel(M, H, I, k)
     if k["persistent"]:
-        launch = _launch("mlp_persistent", (k["blocks"],), k["warps"] * 32,
+        launch = _launch("mlp_persistent", (f"sms*{k['per_sm']}",), k["warps"] * 32,
                          ["x", "w_gate", "w_up", "w_down", "$h", "$barrier", "out"], smem=(M * H + M * I) * 4)
         launch["cooperative"] = True  # all blocks must be resident at once: the runtime checks it
         return [launch], {"h": [M * I, "fp32"], "barrier": [2, "u32"]}, _mlp_persistent_kernel(M, H, I, k)
@@ -559,7 +640,8 @@ def _gemv(w: Workload, k: dict[str, Any]):
     if k["fuse"]:
         prefetch = H * I * _elem_bytes(w) if k["l2_prefetch"] and not k["naive"] else 0
         args = ["x", "w_gate", "w_up"] + (["w_down"] if prefetch else []) + ["$h"]  # kernel order: x, weights, pf, out
-        code, launch = _gemv_stage("gate_up", "elem_t", "float", M, I, H, True, k, args, prefetch)
+        code, launch = _gemv_stage("gate_up", "elem_t", "float", M, I, H, True, k, args, prefetch,
+                                   "trigger" if k["pdl"] else "")
         parts.append(code)
         launches.append(launch)
     else:
@@ -575,7 +657,8 @@ extern "C" __global__ void silu_mul(const float *__restrict__ g, const float *__
 }}
 """)
         launches.append(_launch("silu_mul", (math.ceil(M * I / 256),), 256, ["$g", "$u", "$h"]))
-    code, launch = _gemv_stage("down", "float", "elem_t", M, H, I, False, k, ["$h", "w_down", "out"])
+    code, launch = _gemv_stage("down", "float", "elem_t", M, H, I, False, down_stage(k), ["$h", "w_down", "out"],
+                               pdl="wait" if k["pdl"] else "")
     parts.append(code)
     launches.append(launch)
     return launches, scratch, "".join(parts)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,8 +13,16 @@ LAUNCH_PREFIX = "// autocomp-launch: "
 _SCRATCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "u32": torch.int32}  # u32: same bits
 
 
+_SMS_GRID = re.compile(r"sms\*([1-9][0-9]*)")  # a grid size of N blocks per SM
+
+
 class CudaKernelError(RuntimeError):
     pass
+
+
+def resolve_grid(grid: list[Any], sms: int) -> list[int]:
+    """Grid sizes of a launch entry with "sms*N" replaced by N times the GPU's SM count."""
+    return [g if isinstance(g, int) else sms * int(_SMS_GRID.fullmatch(g).group(1)) for g in grid]
 
 
 def launch_spec(source: str) -> dict[str, Any]:
@@ -28,6 +37,9 @@ def launch_spec(source: str) -> dict[str, Any]:
     for k in spec.get("kernels", []):
         if not {"name", "grid", "block", "args"} <= set(k):
             raise CudaKernelError(f"launch entry {k} needs name, grid, block and args")
+        for g in k["grid"]:
+            if not (isinstance(g, int) or (isinstance(g, str) and _SMS_GRID.fullmatch(g))):
+                raise CudaKernelError(f"grid size {g!r} of {k['name']} is neither an integer nor 'sms*N'")
     if not spec.get("kernels"):
         raise CudaKernelError("launch line lists no kernels")
     return spec
@@ -56,6 +68,39 @@ def _check_coresident(fn: Any, k: dict[str, Any]) -> None:
                               f"{per_sm} per SM x {sms} SMs fit")
 
 
+def launch_attributes(k: dict[str, Any], compute_capability: tuple[int, int]) -> list[Any]:
+    """Driver launch attributes for launch entry `k`: cooperative (all blocks co-resident, which a grid barrier
+    needs) and programmatic stream serialization (the kernel may start before the previous one ends; it waits
+    with griddepcontrol.wait), the latter only where the GPU has it (sm_90+)."""
+    from cuda.bindings import driver
+
+    attrs = []
+    if k.get("cooperative"):
+        a = driver.CUlaunchAttribute()
+        a.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE
+        a.value.cooperative = 1
+        attrs.append(a)
+    if k.get("pdl") and compute_capability >= (9, 0):
+        a = driver.CUlaunchAttribute()
+        a.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        a.value.programmaticStreamSerializationAllowed = 1
+        attrs.append(a)
+    return attrs
+
+
+def launch_config(k: dict[str, Any], attrs: list[Any]) -> Any:
+    """A cuLaunchKernelEx configuration for launch entry `k` (the stream is set at each launch)."""
+    from cuda.bindings import driver
+
+    cfg = driver.CUlaunchConfig()
+    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = k["grid"]
+    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = k["block"]
+    cfg.sharedMemBytes = k.get("smem", 0)
+    cfg.attrs = attrs
+    cfg.numAttrs = len(attrs)
+    return cfg
+
+
 class CudaKernel:
     """Callable on CUDA tensors (inputs then outputs, in workload order) and runtime dims."""
 
@@ -66,6 +111,10 @@ class CudaKernel:
         torch.empty(1, device="cuda")  # make torch's primary context current on this thread
         _check(driver.cuInit(0), "cuInit")
         self.spec = json.loads(source_spec)
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        for k in self.spec["kernels"]:
+            k["grid"] = resolve_grid(k["grid"], sms)
+        self.alignment = int(self.spec.get("align", 1))  # callers (passes/ops.py) fall back to PyTorch below it
         self.names = list(tensor_names)
         self.dim_names = list(dim_names)
         self._module = _check(driver.cuModuleLoadData(Path(cubin_path).read_bytes()), "cuModuleLoadData")
@@ -77,6 +126,10 @@ class CudaKernel:
         for fn, k in zip(self._functions, self.spec["kernels"]):
             if k.get("cooperative"):
                 _check_coresident(fn, k)
+        cc = torch.cuda.get_device_capability()
+        # launches with attributes go through cuLaunchKernelEx; the others through cuLaunchKernel
+        self._configs = [launch_config(k, attrs) if (attrs := launch_attributes(k, cc)) else None
+                         for k in self.spec["kernels"]]
         self._cached_key: tuple | None = None
         self._cached: list[Any] = []
         self._scratch = {
@@ -102,6 +155,9 @@ class CudaKernel:
                     t = by_name[a]
                     if not t.is_cuda or not t.is_contiguous():
                         raise ValueError(f"tensor {a!r} must be a contiguous CUDA tensor")
+                    if t.data_ptr() % self.alignment:
+                        raise ValueError(f"tensor {a!r} must start on a {self.alignment}-byte boundary for this "
+                                         f"kernel's vector loads (a view at an odd offset? pass a copy)")
                     values.append(ctypes.c_void_p(t.data_ptr()))
             array = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
             prepared.append((values, array))
@@ -116,7 +172,11 @@ class CudaKernel:
             self._cached = self._params(tensors, dims)
             self._cached_key = key
         stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
-        for fn, k, (_, array) in zip(self._functions, self.spec["kernels"], self._cached):
+        for fn, k, cfg, (_, array) in zip(self._functions, self.spec["kernels"], self._configs, self._cached):
+            if cfg is not None:
+                cfg.hStream = stream
+                _check(driver.cuLaunchKernelEx(cfg, fn, ctypes.addressof(array), 0), f"cuLaunchKernelEx({k['name']})")
+                continue
             gx, gy, gz = k["grid"]
             bx, by, bz = k["block"]
             _check(driver.cuLaunchKernel(fn, gx, gy, gz, bx, by, bz, k.get("smem", 0), stream, ctypes.addressof(array), 0),

@@ -15,7 +15,7 @@ from autocomp_compile.references import InputFactory, empty_outputs, get_kind
 from autocomp_compile.search.candidate import Candidate
 from autocomp_compile.targets.cuda import codegen
 from autocomp_compile.targets.cuda.build import build, nvrtc_available
-from autocomp_compile.targets.cuda.runtime import CudaKernelError, launch_spec, load
+from autocomp_compile.targets.cuda.runtime import CudaKernelError, launch_attributes, launch_config, launch_spec, load, resolve_grid
 
 HAS_COMPILER = nvrtc_available() or shutil.which("nvcc") is not None
 HAS_GPU = torch.cuda.is_available() and nvrtc_available()
@@ -40,8 +40,11 @@ VARIANTS = {
              dict(naive=False, vec=True, unroll=4, warps=8, fuse_down=True, chunk=32),
              dict(naive=False, vec=True, unroll=1, warps=1, fuse_down=True, chunk=128, stream_loads=True),
              dict(naive=False, vec=True, unroll=8, warps=16, fuse_down=True, chunk=16),
-             dict(naive=False, vec=True, unroll=4, warps=8, persistent=True, blocks=64, l2_prefetch=True),
-             dict(naive=False, vec=True, unroll=1, warps=4, persistent=True, blocks=128, stream_loads=True)],
+             dict(naive=False, vec=True, unroll=4, warps=8, persistent=True, per_sm=1, l2_prefetch=True),
+             dict(naive=False, vec=True, unroll=1, warps=4, persistent=True, per_sm=4, stream_loads=True),
+             dict(naive=False, vec=True, rows=2, unroll=4, warps=8, fuse=True, stream_loads=True, pdl=True,
+                  down_warps=16, down_ksplit=8, down_unroll=8, down_rows=1),
+             dict(naive=False, vec=True, unroll=2, warps=4, fuse=True, l2_prefetch=True, pdl=True, down_rows=2)],
     "attention": [{}, dict(naive=False), dict(naive=False, gqa_share=True, splits=4, warps=4, q_block=2),
                   dict(naive=False, splits=16, warps=2, q_block=4)],
     "rmsnorm": [{}, dict(naive=False), dict(naive=False, vec=True, threads=512)],
@@ -64,6 +67,10 @@ def test_launch_line_parses_and_rejects_garbage():
         launch_spec("__global__ void k() {}")
     with pytest.raises(CudaKernelError):
         launch_spec('// autocomp-launch: {"kernels": []}\n')
+    with pytest.raises(CudaKernelError, match="sms"):
+        launch_spec('// autocomp-launch: {"kernels": [{"name": "k", "grid": ["sms*x", 1, 1], "block": [32, 1, 1], '
+                    '"args": []}]}\n')
+    assert resolve_grid(["sms*3", 2, 1], sms=132) == [396, 2, 1]
 
 
 def test_legalize_keeps_shapes_legal():
@@ -82,7 +89,7 @@ def test_menu_items_change_the_schedule():
         for item in target.menu(w):
             if item.applies(knobs):
                 assert target.legalize(w, item.apply(dict(knobs), random.Random(1))) != knobs or item.id in (
-                    "split_k", "block_rows", "unroll_loads", "stage_x_smem"), item.id
+                    "split_k", "block_rows", "unroll_loads", "stage_x_smem", "down_split_k", "down_unroll"), item.id
 
 
 @needs_compiler
@@ -178,14 +185,67 @@ def test_one_kernel_mlp_is_refused_where_it_cannot_run(params, knobs):
 
 def test_persistent_mlp_is_one_cooperative_launch_with_dynamic_shared_memory():
     w = make_workload("mlp", "bf16", batch=1, hidden=2048, intermediate=8192)
-    knobs = codegen.legalize(w, dict(naive=False, vec=True, persistent=True, fuse_down=True, blocks=128, warps=8,
+    knobs = codegen.legalize(w, dict(naive=False, vec=True, persistent=True, fuse_down=True, per_sm=2, warps=8,
                                      l2_prefetch=True))
     assert knobs["persistent"] and not knobs["fuse_down"] and knobs["l2_prefetch"]
     src = codegen.generate(w, knobs)
     (k,) = launch_spec(src)["kernels"]
-    assert k["name"] == "mlp_persistent" and k["cooperative"] and k["grid"] == [128, 1, 1]
+    assert k["name"] == "mlp_persistent" and k["cooperative"] and k["grid"] == ["sms*2", 1, 1]
     assert k["smem"] == (2048 + 8192) * 4  # over 48 KB: the runtime raises the kernel's limit
     assert launch_spec(src)["scratch"] == {"h": [8192, "fp32"], "barrier": [2, "u32"]}
     assert "prefetch.global.L2::evict_last" in src
     too_big = make_workload("mlp", "bf16", batch=8, hidden=2048, intermediate=8192)
     assert not codegen.legalize(too_big, dict(naive=False, vec=True, persistent=True))["persistent"]
+
+
+def test_down_stage_inherits_the_gate_up_schedule_until_it_has_its_own():
+    w = make_workload("mlp", "bf16", batch=1, hidden=2048, intermediate=8192)
+    same = codegen.legalize(w, dict(naive=False, vec=True, fuse=True, warps=8, ksplit=2, unroll=4))
+    assert all(same[f"down_{n}"] == 0 for n in codegen.STAGE_KNOBS)
+    gate_up, down = launch_spec(codegen.generate(w, same))["kernels"]
+    assert gate_up["block"] == down["block"] == [256, 1, 1] and down["grid"] == [2048 // 4, 1, 1]
+    own = codegen.legalize(w, dict(same, down_warps=16, down_ksplit=8))
+    assert (own["down_warps"], own["down_ksplit"], own["down_rows"], own["down_unroll"]) == (16, 8, 1, 4)
+    gate_up, down = launch_spec(codegen.generate(w, own))["kernels"]
+    assert gate_up["block"] == [256, 1, 1] and down["block"] == [512, 1, 1] and down["grid"] == [2048 // 2, 1, 1]
+    # an explicit down split must divide the intermediate dimension into 16-byte vectors: 8 * 8 does not divide 96
+    odd = codegen.legalize(make_workload("mlp", "bf16", batch=1, hidden=64, intermediate=96),
+                           dict(naive=False, vec=True, fuse=True, down_warps=8, down_ksplit=8))
+    assert 96 % (odd["down_ksplit"] * 8) == 0 and odd["down_ksplit"] == 4
+    # the other MLP forms have no separate down stage
+    fused = codegen.legalize(w, dict(naive=False, vec=True, fuse_down=True, down_warps=16))
+    assert fused["fuse_down"] and fused["down_warps"] == 0
+
+
+def test_pdl_lets_the_down_kernel_start_early_and_wait_for_h():
+    w = make_workload("mlp", "bf16", batch=1, hidden=2048, intermediate=8192)
+    knobs = codegen.legalize(w, dict(naive=False, vec=True, fuse=True, pdl=True, warps=8))
+    assert knobs["pdl"]
+    src = codegen.generate(w, knobs)
+    gate_up, down = launch_spec(src)["kernels"]
+    assert down.get("pdl") and not gate_up.get("pdl")
+    first, second = src.split('void __launch_bounds__(256) down(')
+    assert "griddepcontrol.launch_dependents" in first and "griddepcontrol.wait" not in first
+    wait = second.index("griddepcontrol.wait")
+    assert second.index("prefetch.global.L2") < wait < second.index("#define XV")  # weights first, h after
+    for other in (dict(fuse=False), dict(fuse_down=True), dict(persistent=True), dict(naive=True)):
+        assert not codegen.legalize(w, {**dict(naive=False, vec=True, fuse=True, pdl=True), **other})["pdl"], other
+    assert not codegen.legalize(WORKLOADS["gemm_bf16"], dict(naive=False, pdl=True))["pdl"]
+
+
+def test_launch_attributes_ask_for_cooperative_and_programmatic_launches():
+    pytest.importorskip("cuda.bindings.driver", reason="cuda-python (cuda-bindings) is not installed")
+    from cuda.bindings import driver
+
+    ids = driver.CUlaunchAttributeID
+    down = {"name": "down", "grid": [512, 1, 1], "block": [256, 1, 1], "smem": 0, "args": [], "pdl": True}
+    assert launch_attributes(down, (8, 0)) == []  # no programmatic launches before Hopper: plain stream order
+    (attr,) = launch_attributes(down, (9, 0))
+    assert attr.id == ids.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    assert attr.value.programmaticStreamSerializationAllowed == 1
+    persistent = {"name": "p", "grid": [128, 1, 1], "block": [256, 1, 1], "smem": 40960, "args": [], "cooperative": True}
+    attrs = launch_attributes(persistent, (8, 0))
+    assert [a.id for a in attrs] == [ids.CU_LAUNCH_ATTRIBUTE_COOPERATIVE]
+    cfg = launch_config(persistent, attrs)
+    assert (cfg.gridDimX, cfg.blockDimX, cfg.sharedMemBytes, cfg.numAttrs) == (128, 256, 40960, 1)
+    assert launch_attributes({"name": "k", "grid": [1, 1, 1], "block": [32, 1, 1], "args": []}, (9, 0)) == []
