@@ -277,16 +277,18 @@ class KernelCache:
         os.replace(tmp, path)
         return len(entries)
 
-    def import_(self, path: str | Path, codegen_versions: dict[str, str]) -> tuple[int, list[str]]:
-        """Import an exported file. Every entry is verified (code hash, key); entries written by another
-        code-generator version than `codegen_versions[target]` are refused. Returns (imported, refusals)."""
+    def import_(self, path: str | Path, codegen_versions: dict[str, str]) -> tuple[int, list[str], int]:
+        """Import an exported file. Every entry is verified (code hash, key). An entry written by another
+        code-generator version than `codegen_versions[target]` can never be a cache hit (the version is part
+        of the key); it is kept when it has a schedule (knobs), as a starting point for schedule reuse, and
+        refused otherwise. Returns (imported, refusals, imported as reuse seeds only)."""
         try:
             payload = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise CacheError(f"cannot read {path}: {exc}") from None
         if payload.get("format") != EXPORT_FORMAT:
             raise CacheError(f"{path} is not an autocomp-compile cache export (format {payload.get('format')!r})")
-        imported, refused = 0, []
+        imported, refused, seeds_only = 0, [], 0
         for d in payload.get("entries", []):
             try:
                 e = CacheEntry(**d)
@@ -296,12 +298,15 @@ class KernelCache:
             want = codegen_versions.get(e.target)
             if want is None:
                 refused.append(f"{e.key}: unknown target {e.target!r}")
-            elif e.codegen != want:
-                refused.append(f"{e.key}: written by code generator {e.codegen!r}, this installation has {want!r}")
+            elif e.codegen != want and e.knobs is None:
+                refused.append(f"{e.key}: written by code generator {e.codegen!r} (this installation has {want!r}) "
+                               f"and has no schedule to reuse")
             elif normalized_code_hash(e.code) != e.code_hash:
                 refused.append(f"{e.key}: code does not match its hash")
             elif cache_key(e.fingerprint, e.signature, e.codegen) != e.key:
                 refused.append(f"{e.key}: key does not match its fingerprint and workload")
             else:
-                imported += self._upsert(e)
-        return imported, refused
+                stored = self._upsert(e)
+                imported += stored
+                seeds_only += stored and e.codegen != want
+        return imported, refused, seeds_only

@@ -130,13 +130,20 @@ def test_export_import_round_trip_and_refusals(tmp_path):
     src = KernelCache(tmp_path / "a.sqlite")
     src.put(FakeTarget(), gemm(), cand("int a;", 1.0))
     src.put(FakeTarget(), gemm(n=128), cand("int b;", 1.5))
-    src.put(FakeTarget("cuda", "sm90", "cuda-test"), gemm(), cand("int g;", 0.1))
-    assert src.export(tmp_path / "cache.json") == 3
+    llm_written = cand("int g;", 0.1)
+    llm_written.knobs = None  # code without a schedule
+    src.put(FakeTarget("cuda", "sm90", "cuda-test"), gemm(), llm_written)
+    src.put(FakeTarget("cuda", "sm90", "cuda-test"), gemm(n=128), cand("int g_knobs;", 0.1, knobs={"warps": 8}))
+    assert src.export(tmp_path / "cache.json") == 4
     dst = KernelCache(tmp_path / "b.sqlite")
-    imported, refused = dst.import_(tmp_path / "cache.json", {"cpu": "cpu-test", "cuda": "cuda-other"})
-    assert imported == 2 and len(refused) == 1 and "cuda-other" in refused[0]
-    assert {e.code for e in dst.entries()} == {"int a;", "int b;"}
+    imported, refused, seeds_only = dst.import_(tmp_path / "cache.json", {"cpu": "cpu-test", "cuda": "cuda-other"})
+    # another generator's entry: kept when it has a schedule to reuse (never a hit), refused when it has none
+    assert (imported, seeds_only) == (3, 1) and len(refused) == 1 and "no schedule to reuse" in refused[0]
+    assert {e.code for e in dst.entries()} == {"int a;", "int b;", "int g_knobs;"}
     assert dst.get(FakeTarget(), gemm()).latency_ms == 1.0
+    cuda_now = FakeTarget("cuda", "sm90", "cuda-other")
+    assert dst.get(cuda_now, gemm(n=128)) is None
+    assert [e.code for e in dst.nearest(cuda_now, gemm(n=128))] == ["int g_knobs;"]
     (tmp_path / "bad.json").write_text('{"format": "something-else"}')
     with pytest.raises(CacheError, match="not an autocomp-compile cache export"):
         dst.import_(tmp_path / "bad.json", {"cpu": "cpu-test"})
@@ -151,7 +158,7 @@ def test_import_verifies_code_hashes(tmp_path):
     payload = json.loads((tmp_path / "c.json").read_text())
     payload["entries"][0]["code"] = "int tampered;"
     (tmp_path / "c.json").write_text(json.dumps(payload))
-    imported, refused = KernelCache(tmp_path / "b.sqlite").import_(tmp_path / "c.json", {"cpu": "cpu-test"})
+    imported, refused, _ = KernelCache(tmp_path / "b.sqlite").import_(tmp_path / "c.json", {"cpu": "cpu-test"})
     assert imported == 0 and "does not match its hash" in refused[0]
 
 
