@@ -8,7 +8,7 @@ with eager (cuBLAS) under the evaluator's CUDA timing (events, L2 flushed). Prin
 time and writes JSON whose "best" entry is the fastest correct schedule (cuda_check.sh seeds the MLP
 search with it).
 
-    python benchmarks/device/mlp_sweep.py --json mlp_sweep.json [--families split_k persistent two_kernel]
+    python benchmarks/device/mlp_sweep.py --json mlp_sweep.json [--families two_kernel split_k persistent]
     python benchmarks/device/mlp_sweep.py --best-of mlp_sweep.json      # print the best knobs as JSON
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-FAMILIES = ("split_k", "persistent", "two_kernel")
+FAMILIES = ("two_kernel", "split_k", "persistent")  # the persistent MLP last: a grid barrier that hangs costs the rest
 KEYS = ("fuse_down", "persistent", "chunk", "per_sm", "warps", "rows", "ksplit", "unroll", "down_warps", "down_rows",
         "down_ksplit", "down_unroll", "pdl", "l2_prefetch", "stream_loads")
 
@@ -121,12 +121,17 @@ def main() -> None:
             return row
         outs = empty_outputs(w, device="cuda")
         args_ = [dev[t.name] for t in w.inputs] + [outs["out"]]
-        kernel(args_)
-        torch.cuda.synchronize()
-        row["correct"] = compare("out", outs["out"].cpu(), ref).ok
-        t = time_interleaved_cuda({"kernel": lambda: kernel(args_),
-                                   "eager": lambda: spec.eager(dev, base_out, w.params, w.runtime_dims)},
-                                  budget_ms=args.timing_ms)
+        try:
+            kernel(args_)
+            torch.cuda.synchronize()
+            row["correct"] = compare("out", outs["out"].cpu(), ref).ok
+            t = time_interleaved_cuda({"kernel": lambda: kernel(args_),
+                                       "eager": lambda: spec.eager(dev, base_out, w.params, w.runtime_dims)},
+                                      budget_ms=args.timing_ms)
+        except Exception as exc:  # noqa: BLE001 - a launch error; a sticky CUDA error fails the rows after it too
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            print(f"  {family:>10} failed: {row['error'][:200]} {schedule}", flush=True)
+            return row
         ms = t["kernel"].median_ms
         row.update({"ms": ms, "eager_ms": t["eager"].median_ms, "gbps": w.bytes_moved() / (ms * 1e6),
                     "percent_of_copy_bw": 100 * w.bytes_moved() / (ms * 1e6) / bw})
@@ -148,7 +153,7 @@ def main() -> None:
         for row in points:
             if row not in rows:
                 rows.append(row)
-        save(rows, time.perf_counter() - start)  # a stage killed by its time limit keeps what it measured
+                save(rows, time.perf_counter() - start)  # a stage killed by its time limit keeps what it measured
 
     good = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
     print(f"{torch.cuda.get_device_name()}: HBM copy bandwidth {bw:.0f} GB/s")
