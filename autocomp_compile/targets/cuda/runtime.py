@@ -5,7 +5,7 @@ import ctypes
 import json
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -43,6 +43,35 @@ def launch_spec(source: str) -> dict[str, Any]:
     if not spec.get("kernels"):
         raise CudaKernelError("launch line lists no kernels")
     return spec
+
+
+_driver: Any = None  # cuda.bindings.driver, imported by the first CudaKernel (cuda-python is an optional extra)
+_SUCCESS: Any = None
+
+
+def _load_driver() -> Any:
+    global _driver, _SUCCESS
+    if _driver is None:
+        from cuda.bindings import driver
+
+        _driver, _SUCCESS = driver, driver.CUresult.CUDA_SUCCESS
+    return _driver
+
+
+def _stream_getter(device: int) -> Callable[[], Any]:
+    """A function returning torch's current stream on `device` as a driver stream handle, cheaply: the raw
+    handle (no torch.cuda.Stream object), its CUstream wrapper made once per stream."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    handles: dict[int, Any] = {}
+
+    def current() -> Any:
+        h = raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+        s = handles.get(h)
+        if s is None:
+            s = handles[h] = _driver.CUstream(h)
+        return s
+
+    return current
 
 
 def _check(result: Any, what: str) -> Any:
@@ -105,8 +134,7 @@ class CudaKernel:
     """Callable on CUDA tensors (inputs then outputs, in workload order) and runtime dims."""
 
     def __init__(self, cubin_path: str | Path, source_spec: str, tensor_names: Sequence[str], dim_names: Sequence[str]):
-        from cuda.bindings import driver
-
+        driver = _load_driver()
         torch.cuda.init()
         torch.empty(1, device="cuda")  # make torch's primary context current on this thread
         _check(driver.cuInit(0), "cuInit")
@@ -126,15 +154,28 @@ class CudaKernel:
         for fn, k in zip(self._functions, self.spec["kernels"]):
             if k.get("cooperative"):
                 _check_coresident(fn, k)
-        cc = torch.cuda.get_device_capability()
-        # launches with attributes go through cuLaunchKernelEx; the others through cuLaunchKernel
-        self._configs = [launch_config(k, attrs) if (attrs := launch_attributes(k, cc)) else None
-                         for k in self.spec["kernels"]]
+        device = torch.cuda.current_device()
+        self._setup(self._functions, torch.cuda.get_device_capability(), _stream_getter(device), "cuda")
+
+    def _setup(self, functions: list[Any], compute_capability: tuple[int, int], stream: Callable[[], Any],
+               device: str) -> None:
+        """Everything a launch needs, computed once: launch tuples, configurations, scratch buffers."""
+        self._functions = functions
+        self._device = device
+        self._stream = stream
+        self._launches = []
+        for fn, k in zip(functions, self.spec["kernels"]):
+            attrs = launch_attributes(k, compute_capability)
+            # launches with attributes go through cuLaunchKernelEx; the others through cuLaunchKernel
+            self._launches.append((fn, *k["grid"], *k["block"], k.get("smem", 0),
+                                   launch_config(k, attrs) if attrs else None, k["name"]))
         self._cached_key: tuple | None = None
         self._cached: list[Any] = []
+        self._addresses: list[int] = []
         self._scratch = {
             # zeroed: kernels that accumulate into scratch (the one-kernel MLP) rely on it and clear it after use
-            name: torch.zeros(int(n), dtype=_SCRATCH_DTYPES[dt], device="cuda") for name, (n, dt) in self.spec.get("scratch", {}).items()
+            name: torch.zeros(int(n), dtype=_SCRATCH_DTYPES[dt], device=device)
+            for name, (n, dt) in self.spec.get("scratch", {}).items()
         }
 
     def _params(self, tensors: Sequence[torch.Tensor], dims: Sequence[int]) -> list[Any]:
@@ -153,7 +194,7 @@ class CudaKernel:
                     values.append(ctypes.c_int64(int(a[1:])))
                 else:
                     t = by_name[a]
-                    if not t.is_cuda or not t.is_contiguous():
+                    if t.device.type != self._device or not t.is_contiguous():
                         raise ValueError(f"tensor {a!r} must be a contiguous CUDA tensor")
                     if t.data_ptr() % self.alignment:
                         raise ValueError(f"tensor {a!r} must start on a {self.alignment}-byte boundary for this "
@@ -164,23 +205,23 @@ class CudaKernel:
         return prepared
 
     def __call__(self, tensors: Sequence[torch.Tensor], dims: Sequence[int] = ()) -> None:
-        from cuda.bindings import driver
-
-        # Parameter arrays depend only on the pointers and dims: reuse them across calls (launch overhead).
-        key = (tuple(t.data_ptr() for t in tensors), tuple(int(d) for d in dims))
+        # Parameter arrays depend only on the pointers and dims: reuse them across calls. This is the
+        # per-call host cost of every kernel in a model, so it avoids imports, f-strings and re-reading the spec.
+        key = (tuple([t.data_ptr() for t in tensors]), tuple(map(int, dims)) if dims else ())
         if self._cached_key != key:
             self._cached = self._params(tensors, dims)
+            self._addresses = [ctypes.addressof(array) for _, array in self._cached]
             self._cached_key = key
-        stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
-        for fn, k, cfg, (_, array) in zip(self._functions, self.spec["kernels"], self._configs, self._cached):
-            if cfg is not None:
+        stream = self._stream()
+        drv = _driver
+        for (fn, gx, gy, gz, bx, by, bz, smem, cfg, name), params in zip(self._launches, self._addresses):
+            if cfg is None:
+                result = drv.cuLaunchKernel(fn, gx, gy, gz, bx, by, bz, smem, stream, params, 0)
+            else:
                 cfg.hStream = stream
-                _check(driver.cuLaunchKernelEx(cfg, fn, ctypes.addressof(array), 0), f"cuLaunchKernelEx({k['name']})")
-                continue
-            gx, gy, gz = k["grid"]
-            bx, by, bz = k["block"]
-            _check(driver.cuLaunchKernel(fn, gx, gy, gz, bx, by, bz, k.get("smem", 0), stream, ctypes.addressof(array), 0),
-                   f"cuLaunchKernel({k['name']})")
+                result = drv.cuLaunchKernelEx(cfg, fn, params, 0)
+            if result[0] != _SUCCESS:
+                _check(result, f"launch of {name}")
 
 
 def load(cubin_path: str, source: str, tensor_names: Sequence[str], dim_names: Sequence[str]) -> CudaKernel:

@@ -249,3 +249,69 @@ def test_launch_attributes_ask_for_cooperative_and_programmatic_launches():
     cfg = launch_config(persistent, attrs)
     assert (cfg.gridDimX, cfg.blockDimX, cfg.sharedMemBytes, cfg.numAttrs) == (128, 256, 40960, 1)
     assert launch_attributes({"name": "k", "grid": [1, 1, 1], "block": [32, 1, 1], "args": []}, (9, 0)) == []
+
+
+class _RecordingDriver:
+    """Stands in for cuda.bindings.driver in the launch loop: records launches, returns success or an error."""
+
+    def __init__(self, result):
+        self.calls, self.result = [], result
+
+    def cuLaunchKernel(self, *args):
+        self.calls.append(("plain", args))
+        return (self.result,)
+
+    def cuLaunchKernelEx(self, cfg, fn, params, extra):
+        self.calls.append(("ex", (cfg, fn, params, extra)))
+        return (self.result,)
+
+
+def _pointers(address: int, n: int) -> list[int]:
+    """The values behind a kernel-parameter array (n pointers to 8-byte values)."""
+    import ctypes
+
+    slots = (ctypes.c_void_p * n).from_address(address)
+    return [ctypes.c_int64.from_address(s).value for s in slots]
+
+
+def test_launch_loop_passes_grid_stream_and_parameters_without_a_gpu(monkeypatch):
+    """The per-call launch path of CudaKernel, driven on the CPU with a recording driver: plain launches
+    for ordinary kernels, cuLaunchKernelEx (with the stream set) for the PDL kernel, parameters that point
+    at the tensors and scratch, and parameter arrays rebuilt only when a pointer changes."""
+    driver = pytest.importorskip("cuda.bindings.driver", reason="cuda-python (cuda-bindings) is not installed")
+    from autocomp_compile.targets.cuda import runtime
+
+    w = make_workload("mlp", "bf16", batch=1, hidden=128, intermediate=256)
+    src = codegen.generate(w, codegen.legalize(w, dict(naive=False, vec=True, fuse=True, warps=4, pdl=True)))
+    spec = launch_spec(src)
+    kernel = object.__new__(runtime.CudaKernel)
+    kernel.spec, kernel.names, kernel.dim_names, kernel.alignment = spec, [t.name for t in w.tensors], [], 16
+    stream = driver.CUstream(0)
+    kernel._setup(["fn_gate_up", "fn_down"], (9, 0), lambda: stream, "cpu")
+    fake = _RecordingDriver(result="ok")
+    monkeypatch.setattr(runtime, "_driver", fake)
+    monkeypatch.setattr(runtime, "_SUCCESS", "ok")
+    tensors = [torch.zeros(t.shape, dtype=torch.bfloat16) for t in w.tensors]
+    kernel(tensors)
+    (kind0, plain), (kind1, ex) = fake.calls
+    gate_up, down = spec["kernels"]
+    assert kind0 == "plain" and plain[:8] == ("fn_gate_up", *gate_up["grid"], *gate_up["block"], 0) and plain[8] is stream
+    x, wg, wu, wd, out = tensors
+    h = kernel._scratch["h"]
+    assert _pointers(plain[9], 4) == [x.data_ptr(), wg.data_ptr(), wu.data_ptr(), h.data_ptr()]
+    cfg, fn, params, _ = ex
+    assert kind1 == "ex" and fn == "fn_down" and cfg.gridDimX == down["grid"][0] and cfg.numAttrs == 1
+    assert _pointers(params, 3) == [h.data_ptr(), wd.data_ptr(), out.data_ptr()]
+    cached = kernel._addresses
+    kernel(tensors)
+    assert kernel._addresses is cached  # same pointers: the parameter arrays are reused
+    tensors[-1] = torch.zeros_like(out)
+    kernel(tensors)
+    assert _pointers(fake.calls[-1][1][2], 3)[-1] == tensors[-1].data_ptr()
+    unaligned = torch.zeros(w.tensors[0].shape[1] + 1, dtype=torch.bfloat16)[1:].view(w.tensors[0].shape)
+    with pytest.raises(ValueError, match="16-byte boundary"):
+        kernel([unaligned, *tensors[1:]])
+    monkeypatch.setattr(runtime, "_driver", _RecordingDriver(result=driver.CUresult.CUDA_ERROR_INVALID_VALUE))
+    monkeypatch.setattr(runtime, "_check", lambda result, what: (_ for _ in ()).throw(CudaKernelError(what)))
+    with pytest.raises(CudaKernelError, match="launch of gate_up"):
+        kernel(tensors)
