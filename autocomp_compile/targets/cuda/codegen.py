@@ -3,9 +3,9 @@
 A generated source starts with one line, `// autocomp-launch: {json}`, that tells the runtime which
 `extern "C" __global__` kernels to launch, in order, with which grid, block, dynamic shared memory
 and arguments: a workload tensor by name, `$name` for a scratch buffer the runtime allocates once
-(listed under "scratch"), `#name` for a runtime dim passed as a 64-bit integer. A grid size "sms*N" means N blocks per SM of
-the GPU it runs on; "align" is the byte
-alignment the kernels' vector loads need of every workload tensor.
+(listed under "scratch"), `#name` for a runtime dim passed as a 64-bit integer. A grid size "sms*N" means
+N blocks per SM of the GPU it runs on; "align" is the byte alignment the kernels' vector loads need of
+every workload tensor.
 
 bf16 is handled as raw 16-bit patterns (widening is a shift; narrowing rounds to nearest even), so
 sources need no CUDA headers and compile with NVRTC in well under a second.
@@ -294,6 +294,16 @@ def _gemv_tiled_kernel(
         if k["x_smem"]
         else "  #define XV(m, kk) to_f32(x[(long)(m) * K + (kk)])\n"
     )
+    raw_t = "uint4" if k["vec"] else "elem_t"
+    if k["vec"]:
+        load = "raw[{j}][u][r] = " + ld + "(reinterpret_cast<const uint4 *>({w} + row * (long)K + kk));"
+        widen = "to_f32(reinterpret_cast<const elem_t *>(&raw[{j}][u][r])[e])"
+    else:
+        load = "raw[{j}][u][r] = " + ld + "({w} + row * (long)K + kk);"
+        widen = "to_f32(raw[{j}][u][r])"
+    loads = "\n".join("        " + load.format(w=("wa", "wb")[j], j=j) for j in range(nw))
+    fma = "\n".join(f"          acc[{j}][m][r] += {widen.format(j=j)} * xe;" for j in range(nw))
+    epilogue = "silu(tot[0]) * tot[1]" if two else "tot[0]"
     if k["vec"]:  # the activation, too, in 16-byte (shared: float4) loads: EPV elements as float into xv
         if k["x_smem"]:
             x_vec = ("#pragma unroll\n          for (int v = 0; v < EPV / 4; ++v) reinterpret_cast<float4 *>(xv)[v] = "
@@ -313,30 +323,20 @@ def _gemv_tiled_kernel(
             const float xe = xv[e];
             #pragma unroll
             for (int r = 0; r < {R}; ++r) {{
-{{fma}}
+{fma}
             }}
           }}
         }}"""
     else:
         x_step = f"""      for (int m = 0; m < M; ++m)
         #pragma unroll
-        for (int e = 0; e < 1; ++e) {{
+        for (int e = 0; e < {V}; ++e) {{
           const float xe = XV(m, kk + e);
           #pragma unroll
           for (int r = 0; r < {R}; ++r) {{
-{{fma}}
+{fma}
           }}
         }}"""
-    raw_t = "uint4" if k["vec"] else "elem_t"
-    if k["vec"]:
-        load = "raw[{j}][u][r] = " + ld + "(reinterpret_cast<const uint4 *>({w} + row * (long)K + kk));"
-        widen = "to_f32(reinterpret_cast<const elem_t *>(&raw[{j}][u][r])[e])"
-    else:
-        load = "raw[{j}][u][r] = " + ld + "({w} + row * (long)K + kk);"
-        widen = "to_f32(raw[{j}][u][r])"
-    loads = "\n".join("        " + load.format(w=("wa", "wb")[j], j=j) for j in range(nw))
-    fma = "\n".join(f"          acc[{j}][m][r] += {widen.format(j=j)} * xe;" for j in range(nw))
-    epilogue = "silu(tot[0]) * tot[1]" if two else "tot[0]"
     return f"""
 extern "C" __global__ void __launch_bounds__({W * 32}) {name}(const {x_t} *__restrict__ x, {w_args}, {out_t} *__restrict__ out) {{
   const int M = {M}, N = {N}, K = {K};
@@ -370,7 +370,7 @@ extern "C" __global__ void __launch_bounds__({W * 32}) {name}(const {x_t} *__res
       const int kk = k0 + u * 32 * {V};
       if (kk >= kend) break;
       #pragma unroll
-{x_step.replace("{fma}", fma)}
+{x_step}
     }}
   }}
   #pragma unroll

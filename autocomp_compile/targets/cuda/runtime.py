@@ -139,7 +139,8 @@ class CudaKernel:
         torch.empty(1, device="cuda")  # make torch's primary context current on this thread
         _check(driver.cuInit(0), "cuInit")
         self.spec = json.loads(source_spec)
-        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        device = torch.cuda.current_device()
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
         for k in self.spec["kernels"]:
             k["grid"] = resolve_grid(k["grid"], sms)
         self.alignment = int(self.spec.get("align", 1))  # callers (passes/ops.py) fall back to PyTorch below it
@@ -154,7 +155,6 @@ class CudaKernel:
         for fn, k in zip(self._functions, self.spec["kernels"]):
             if k.get("cooperative"):
                 _check_coresident(fn, k)
-        device = torch.cuda.current_device()
         self._setup(self._functions, torch.cuda.get_device_capability(), _stream_getter(device), "cuda")
 
     def _setup(self, functions: list[Any], compute_capability: tuple[int, int], stream: Callable[[], Any],
