@@ -197,7 +197,8 @@ class KernelCache:
         imported cache), this code generator before older ones, then by dtype and distance between shape
         parameters. Another machine's entry for this very workload counts too, and so does an entry an
         older code generator made here: a schedule (knobs) is re-legalised and its code generated anew,
-        so it is a starting point wherever the knobs still mean the same; its code is never reused."""
+        so it is a starting point wherever the knobs still mean the same; its code is never reused. Only
+        entries with a schedule (knobs) are offered: LLM-written code cannot be re-targeted to a shape."""
         fp = target.fingerprint()
         here, codegen = fingerprint_hash(fp), fp.get("codegen", "")
         rows = self._entries(
@@ -207,7 +208,7 @@ class KernelCache:
         cls = workload.shape_class()
         this_machine = {k: v for k, v in fp.items() if k != "codegen"}
         ranked = sorted(
-            rows, key=lambda e: (e.shape_class != cls,
+            (e for e in rows if e.knobs is not None), key=lambda e: (e.shape_class != cls,
                                  {k: v for k, v in e.fingerprint.items() if k != "codegen"} != this_machine,
                                  e.codegen != codegen, e.workload.get("dtype") != workload.dtype,
                                  _shape_distance(e.workload["params"], workload.params)),

@@ -193,6 +193,9 @@ def test_nearest_offers_an_older_code_generators_schedule_after_the_current_ones
         cache.put(old, gemm(), cand("int old_same_shape;", 1.0, knobs={"warps": 8}))
         cache.put(new, gemm(m=1, n=1024, k=1024), cand("int new_other_shape;", 1.0, knobs={"warps": 4}))
         cache.put(FakeTarget("cuda", "sm90-h200", "cuda-new"), gemm(), cand("int new_other_gpu;", 1.0, knobs={}))
+        no_schedule = cand("int llm_written;", 0.5)
+        no_schedule.knobs = None
+        cache.put(new, gemm(m=1, n=512, k=512), no_schedule)  # code without knobs cannot seed another shape
         assert cache.get(new, gemm()) is None  # an older generator's kernel is never a hit
         # this GPU first (current generator, then older), then another GPU
         assert [e.code for e in cache.nearest(new, gemm())] == ["int new_other_shape;", "int old_same_shape;",

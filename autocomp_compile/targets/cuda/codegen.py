@@ -141,12 +141,13 @@ def _fused_mlp_legal(w: Workload, k: dict[str, Any]) -> bool:
 
 def _persistent_mlp_legal(w: Workload, k: dict[str, Any]) -> bool:
     """The persistent MLP needs 16-byte loads and the float activation and SiLU output of every row in
-    (dynamic) shared memory, within the 227 KB a Hopper or Ampere block can have."""
+    (dynamic) shared memory: at most 160 KB, which an A100 block (163 KB) and a Hopper block (227 KB) can
+    have; GPUs with less refuse the kernel when it is loaded."""
     if not k["persistent"] or k["naive"] or w.kind != "mlp" or not k["vec"]:
         return False
     m, h, i = w.params["batch"], w.params["hidden"], w.params["intermediate"]
     epv = 16 // _elem_bytes(w)
-    return m <= 4 and (m * h + m * i) * 4 <= 200 * 1024 and i % 16 == 0 and h % epv == 0
+    return m <= 4 and (m * h + m * i) * 4 <= 160 * 1024 and i % 16 == 0 and h % epv == 0
 
 
 def generate(w: Workload, knobs: dict[str, Any]) -> str:
@@ -287,12 +288,14 @@ def _gemv_tiled_kernel(
     if prefetch_bytes:
         w_args += ", const elem_t *__restrict__ pf"
     ld = "__ldcs" if k["stream_loads"] else "__ldg"
+    # x written by the previous kernel while this one ran (PDL): read it through L2, not the read-only path
+    x_at = (lambda i: f"__ldcg(x + {i})") if pdl == "wait" else (lambda i: f"x[{i}]")
     x_decl = (
         "  extern __shared__ float xs[];\n"
-        "  for (int i = threadIdx.x; i < M * K; i += blockDim.x) xs[i] = to_f32(x[i]);\n  __syncthreads();\n"
+        f"  for (int i = threadIdx.x; i < M * K; i += blockDim.x) xs[i] = to_f32({x_at('i')});\n  __syncthreads();\n"
         "  #define XV(m, kk) xs[(m) * K + (kk)]\n"
         if k["x_smem"]
-        else "  #define XV(m, kk) to_f32(x[(long)(m) * K + (kk)])\n"
+        else f"  #define XV(m, kk) to_f32({x_at('(long)(m) * K + (kk)')})\n"
     )
     raw_t = "uint4" if k["vec"] else "elem_t"
     if k["vec"]:
@@ -310,7 +313,7 @@ def _gemv_tiled_kernel(
                      "reinterpret_cast<const float4 *>(xs + m * K + kk)[v];")
         elif x_t == "float":
             x_vec = ("#pragma unroll\n          for (int v = 0; v < EPV / 4; ++v) reinterpret_cast<float4 *>(xv)[v] = "
-                     "__ldg(reinterpret_cast<const float4 *>(x + (long)m * K + kk) + v);")
+                     f"{'__ldcg' if pdl == 'wait' else '__ldg'}(reinterpret_cast<const float4 *>(x + (long)m * K + kk) + v);")
         else:
             x_vec = ("const uint4 xr = __ldg(reinterpret_cast<const uint4 *>(x + (long)m * K + kk));\n"
                      "          #pragma unroll\n"

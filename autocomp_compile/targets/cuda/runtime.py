@@ -150,7 +150,8 @@ class CudaKernel:
         self._functions = [_check(driver.cuModuleGetFunction(self._module, k["name"].encode()), f"cuModuleGetFunction({k['name']})")
                            for k in self.spec["kernels"]]
         for fn, k in zip(self._functions, self.spec["kernels"]):
-            if k.get("smem", 0) > 48 * 1024:
+            # any dynamic shared memory: the default cap is 48 KB minus the kernel's static shared memory
+            if k.get("smem", 0) > 0:
                 _check(driver.cuFuncSetAttribute(fn, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, k["smem"]), "cuFuncSetAttribute")
         for fn, k in zip(self._functions, self.spec["kernels"]):
             if k.get("cooperative"):

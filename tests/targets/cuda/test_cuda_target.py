@@ -196,6 +196,9 @@ def test_persistent_mlp_is_one_cooperative_launch_with_dynamic_shared_memory():
     assert "prefetch.global.L2::evict_last" in src
     too_big = make_workload("mlp", "bf16", batch=8, hidden=2048, intermediate=8192)
     assert not codegen.legalize(too_big, dict(naive=False, vec=True, persistent=True))["persistent"]
+    # 4 x (3072 + 8192) floats = 176 KB: more than an A100 block may have
+    a100_too_big = make_workload("mlp", "bf16", batch=4, hidden=3072, intermediate=8192)
+    assert not codegen.legalize(a100_too_big, dict(naive=False, vec=True, persistent=True))["persistent"]
 
 
 def test_down_stage_inherits_the_gate_up_schedule_until_it_has_its_own():
