@@ -10,6 +10,7 @@ search with it).
 
     python benchmarks/device/mlp_sweep.py --json mlp_sweep.json [--families two_kernel split_k persistent]
     python benchmarks/device/mlp_sweep.py --best-of mlp_sweep.json      # print the best knobs as JSON
+    python benchmarks/device/mlp_sweep.py --compile-only sm_90          # no GPU: build every schedule
 """
 from __future__ import annotations
 
@@ -67,12 +68,44 @@ def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(good, key=lambda r: r["ms"]) if good else None
 
 
+def compile_all(families: list[str], arch: str) -> int:
+    """Build every schedule of `families` for `arch` (the two-kernel stages follow their fallbacks, as
+    nothing is timed); returns the number that failed."""
+    from autocomp_compile import make_workload
+    from autocomp_compile.targets.cuda import codegen
+    from autocomp_compile.targets.cuda.build import build
+
+    w = make_workload("mlp", "bf16", batch=1, hidden=2048, intermediate=8192)
+    build_dir = Path(tempfile.mkdtemp())
+    start, failed, total = time.perf_counter(), 0, 0
+
+    def measure(family: str, schedule: dict[str, Any]) -> dict[str, Any]:
+        nonlocal failed, total
+        b = build(codegen.generate(w, codegen.legalize(w, dict(naive=False, vec=True, **schedule))), arch, build_dir)
+        total += 1
+        if not b.ok:
+            failed += 1
+            print(f"{family} {schedule}: build failed\n{b.log[-500:]}")
+        return {"family": family, "schedule": schedule}
+
+    for family in families:
+        if family == "two_kernel":
+            list(two_kernel_stages(measure))
+        else:
+            for s in {"split_k": split_k_grid, "persistent": persistent_grid}[family]():
+                measure(family, s)
+    print(f"{total} schedules built for {arch}, {failed} failed, {time.perf_counter() - start:.0f} s")
+    return failed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
     ap.add_argument("--timing-ms", type=float, default=150.0)
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     ap.add_argument("--best-of", default=None, help="print the best schedule of this sweep JSON and exit")
+    ap.add_argument("--compile-only", metavar="ARCH", default=None,
+                    help="build every schedule for ARCH (e.g. sm_90) without a GPU, report failures and exit")
     args = ap.parse_args()
     if args.best_of:
         best = json.loads(Path(args.best_of).read_text()).get("best")
@@ -81,6 +114,8 @@ def main() -> None:
         print(json.dumps(dict(naive=False, vec=True, **best["schedule"])))  # as measure() legalises it
         return
 
+    if args.compile_only:
+        sys.exit(compile_all(args.families, args.compile_only))
     import torch
 
     from autocomp_compile import make_workload
