@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -35,10 +35,10 @@ class BoundKernel:
     workload: Workload
     run: KernelFn
 
-    @property
-    def alignment(self) -> int:
-        """Byte alignment the kernel needs of its tensors' addresses (vector loads); 1 when it has none."""
-        return int(getattr(self.run, "alignment", 1))
+    alignment: int = field(init=False)  # bytes the kernel's vector loads need of tensor addresses; 1: none
+
+    def __post_init__(self) -> None:
+        self.alignment = int(getattr(self.run, "alignment", 1))
 
     def __call__(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], dims: Sequence[int] = ()) -> None:
         self.run([*inputs, *outputs], dims)
