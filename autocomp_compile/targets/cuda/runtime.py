@@ -84,13 +84,12 @@ def _check(result: Any, what: str) -> Any:
     return rest[0] if len(rest) == 1 else rest
 
 
-def _check_coresident(fn: Any, k: dict[str, Any]) -> None:
+def _check_coresident(fn: Any, k: dict[str, Any], sms: int) -> None:
     """A kernel with a grid barrier deadlocks unless every block is resident at once: refuse it here."""
     from cuda.bindings import driver
 
     per_sm = _check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, k["block"][0], k.get("smem", 0)),
                     f"cuOccupancyMaxActiveBlocksPerMultiprocessor({k['name']})")
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     blocks = k["grid"][0] * k["grid"][1] * k["grid"][2]
     if blocks > int(per_sm) * sms:
         raise CudaKernelError(f"{k['name']}: its grid barrier needs all {blocks} blocks resident, but only "
@@ -147,16 +146,15 @@ class CudaKernel:
         self.names = list(tensor_names)
         self.dim_names = list(dim_names)
         self._module = _check(driver.cuModuleLoadData(Path(cubin_path).read_bytes()), "cuModuleLoadData")
-        self._functions = [_check(driver.cuModuleGetFunction(self._module, k["name"].encode()), f"cuModuleGetFunction({k['name']})")
-                           for k in self.spec["kernels"]]
-        for fn, k in zip(self._functions, self.spec["kernels"]):
+        functions = [_check(driver.cuModuleGetFunction(self._module, k["name"].encode()), f"cuModuleGetFunction({k['name']})")
+                     for k in self.spec["kernels"]]
+        for fn, k in zip(functions, self.spec["kernels"]):
             # any dynamic shared memory: the default cap is 48 KB minus the kernel's static shared memory
             if k.get("smem", 0) > 0:
                 _check(driver.cuFuncSetAttribute(fn, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, k["smem"]), "cuFuncSetAttribute")
-        for fn, k in zip(self._functions, self.spec["kernels"]):
             if k.get("cooperative"):
-                _check_coresident(fn, k)
-        self._setup(self._functions, torch.cuda.get_device_capability(), _stream_getter(device), "cuda")
+                _check_coresident(fn, k, sms)  # after the shared-memory limit, which occupancy depends on
+        self._setup(functions, torch.cuda.get_device_capability(), _stream_getter(device), "cuda")
 
     def _setup(self, functions: list[Any], compute_capability: tuple[int, int], stream: Callable[[], Any],
                device: str) -> None:
