@@ -185,6 +185,10 @@ def _retune(item_id: str, title: str, description: str, knob: str, choices: tupl
     return MenuItem(item_id, title, description, when, lambda k, r: {**k, knob: _pick_other(choices, k[knob], r)})
 
 
+def _gemv_rows(w: Workload) -> int:
+    return w.params["m"] if w.kind == "gemm" else w.params["batch"]
+
+
 def cuda_menu(w: Workload) -> list[MenuItem]:
     """The CUDA optimization menu for workload `w`."""
     from autocomp_compile.targets.cuda.codegen import KNOB_CHOICES as CUDA_CHOICES
@@ -193,6 +197,9 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
     fam = cuda_family(w.kind)
     choices = CUDA_CHOICES[fam]
     tiled = lambda k: not k["naive"]  # noqa: E731 - most items refine the tiled kernel
+    if fam == "gemv":
+        tensor_cores = lambda k: not k["naive"] and k["mma"]  # noqa: E731
+        tiled = lambda k: not k["naive"] and not k["mma"]  # noqa: E731 - the GEMV items refine the CUDA-core kernel
     two_kernel = lambda k: tiled(k) and not (k["fuse_down"] or k["persistent"])  # noqa: E731 - MLP: gate/up, down
     leave_naive = lambda k, r: {**k, "naive": False}  # noqa: E731
     items: list[MenuItem] = []
@@ -218,7 +225,7 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
                     "ksplit", choices["ksplit"], tiled),
             _retune("block_size", "Retune warps per block",
                     "Change the number of warps per block (occupancy vs. scheduling granularity).",
-                    "warps", choices["warps"], tiled),
+                    "warps", choices["warps"], lambda k: not k["naive"]),
             _switch_on("stage_x_smem", "Stage the activation in shared memory",
                        "Copy the activation vector to shared memory once per block as float, instead of re-reading "
                        "and widening it from global memory for every row.",
@@ -228,6 +235,25 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
                        "push data that will be reused out of L2.",
                        "stream_loads", tiled),
         ]
+        if w.dtype == "bf16" and _gemv_rows(w) >= 16:  # prefill: enough rows to fill a 16-row fragment
+            items += [
+                MenuItem("tensor_cores", "Tensor-core GEMM (mma.sync, cp.async pipeline)",
+                         "With many activation rows the GEMV is compute-bound: tile the output into blocks, stage "
+                         "K slices of x and W in shared memory with cp.async, and multiply 16x8x16 fragments on the "
+                         "tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate); the MLP's gate/up kernel "
+                         "applies SiLU * mul to its accumulators.",
+                         lambda k: not k["naive"] and not k["mma"], lambda k, r: {**k, "mma": True}),
+                _retune("mma_tile_m", "Rows per tensor-core block tile",
+                        "Change the output rows each block owns (reuse of every weight tile vs. blocks to fill the GPU).",
+                        "tile_m", choices["tile_m"], tensor_cores),
+                _retune("mma_tile_n", "Columns per tensor-core block tile",
+                        "Change the output columns each block owns (reuse of every activation tile vs. parallelism).",
+                        "tile_n", choices["tile_n"], tensor_cores),
+                _retune("mma_stages", "Shared-memory pipeline depth",
+                        "Change how many K slices are in flight (cp.async ring of 1-4 stages): deeper hides more "
+                        "memory latency, costs shared memory and so occupancy.", "stages", choices["stages"],
+                        tensor_cores),
+            ]
         if w.kind == "mlp":
             items += [
                 _switch_on("l2_prefetch_down", "Prefetch the down projection into L2",
@@ -237,7 +263,7 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
                 _switch_on("fuse_epilogue", "Fuse gate, up and SiLU*mul",
                            "One kernel computes the gate and up rows together and applies SiLU and the product "
                            "in registers: two launches and two intermediate round trips fewer.",
-                           "fuse"),
+                           "fuse", lambda k: not k["mma"]),
                 _switch_on("one_kernel_mlp", "Whole MLP in one kernel (split the intermediate dimension)",
                            "Give each block a chunk of the intermediate rows: it computes SiLU(gate) * up for them "
                            "in shared memory, multiplies by the matching columns of the down projection and adds "

@@ -16,6 +16,7 @@ import json
 import math
 from typing import Any
 
+from autocomp_compile.targets.cuda import mma
 from autocomp_compile.workload import Workload
 
 CODEGEN_VERSION = "cuda-4"
@@ -24,7 +25,8 @@ GEMV_KINDS = ("gemm", "lm_head", "mlp")
 NAIVE_KNOBS: dict[str, dict[str, Any]] = {
     "gemv": dict(naive=True, warps=4, rows=1, ksplit=1, unroll=1, vec=False, x_smem=False, fuse=False,
                  stream_loads=False, l2_prefetch=False, fuse_down=False, chunk=64, persistent=False, per_sm=2,
-                 down_warps=0, down_rows=0, down_ksplit=0, down_unroll=0, pdl=False),
+                 down_warps=0, down_rows=0, down_ksplit=0, down_unroll=0, pdl=False,
+                 mma=False, tile_m=64, tile_n=64, stages=2),
     "attention": dict(naive=True, warps=4, splits=1, gqa_share=False, q_block=1),
     "rmsnorm": dict(naive=True, threads=256, vec=False),
 }
@@ -32,7 +34,8 @@ KNOB_CHOICES: dict[str, dict[str, tuple]] = {
     "gemv": dict(warps=(1, 2, 4, 8, 16), rows=(1, 2, 4, 8), ksplit=(1, 2, 4, 8), unroll=(1, 2, 4, 8),
                  chunk=(16, 32, 64, 128), per_sm=(1, 2, 3, 4),
                  down_warps=(0, 1, 2, 4, 8, 16), down_rows=(0, 1, 2, 4, 8), down_ksplit=(0, 1, 2, 4, 8),
-                 down_unroll=(0, 1, 2, 4, 8)),
+                 down_unroll=(0, 1, 2, 4, 8), tile_m=(16, 32, 64, 128), tile_n=(16, 32, 64, 128),
+                 stages=(1, 2, 3, 4)),
     "attention": dict(warps=(1, 2, 4, 8, 16), splits=(1, 2, 4, 8, 16, 32, 64), q_block=(1, 2, 4)),
     "rmsnorm": dict(threads=(64, 128, 256, 512, 1024)),
 }
@@ -91,6 +94,9 @@ def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
         out[name] = min(choices, key=lambda c: abs(c - float(out[name])))  # snap to a choice (and to int)
     out["naive"] = bool(out["naive"])
     if fam == "gemv":
+        tensor_cores = _mma_legal(w, out)
+        if tensor_cores is not None:
+            return tensor_cores
         epv = 16 // _elem_bytes(w)
         ks = [_gemv_shape(w)[2]] + ([w.params["intermediate"]] if w.kind == "mlp" else [])
         if out["vec"] and any(k % epv for k in ks):
@@ -129,6 +135,22 @@ def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _mma_legal(w: Workload, k: dict[str, Any]) -> dict[str, Any] | None:
+    """The tensor-core schedule `k` stands for (only its tile knobs and warps matter), or None when `k` does not
+    ask for tensor cores or the workload cannot have them (they take bf16; widths multiples of 16, K of 32)."""
+    tile_knobs = ("tile_m", "tile_n", "stages")
+    if k["mma"] and not k["naive"] and w.dtype == "bf16":
+        m, n, kk = _gemv_shape(w)
+        ns, ks = ([n, w.params["hidden"]], [kk, n]) if w.kind == "mlp" else ([n], [kk])
+        tiled = dict(k)
+        if mma.legalize(tiled, m, ns, ks, 2 if w.kind == "mlp" else 1):
+            return {**NAIVE_KNOBS["gemv"], "naive": False, "mma": True, "warps": tiled["warps"],
+                    **{name: tiled[name] for name in tile_knobs}}
+    k["mma"] = False
+    k.update({name: NAIVE_KNOBS["gemv"][name] for name in tile_knobs})
+    return None
+
+
 def _fused_mlp_legal(w: Workload, k: dict[str, Any]) -> bool:
     """The one-kernel MLP needs 16-byte loads, a chunk of the intermediate dimension that divides it,
     and the float activation plus a chunk of the SiLU output in static shared memory."""
@@ -155,7 +177,7 @@ def generate(w: Workload, knobs: dict[str, Any]) -> str:
     fam = family(w.kind)
     launches, scratch, body = {"gemv": _gemv, "attention": _attention, "rmsnorm": _rmsnorm}[fam](w, knobs)
     spec = {"kernels": launches, "scratch": scratch}
-    if knobs.get("vec") and not knobs.get("naive"):
+    if (knobs.get("vec") or knobs.get("mma")) and not knobs.get("naive"):
         spec["align"] = 16  # 16-byte vector loads of the workload's tensors: the runtime checks their addresses
     header = (
         f"// autocomp-launch: {json.dumps(spec, separators=(',', ':'))}\n"
@@ -625,6 +647,8 @@ extern "C" __global__ void __launch_bounds__({W * 32}) mlp_persistent(const elem
 
 def _gemv(w: Workload, k: dict[str, Any]):
     M, N, K = _gemv_shape(w)
+    if k["mma"]:
+        return _gemv_mma(w, k)
     if w.kind != "mlp":
         code, launch = _gemv_stage("gemv", "elem_t", "elem_t", M, N, K, False, k, ["x", "w", "out"])
         return [launch], {}, code
@@ -665,6 +689,22 @@ extern "C" __global__ void silu_mul(const float *__restrict__ g, const float *__
     parts.append(code)
     launches.append(launch)
     return launches, scratch, "".join(parts)
+
+
+def _gemv_mma(w: Workload, k: dict[str, Any]):
+    """Tensor-core kernels: one GEMM, or for the MLP gate/up with SiLU * mul (h in bf16, as PyTorch rounds
+    it) and then down."""
+    M, N, K = _gemv_shape(w)
+    threads = k["warps"] * 32
+    if w.kind != "mlp":
+        code, smem, grid = mma.kernel("gemm_mma", "elem_t", M, N, K, False, k)
+        return [_launch("gemm_mma", grid, threads, ["x", "w", "out"], smem)], {}, mma.HELPERS + code
+    H, I = w.params["hidden"], w.params["intermediate"]
+    gate_up, smem_gu, grid_gu = mma.kernel("gate_up_mma", "elem_t", M, I, H, True, k)
+    down, smem_d, grid_d = mma.kernel("down_mma", "elem_t", M, H, I, False, k)
+    launches = [_launch("gate_up_mma", grid_gu, threads, ["x", "w_gate", "w_up", "$h"], smem_gu),
+                _launch("down_mma", grid_d, threads, ["$h", "w_down", "out"], smem_d)]
+    return launches, {"h": [M * I, "bf16"]}, mma.HELPERS + gate_up + down
 
 
 # ---------------------------------------------------------------- RMSNorm

@@ -27,6 +27,8 @@ WORKLOADS = {
     "gemm_bf16": make_workload("gemm", "bf16", m=2, n=96, k=256),
     "mlp_bf16": make_workload("mlp", "bf16", batch=1, hidden=128, intermediate=256),
     "mlp_fp32": make_workload("mlp", "fp32", batch=2, hidden=64, intermediate=96),
+    "gemm_bf16_prefill": make_workload("gemm", "bf16", m=40, n=96, k=96),
+    "mlp_bf16_prefill": make_workload("mlp", "bf16", batch=20, hidden=64, intermediate=96),
     "rmsnorm_bf16": make_workload("rmsnorm", "bf16", rows=3, hidden=40),
     "rmsnorm_bf16_vec": make_workload("rmsnorm", "bf16", rows=4, hidden=2048),
     "attn_decode_bf16": make_workload("attention", "bf16", heads=8, kv_heads=2, head_dim=64, kv_len=100, max_kv_len=128),
@@ -44,7 +46,10 @@ VARIANTS = {
              dict(naive=False, vec=True, unroll=1, warps=4, persistent=True, per_sm=4, stream_loads=True),
              dict(naive=False, vec=True, rows=2, unroll=4, warps=8, fuse=True, stream_loads=True, pdl=True,
                   down_warps=16, down_ksplit=8, down_unroll=8, down_rows=1),
-             dict(naive=False, vec=True, unroll=2, warps=4, fuse=True, l2_prefetch=True, pdl=True, down_rows=2)],
+             dict(naive=False, vec=True, unroll=2, warps=4, fuse=True, l2_prefetch=True, pdl=True, down_rows=2),
+             dict(naive=False, mma=True),  # tensor cores (bf16 only; fp32 workloads keep the GEMV)
+             dict(naive=False, mma=True, tile_m=128, tile_n=128, warps=8, stages=4),
+             dict(naive=False, mma=True, tile_m=16, tile_n=32, warps=2, stages=1)],
     "attention": [{}, dict(naive=False), dict(naive=False, gqa_share=True, splits=4, warps=4, q_block=2),
                   dict(naive=False, splits=16, warps=2, q_block=4)],
     "rmsnorm": [{}, dict(naive=False), dict(naive=False, vec=True, threads=512)],
@@ -89,7 +94,8 @@ def test_menu_items_change_the_schedule():
         for item in target.menu(w):
             if item.applies(knobs):
                 assert target.legalize(w, item.apply(dict(knobs), random.Random(1))) != knobs or item.id in (
-                    "split_k", "block_rows", "unroll_loads", "stage_x_smem", "down_split_k", "down_unroll"), item.id
+                    "split_k", "block_rows", "unroll_loads", "stage_x_smem", "down_split_k", "down_unroll", "mma_tile_m", "mma_tile_n",
+                    "mma_stages"), item.id
 
 
 @needs_compiler
