@@ -3,8 +3,14 @@ per CUDA thread, blocks one after another, `__syncthreads` as a barrier, warp-co
 32-thread exchange), so a kernel's index arithmetic, tiling, bounds and shared-memory pipelining are checked
 here without a GPU.
 
-What it cannot check: timing, memory-ordering hazards a barrier would hide (cp.async copies land at once), and
-the PTX semantics themselves. `mma_bf16_16816` is emulated from the PTX ISA's fragment layouts, the same
+Two rewrites make the source host C++: `extern __shared__` arrays point into the block's dynamic shared memory,
+and L2-prefetch `asm` statements (hints, no effect on results) are dropped; `griddepcontrol` is already behind
+`__CUDA_ARCH__`. Static `__shared__` arrays become function statics, shared by a block's threads since blocks
+run one after another (they keep the previous block's values, where a GPU's are undefined); cooperative
+kernels (the persistent MLP's grid barrier) run all their blocks at once, and may use dynamic shared memory only.
+
+What it cannot check: timing, memory-ordering hazards a barrier would hide (cp.async copies land at once), and the PTX
+semantics themselves. `mma_bf16_16816` is emulated from the PTX ISA's fragment layouts, the same
 reading the kernel's code follows, so a misreading of the ISA would pass here and fail on a GPU.
 """
 from __future__ import annotations
@@ -12,13 +18,17 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import pathlib
+import re
 import subprocess
 
 import torch
 
-from autocomp_compile.targets.cuda.runtime import launch_spec
+from autocomp_compile.targets.cuda.runtime import launch_spec, resolve_grid
+
+EMULATED_SMS = 2  # what an "sms*N" grid is resolved with
 
 HEADER = r"""
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstring>
@@ -31,9 +41,11 @@ HEADER = r"""
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static
 struct uint4 { unsigned x, y, z, w; };
 struct float4 { float x, y, z, w; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 namespace emu {
 struct Warp {
@@ -41,46 +53,63 @@ struct Warp {
   unsigned a[32][4], b[32][2];
   float v[32];
 };
+struct Block {
+  std::barrier<> bar;
+  std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<unsigned char> shared;
+  unsigned char *smem;
+  Block(unsigned threads, size_t bytes) : bar(threads), shared(bytes + 16, 0xff) {  /* 0xffff: bf16 NaN */
+    smem = shared.data() + (16 - reinterpret_cast<size_t>(shared.data()) % 16) % 16;
+    for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
+  }
+};
 inline thread_local dim3 tid, bid;
+inline thread_local Block *blk;
 inline dim3 grid_dim, block_dim;
-inline std::barrier<> *block_bar;
-inline std::vector<std::unique_ptr<Warp>> warps;
-inline unsigned char *dyn_smem;
-inline Warp &warp() { return *warps[tid.x / 32]; }
+inline Warp &warp() { return *blk->warps[tid.x / 32]; }
 inline int lane() { return tid.x % 32; }
 struct Arg {
   void *p;
   template <class T> operator T *() const { return static_cast<T *>(p); }
+  operator long() const { return static_cast<long>(reinterpret_cast<intptr_t>(p)); }  /* a runtime dim */
 };
-template <class F> void launch(dim3 g, unsigned threads, size_t smem, F body) {
+/* Blocks one after another, or (`together`, for kernels with a grid barrier) all at once. */
+template <class F> void launch(dim3 g, unsigned threads, size_t smem, bool together, F body) {
   grid_dim = g;
   block_dim = dim3{threads, 1, 1};
-  std::vector<unsigned char> shared(smem + 16);
+  std::vector<dim3> ids;
   for (unsigned z = 0; z < g.z; ++z)
     for (unsigned y = 0; y < g.y; ++y)
-      for (unsigned x = 0; x < g.x; ++x) {
-        std::memset(shared.data(), 0xff, shared.size());  /* bf16 NaN: reading an unwritten slot shows */
-        dyn_smem = shared.data() + (16 - reinterpret_cast<size_t>(shared.data()) % 16) % 16;
-        std::barrier<> bar(threads);
-        block_bar = &bar;
-        warps.clear();
-        for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
-        std::vector<std::thread> pool;
-        for (unsigned t = 0; t < threads; ++t)
-          pool.emplace_back([&, t, x, y, z] { tid = dim3{t, 0, 0}; bid = dim3{x, y, z}; body(); });
-        for (auto &th : pool) th.join();
-      }
+      for (unsigned x = 0; x < g.x; ++x) ids.push_back(dim3{x, y, z});
+  auto run = [&](const std::vector<dim3> &group) {
+    std::vector<std::unique_ptr<Block>> blocks;
+    for (size_t b = 0; b < group.size(); ++b) blocks.push_back(std::make_unique<Block>(threads, smem));
+    std::vector<std::thread> pool;
+    for (size_t b = 0; b < group.size(); ++b)
+      for (unsigned t = 0; t < threads; ++t)
+        pool.emplace_back([&, b, t] { tid = dim3{t, 0, 0}; bid = group[b]; blk = blocks[b].get(); body(); });
+    for (auto &th : pool) th.join();
+  };
+  if (together) run(ids);
+  else for (const dim3 &id : ids) run({id});
 }
 }  // namespace emu
 #define threadIdx emu::tid
 #define blockIdx emu::bid
 #define blockDim emu::block_dim
 #define gridDim emu::grid_dim
-inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
+inline void __syncthreads() { emu::blk->bar.arrive_and_wait(); }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __expf(float v) { return std::exp(v); }
+inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+template <class A, class B> inline auto min(A a, B b) { return a < b ? a : b; }
+template <class A, class B> inline auto max(A a, B b) { return a < b ? b : a; }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __nanosleep(unsigned) { std::this_thread::yield(); }
+template <class T> inline T atomicAdd(T *p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
+template <class T> inline void __stcg(T *p, T v) { *p = v; }
 template <class T> inline T __ldg(const T *p) { return *p; }
 template <class T> inline T __ldcs(const T *p) { return *p; }
 template <class T> inline T __ldcg(const T *p) { return *p; }
@@ -117,7 +146,7 @@ inline void cp_async16(void *smem, const void *gmem, bool valid) {
 }
 inline void cp_async_commit() {}
 #define CP_ASYNC_WAIT(n) ((void)0)
-#define DYNAMIC_SMEM(name) unsigned char *name = emu::dyn_smem
+#define DYNAMIC_SMEM(name) unsigned char *name = emu::blk->smem
 """
 
 
@@ -126,35 +155,67 @@ def _wrappers(spec: dict) -> str:
     for k in spec["kernels"]:
         args = ", ".join(f"emu::Arg{{a[{i}]}}" for i in range(len(k["args"])))
         out.append(f'extern "C" void emu_{k["name"]}(void **a, unsigned gx, unsigned gy, unsigned gz, unsigned threads, '
-                   f'unsigned long smem) {{ emu::launch(dim3{{gx, gy, gz}}, threads, smem, [&] {{ {k["name"]}({args}); }}); }}')
+                   f'unsigned long smem, int together) {{ emu::launch(dim3{{gx, gy, gz}}, threads, smem, together, '
+                   f'[&] {{ {k["name"]}({args}); }}); }}')
     return "\n".join(out) + "\n"
+
+
+_DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];")
+_PREFETCH = re.compile(r'asm volatile\("prefetch[^"]*"[^;]*;')
+
+
+def host_source(source: str) -> str:
+    """The generated source as host C++ for the emulation header (see the module's docstring)."""
+    source = _DYNAMIC_SHARED.sub(r"\1 *\2 = reinterpret_cast<\1 *>(emu::blk->smem);", source)
+    return _PREFETCH.sub(";", source)
+
+
+_FLAGS = ["g++", "-std=c++20", "-O1", "-pthread", "-fPIC", "-w"]
+
+
+def _gxx(args: list[str], what: pathlib.Path) -> None:
+    done = subprocess.run(_FLAGS + args, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"g++ could not build the emulation of {what}:\n{done.stderr[-3000:]}")
+
+
+def _precompiled_header(build_dir: pathlib.Path) -> pathlib.Path:
+    """HEADER as a precompiled header (parsing it is most of a compile), built once per build_dir."""
+    header = build_dir / f"emu_{hashlib.sha256(HEADER.encode()).hexdigest()[:12]}.h"
+    gch = header.with_name(header.name + ".gch")
+    if not gch.exists():
+        header.write_text(HEADER)
+        partial = gch.with_name(gch.name + ".partial")
+        _gxx(["-x", "c++-header", str(header), "-o", str(partial)], header)
+        partial.replace(gch)
+    return header
 
 
 def compile_source(source: str, build_dir: pathlib.Path) -> ctypes.CDLL:
     """The source plus launch wrappers as a host shared library (cached by content)."""
-    text = HEADER + source + _wrappers(launch_spec(source))
     build_dir.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    header = _precompiled_header(build_dir)
+    text = host_source(source) + _wrappers(launch_spec(source))
+    digest = hashlib.sha256((header.name + text).encode()).hexdigest()[:16]
     lib = build_dir / f"emu_{digest}.so"
     if not lib.exists():
         src = build_dir / f"emu_{digest}.cpp"
         src.write_text(text)
-        subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-w", "-o", str(lib), str(src)],
-                       check=True, capture_output=True, text=True)
+        _gxx(["-shared", "-include", str(header), "-o", str(lib), str(src)], src)
     return ctypes.CDLL(str(lib))
 
 
-def run(source: str, tensors: dict[str, torch.Tensor], build_dir: pathlib.Path) -> None:
+def run(source: str, tensors: dict[str, torch.Tensor], build_dir: pathlib.Path, dims: dict[str, int] | None = None) -> None:
     """Launch every kernel of `source` in order on CPU tensors (`tensors` by workload name; outputs are
-    written in place), with the scratch buffers its launch line asks for."""
+    written in place) and runtime dims `dims`, with the scratch buffers its launch line asks for."""
     spec = launch_spec(source)
     lib = compile_source(source, build_dir)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "u32": torch.int32}
     scratch = {name: torch.zeros(n, dtype=dtypes[dt]) for name, (n, dt) in spec.get("scratch", {}).items()}
     for k in spec["kernels"]:
-        if any(not isinstance(d, int) for d in k["grid"]) or any(a.startswith("#") for a in k["args"]):
-            raise NotImplementedError("the emulator runs fixed grids and tensor arguments only")
-        pointers = [(scratch[a[1:]] if a.startswith("$") else tensors[a]).data_ptr() for a in k["args"]]
+        grid = resolve_grid(k["grid"], sms=EMULATED_SMS)
+        pointers = [int(a[1:]) if a.startswith("=") else (dims or {})[a[1:]] if a.startswith("#") else
+                    (scratch[a[1:]] if a.startswith("$") else tensors[a]).data_ptr() for a in k["args"]]
         argv = (ctypes.c_void_p * len(pointers))(*pointers)
-        getattr(lib, f"emu_{k['name']}")(argv, *[ctypes.c_uint(v) for v in k["grid"]], ctypes.c_uint(k["block"][0]),
-                                         ctypes.c_ulong(k.get("smem", 0)))
+        getattr(lib, f"emu_{k['name']}")(argv, *[ctypes.c_uint(v) for v in grid], ctypes.c_uint(k["block"][0]),
+                                         ctypes.c_ulong(k.get("smem", 0)), ctypes.c_int(bool(k.get("cooperative"))))

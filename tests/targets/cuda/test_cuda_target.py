@@ -1,5 +1,6 @@
-"""CUDA target: every schedule variant used here compiles (NVRTC, else nvcc); on a GPU, each is
-correct against the PyTorch reference and the search improves on the naive kernel."""
+"""CUDA target: every schedule variant used here compiles (NVRTC, else nvcc) and is correct against the
+PyTorch reference when the CPU emulator runs it; on a GPU, each is correct there too and the search improves
+on the naive kernel."""
 from __future__ import annotations
 
 import random
@@ -17,9 +18,12 @@ from autocomp_compile.targets.cuda import codegen
 from autocomp_compile.targets.cuda.build import build, nvrtc_available
 from autocomp_compile.targets.cuda.runtime import CudaKernelError, launch_attributes, launch_config, launch_spec, load, resolve_grid
 
+from . import emulator
+
 HAS_COMPILER = nvrtc_available() or shutil.which("nvcc") is not None
 HAS_GPU = torch.cuda.is_available() and nvrtc_available()
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="neither NVRTC (cuda-python) nor nvcc is installed")
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU emulator of CUDA kernels compiles with g++")
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU here (or no cuda-python): runtime checks need one")
 
 WORKLOADS = {
@@ -46,20 +50,32 @@ VARIANTS = {
              dict(naive=False, vec=True, unroll=1, warps=4, persistent=True, per_sm=4, stream_loads=True),
              dict(naive=False, vec=True, rows=2, unroll=4, warps=8, fuse=True, stream_loads=True, pdl=True,
                   down_warps=16, down_ksplit=8, down_unroll=8, down_rows=1),
-             dict(naive=False, vec=True, unroll=2, warps=4, fuse=True, l2_prefetch=True, pdl=True, down_rows=2),
-             dict(naive=False, mma=True),  # tensor cores (bf16 only; fp32 workloads keep the GEMV)
-             dict(naive=False, mma=True, tile_m=128, tile_n=128, warps=8, stages=4),
-             dict(naive=False, mma=True, tile_m=16, tile_n=32, warps=2, stages=1)],
+             dict(naive=False, vec=True, unroll=2, warps=4, fuse=True, l2_prefetch=True, pdl=True, down_rows=2)],
     "attention": [{}, dict(naive=False), dict(naive=False, gqa_share=True, splits=4, warps=4, q_block=2),
                   dict(naive=False, splits=16, warps=2, q_block=4)],
     "rmsnorm": [{}, dict(naive=False), dict(naive=False, vec=True, threads=512)],
 }
-CASES = [(name, i) for name, w in WORKLOADS.items() for i in range(len(VARIANTS[codegen.family(w.kind)]))]
+MMA_VARIANTS = [dict(naive=False, mma=True), dict(naive=False, mma=True, tile_m=128, tile_n=128, warps=8, stages=4),
+                dict(naive=False, mma=True, tile_m=16, tile_n=32, warps=2, stages=1)]  # tensor cores: bf16 only
+
+
+def _variants(name: str) -> list[dict]:
+    """The schedules tested on workload `name`: prefill shapes get the naive and default GEMV kernels and the
+    tensor-core ones; decode shapes every GEMV schedule (and in bf16 the tensor-core ones too)."""
+    w = WORKLOADS[name]
+    fam = codegen.family(w.kind)
+    if fam != "gemv":
+        return VARIANTS[fam]
+    gemv = VARIANTS["gemv"][:2] if name.endswith("_prefill") else VARIANTS["gemv"]
+    return gemv + (MMA_VARIANTS if w.dtype == "bf16" else [])
+
+
+CASES = [(name, i) for name in WORKLOADS for i in range(len(_variants(name)))]
 
 
 def _source(name: str, i: int) -> tuple:
     w = WORKLOADS[name]
-    knobs = codegen.legalize(w, VARIANTS[codegen.family(w.kind)][i])
+    knobs = codegen.legalize(w, _variants(name)[i])
     return w, knobs, codegen.generate(w, knobs)
 
 
@@ -104,6 +120,37 @@ def test_every_variant_compiles(name, i, tmp_path):
     w, knobs, src = _source(name, i)
     b = build(src, "sm_90", tmp_path)
     assert b.ok, f"{name} {knobs}:\n{b.log}"
+
+
+@pytest.fixture(scope="module")
+def emulator_builds(tmp_path_factory):
+    return tmp_path_factory.mktemp("emulator")
+
+
+@needs_gxx
+@pytest.mark.parametrize("name,i", CASES)
+def test_every_variant_is_correct_on_the_cpu_emulator(name, i, emulator_builds):
+    """The same check as on a GPU, with the kernels run by the CPU emulator (tests/targets/cuda/emulator.py)."""
+    w, knobs, src = _source(name, i)
+    factory = InputFactory(100 + i)
+    host = factory.inputs(w)
+    ref = get_kind(w.kind).reference(host, w.params, w.runtime_dims)
+    outs = empty_outputs(w, device="cpu")
+    emulator.run(src, {**host, **outs}, emulator_builds, dict(w.runtime_dims))
+    m = compare("out", outs["out"], ref["out"])
+    assert m.ok, f"{name} {knobs}: {m.message}"
+
+
+@needs_gxx
+def test_the_emulator_catches_a_wrong_split_k_reduction(emulator_builds):
+    w, knobs, src = _source("mlp_bf16", 2)
+    assert knobs["ksplit"] > 1
+    wrong = src.replace("tot[j] += red[warp + s][j][m][r];", "tot[j] += red[warp][j][m][r];")
+    assert wrong != src
+    host = InputFactory(0).inputs(w)
+    outs = empty_outputs(w, device="cpu")
+    emulator.run(wrong, {**host, **outs}, emulator_builds)
+    assert not compare("out", outs["out"], get_kind(w.kind).reference(host, w.params, w.runtime_dims)["out"]).ok
 
 
 @needs_compiler
