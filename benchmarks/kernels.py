@@ -40,13 +40,31 @@ def measure_bandwidth(target_name: str) -> float:
     return measure_read_bandwidth()
 
 
-def workloads(dtype: str):
-    return [
+def workloads(dtype: str, target_name: str):
+    shapes = [
         ("lm_head decode", make_workload("lm_head", dtype)),
         ("mlp decode", make_workload("mlp", dtype)),
         ("attention decode kv=1024", make_workload("attention", dtype, kv_len=1024)),
         ("attention prefill s=256", make_workload("attention", dtype, phase="prefill", seq_len=256)),
     ]
+    if target_name == "cuda":  # tensor-core GEMMs: a 512-token prompt through the MLP and the q projection
+        shapes += [
+            ("mlp prefill s=512", make_workload("mlp", dtype, batch=512)),
+            ("gemm prefill s=512 (q projection)", make_workload("gemm", dtype, m=512, n=2048, k=2048)),
+        ]
+    return shapes
+
+
+def flops(w: Workload) -> int | None:
+    """Multiply-adds x 2 of a GEMV-family workload (None for the others)."""
+    p = w.params
+    if w.kind == "gemm":
+        return 2 * p["m"] * p["n"] * p["k"]
+    if w.kind == "lm_head":
+        return 2 * p["batch"] * p["vocab"] * p["hidden"]
+    if w.kind == "mlp":
+        return 6 * p["batch"] * p["hidden"] * p["intermediate"]
+    return None
 
 
 def main() -> None:
@@ -81,7 +99,7 @@ def main() -> None:
         from autocomp_compile.kernels_cache import KernelCache
 
         cache = KernelCache()
-    selected = [(label, w) for label, w in workloads(args.dtype)
+    selected = [(label, w) for label, w in workloads(args.dtype, target.name)
                 if not args.only or any(label.startswith(o.strip()) for o in args.only.split(","))]
     for label, w in selected:
         seeds = None
@@ -136,6 +154,8 @@ def main() -> None:
             "eager_ms": eager_ms, "autocomp_ms": best_ms, "naive_ms": naive["naive"]["median_ms"] if naive else None,
             "inductor_ms": ind["inductor"]["median_ms"] if ind else None,
             "bytes_moved": w.bytes_moved(), "autocomp_gbps": gbps, "read_probe_gbps": probe_gbps,
+            "flops": flops(w), "autocomp_tflops": flops(w) / (best_ms * 1e9) if flops(w) else None,
+            "eager_tflops": flops(w) / (eager_ms * 1e9) if flops(w) else None,
             "percent_of_bw": pct,
             "speedup_vs_eager": statistics.median(x["eager"]["median_ms"] / x["autocomp"]["median_ms"] for x in rounds),
             "speedup_vs_eager_per_round": [x["eager"]["median_ms"] / x["autocomp"]["median_ms"] for x in rounds],
@@ -146,7 +166,8 @@ def main() -> None:
         })
 
     table = Table(title=f"{target.name} kernels, {args.dtype}, Llama-3.2-1B shapes (median ms; each kernel interleaved with eager in its own process; autocomp: median of {args.rounds} such runs)")
-    for col in ("workload", "eager", "inductor", "naive", "autocomp", "vs eager", "vs inductor", "GB/s", "probe GB/s", "% of BW"):
+    for col in ("workload", "eager", "inductor", "naive", "autocomp", "vs eager", "vs inductor", "GB/s", "probe GB/s", "% of BW",
+                "TFLOP/s"):
         table.add_column(col, justify="left" if col == "workload" else "right")
     for x in results:
         table.add_row(
@@ -154,6 +175,7 @@ def main() -> None:
             f"{x['naive_ms']:.3f}" if x['naive_ms'] else "-", f"{x['autocomp_ms']:.3f}", f"{x['speedup_vs_eager']:.2f}x",
             f"{x['speedup_vs_inductor']:.2f}x" if x["speedup_vs_inductor"] else "-",
             f"{x['autocomp_gbps']:.1f}", f"{x['read_probe_gbps']:.1f}", f"{x['percent_of_bw']:.0f}",
+            f"{x['autocomp_tflops']:.2f} (eager {x['eager_tflops']:.2f})" if x["autocomp_tflops"] else "-",
         )
     console.print(table)
     out = Path(args.json)

@@ -6,12 +6,15 @@
 #   kernels_mlp, kernels_lm_head
 #               search the decode MLP and LM head (winners go to the kernel cache), then time the best
 #               kernel against eager (cuBLAS) interleaved, and report GB/s and % of the measured HBM copy bandwidth
+#   kernels_prefill
+#               the same for a 512-token prefill MLP and q projection, searched from the tensor-core GEMM (TFLOP/s)
 #   warm        `autocomp-compile warm --target cuda` for the other Llama-3.2-1B decode kernels (projections, attention)
 #   e2e         tokens/sec at batch 1: eager, inductor, autocomp, and both compilers under CUDA graphs
 # Each stage has a time limit, so that a slow one cannot starve the rest; its output goes to <stage>.txt in
 # $RESULTS, and after every stage all of $RESULTS is packed into $OUT/gpu_results.tar.gz (one file to bring back).
 # Usage: OUT=/some/dir bash benchmarks/device/cuda_check.sh     (defaults: OUT=benchmarks/results/gpu)
-# Budgets and limits: BUDGET_MLP=32 BUDGET_LM_HEAD=12 BUDGET_WARM=12 LIMIT_SCALE=1 (multiplies every limit).
+# Budgets and limits: BUDGET_MLP=32 BUDGET_LM_HEAD=12 BUDGET_PREFILL=12 BUDGET_WARM=12 LIMIT_SCALE=1 (multiplies
+# every limit).
 # STAGES="env kernels_mlp ..." runs a subset; CACHE_IMPORT=file.json imports a cache export first (entries are
 # used only where the GPU fingerprint matches, and every kernel is checked again before it enters a model);
 # MLP_SEED='{"fuse_down": true}' adds a starting schedule to the MLP search; by default (MLP_SEED=auto) that is the
@@ -23,13 +26,14 @@ mkdir -p "$OUT" "$RESULTS"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export AUTOCOMP_CACHE_DIR=${AUTOCOMP_CACHE_DIR:-/tmp/autocomp-cache} TORCHINDUCTOR_FX_GRAPH_CACHE=1
 BUDGET_MLP=${BUDGET_MLP:-32} BUDGET_LM_HEAD=${BUDGET_LM_HEAD:-12} BUDGET_WARM=${BUDGET_WARM:-12} SCALE=${LIMIT_SCALE:-1}
+BUDGET_PREFILL=${BUDGET_PREFILL:-12}
 KOPTS="--target cuda --cache --sets 1 --search-timing-ms 100 --timing-ms 1000 --rounds 2 --no-inductor --output-dir /tmp/autocomp-output"
 
 # All stages together need up to ~15 minutes (the limits below); where one command may run 10 minutes,
 # split them over two calls with STAGES, e.g. "env cuda_tests mlp_sweep kernels_mlp kernels_lm_head" and then
 # "import warm e2e cache"; a fresh machine starts with an empty kernel cache, so bring the first call's
 # winners to the second as CACHE_IMPORT (add the `cache` stage to the first call for its export).
-STAGES=${STAGES:-env import cuda_tests mlp_sweep kernels_mlp kernels_lm_head warm e2e cache}
+STAGES=${STAGES:-env import cuda_tests mlp_sweep kernels_mlp kernels_lm_head kernels_prefill warm e2e cache}
 stage() {  # stage NAME LIMIT_S COMMAND...
   local name=$1 limit=$(( $2 * SCALE )); shift 2
   case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
@@ -43,15 +47,17 @@ stage env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,cl
   python3 -c "import torch, cuda.bindings; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cuda-bindings\", cuda.bindings.__version__)";
   python3 -m autocomp_compile.cli targets'
 [ -n "${CACHE_IMPORT:-}" ] && stage import 60 python3 -m autocomp_compile.cli cache import "$CACHE_IMPORT"
-stage cuda_tests 90 python3 -m pytest -q tests/targets/cuda -p no:cacheprovider
+stage cuda_tests 90 python3 -m pytest -q tests/targets/cuda -p no:cacheprovider -k "not emulator"  # emulator: CPU-side
 stage mlp_sweep 200 python3 benchmarks/device/mlp_sweep.py --json "$RESULTS/mlp_sweep.json"
 if [ "${MLP_SEED-auto}" = auto ]; then
   MLP_SEED=$(python3 benchmarks/device/mlp_sweep.py --best-of "$RESULTS/mlp_sweep.json" 2>/dev/null) || MLP_SEED=
   echo "== MLP search seed: ${MLP_SEED:-none}" | tee -a "$RESULTS/stages.txt"
 fi
-stage kernels_mlp 80 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_MLP" --only mlp --json "$RESULTS/kernels_cuda_mlp.json" \
+stage kernels_mlp 80 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_MLP" --only "mlp decode" --json "$RESULTS/kernels_cuda_mlp.json" \
   ${MLP_SEED:+--seed-knobs "$MLP_SEED"}
 stage kernels_lm_head 110 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_LM_HEAD" --only lm_head --json "$RESULTS/kernels_cuda_lm_head.json"
+stage kernels_prefill 120 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_PREFILL" --only "mlp prefill,gemm prefill" \
+  --json "$RESULTS/kernels_cuda_prefill.json" --seed-knobs '{"mma": true}'
 stage warm 90 python3 -m autocomp_compile.cli warm --target cuda --model llama-3.2-1b --batch 1 --budget "$BUDGET_WARM" \
   --sets 1 --timing-ms 100 --quiet --output-dir /tmp/autocomp-output --json "$RESULTS/warm_cuda.json"
 stage e2e 230 python3 benchmarks/e2e.py --device cuda --batch 1 --cudagraphs --eager-prefill --prompt-len 32 \
