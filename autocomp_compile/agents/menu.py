@@ -249,6 +249,10 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
                 _retune("mma_tile_n", "Columns per tensor-core block tile",
                         "Change the output columns each block owns (reuse of every activation tile vs. parallelism).",
                         "tile_n", choices["tile_n"], tensor_cores),
+                _switch_on("ldmatrix", "Load fragments with ldmatrix",
+                           "Read the mma fragments from shared memory with ldmatrix.sync (one instruction moves four "
+                           "8x8 bf16 matrices into the fragment layout) instead of one 32-bit load per register: "
+                           "4x fewer shared-memory instructions per mma.", "ldmatrix", tensor_cores),
                 _retune("mma_stages", "Shared-memory pipeline depth",
                         "Change how many K slices are in flight (cp.async ring of 1-4 stages): deeper hides more "
                         "memory latency, costs shared memory and so occupancy.", "stages", choices["stages"],

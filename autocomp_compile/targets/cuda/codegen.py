@@ -26,7 +26,7 @@ NAIVE_KNOBS: dict[str, dict[str, Any]] = {
     "gemv": dict(naive=True, warps=4, rows=1, ksplit=1, unroll=1, vec=False, x_smem=False, fuse=False,
                  stream_loads=False, l2_prefetch=False, fuse_down=False, chunk=64, persistent=False, per_sm=2,
                  down_warps=0, down_rows=0, down_ksplit=0, down_unroll=0, pdl=False,
-                 mma=False, tile_m=64, tile_n=64, stages=2),
+                 mma=False, tile_m=64, tile_n=64, stages=2, ldmatrix=False),
     "attention": dict(naive=True, warps=4, splits=1, gqa_share=False, q_block=1),
     "rmsnorm": dict(naive=True, threads=256, vec=False),
 }
@@ -138,11 +138,12 @@ def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
 def _mma_legal(w: Workload, k: dict[str, Any]) -> dict[str, Any] | None:
     """The tensor-core schedule `k` stands for (only its tile knobs and warps matter), or None when `k` does not
     ask for tensor cores or the workload cannot have them (they take bf16; widths multiples of 16, K of 32)."""
-    tile_knobs = ("tile_m", "tile_n", "stages")
+    tile_knobs = ("tile_m", "tile_n", "stages", "ldmatrix")
     if k["mma"] and not k["naive"] and w.dtype == "bf16":
         m, n, kk = _gemv_shape(w)
         ns, ks = ([n, w.params["hidden"]], [kk, n]) if w.kind == "mlp" else ([n], [kk])
         tiled = dict(k)
+        tiled["ldmatrix"] = bool(tiled["ldmatrix"])
         if mma.legalize(tiled, m, ns, ks, 2 if w.kind == "mlp" else 1):
             return {**NAIVE_KNOBS["gemv"], "naive": False, "mma": True, "warps": tiled["warps"],
                     **{name: tiled[name] for name in tile_knobs}}

@@ -35,6 +35,16 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool va
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 #define CP_ASYNC_WAIT(n) asm volatile("cp.async.wait_group " #n ";" ::: "memory")
+/* four (two) 8x8 bf16 matrices from shared memory, one row address per lane (lanes 0-7: matrix 0, ...):
+   register j of lane 4g + t holds row g, columns 2t and 2t + 1 of matrix j */
+__device__ __forceinline__ void ldmatrix_x4(unsigned *r, const elem_t *row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"((unsigned)__cvta_generic_to_shared(row)));
+}
+__device__ __forceinline__ void ldmatrix_x2(unsigned *r, const elem_t *row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+               : "=r"(r[0]), "=r"(r[1]) : "r"((unsigned)__cvta_generic_to_shared(row)));
+}
 #define DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 __device__ __forceinline__ void copy16(void *smem, const void *gmem, bool valid) {
@@ -121,6 +131,7 @@ def kernel(name: str, out_t: str, M: int, N: int, K: int, two: bool, k: dict[str
     __syncthreads();
   }}"""
     value = "silu(acc[0][i][j][h * 2 + e]) * acc[1][i][j][h * 2 + e]" if two else "acc[0][i][j][h * 2 + e]"
+    fragments = _ldmatrix_fragments(BN, KP, TM, TN, NB) if k["ldmatrix"] else _paired_fragments(BN, KP, TM, TN, NB)
     code = f"""
 extern "C" __global__ void __launch_bounds__({T}) {name}(const elem_t *__restrict__ x, {w_args}, {out_t} *__restrict__ out) {{
   const int M = {M}, N = {N}, K = {K}, KT = K / {BK};
@@ -158,19 +169,7 @@ extern "C" __global__ void __launch_bounds__({T}) {name}(const elem_t *__restric
     #pragma unroll
     for (int kk = 0; kk < {BK}; kk += 16) {{
       unsigned a[{TM}][4], bf[{NB}][{TN}][2];
-      #pragma unroll
-      for (int i = 0; i < {TM}; ++i) {{
-        const elem_t *p = xa + (wm * {TM * 16} + i * 16 + g) * {KP} + kk + t * 2;
-        a[i][0] = ld_pair(p); a[i][1] = ld_pair(p + {8 * KP}); a[i][2] = ld_pair(p + 8); a[i][3] = ld_pair(p + {8 * KP + 8});
-      }}
-      #pragma unroll
-      for (int b = 0; b < {NB}; ++b)
-        #pragma unroll
-        for (int j = 0; j < {TN}; ++j) {{
-          const elem_t *p = wt + (b * {BN} + wn * {TN * 8} + j * 8 + g) * {KP} + kk + t * 2;
-          bf[b][j][0] = ld_pair(p); bf[b][j][1] = ld_pair(p + 8);
-        }}
-      #pragma unroll
+{fragments}      #pragma unroll
       for (int b = 0; b < {NB}; ++b)
         #pragma unroll
         for (int i = 0; i < {TM}; ++i)
@@ -194,3 +193,41 @@ extern "C" __global__ void __launch_bounds__({T}) {name}(const elem_t *__restric
 }}
 """
     return code, smem_bytes(k, NB), (N // BN, -(-M // BM))
+
+
+def _paired_fragments(BN: int, KP: int, TM: int, TN: int, NB: int) -> str:
+    """Fragments read from shared memory a bf16 pair (32 bits) at a time, in the layout the mma expects."""
+    return f"""      #pragma unroll
+      for (int i = 0; i < {TM}; ++i) {{
+        const elem_t *p = xa + (wm * {TM * 16} + i * 16 + g) * {KP} + kk + t * 2;
+        a[i][0] = ld_pair(p); a[i][1] = ld_pair(p + {8 * KP}); a[i][2] = ld_pair(p + 8); a[i][3] = ld_pair(p + {8 * KP + 8});
+      }}
+      #pragma unroll
+      for (int b = 0; b < {NB}; ++b)
+        #pragma unroll
+        for (int j = 0; j < {TN}; ++j) {{
+          const elem_t *p = wt + (b * {BN} + wn * {TN * 8} + j * 8 + g) * {KP} + kk + t * 2;
+          bf[b][j][0] = ld_pair(p); bf[b][j][1] = ld_pair(p + 8);
+        }}
+"""
+
+
+def _ldmatrix_fragments(BN: int, KP: int, TM: int, TN: int, NB: int) -> str:
+    """Fragments read with ldmatrix: one instruction per A fragment (matrices: rows 0-7 / 8-15 x k 0-7 / 8-15)
+    and per two B fragments (n block j and j + 1 x k 0-7 / 8-15; x2 for a last odd one)."""
+    pairs = TN // 2
+    odd = f"""          ldmatrix_x2(bf[b][{TN - 1}], wt + (b * {BN} + wn * {TN * 8} + {(TN - 1) * 8} + (lane & 7)) * {KP} + kk + ((lane >> 3) & 1) * 8);
+""" if TN % 2 else ""
+    return f"""      #pragma unroll
+      for (int i = 0; i < {TM}; ++i)
+        ldmatrix_x4(a[i], xa + (wm * {TM * 16} + i * 16 + (lane & 15)) * {KP} + kk + (lane >> 4) * 8);
+      #pragma unroll
+      for (int b = 0; b < {NB}; ++b) {{
+        #pragma unroll
+        for (int j = 0; j < {2 * pairs}; j += 2) {{
+          unsigned r[4];
+          ldmatrix_x4(r, wt + (b * {BN} + wn * {TN * 8} + j * 8 + (lane & 7) + (lane >> 4) * 8) * {KP} + kk + ((lane >> 3) & 1) * 8);
+          bf[b][j][0] = r[0]; bf[b][j][1] = r[1]; bf[b][j + 1][0] = r[2]; bf[b][j + 1][1] = r[3];
+        }}
+{odd}      }}
+"""

@@ -52,6 +52,7 @@ struct Warp {
   std::barrier<> bar{32};
   unsigned a[32][4], b[32][2];
   float v[32];
+  const unsigned char *row[32];
 };
 struct Block {
   std::barrier<> bar;
@@ -141,6 +142,18 @@ inline void mma_bf16_16816(float *d, const unsigned *a, const unsigned *b) {
   }
   w.bar.arrive_and_wait();
 }
+/* PTX ldmatrix.m8n8 (.b16, no .trans): lanes 8j..8j+7 address the rows of matrix j; lane 4g + t receives
+   row g, columns 2t and 2t + 1 of each matrix, one 32-bit register per matrix */
+inline void ldmatrix_n(unsigned *r, const void *row, int matrices) {
+  emu::Warp &w = emu::warp();
+  const int l = emu::lane();
+  w.row[l] = static_cast<const unsigned char *>(row);
+  w.bar.arrive_and_wait();
+  for (int j = 0; j < matrices; ++j) std::memcpy(&r[j], w.row[8 * j + l / 4] + 4 * (l % 4), 4);
+  w.bar.arrive_and_wait();
+}
+inline void ldmatrix_x4(unsigned *r, const void *row) { ldmatrix_n(r, row, 4); }
+inline void ldmatrix_x2(unsigned *r, const void *row) { ldmatrix_n(r, row, 2); }
 inline void cp_async16(void *smem, const void *gmem, bool valid) {
   if (valid) std::memcpy(smem, gmem, 16); else std::memset(smem, 0, 16);
 }

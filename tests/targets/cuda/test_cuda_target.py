@@ -55,7 +55,8 @@ VARIANTS = {
                   dict(naive=False, splits=16, warps=2, q_block=4)],
     "rmsnorm": [{}, dict(naive=False), dict(naive=False, vec=True, threads=512)],
 }
-MMA_VARIANTS = [dict(naive=False, mma=True), dict(naive=False, mma=True, tile_m=128, tile_n=128, warps=8, stages=4),
+MMA_VARIANTS = [dict(naive=False, mma=True),
+                dict(naive=False, mma=True, tile_m=128, tile_n=128, warps=8, stages=4, ldmatrix=True),
                 dict(naive=False, mma=True, tile_m=16, tile_n=32, warps=2, stages=1)]  # tensor cores: bf16 only
 
 

@@ -40,7 +40,8 @@ def test_random_schedules_legalize_to_legal_canonical_tiles():
     for _ in range(1500):
         w = rng.choice(PREFILL)
         asked = {name: rng.choice(choices) for name, choices in codegen.KNOB_CHOICES["gemv"].items()}
-        asked.update(naive=False, mma=True, vec=rng.random() < 0.5, fuse_down=rng.random() < 0.5)
+        asked.update(naive=False, mma=True, vec=rng.random() < 0.5, fuse_down=rng.random() < 0.5,
+                     ldmatrix=rng.random() < 0.5)
         k = codegen.legalize(w, asked)
         assert k["mma"] and codegen.legalize(w, k) == k  # idempotent
         nw = 2 if w.kind == "mlp" else 1
@@ -50,7 +51,7 @@ def test_random_schedules_legalize_to_legal_canonical_tiles():
         m, n, kk = codegen._gemv_shape(w)
         assert n % k["tile_n"] == 0 and (w.kind != "mlp" or w.params["hidden"] % k["tile_n"] == 0)
         # everything the GEMV kernels use is back at its naive value: one schedule, one source
-        tile_knobs = ("warps", "tile_m", "tile_n", "stages")
+        tile_knobs = ("warps", "tile_m", "tile_n", "stages", "ldmatrix")
         rest = {key: v for key, v in k.items() if key not in tile_knobs}
         assert rest == {key: v for key, v in codegen.NAIVE_KNOBS["gemv"].items() if key not in tile_knobs} | {
             "naive": False, "mma": True}
@@ -76,7 +77,7 @@ def test_menu_offers_tensor_cores_for_prefill_only():
     tc = target.legalize(w, items["tensor_cores"].apply(dict(gemv), random.Random(0)))
     assert tc["mma"] and not items["tensor_cores"].applies(tc)
     offered = {i.id for i in items.values() if i.applies(tc)}
-    assert {"mma_tile_m", "mma_tile_n", "mma_stages", "block_size"} <= offered
+    assert {"mma_tile_m", "mma_tile_n", "mma_stages", "ldmatrix", "block_size"} <= offered
     assert not offered & {"vector_loads", "split_k", "block_rows", "stream_loads"}  # GEMV-only items
 
 
@@ -95,6 +96,8 @@ SCHEDULES = [  # beyond the tensor-core variants test_cuda_target.py runs on the
     (0, dict(mma=True, stages=3, warps=1, tile_m=16, tile_n=16)),
     (0, dict(mma=True, stages=2, warps=8, tile_m=32, tile_n=64)),
     (3, dict(mma=True, stages=3, warps=2)),
+    (0, dict(mma=True, ldmatrix=True, stages=2, warps=2, tile_m=16, tile_n=16)),  # one B fragment: ldmatrix x2
+    (3, dict(mma=True, ldmatrix=True, stages=3, warps=4, tile_m=32, tile_n=32)),
 ]
 
 
@@ -122,9 +125,10 @@ def test_lm_head_with_few_rows_is_correct_on_the_emulator(tmp_path):
     ("a[i][1] = ld_pair(p + 320)", "a[i][1] = ld_pair(p + 8)"),  # A fragment rows and columns mixed up
     ("bf[b][j][1] = ld_pair(p + 8)", "bf[b][j][1] = ld_pair(p + 16)"),  # B's second k half from the wrong place
     ("if (kt + 1 < KT)", "if (kt + 1 < KT - 1)"),  # the pipeline drops the last K tile
+    ("ldmatrix_x4(a[i], xa + (wm * 16 + i * 16 + (lane & 15))", "ldmatrix_x4(a[i], xa + (wm * 16 + i * 16 + (lane & 7))"),
 ])
 def test_the_emulator_catches_wrong_kernels(original, mutated, tmp_path):
     w = PREFILL[0]
-    src = codegen.generate(w, codegen.legalize(w, dict(naive=False, mma=True)))
+    src = codegen.generate(w, codegen.legalize(w, dict(naive=False, mma=True, ldmatrix="ldmatrix" in original)))
     assert original in src
     assert not _emulate(w, None, tmp_path, source=src.replace(original, mutated)).ok
