@@ -123,6 +123,15 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                 lambda k, r: {**k, "fuse": True},
             ))
     elif fam == "attention":
+        flash = tiled
+        tiled = lambda k: flash(k) and not k["mma"]  # noqa: E731 - the items below refine the CUDA-core kernel
+        if w.params["phase"] == "prefill" and w.dtype == "bf16":
+            items.append(MenuItem(
+                "tensor_cores", "Tensor-core flash attention (mma.sync)",
+                "Give each warp 16 query rows: S = Q.K^T and O += P.V as 16x8x16 mma.sync fragments over K/V tiles "
+                "of 32 keys shared in shared memory, the online softmax on the score fragments (row max and sum "
+                "across the 4 lanes that hold a row), P re-packed to bf16 A fragments in registers; causal tiles "
+                "past the block's last row skipped.", lambda k: flash(k) and not k["mma"], lambda k, r: {**k, "mma": True}))
         items += [
             MenuItem(
                 "online_softmax", "Online softmax",
@@ -305,6 +314,15 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
                         "chunk", choices["chunk"], lambda k: tiled(k) and k["fuse_down"]),
             ]
     elif fam == "attention":
+        flash = tiled
+        tiled = lambda k: flash(k) and not k["mma"]  # noqa: E731 - the items below refine the CUDA-core kernel
+        if w.params["phase"] == "prefill" and w.dtype == "bf16":
+            items.append(MenuItem(
+                "tensor_cores", "Tensor-core flash attention (mma.sync)",
+                "Give each warp 16 query rows: S = Q.K^T and O += P.V as 16x8x16 mma.sync fragments over K/V tiles "
+                "of 32 keys shared in shared memory, the online softmax on the score fragments (row max and sum "
+                "across the 4 lanes that hold a row), P re-packed to bf16 A fragments in registers; causal tiles "
+                "past the block's last row skipped.", lambda k: flash(k) and not k["mma"], lambda k, r: {**k, "mma": True}))
         items += [
             MenuItem("flash", "Warp-per-key online softmax",
                      "Replace the scores buffer by an online softmax: each warp walks keys, lanes split the head "
@@ -314,7 +332,7 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
                        "One warp serves all query heads of a KV head, so each K/V row is read once per group.",
                        "gqa_share", tiled),
             _retune("block_size", "Retune warps per block", "Change the number of warps per block.",
-                    "warps", choices["warps"], tiled),
+                    "warps", choices["warps"], flash),
         ]
         if w.params["phase"] == "decode":
             items.append(_retune("split_kv", "Split the KV length across blocks (flash-decoding)",

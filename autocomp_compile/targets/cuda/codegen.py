@@ -27,7 +27,7 @@ NAIVE_KNOBS: dict[str, dict[str, Any]] = {
                  stream_loads=False, l2_prefetch=False, fuse_down=False, chunk=64, persistent=False, per_sm=2,
                  down_warps=0, down_rows=0, down_ksplit=0, down_unroll=0, pdl=False,
                  mma=False, tile_m=64, tile_n=64, stages=2, ldmatrix=False),
-    "attention": dict(naive=True, warps=4, splits=1, gqa_share=False, q_block=1),
+    "attention": dict(naive=True, warps=4, splits=1, gqa_share=False, q_block=1, mma=False),
     "rmsnorm": dict(naive=True, threads=256, vec=False),
 }
 KNOB_CHOICES: dict[str, dict[str, tuple]] = {
@@ -126,6 +126,11 @@ def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
         out["pdl"] = bool(out["pdl"]) and two_kernel and out["fuse"]
     if fam == "attention":
         out["gqa_share"] = bool(out["gqa_share"])
+        prefill = w.params["phase"] == "prefill"
+        out["mma"] = (bool(out["mma"]) and not out["naive"] and prefill and w.dtype == "bf16"
+                      and mma.attention_legal(w.params["head_dim"], w.params["seq_len"], out))
+        if out["mma"]:  # tensor cores: only the warps (16 query rows each) matter
+            return {**NAIVE_KNOBS["attention"], "naive": False, "mma": True, "warps": out["warps"]}
         if w.params["phase"] == "decode":
             out["q_block"] = 1
         else:
@@ -775,6 +780,9 @@ def _attention(w: Workload, k: dict[str, Any]):
     args = ["q", "k_cache", "v_cache", "out"] if decode else ["q", "k", "v", "out"]
     if k["naive"]:
         return _attention_naive(w, defs, args, decode, scale)
+    if k["mma"]:
+        code, grid, threads = mma.attention_kernel(B, HQ, HK, S, D, scale, k)
+        return [_launch("attention_mma", grid, threads, args)], {}, mma.HELPERS + code
     return _attention_flash(w, k, defs, args, decode, scale)
 
 

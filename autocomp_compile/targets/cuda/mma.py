@@ -231,3 +231,136 @@ def _ldmatrix_fragments(BN: int, KP: int, TM: int, TN: int, NB: int) -> str:
         }}
 {odd}      }}
 """
+
+
+# ---------------------------------------------------------------- causal GQA prefill attention
+
+KEY_TILE = 32  # keys per shared-memory tile: four 8-key score fragments, two 16-key P.V steps
+
+
+def attention_legal(head_dim: int, seq_len: int, k: dict[str, Any]) -> bool:
+    """Clamp `warps` (16 query rows each) to the sequence; False if the head dimension rules tensor cores out."""
+    if head_dim % 16 or head_dim > 256:
+        return False
+    k["warps"] = min(k["warps"], 8)
+    while k["warps"] > 1 and k["warps"] * 16 >= 2 * (-(-seq_len // 16) * 16):
+        k["warps"] //= 2
+    return True
+
+
+def attention_kernel(B: int, HQ: int, HK: int, S: int, D: int, scale: float, k: dict[str, Any]) -> tuple[str, tuple, int]:
+    """Flash-attention-2 style causal prefill on tensor cores: each warp owns 16 query rows of one head; a
+    block's warps share K/V tiles of 32 keys in shared memory; S = Q.K^T and O += P.V are mma.sync fragments,
+    the online softmax runs on the score fragments (the 4 lanes holding a row reduce with shuffles), and P is
+    re-packed from the score layout into the A-operand layout in registers (bf16, as flash attention does).
+    Q, K, V, out are [batch, heads, S, D]."""
+    W = k["warps"]
+    T, QT, KP = W * 32, W * 16, D + PAD
+    G = HQ // HK
+    DS, DN = D // 16, D // 8  # 16-wide k-steps over D for Q.K^T; 8-wide output fragments of P.V
+    code = f"""
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {{
+  return (unsigned)from_f32(lo) | ((unsigned)from_f32(hi) << 16);
+}}
+extern "C" __global__ void __launch_bounds__({T}) attention_mma(const elem_t *__restrict__ q, const elem_t *__restrict__ kc,
+    const elem_t *__restrict__ vc, elem_t *__restrict__ out) {{
+  const int S = {S}, D = {D};
+  __shared__ __align__(16) elem_t ks[{KEY_TILE * KP}], vs[{KEY_TILE * KP}];
+  const long bh = blockIdx.x, b = bh / {HQ}, hk = (bh % {HQ}) / {G};
+  const elem_t *qb = q + bh * S * D, *kb = kc + (b * {HK} + hk) * S * D, *vb = vc + (b * {HK} + hk) * S * D;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int q0 = blockIdx.y * {QT} + warp * 16;  /* this warp's rows q0 .. q0 + 15 */
+  const int r0 = min(q0 + g, S - 1), r1 = min(q0 + g + 8, S - 1);  /* rows past S compute on row S - 1, never stored */
+  unsigned qa[{DS}][4];
+  #pragma unroll
+  for (int s = 0; s < {DS}; ++s) {{
+    qa[s][0] = ld_pair(qb + (long)r0 * D + s * 16 + 2 * t); qa[s][1] = ld_pair(qb + (long)r1 * D + s * 16 + 2 * t);
+    qa[s][2] = ld_pair(qb + (long)r0 * D + s * 16 + 2 * t + 8); qa[s][3] = ld_pair(qb + (long)r1 * D + s * 16 + 2 * t + 8);
+  }}
+  float o[{DN}][4], m[2] = {{-INFINITY, -INFINITY}}, l[2] = {{0.0f, 0.0f}};
+  #pragma unroll
+  for (int n = 0; n < {DN}; ++n)
+    #pragma unroll
+    for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
+  const int block_last = min(S, (int)(blockIdx.y + 1) * {QT}) - 1;  /* causal: no key past the block's last row */
+  for (int k0 = 0; k0 <= block_last; k0 += {KEY_TILE}) {{
+    __syncthreads();  /* everyone is done with the previous tile */
+    for (int c = threadIdx.x; c < {KEY_TILE * D // 8}; c += {T}) {{
+      const int r = c / {D // 8}, d = (c % {D // 8}) * 8;
+      const bool in = k0 + r < S;
+      const long at = (long)(in ? k0 + r : 0) * D + d;
+      copy16(ks + r * {KP} + d, kb + at, in);
+      copy16(vs + r * {KP} + d, vb + at, in);
+    }}
+    __syncthreads();
+    float sc[4][4];  /* scores of 4 fragments of 8 keys: [key block][row g: 0, 1 | row g + 8: 2, 3] */
+    #pragma unroll
+    for (int n = 0; n < 4; ++n) {{
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) sc[n][e] = 0.0f;
+      #pragma unroll
+      for (int s = 0; s < {DS}; ++s) {{
+        const unsigned kf[2] = {{ld_pair(ks + (n * 8 + g) * {KP} + s * 16 + 2 * t), ld_pair(ks + (n * 8 + g) * {KP} + s * 16 + 2 * t + 8)}};
+        mma_bf16_16816(sc[n], qa[s], kf);
+      }}
+    }}
+    float mx[2] = {{-INFINITY, -INFINITY}};
+    #pragma unroll
+    for (int n = 0; n < 4; ++n)
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {{
+        const int key = k0 + n * 8 + 2 * t + (e & 1), row = q0 + g + (e >> 1) * 8;
+        sc[n][e] = key <= row && key < S ? sc[n][e] * {scale!r}f : -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], sc[n][e]);
+      }}
+    float corr[2];
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {{
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));  /* the row's max over its 4 lanes */
+      const float mn = fmaxf(m[h], mx[h]);
+      corr[h] = mn == -INFINITY ? 1.0f : __expf(m[h] - mn);
+      m[h] = mn;
+      l[h] *= corr[h];
+    }}
+    #pragma unroll
+    for (int n = 0; n < 4; ++n)
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {{
+        sc[n][e] = m[e >> 1] == -INFINITY ? 0.0f : __expf(sc[n][e] - m[e >> 1]);
+        l[e >> 1] += sc[n][e];  /* this lane's part of the row sum; the 4 lanes are added at the end */
+      }}
+    #pragma unroll
+    for (int n = 0; n < {DN}; ++n)
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) o[n][e] *= corr[e >> 1];
+    #pragma unroll
+    for (int c = 0; c < 2; ++c) {{  /* 16 keys at a time: score fragments 2c and 2c + 1 are P's A operand */
+      const unsigned pa[4] = {{pack_bf16(sc[2 * c][0], sc[2 * c][1]), pack_bf16(sc[2 * c][2], sc[2 * c][3]),
+                               pack_bf16(sc[2 * c + 1][0], sc[2 * c + 1][1]), pack_bf16(sc[2 * c + 1][2], sc[2 * c + 1][3])}};
+      const elem_t *v0 = vs + (c * 16 + 2 * t) * {KP} + g;
+      #pragma unroll
+      for (int n = 0; n < {DN}; ++n) {{
+        const elem_t *v = v0 + n * 8;  /* B[key][d] = V[key][d]: a column of the tile, two keys per register */
+        const unsigned vf[2] = {{(unsigned)v[0] | ((unsigned)v[{KP}] << 16), (unsigned)v[{8 * KP}] | ((unsigned)v[{9 * KP}] << 16)}};
+        mma_bf16_16816(o[n], pa, vf);
+      }}
+    }}
+  }}
+  #pragma unroll
+  for (int h = 0; h < 2; ++h) {{
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+  }}
+  #pragma unroll
+  for (int h = 0; h < 2; ++h) {{
+    const int row = q0 + g + h * 8;
+    if (row >= S) continue;
+    #pragma unroll
+    for (int n = 0; n < {DN}; ++n)
+      #pragma unroll
+      for (int e = 0; e < 2; ++e) out[(bh * S + row) * D + n * 8 + 2 * t + e] = from_f32(o[n][h * 2 + e] / l[h]);
+  }}
+}}
+"""
+    return code, (B * HQ, -(-S // QT)), T

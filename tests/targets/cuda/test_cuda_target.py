@@ -52,7 +52,8 @@ VARIANTS = {
                   down_warps=16, down_ksplit=8, down_unroll=8, down_rows=1),
              dict(naive=False, vec=True, unroll=2, warps=4, fuse=True, l2_prefetch=True, pdl=True, down_rows=2)],
     "attention": [{}, dict(naive=False), dict(naive=False, gqa_share=True, splits=4, warps=4, q_block=2),
-                  dict(naive=False, splits=16, warps=2, q_block=4)],
+                  dict(naive=False, splits=16, warps=2, q_block=4),
+                  dict(naive=False, mma=True), dict(naive=False, mma=True, warps=1)],  # tensor cores: bf16 prefill
     "rmsnorm": [{}, dict(naive=False), dict(naive=False, vec=True, threads=512)],
 }
 MMA_VARIANTS = [dict(naive=False, mma=True),

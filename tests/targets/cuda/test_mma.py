@@ -132,3 +132,46 @@ def test_the_emulator_catches_wrong_kernels(original, mutated, tmp_path):
     src = codegen.generate(w, codegen.legalize(w, dict(naive=False, mma=True, ldmatrix="ldmatrix" in original)))
     assert original in src
     assert not _emulate(w, None, tmp_path, source=src.replace(original, mutated)).ok
+
+
+ATTENTION = [
+    make_workload("attention", "bf16", phase="prefill", batch=2, heads=4, kv_heads=1, head_dim=32, seq_len=70),
+    make_workload("attention", "bf16", phase="prefill", heads=2, kv_heads=2, head_dim=128, seq_len=100),
+]
+
+
+def test_tensor_core_attention_is_bf16_prefill_with_head_dim_a_multiple_of_16():
+    on = dict(naive=False, mma=True, warps=16)
+    assert codegen.legalize(ATTENTION[1], on) == {**codegen.NAIVE_KNOBS["attention"], "naive": False, "mma": True,
+                                                  "warps": 8}
+    assert codegen.legalize(make_workload("attention", "bf16", phase="prefill", seq_len=10), on)["warps"] == 1
+    assert not codegen.legalize(make_workload("attention", "fp32", phase="prefill", seq_len=64), on)["mma"]
+    assert not codegen.legalize(make_workload("attention", "bf16", kv_len=64, max_kv_len=128), on)["mma"]
+    assert not codegen.legalize(make_workload("attention", "bf16", phase="prefill", head_dim=40, seq_len=64), on)["mma"]
+    target = get_target("cuda")
+    items = {i.id: i for i in target.menu(ATTENTION[0])}
+    tc = target.legalize(ATTENTION[0], items["tensor_cores"].apply(codegen.legalize(ATTENTION[0], dict(naive=False)),
+                                                                    random.Random(0)))
+    assert tc["mma"] and {i.id for i in items.values() if i.applies(tc)} == {"block_size"}
+
+
+@needs_gxx
+@pytest.mark.parametrize("which,warps", [(0, 2), (1, 8)])
+def test_tensor_core_attention_is_correct_on_the_emulator(which, warps, tmp_path):
+    w = ATTENTION[which]  # GQA groups of 4 / none; 70 and 100 rows: partial tiles of queries and keys
+    knobs = codegen.legalize(w, dict(naive=False, mma=True, warps=warps))
+    assert knobs["mma"] and knobs["warps"] == warps
+    result = _emulate(w, knobs, tmp_path, seed=which)
+    assert result.ok, result.message
+
+
+@needs_gxx
+@pytest.mark.parametrize("original,mutated", [
+    ("key <= row", "key < row"),  # the causal mask drops the diagonal
+    ("(unsigned)v[576] | ((unsigned)v[648] << 16)", "(unsigned)v[144] | ((unsigned)v[216] << 16)"),  # V keys 8-15
+])
+def test_the_emulator_catches_wrong_attention(original, mutated, tmp_path):
+    w = make_workload("attention", "bf16", phase="prefill", heads=4, kv_heads=2, head_dim=64, seq_len=19)
+    src = codegen.generate(w, codegen.legalize(w, dict(naive=False, mma=True)))
+    assert original in src
+    assert not _emulate(w, None, tmp_path, source=src.replace(original, mutated)).ok
