@@ -7,7 +7,8 @@
 #               search the decode MLP and LM head (winners go to the kernel cache), then time the best
 #               kernel against eager (cuBLAS) interleaved, and report GB/s and % of the measured HBM copy bandwidth
 #   kernels_prefill
-#               the same for a 512-token prefill MLP and q projection, searched from the tensor-core GEMM (TFLOP/s)
+#               the same for a 512-token prefill MLP and q projection and 256-token attention, searched from the
+#               tensor-core kernels (TFLOP/s)
 #   warm        `autocomp-compile warm --target cuda` for the other Llama-3.2-1B decode kernels (projections, attention)
 #   e2e         tokens/sec at batch 1: eager, inductor, autocomp, and both compilers under CUDA graphs
 # Each stage has a time limit, so that a slow one cannot starve the rest; its output goes to <stage>.txt in
@@ -56,7 +57,8 @@ fi
 stage kernels_mlp 80 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_MLP" --only "mlp decode" --json "$RESULTS/kernels_cuda_mlp.json" \
   ${MLP_SEED:+--seed-knobs "$MLP_SEED"}
 stage kernels_lm_head 110 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_LM_HEAD" --only lm_head --json "$RESULTS/kernels_cuda_lm_head.json"
-stage kernels_prefill 120 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_PREFILL" --only "mlp prefill,gemm prefill" \
+stage kernels_prefill 150 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_PREFILL" \
+  --only "mlp prefill,gemm prefill,attention prefill" \
   --json "$RESULTS/kernels_cuda_prefill.json" --seed-knobs '{"mma": true}'
 stage warm 90 python3 -m autocomp_compile.cli warm --target cuda --model llama-3.2-1b --batch 1 --budget "$BUDGET_WARM" \
   --sets 1 --timing-ms 100 --quiet --output-dir /tmp/autocomp-output --json "$RESULTS/warm_cuda.json"
