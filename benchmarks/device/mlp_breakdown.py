@@ -1,0 +1,124 @@
+"""Where the decode MLP's time goes on a GPU, and how the L2 flush before each timed call affects it.
+
+For one two-kernel MLP schedule (default: the best of mlp_sweep on an H100) it times, with CUDA events after a
+~100 us spin kernel as the evaluator does, each kernel alone, both, a single GEMV reading as many bytes, and
+eager (cuBLAS), under three cache states before each call:
+  zero     the evaluator's flush: zero a buffer twice the L2 (leaves L2 full of dirty lines to write back)
+  read     read that buffer instead (leaves clean lines: nothing to write back)
+  rotate   no flush; the call reads one of 4 weight copies in turn (400 MB), as consecutive layers of a model do
+Percentages are of the measured device-to-device copy bandwidth (read + written), as everywhere else.
+
+    python benchmarks/device/mlp_breakdown.py [--knobs JSON] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+SWEEP_BEST = {"naive": False, "vec": True, "fuse": True, "stream_loads": True, "down_warps": 8, "down_ksplit": 8,
+              "down_unroll": 8, "down_rows": 1, "warps": 4, "unroll": 8, "rows": 2, "ksplit": 1}
+COPIES = 4
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--knobs", default=json.dumps(SWEEP_BEST))
+    ap.add_argument("--runs", type=int, default=60)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import torch
+
+    from autocomp_compile import make_workload
+    from autocomp_compile.references import InputFactory, empty_outputs, get_kind
+    from autocomp_compile.targets.cuda import codegen
+    from autocomp_compile.targets.cuda.bandwidth import measure_hbm_bandwidth
+    from autocomp_compile.targets.cuda.build import build
+    from autocomp_compile.targets.cuda.runtime import launch_spec, load
+
+    arch = "sm_%d%d" % torch.cuda.get_device_capability()
+    build_dir = Path(tempfile.mkdtemp())
+    bw = measure_hbm_bandwidth()
+
+    def compiled(w, knobs, keep=None):
+        """Kernel for w under knobs; `keep` = indices of the launch line's kernels to run (the rest dropped)."""
+        src = codegen.generate(w, codegen.legalize(w, knobs))
+        b = build(src, arch, build_dir)
+        assert b.ok, b.log
+        if keep is not None:
+            spec = launch_spec(src)
+            spec["kernels"] = [spec["kernels"][i] for i in keep]
+            src = f"// autocomp-launch: {json.dumps(spec)}\n" + src.split("\n", 1)[1]
+        return load(str(b.cubin_path), src, [t.name for t in w.tensors], [])
+
+    mlp = make_workload("mlp", "bf16", batch=1, hidden=2048, intermediate=8192)
+    knobs = json.loads(args.knobs)
+    gemv = make_workload("lm_head", "bf16", batch=1, vocab=3 * 8192, hidden=2048)  # 100.7 MB, as many as the MLP
+    gemv_knobs = {k: knobs[k] for k in ("naive", "vec", "stream_loads", "warps", "unroll", "rows", "ksplit")}
+    kernels = {"mlp (both kernels)": (mlp, compiled(mlp, knobs)),
+               "gate/up kernel alone": (mlp, compiled(mlp, knobs, [0])),
+               "down kernel alone": (mlp, compiled(mlp, knobs, [1])),
+               "one GEMV, 100.7 MB": (gemv, compiled(gemv, gemv_knobs))}
+    bytes_read = {"mlp (both kernels)": mlp.bytes_moved(), "gate/up kernel alone": 2 * 8192 * 2048 * 2,
+                  "down kernel alone": 8192 * 2048 * 2, "one GEMV, 100.7 MB": gemv.bytes_moved(),
+                  "eager mlp (cuBLAS)": mlp.bytes_moved()}
+    sets = {}
+    for w in (mlp, gemv):
+        sets[w.name] = []
+        for c in range(COPIES):
+            host = InputFactory(c).inputs(w)
+            sets[w.name].append(({k: v.cuda() for k, v in host.items()}, empty_outputs(w, device="cuda")))
+    ref = get_kind("mlp").reference(InputFactory(0).inputs(mlp), mlp.params, mlp.runtime_dims)["out"]
+    d0, o0 = sets[mlp.name][0]
+    kernels["mlp (both kernels)"][1]([d0[t.name] for t in mlp.inputs] + [o0["out"]])
+    torch.cuda.synchronize()
+    err = (o0["out"].float().cpu() - ref).abs().max().item()
+
+    def call(name: str, c: int):
+        if name == "eager mlp (cuBLAS)":
+            d, o = sets[mlp.name][c]
+            return lambda: get_kind("mlp").eager(d, o, mlp.params, mlp.runtime_dims)
+        w, kernel = kernels[name]
+        d, o = sets[w.name][c]
+        argv = [d[t.name] for t in w.inputs] + [o["out"]]
+        return lambda: kernel(argv)
+
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    buf = torch.empty(2 * l2, dtype=torch.uint8, device="cuda")
+    flushes = {"zero": lambda: buf.zero_(), "read": lambda: buf.view(torch.int32).sum(), "rotate": lambda: None}
+    names = list(kernels) + ["eager mlp (cuBLAS)"]
+    results = {}
+    for mode, flush in flushes.items():
+        fns = {n: [call(n, c) for c in range(COPIES)] for n in names}
+        for n in names:
+            for fn in fns[n]:
+                fn()
+        torch.cuda.synchronize()
+        times = {n: [] for n in names}
+        for i in range(args.runs):
+            for n in (names if i % 2 == 0 else names[::-1]):
+                flush()
+                torch.cuda._sleep(200_000)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[n][i % COPIES if mode == "rotate" else 0]()
+                end.record()
+                times[n].append((start, end))
+        torch.cuda.synchronize()
+        results[mode] = {n: statistics.median(s.elapsed_time(e) for s, e in times[n]) * 1e3 for n in names}
+
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw:.0f} GB/s; max |mlp - reference| {err:.3g}; knobs {knobs}")
+    print(f"{'':24}" + "".join(f"{m:>22}" for m in flushes))
+    for n in names:
+        cells = "".join(f"{results[m][n]:9.1f} us {100 * bytes_read[n] / (results[m][n] * 1e3) / bw:5.0f}%  "
+                        for m in flushes)
+        print(f"{n:24}{cells}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": bw, "knobs": knobs,
+                                               "max_abs_error": err, "us": results, "bytes": bytes_read}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
