@@ -8,7 +8,7 @@ eager (cuBLAS), under three cache states before each call:
   rotate   no flush; the call reads one of 4 weight copies in turn (400 MB), as consecutive layers of a model do
 Percentages are of the measured device-to-device copy bandwidth (read + written), as everywhere else.
 
-    python benchmarks/device/mlp_breakdown.py [--knobs JSON] [--json out.json]
+    python benchmarks/device/mlp_breakdown.py [--knobs JSON] [--json out.json] [--pdl]
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--knobs", default=json.dumps(SWEEP_BEST))
     ap.add_argument("--runs", type=int, default=60)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--pdl", action="store_true", help="also time programmatic-dependent-launch variants")
     args = ap.parse_args()
     import torch
 
@@ -42,9 +43,10 @@ def main() -> None:
     build_dir = Path(tempfile.mkdtemp())
     bw = measure_hbm_bandwidth()
 
-    def compiled(w, knobs, keep=None):
-        """Kernel for w under knobs; `keep` = indices of the launch line's kernels to run (the rest dropped)."""
-        src = codegen.generate(w, codegen.legalize(w, knobs))
+    def compiled(w, knobs, keep=None, edit=lambda src: src):
+        """Kernel for w under knobs; `keep` = indices of the launch line's kernels to run (the rest dropped);
+        `edit` rewrites the source first (the PDL experiments)."""
+        src = edit(codegen.generate(w, codegen.legalize(w, knobs)))
         b = build(src, arch, build_dir)
         assert b.ok, b.log
         if keep is not None:
@@ -56,14 +58,34 @@ def main() -> None:
     mlp = make_workload("mlp", "bf16", batch=1, hidden=2048, intermediate=8192)
     knobs = json.loads(args.knobs)
     gemv = make_workload("lm_head", "bf16", batch=1, vocab=3 * 8192, hidden=2048)  # 100.7 MB, as many as the MLP
-    gemv_knobs = {k: knobs[k] for k in ("naive", "vec", "stream_loads", "warps", "unroll", "rows", "ksplit")}
-    kernels = {"mlp (both kernels)": (mlp, compiled(mlp, knobs)),
-               "gate/up kernel alone": (mlp, compiled(mlp, knobs, [0])),
-               "down kernel alone": (mlp, compiled(mlp, knobs, [1])),
-               "one GEMV, 100.7 MB": (gemv, compiled(gemv, gemv_knobs))}
+    gemv_knobs = {k: knobs.get(k, SWEEP_BEST[k]) for k in ("naive", "vec", "stream_loads", "warps", "unroll", "rows", "ksplit")}
+    kernels = {"mlp (both kernels)": (mlp, compiled(mlp, knobs))}
+    if len(launch_spec(codegen.generate(mlp, codegen.legalize(mlp, knobs)))["kernels"]) == 2:
+        kernels.update({"gate/up kernel alone": (mlp, compiled(mlp, knobs, [0])),
+                        "down kernel alone": (mlp, compiled(mlp, knobs, [1]))})
+    kernels["one GEMV, 100.7 MB"] = (gemv, compiled(gemv, gemv_knobs))
+    if args.pdl:  # programmatic dependent launch: where gate/up lets the down kernel start, with/without prefetch
+        pdl = {**knobs, "pdl": True}
+        trigger = 'asm volatile("griddepcontrol.launch_dependents;");'
+        no_prefetch = lambda src: src.replace('asm volatile("prefetch.global.L2 [%0];" :: "l"(base + o));', ";")
+
+        def late_trigger(src: str) -> str:  # after the gate/up kernel's loads, before its reductions and stores
+            head, rest = src.split(trigger, 1)
+            loop = "  #pragma unroll\n  for (int j = 0; j < 2; ++j)"
+            first = rest.index(loop)
+            second = rest.index(loop, first + 1)
+            return head + ";" + rest[:second] + "  " + trigger + "\n" + rest[second:]
+
+        kernels.update({
+            "mlp, PDL": (mlp, compiled(mlp, pdl)),
+            "mlp, PDL, no prefetch": (mlp, compiled(mlp, pdl, edit=no_prefetch)),
+            "mlp, PDL late": (mlp, compiled(mlp, pdl, edit=late_trigger)),
+            "mlp, PDL late, no prefetch": (mlp, compiled(mlp, pdl, edit=lambda s: late_trigger(no_prefetch(s)))),
+        })
     bytes_read = {"mlp (both kernels)": mlp.bytes_moved(), "gate/up kernel alone": 2 * 8192 * 2048 * 2,
                   "down kernel alone": 8192 * 2048 * 2, "one GEMV, 100.7 MB": gemv.bytes_moved(),
                   "eager mlp (cuBLAS)": mlp.bytes_moved()}
+    bytes_read.update({n: mlp.bytes_moved() for n in kernels if n.startswith("mlp, PDL")})
     sets = {}
     for w in (mlp, gemv):
         sets[w.name] = []
@@ -72,9 +94,13 @@ def main() -> None:
             sets[w.name].append(({k: v.cuda() for k, v in host.items()}, empty_outputs(w, device="cuda")))
     ref = get_kind("mlp").reference(InputFactory(0).inputs(mlp), mlp.params, mlp.runtime_dims)["out"]
     d0, o0 = sets[mlp.name][0]
-    kernels["mlp (both kernels)"][1]([d0[t.name] for t in mlp.inputs] + [o0["out"]])
-    torch.cuda.synchronize()
-    err = (o0["out"].float().cpu() - ref).abs().max().item()
+    errors = {}
+    for n in [n for n in kernels if n.startswith("mlp") and "alone" not in n]:
+        o0["out"].fill_(float("nan"))
+        kernels[n][1]([d0[t.name] for t in mlp.inputs] + [o0["out"]])
+        torch.cuda.synchronize()
+        errors[n] = (o0["out"].float().cpu() - ref).abs().max().item()
+    err = max(errors.values())
 
     def call(name: str, c: int):
         if name == "eager mlp (cuBLAS)":
@@ -117,7 +143,7 @@ def main() -> None:
         print(f"{n:24}{cells}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": bw, "knobs": knobs,
-                                               "max_abs_error": err, "us": results, "bytes": bytes_read}, indent=1))
+                                               "max_abs_error": errors, "us": results, "bytes": bytes_read}, indent=1))
 
 
 if __name__ == "__main__":
