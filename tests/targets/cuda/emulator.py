@@ -9,9 +9,14 @@ and L2-prefetch `asm` statements (hints, no effect on results) are dropped; `gri
 run one after another (they keep the previous block's values, where a GPU's are undefined); cooperative
 kernels (the persistent MLP's grid barrier) run all their blocks at once, and may use dynamic shared memory only.
 
-What it cannot check: timing, memory-ordering hazards a barrier would hide (cp.async copies land at once), and the PTX
-semantics themselves. `mma_bf16_16816` is emulated from the PTX ISA's fragment layouts, the same
-reading the kernel's code follows, so a misreading of the ISA would pass here and fail on a GPU.
+cp.async copies land only at the `cp.async.wait_group` that completes their group (NaN until then), and
+cp.async / ldmatrix addresses must be 16-byte aligned (else `EmulatedFault`).
+
+What it cannot check: timing, memory-ordering hazards that the emulated warp-collectives' own barriers hide
+(each mma, ldmatrix and shuffle synchronises its warp here), and the PTX semantics themselves:
+`mma_bf16_16816` and `ldmatrix` are emulated from the PTX ISA's fragment layouts, the same reading the kernels
+follow, so a shared misreading would pass here (these layouts were confirmed on an H100, where the same
+schedules pass).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ HEADER = r"""
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -68,6 +74,14 @@ inline thread_local dim3 tid, bid;
 inline thread_local Block *blk;
 inline dim3 grid_dim, block_dim;
 inline Warp &warp() { return *blk->warps[tid.x / 32]; }
+/* The first misuse a GPU would fault on (a misaligned vector access): reported by the launch wrapper. */
+inline std::atomic<bool> failed{false};
+inline char failure[256];
+inline void check_aligned(const void *p, size_t bytes, const char *what) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes == 0 || failed.exchange(true)) return;
+  std::snprintf(failure, sizeof failure, "%s %p is not %zu-byte aligned (thread %u of block %u,%u)", what, p, bytes,
+                tid.x, bid.x, bid.y);
+}
 inline int lane() { return tid.x % 32; }
 struct Arg {
   void *p;
@@ -111,9 +125,9 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 inline void __nanosleep(unsigned) { std::this_thread::yield(); }
 template <class T> inline T atomicAdd(T *p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
 template <class T> inline void __stcg(T *p, T v) { *p = v; }
-template <class T> inline T __ldg(const T *p) { return *p; }
-template <class T> inline T __ldcs(const T *p) { return *p; }
-template <class T> inline T __ldcg(const T *p) { return *p; }
+template <class T> inline T __ldg(const T *p) { emu::check_aligned(p, sizeof(T), "__ldg"); return *p; }
+template <class T> inline T __ldcs(const T *p) { emu::check_aligned(p, sizeof(T), "__ldcs"); return *p; }
+template <class T> inline T __ldcg(const T *p) { emu::check_aligned(p, sizeof(T), "__ldcg"); return *p; }
 inline float __shfl_xor_sync(unsigned, float v, int offset) {
   emu::Warp &w = emu::warp();
   w.v[emu::lane()] = v;
@@ -147,6 +161,7 @@ inline void mma_bf16_16816(float *d, const unsigned *a, const unsigned *b) {
 inline void ldmatrix_n(unsigned *r, const void *row, int matrices) {
   emu::Warp &w = emu::warp();
   const int l = emu::lane();
+  if (l < 8 * matrices) emu::check_aligned(row, 16, "ldmatrix row address");
   w.row[l] = static_cast<const unsigned char *>(row);
   w.bar.arrive_and_wait();
   for (int j = 0; j < matrices; ++j) std::memcpy(&r[j], w.row[8 * j + l / 4] + 4 * (l % 4), 4);
@@ -154,22 +169,43 @@ inline void ldmatrix_n(unsigned *r, const void *row, int matrices) {
 }
 inline void ldmatrix_x4(unsigned *r, const void *row) { ldmatrix_n(r, row, 4); }
 inline void ldmatrix_x2(unsigned *r, const void *row) { ldmatrix_n(r, row, 2); }
+/* cp.async: the 16 bytes land only when a cp.async.wait_group lets their group complete; until then the
+   destination holds NaN, so a kernel that reads a tile before waiting for it (or waits for too few groups)
+   computes garbage here as it would on a GPU. */
+struct PendingCopy { void *dst; unsigned char data[16]; };
+inline thread_local std::vector<PendingCopy> cp_open;
+inline thread_local std::vector<std::vector<PendingCopy>> cp_groups;  /* committed, oldest first */
 inline void cp_async16(void *smem, const void *gmem, bool valid) {
-  if (valid) std::memcpy(smem, gmem, 16); else std::memset(smem, 0, 16);
+  emu::check_aligned(smem, 16, "cp.async shared destination");
+  emu::check_aligned(gmem, 16, "cp.async global source");
+  PendingCopy c{smem, {}};
+  if (valid) std::memcpy(c.data, gmem, 16);
+  std::memset(smem, 0xff, 16);
+  cp_open.push_back(c);
 }
-inline void cp_async_commit() {}
-#define CP_ASYNC_WAIT(n) ((void)0)
+inline void cp_async_commit() { cp_groups.push_back(std::move(cp_open)); cp_open.clear(); }
+inline void cp_async_wait(size_t pending) {
+  while (cp_groups.size() > pending) {
+    for (const PendingCopy &c : cp_groups.front()) std::memcpy(c.dst, c.data, 16);
+    cp_groups.erase(cp_groups.begin());
+  }
+}
+#define CP_ASYNC_WAIT(n) cp_async_wait(n)
 #define DYNAMIC_SMEM(name) unsigned char *name = emu::blk->smem
 """
+
+
+class EmulatedFault(RuntimeError):
+    """What would fault on a GPU (a misaligned vector or cp.async/ldmatrix address)."""
 
 
 def _wrappers(spec: dict) -> str:
     out = []
     for k in spec["kernels"]:
         args = ", ".join(f"emu::Arg{{a[{i}]}}" for i in range(len(k["args"])))
-        out.append(f'extern "C" void emu_{k["name"]}(void **a, unsigned gx, unsigned gy, unsigned gz, unsigned threads, '
-                   f'unsigned long smem, int together) {{ emu::launch(dim3{{gx, gy, gz}}, threads, smem, together, '
-                   f'[&] {{ {k["name"]}({args}); }}); }}')
+        out.append(f'extern "C" const char *emu_{k["name"]}(void **a, unsigned gx, unsigned gy, unsigned gz, '
+                   f'unsigned threads, unsigned long smem, int together) {{ emu::launch(dim3{{gx, gy, gz}}, threads, '
+                   f'smem, together, [&] {{ {k["name"]}({args}); }}); return emu::failed ? emu::failure : nullptr; }}')
     return "\n".join(out) + "\n"
 
 
@@ -230,5 +266,9 @@ def run(source: str, tensors: dict[str, torch.Tensor], build_dir: pathlib.Path, 
         pointers = [int(a[1:]) if a.startswith("=") else (dims or {})[a[1:]] if a.startswith("#") else
                     (scratch[a[1:]] if a.startswith("$") else tensors[a]).data_ptr() for a in k["args"]]
         argv = (ctypes.c_void_p * len(pointers))(*pointers)
-        getattr(lib, f"emu_{k['name']}")(argv, *[ctypes.c_uint(v) for v in grid], ctypes.c_uint(k["block"][0]),
-                                         ctypes.c_ulong(k.get("smem", 0)), ctypes.c_int(bool(k.get("cooperative"))))
+        fn = getattr(lib, f"emu_{k['name']}")
+        fn.restype = ctypes.c_char_p
+        failure = fn(argv, *[ctypes.c_uint(v) for v in grid], ctypes.c_uint(k["block"][0]),
+                     ctypes.c_ulong(k.get("smem", 0)), ctypes.c_int(bool(k.get("cooperative"))))
+        if failure:
+            raise EmulatedFault(f"{k['name']}: {failure.decode()}")

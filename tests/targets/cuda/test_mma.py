@@ -126,6 +126,7 @@ def test_lm_head_with_few_rows_is_correct_on_the_emulator(tmp_path):
     ("bf[b][j][1] = ld_pair(p + 8)", "bf[b][j][1] = ld_pair(p + 16)"),  # B's second k half from the wrong place
     ("if (kt + 1 < KT)", "if (kt + 1 < KT - 1)"),  # the pipeline drops the last K tile
     ("ldmatrix_x4(a[i], xa + (wm * 16 + i * 16 + (lane & 15))", "ldmatrix_x4(a[i], xa + (wm * 16 + i * 16 + (lane & 7))"),
+    ("CP_ASYNC_WAIT(0);", "CP_ASYNC_WAIT(1);"),  # computes on a K tile whose copies have not landed
 ])
 def test_the_emulator_catches_wrong_kernels(original, mutated, tmp_path):
     w = PREFILL[0]
@@ -175,3 +176,13 @@ def test_the_emulator_catches_wrong_attention(original, mutated, tmp_path):
     src = codegen.generate(w, codegen.legalize(w, dict(naive=False, mma=True)))
     assert original in src
     assert not _emulate(w, None, tmp_path, source=src.replace(original, mutated)).ok
+
+
+@needs_gxx
+def test_the_emulator_faults_on_a_misaligned_ldmatrix(tmp_path):
+    w = PREFILL[0]
+    src = codegen.generate(w, codegen.legalize(w, dict(naive=False, mma=True, ldmatrix=True)))
+    original = "+ kk + (lane >> 4) * 8);"
+    assert original in src
+    with pytest.raises(emulator.EmulatedFault, match="ldmatrix row address .* not 16-byte aligned"):
+        _emulate(w, None, tmp_path, source=src.replace(original, "+ kk + (lane >> 4) * 8 + 1);"))
