@@ -123,15 +123,6 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                 lambda k, r: {**k, "fuse": True},
             ))
     elif fam == "attention":
-        flash = tiled
-        tiled = lambda k: flash(k) and not k["mma"]  # noqa: E731 - the items below refine the CUDA-core kernel
-        if w.params["phase"] == "prefill" and w.dtype == "bf16":
-            items.append(MenuItem(
-                "tensor_cores", "Tensor-core flash attention (mma.sync)",
-                "Give each warp 16 query rows: S = Q.K^T and O += P.V as 16x8x16 mma.sync fragments over K/V tiles "
-                "of 32 keys shared in shared memory, the online softmax on the score fragments (row max and sum "
-                "across the 4 lanes that hold a row), P re-packed to bf16 A fragments in registers; causal tiles "
-                "past the block's last row skipped.", lambda k: flash(k) and not k["mma"], lambda k, r: {**k, "mma": True}))
         items += [
             MenuItem(
                 "online_softmax", "Online softmax",
