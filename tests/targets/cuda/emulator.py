@@ -28,7 +28,10 @@ import subprocess
 
 import torch
 
+from autocomp_compile.evaluation.checks import compare
+from autocomp_compile.references import InputFactory, empty_outputs, get_kind
 from autocomp_compile.targets.cuda.runtime import launch_spec, resolve_grid
+from autocomp_compile.workload import Workload
 
 EMULATED_SMS = 2  # what an "sms*N" grid is resolved with
 
@@ -272,3 +275,12 @@ def run(source: str, tensors: dict[str, torch.Tensor], build_dir: pathlib.Path, 
                      ctypes.c_ulong(k.get("smem", 0)), ctypes.c_int(bool(k.get("cooperative"))))
         if failure:
             raise EmulatedFault(f"{k['name']}: {failure.decode()}")
+
+
+def check(w: Workload, source: str, build_dir: pathlib.Path, seed: int = 0):
+    """Run `source` for workload `w` on fresh random inputs and compare its output with the PyTorch reference."""
+    host = InputFactory(seed).inputs(w)
+    ref = get_kind(w.kind).reference(host, w.params, w.runtime_dims)
+    outs = empty_outputs(w, device="cpu")
+    run(source, {**host, **outs}, build_dir, dict(w.runtime_dims))
+    return compare("out", outs["out"], ref["out"])

@@ -134,12 +134,7 @@ def emulator_builds(tmp_path_factory):
 def test_every_variant_is_correct_on_the_cpu_emulator(name, i, emulator_builds):
     """The same check as on a GPU, with the kernels run by the CPU emulator (tests/targets/cuda/emulator.py)."""
     w, knobs, src = _source(name, i)
-    factory = InputFactory(100 + i)
-    host = factory.inputs(w)
-    ref = get_kind(w.kind).reference(host, w.params, w.runtime_dims)
-    outs = empty_outputs(w, device="cpu")
-    emulator.run(src, {**host, **outs}, emulator_builds, dict(w.runtime_dims))
-    m = compare("out", outs["out"], ref["out"])
+    m = emulator.check(w, src, emulator_builds, seed=100 + i)
     assert m.ok, f"{name} {knobs}: {m.message}"
 
 
@@ -149,10 +144,7 @@ def test_the_emulator_catches_a_wrong_split_k_reduction(emulator_builds):
     assert knobs["ksplit"] > 1
     wrong = src.replace("tot[j] += red[warp + s][j][m][r];", "tot[j] += red[warp][j][m][r];")
     assert wrong != src
-    host = InputFactory(0).inputs(w)
-    outs = empty_outputs(w, device="cpu")
-    emulator.run(wrong, {**host, **outs}, emulator_builds)
-    assert not compare("out", outs["out"], get_kind(w.kind).reference(host, w.params, w.runtime_dims)["out"]).ok
+    assert not emulator.check(w, wrong, emulator_builds).ok
 
 
 @needs_compiler

@@ -8,8 +8,6 @@ import shutil
 import pytest
 
 from autocomp_compile import get_target, make_workload
-from autocomp_compile.evaluation.checks import compare
-from autocomp_compile.references import InputFactory, empty_outputs, get_kind
 from autocomp_compile.targets.cuda import codegen, mma
 from autocomp_compile.targets.cuda.runtime import launch_spec
 
@@ -27,12 +25,7 @@ PREFILL = [
 
 
 def _emulate(w, knobs, tmp_path, seed=0, source=None):
-    source = source or codegen.generate(w, knobs)
-    host = InputFactory(seed).inputs(w)
-    ref = get_kind(w.kind).reference(host, w.params, w.runtime_dims)
-    outs = empty_outputs(w, device="cpu")
-    emulator.run(source, {**host, **outs}, tmp_path / "emu")
-    return compare("out", outs["out"], ref["out"])
+    return emulator.check(w, source or codegen.generate(w, knobs), tmp_path / "emu", seed)
 
 
 def test_random_schedules_legalize_to_legal_canonical_tiles():
