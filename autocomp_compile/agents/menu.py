@@ -237,12 +237,11 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
         ]
         if w.dtype == "bf16" and _gemv_rows(w) >= 16:  # prefill: enough rows to fill a 16-row fragment
             items += [
-                MenuItem("tensor_cores", "Tensor-core GEMM (mma.sync, cp.async pipeline)",
-                         "With many activation rows the GEMV is compute-bound: tile the output into blocks, stage "
-                         "K slices of x and W in shared memory with cp.async, and multiply 16x8x16 fragments on the "
-                         "tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate); the MLP's gate/up kernel "
-                         "applies SiLU * mul to its accumulators.",
-                         lambda k: not k["naive"] and not k["mma"], lambda k, r: {**k, "mma": True}),
+                _switch_on("tensor_cores", "Tensor-core GEMM (mma.sync, cp.async pipeline)",
+                           "With many activation rows the GEMV is compute-bound: tile the output into blocks, stage "
+                           "K slices of x and W in shared memory with cp.async, and multiply 16x8x16 fragments on "
+                           "the tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate); the MLP's gate/up "
+                           "kernel applies SiLU * mul to its accumulators.", "mma", lambda k: not k["naive"]),
                 _retune("mma_tile_m", "Rows per tensor-core block tile",
                         "Change the output rows each block owns (reuse of every weight tile vs. blocks to fill the GPU).",
                         "tile_m", choices["tile_m"], tensor_cores),
@@ -308,12 +307,12 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
         flash = tiled
         tiled = lambda k: flash(k) and not k["mma"]  # noqa: E731 - the items below refine the CUDA-core kernel
         if w.params["phase"] == "prefill" and w.dtype == "bf16":
-            items.append(MenuItem(
+            items.append(_switch_on(
                 "tensor_cores", "Tensor-core flash attention (mma.sync)",
                 "Give each warp 16 query rows: S = Q.K^T and O += P.V as 16x8x16 mma.sync fragments over K/V tiles "
                 "of 32 keys shared in shared memory, the online softmax on the score fragments (row max and sum "
                 "across the 4 lanes that hold a row), P re-packed to bf16 A fragments in registers; causal tiles "
-                "past the block's last row skipped.", lambda k: flash(k) and not k["mma"], lambda k, r: {**k, "mma": True}))
+                "past the block's last row skipped.", "mma", flash))
         items += [
             MenuItem("flash", "Warp-per-key online softmax",
                      "Replace the scores buffer by an online softmax: each warp walks keys, lanes split the head "
