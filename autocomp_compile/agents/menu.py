@@ -192,6 +192,7 @@ def _gemv_rows(w: Workload) -> int:
 def cuda_menu(w: Workload) -> list[MenuItem]:
     """The CUDA optimization menu for workload `w`."""
     from autocomp_compile.targets.cuda.codegen import KNOB_CHOICES as CUDA_CHOICES
+    from autocomp_compile.targets.cuda.codegen import down_t_fits
     from autocomp_compile.targets.cuda.codegen import family as cuda_family
 
     fam = cuda_family(w.kind)
@@ -199,7 +200,8 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
     tiled = lambda k: not k["naive"]  # noqa: E731 - most items refine the tiled kernel
     if fam == "gemv":
         tensor_cores = lambda k: not k["naive"] and k["mma"]  # noqa: E731
-        tiled = lambda k: not k["naive"] and not k["mma"]  # noqa: E731 - the GEMV items refine the CUDA-core kernel
+        # the GEMV items refine the CUDA-core GEMV kernels; the streaming MLP (down_t) has only warps, chunk, hints
+        tiled = lambda k: not k["naive"] and not k["mma"] and not k["down_t"]  # noqa: E731
     two_kernel = lambda k: tiled(k) and not (k["fuse_down"] or k["persistent"])  # noqa: E731 - MLP: gate/up, down
     leave_naive = lambda k, r: {**k, "naive": False}  # noqa: E731
     items: list[MenuItem] = []
@@ -233,7 +235,7 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
             _switch_on("stream_loads", "Streaming (evict-first) weight loads",
                        "Load weights with the cache-streaming hint: they are read once, so they should not "
                        "push data that will be reused out of L2.",
-                       "stream_loads", tiled),
+                       "stream_loads", lambda k: not k["naive"] and not k["mma"]),
         ]
         if w.dtype == "bf16" and _gemv_rows(w) >= 16:  # prefill: enough rows to fill a 16-row fragment
             items += [
@@ -266,13 +268,21 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
                 _switch_on("fuse_epilogue", "Fuse gate, up and SiLU*mul",
                            "One kernel computes the gate and up rows together and applies SiLU and the product "
                            "in registers: two launches and two intermediate round trips fewer.",
-                           "fuse", lambda k: not k["mma"]),
+                           "fuse", lambda k: not k["mma"] and not k["down_t"]),
                 _switch_on("one_kernel_mlp", "Whole MLP in one kernel (split the intermediate dimension)",
                            "Give each block a chunk of the intermediate rows: it computes SiLU(gate) * up for them "
                            "in shared memory, multiplies by the matching columns of the down projection and adds "
                            "its partial sums with fp32 atomics; the last block writes the output. No launch waits "
                            "for another, and every block streams all three weights at once.",
                            "fuse_down", tiled, vec=True),
+                _switch_on("streaming_mlp", "Whole MLP in one streaming kernel (down projection read transposed)",
+                           "Read the down projection transposed (a copy made once per weight), so that row j of "
+                           "gate, up and down-transposed are contiguous: each warp issues all loads of its three "
+                           "rows at once, computes h_j = SiLU(gate_j . x) * (up_j . x) and adds h_j * down_j to a "
+                           "partial output in registers; blocks add their partial outputs with 16-byte fp32 "
+                           "reductions and the last block writes the result. One pass over the weights, no "
+                           "dependency between kernels, every read a whole contiguous row.", "down_t",
+                           lambda k: tiled(k) and down_t_fits(w)),
                 _switch_on("persistent_mlp", "Whole MLP in one persistent kernel (grid barrier)",
                            "Launch only as many blocks as fit on the GPU at once: warps compute SiLU(gate) * up "
                            "row by row into global memory, all blocks meet at a grid barrier, then each block "
@@ -299,9 +309,9 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
                         "multiple of the GPU's SM count, so every SM gets the same share).",
                         "per_sm", choices["per_sm"], lambda k: tiled(k) and k["persistent"]),
                 _retune("mlp_chunk", "Intermediate rows per block",
-                        "Change the chunk of the intermediate dimension each block of the one-kernel MLP owns "
+                        "Change the chunk of the intermediate dimension each block of a one-kernel MLP owns "
                         "(more blocks vs. longer contiguous reads of the down projection).",
-                        "chunk", choices["chunk"], lambda k: tiled(k) and k["fuse_down"]),
+                        "chunk", choices["chunk"], lambda k: not k["naive"] and (k["fuse_down"] or k["down_t"])),
             ]
     elif fam == "attention":
         flash = tiled

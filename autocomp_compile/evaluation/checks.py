@@ -88,17 +88,27 @@ def time_interleaved(
 
 
 def time_interleaved_cuda(
-    fns: dict[str, Callable[[], None]], budget_ms: float = 1000.0, min_runs: int = 10, max_runs: int = 500, warmup: int = 3
+    fns: dict[str, Callable[[], None]], budget_ms: float = 1000.0, min_runs: int = 10, max_runs: int = 500, warmup: int = 3,
+    flush: str = "read",
 ) -> dict[str, Timing]:
     """As `time_interleaved`, on the GPU: CUDA events around each call, and the L2 cache flushed
     before each one (decode weights would otherwise be served from a 50-60 MB L2).
+
+    The flush reads a buffer twice the L2's size (`flush="read"`), which leaves L2 full of clean lines, as the
+    weight-streaming kernels before any kernel of a decode step leave it. `flush="zero"` writes the buffer instead
+    (triton's do_bench does): the timed call then also pays for writing back up to an L2 of dirty lines, which
+    no decode step has; on an H100 that added 4 us to a 100 MB GEMV (37 -> 41 us) and 10 us to cuBLAS's MLP.
 
     A ~100 us spin kernel is queued before each start event so the host can enqueue the whole call
     while the GPU is busy: the events then time GPU execution, not Python launch gaps (which would
     otherwise inflate multi-op PyTorch baselines and multi-kernel candidates alike).
     """
+    if flush not in ("read", "zero"):
+        raise ValueError(f"flush must be 'read' or 'zero', got {flush!r}")
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
-    flush = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device="cuda")
+    buffer = torch.zeros(max(2 * l2, 1 << 20) // 4, dtype=torch.float32, device="cuda")
+    sink = torch.zeros((), dtype=torch.float32, device="cuda")
+    flush_l2 = (lambda: torch.sum(buffer, out=sink)) if flush == "read" else buffer.zero_
     spin_cycles = 200_000  # ~100 us at the ~2 GHz SM clock of an H100/H200
     for fn in fns.values():
         for _ in range(warmup):
@@ -114,7 +124,7 @@ def time_interleaved_cuda(
     names = list(fns)
     for i in range(runs):
         for name in names if i % 2 == 0 else names[::-1]:
-            flush.zero_()
+            flush_l2()
             torch.cuda._sleep(spin_cycles)
             start, end = events[name][i]
             start.record()

@@ -2,10 +2,13 @@
 # The GPU checks of the CUDA target in one command, from the repository root (a lent H100/H200 ran it):
 #   env         GPU, driver, torch, cuda-bindings, the targets this machine offers
 #   cuda_tests  every schedule variant of every kernel checked against the reference on the GPU
-#   mlp_sweep   the decode MLP's three schedule families on a grid (benchmarks/device/mlp_sweep.py)
+#   mlp_sweep   the decode MLP's four schedule families on a grid (benchmarks/device/mlp_sweep.py)
 #   kernels_mlp, kernels_lm_head
 #               search the decode MLP and LM head (winners go to the kernel cache), then time the best
 #               kernel against eager (cuBLAS) interleaved, and report GB/s and % of the measured HBM copy bandwidth
+#   mlp_breakdown
+#               the decode MLP's kernels alone and together, the streaming MLP, one 100.7 MB GEMV and eager under
+#               three L2 states (zeroed, read, rotating weights): benchmarks/device/mlp_breakdown.py
 #   kernels_prefill
 #               the same for a 512-token prefill MLP and q projection and 256-token attention, searched from the
 #               tensor-core kernels (TFLOP/s)
@@ -34,7 +37,7 @@ KOPTS="--target cuda --cache --sets 1 --search-timing-ms 100 --timing-ms 1000 --
 # split them over two calls with STAGES, e.g. "env cuda_tests mlp_sweep kernels_mlp kernels_lm_head" and then
 # "import warm e2e cache"; a fresh machine starts with an empty kernel cache, so bring the first call's
 # winners to the second as CACHE_IMPORT (add the `cache` stage to the first call for its export).
-STAGES=${STAGES:-env import cuda_tests mlp_sweep kernels_mlp kernels_lm_head kernels_prefill warm e2e cache}
+STAGES=${STAGES:-env import cuda_tests mlp_sweep kernels_mlp mlp_breakdown kernels_lm_head kernels_prefill warm e2e cache}
 stage() {  # stage NAME LIMIT_S COMMAND...
   local name=$1 limit=$(( $2 * SCALE )); shift 2
   case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
@@ -56,6 +59,7 @@ if [ "${MLP_SEED-auto}" = auto ]; then
 fi
 stage kernels_mlp 80 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_MLP" --only "mlp decode" --json "$RESULTS/kernels_cuda_mlp.json" \
   ${MLP_SEED:+--seed-knobs "$MLP_SEED"}
+stage mlp_breakdown 90 python3 benchmarks/device/mlp_breakdown.py --runs 40 --json "$RESULTS/mlp_breakdown.json"
 stage kernels_lm_head 110 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_LM_HEAD" --only lm_head --json "$RESULTS/kernels_cuda_lm_head.json"
 stage kernels_prefill 150 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_PREFILL" \
   --only "mlp prefill,gemm prefill,attention prefill" \

@@ -1,14 +1,15 @@
 """Where the decode MLP's time goes on a GPU, and how the L2 flush before each timed call affects it.
 
 For one two-kernel MLP schedule (default: the best of mlp_sweep on an H100) it times, with CUDA events after a
-~100 us spin kernel as the evaluator does, each kernel alone, both, a single GEMV reading as many bytes, and
-eager (cuBLAS), under three cache states before each call:
-  zero     the evaluator's flush: zero a buffer twice the L2 (leaves L2 full of dirty lines to write back)
-  read     read that buffer instead (leaves clean lines: nothing to write back)
+~100 us spin kernel as the evaluator does, each kernel alone, both, the streaming one-kernel MLP (down projection
+read transposed), a single GEMV reading as many bytes, and eager (cuBLAS), under three cache states before each call:
+  zero     zero a buffer twice the L2 (triton's do_bench; the evaluator before codegen cuda-5): leaves L2 full of
+           dirty lines to write back
+  read     read that buffer instead (the evaluator's flush since cuda-5): leaves clean lines
   rotate   no flush; the call reads one of 4 weight copies in turn (400 MB), as consecutive layers of a model do
 Percentages are of the measured device-to-device copy bandwidth (read + written), as everywhere else.
 
-    python benchmarks/device/mlp_breakdown.py [--knobs JSON] [--json out.json] [--pdl]
+    python benchmarks/device/mlp_breakdown.py [--knobs JSON] [--streaming JSON] [--json out.json] [--pdl]
 """
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ from pathlib import Path
 
 SWEEP_BEST = {"naive": False, "vec": True, "fuse": True, "stream_loads": True, "down_warps": 8, "down_ksplit": 8,
               "down_unroll": 8, "down_rows": 1, "warps": 4, "unroll": 8, "rows": 2, "ksplit": 1}
+STREAMING = {"naive": False, "down_t": True, "warps": 8, "chunk": 64, "stream_loads": True}
 COPIES = 4
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--knobs", default=json.dumps(SWEEP_BEST))
+    ap.add_argument("--streaming", default=json.dumps(STREAMING), help="the streaming MLP's schedule")
     ap.add_argument("--runs", type=int, default=60)
     ap.add_argument("--json", default=None)
     ap.add_argument("--pdl", action="store_true", help="also time programmatic-dependent-launch variants")
@@ -63,6 +66,7 @@ def main() -> None:
     if len(launch_spec(codegen.generate(mlp, codegen.legalize(mlp, knobs)))["kernels"]) == 2:
         kernels.update({"gate/up kernel alone": (mlp, compiled(mlp, knobs, [0])),
                         "down kernel alone": (mlp, compiled(mlp, knobs, [1]))})
+    kernels["mlp, streaming"] = (mlp, compiled(mlp, json.loads(args.streaming)))
     kernels["one GEMV, 100.7 MB"] = (gemv, compiled(gemv, gemv_knobs))
     if args.pdl:  # programmatic dependent launch: where gate/up lets the down kernel start, with/without prefetch
         pdl = {**knobs, "pdl": True}
@@ -84,7 +88,7 @@ def main() -> None:
         })
     bytes_read = {"mlp (both kernels)": mlp.bytes_moved(), "gate/up kernel alone": 2 * 8192 * 2048 * 2,
                   "down kernel alone": 8192 * 2048 * 2, "one GEMV, 100.7 MB": gemv.bytes_moved(),
-                  "eager mlp (cuBLAS)": mlp.bytes_moved()}
+                  "eager mlp (cuBLAS)": mlp.bytes_moved(), "mlp, streaming": mlp.bytes_moved()}
     bytes_read.update({n: mlp.bytes_moved() for n in kernels if n.startswith("mlp, PDL")})
     sets = {}
     for w in (mlp, gemv):

@@ -1,5 +1,6 @@
-"""Sweep the decode MLP's schedule families at Llama-3.2-1B shape on a GPU: the one-kernel split-K MLP
-(atomics), the persistent one-kernel MLP (grid barrier) and the two-kernel MLP (gate/up, then down).
+"""Sweep the decode MLP's schedule families at Llama-3.2-1B shape on a GPU: the streaming one-kernel MLP
+(down projection read transposed), the one-kernel split-K MLP (atomics), the persistent one-kernel MLP
+(grid barrier) and the two-kernel MLP (gate/up, then down).
 The two-kernel family is swept in stages, each keeping the best of the one before: the gate/up kernel's
 schedule (the down kernel fixed), then the down kernel's own schedule (block size, split K, loads in
 flight, rows per warp), then the switches (programmatic dependent launch, L2 prefetch of the down
@@ -8,7 +9,7 @@ with eager (cuBLAS) under the evaluator's CUDA timing (events, L2 flushed). Prin
 time and writes JSON whose "best" entry is the fastest correct schedule (cuda_check.sh seeds the MLP
 search with it).
 
-    python benchmarks/device/mlp_sweep.py --json mlp_sweep.json [--families two_kernel split_k persistent]
+    python benchmarks/device/mlp_sweep.py --json mlp_sweep.json [--families streaming two_kernel split_k persistent]
     python benchmarks/device/mlp_sweep.py --best-of mlp_sweep.json      # print the best knobs as JSON
     python benchmarks/device/mlp_sweep.py --compile-only sm_90          # no GPU: build every schedule
 """
@@ -23,11 +24,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-FAMILIES = ("two_kernel", "split_k", "persistent")  # the persistent MLP last: a grid barrier that hangs costs the rest
-KEYS = ("fuse_down", "persistent", "chunk", "per_sm", "warps", "rows", "ksplit", "unroll", "down_warps", "down_rows",
+FAMILIES = ("streaming", "two_kernel", "split_k", "persistent")  # persistent last: a hung grid barrier costs the rest
+KEYS = ("down_t", "fuse_down", "persistent", "chunk", "per_sm", "warps", "rows", "ksplit", "unroll", "down_warps", "down_rows",
         "down_ksplit", "down_unroll", "pdl", "l2_prefetch", "stream_loads")
 
 Measure = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+
+def streaming_grid() -> list[dict[str, Any]]:
+    """The streaming MLP: warps per block x intermediate rows per block x load hint."""
+    return [dict(down_t=True, warps=wp, chunk=c, stream_loads=st)
+            for wp, c, st in itertools.product((4, 8, 16), (16, 32, 64, 128), (True, False))]
 
 
 def split_k_grid() -> list[dict[str, Any]]:
@@ -92,7 +99,7 @@ def compile_all(families: list[str], arch: str) -> int:
         if family == "two_kernel":
             list(two_kernel_stages(measure))
         else:
-            for s in {"split_k": split_k_grid, "persistent": persistent_grid}[family]():
+            for s in {"streaming": streaming_grid, "split_k": split_k_grid, "persistent": persistent_grid}[family]():
                 measure(family, s)
     print(f"{total} schedules built for {arch}, {failed} failed, {time.perf_counter() - start:.0f} s")
     return failed
@@ -182,7 +189,8 @@ def main() -> None:
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for family in args.families:
-        points = {"split_k": lambda: (measure("split_k", s) for s in split_k_grid()),
+        points = {"streaming": lambda: (measure("streaming", s) for s in streaming_grid()),
+                  "split_k": lambda: (measure("split_k", s) for s in split_k_grid()),
                   "persistent": lambda: (measure("persistent", s) for s in persistent_grid()),
                   "two_kernel": lambda: two_kernel_stages(measure)}[family]()
         for row in points:

@@ -148,3 +148,10 @@ def test_check_and_time_generated_attention(tmp_path):
     so = build_ok(codegen.generate(w, knobs), "scalar", tmp_path).so_path
     out = check_and_time({}, w, LOADER, (str(so), len(w.tensors)), EvalSettings(correctness_sets=3, timing_budget_ms=5))
     assert out["stage"] == "ok", out
+
+
+def test_cuda_timing_refuses_an_unknown_flush():
+    from autocomp_compile.evaluation.checks import time_interleaved_cuda
+
+    with pytest.raises(ValueError, match="flush"):
+        time_interleaved_cuda({}, flush="evict")  # checked before any CUDA call: runs without a GPU

@@ -19,14 +19,14 @@ from typing import Any
 from autocomp_compile.targets.cuda import mma
 from autocomp_compile.workload import Workload
 
-CODEGEN_VERSION = "cuda-4"
+CODEGEN_VERSION = "cuda-5"
 GEMV_KINDS = ("gemm", "lm_head", "mlp")
 
 NAIVE_KNOBS: dict[str, dict[str, Any]] = {
     "gemv": dict(naive=True, warps=4, rows=1, ksplit=1, unroll=1, vec=False, x_smem=False, fuse=False,
                  stream_loads=False, l2_prefetch=False, fuse_down=False, chunk=64, persistent=False, per_sm=2,
                  down_warps=0, down_rows=0, down_ksplit=0, down_unroll=0, pdl=False,
-                 mma=False, tile_m=64, tile_n=64, stages=2, ldmatrix=False),
+                 mma=False, tile_m=64, tile_n=64, stages=2, ldmatrix=False, down_t=False),
     "attention": dict(naive=True, warps=4, splits=1, gqa_share=False, q_block=1, mma=False),
     "rmsnorm": dict(naive=True, threads=256, vec=False),
 }
@@ -97,6 +97,9 @@ def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
         tensor_cores = _mma_legal(w, out)
         if tensor_cores is not None:
             return tensor_cores
+        transposed = _down_t_legal(w, out)
+        if transposed is not None:
+            return transposed
         epv = 16 // _elem_bytes(w)
         ks = [_gemv_shape(w)[2]] + ([w.params["intermediate"]] if w.kind == "mlp" else [])
         if out["vec"] and any(k % epv for k in ks):
@@ -157,6 +160,35 @@ def _mma_legal(w: Workload, k: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def down_t_fits(w: Workload) -> bool:
+    """Whether the streaming MLP (`down_t`) can run workload `w`: see _down_t_legal."""
+    if w.kind != "mlp":
+        return False
+    m, h, i = w.params["batch"], w.params["hidden"], w.params["intermediate"]
+    epv = 16 // _elem_bytes(w)
+    loads = -(-h // (32 * epv))  # 16-byte loads per lane per weight row
+    return (h % epv == 0 and 3 * loads <= 24 and m * loads * epv <= 64
+            and m * (loads * 32 * epv + h) * 4 <= 48 * 1024 and i % 16 == 0)
+
+
+def _down_t_legal(w: Workload, k: dict[str, Any]) -> dict[str, Any] | None:
+    """The streaming MLP's schedule (only warps, chunk and stream_loads matter), or None when `k` does not ask
+    for it or the shape does not allow it: every lane holds its 16-byte loads of one row of each of the three
+    weights (at most 24) and its share of the block's partial output (at most 64 floats) in registers, and the
+    float activation and partial output fit in static shared memory."""
+    if not (k["down_t"] and not k["naive"] and down_t_fits(w)):
+        k["down_t"] = False
+        return None
+    i = w.params["intermediate"]
+    chunk, warps = k["chunk"], k["warps"]
+    while i % chunk:
+        chunk //= 2
+    while warps > chunk or chunk % warps:
+        warps //= 2
+    return {**NAIVE_KNOBS["gemv"], "naive": False, "vec": True, "down_t": True, "warps": warps, "chunk": chunk,
+            "stream_loads": bool(k["stream_loads"])}
+
+
 def _fused_mlp_legal(w: Workload, k: dict[str, Any]) -> bool:
     """The one-kernel MLP needs 16-byte loads, a chunk of the intermediate dimension that divides it,
     and the float activation plus a chunk of the SiLU output in static shared memory."""
@@ -183,6 +215,8 @@ def generate(w: Workload, knobs: dict[str, Any]) -> str:
     fam = family(w.kind)
     launches, scratch, body = {"gemv": _gemv, "attention": _attention, "rmsnorm": _rmsnorm}[fam](w, knobs)
     spec = {"kernels": launches, "scratch": scratch}
+    if knobs.get("down_t"):
+        spec["derived"] = {"w_down_t": ["transpose", "w_down"]}  # made once per weight by the runtime
     if (knobs.get("vec") or knobs.get("mma")) and not knobs.get("naive"):
         spec["align"] = 16  # 16-byte vector loads of the workload's tensors: the runtime checks their addresses
     header = (
@@ -651,6 +685,126 @@ extern "C" __global__ void __launch_bounds__({W * 32}) mlp_persistent(const elem
 """
 
 
+_RED_ADD_F32X4 = """
+/* acc[0..3] += v, one 16-byte reduction in L2 where the GPU has it (sm_90), else four float atomics */
+__device__ __forceinline__ void red_add_f32x4(float *acc, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(acc), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+#else
+  atomicAdd(acc, v.x); atomicAdd(acc + 1, v.y); atomicAdd(acc + 2, v.z); atomicAdd(acc + 3, v.w);
+#endif
+}
+"""
+
+
+def _mlp_down_t_kernel(M: int, H: int, I: int, epv: int, k: dict[str, Any]) -> str:
+    """The whole SwiGLU MLP in one launch that streams its three weights contiguously: the down projection is
+    read transposed (intermediate x hidden, a copy made once per weight), so that intermediate row j of gate,
+    up and down-transposed are three contiguous rows. Block b owns rows [b*C, (b+1)*C); a warp issues all
+    16-byte loads of one row of each weight at once, reduces gate . x and up . x across its lanes, and adds
+    SiLU(gate . x) * (up . x) times the down row to the partial output each lane holds in registers (its
+    columns: the same as its loads). The block sums its warps' partial outputs in shared memory and adds them
+    to an fp32 accumulator with 16-byte reductions; the last block to finish (a counter) writes the output and
+    leaves the accumulator and counter zeroed for the next launch. Where 32 lanes' loads do not tile a row
+    (small test shapes), lanes past its end load zeros and add nothing."""
+    W, C = k["warps"], k["chunk"]
+    ld = "__ldcs" if k["stream_loads"] else "__ldg"
+    ragged = H % (32 * epv) != 0
+    load = (lambda wt: f"col < H ? {ld}(reinterpret_cast<const uint4 *>({wt} + row + col)) : make_uint4(0u, 0u, 0u, 0u)"
+            ) if ragged else (lambda wt: f"{ld}(reinterpret_cast<const uint4 *>({wt} + row + col))")
+    return _RED_ADD_F32X4 + f"""
+extern "C" __global__ void __launch_bounds__({W * 32}) mlp_down_t(const elem_t *__restrict__ x,
+    const elem_t *__restrict__ wg, const elem_t *__restrict__ wu, const elem_t *__restrict__ wdt,
+    float *__restrict__ acc, unsigned int *__restrict__ count, elem_t *__restrict__ out) {{
+  const int M = {M}, H = {H}, C = {C}, NT = {W * 32};
+  const int NQ = (H + 32 * EPV - 1) / (32 * EPV);  /* 16-byte loads per lane per weight row */
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const long j0 = (long)blockIdx.x * C;
+  __shared__ __align__(16) float xs[M * NQ * 32 * EPV];  /* zero past the row's end */
+  __shared__ __align__(16) float part[M * H];
+  __shared__ bool last;
+  for (int i = threadIdx.x; i < M * NQ * 32 * EPV; i += NT) {{
+    const int m = i / (NQ * 32 * EPV), c = i % (NQ * 32 * EPV);
+    xs[i] = c < H ? to_f32(x[m * H + c]) : 0.0f;
+  }}
+  for (int i = threadIdx.x; i < M * H; i += NT) part[i] = 0.0f;
+  __syncthreads();
+  float o[M][NQ][EPV];  /* this lane's share of the block's partial output: columns (q * 32 + lane) * EPV + e */
+  #pragma unroll
+  for (int m = 0; m < M; ++m)
+    #pragma unroll
+    for (int q = 0; q < NQ; ++q)
+      #pragma unroll
+      for (int e = 0; e < EPV; ++e) o[m][q][e] = 0.0f;
+  for (int r = warp; r < C; r += {W}) {{
+    const long row = (j0 + r) * H;
+    uint4 g[NQ], u[NQ], d[NQ];  /* every load of the row issued before the first use */
+    #pragma unroll
+    for (int q = 0; q < NQ; ++q) {{
+      const int col = (q * 32 + lane) * EPV;
+      g[q] = {load("wg")};
+      u[q] = {load("wu")};
+      d[q] = {load("wdt")};
+    }}
+    float a[M], b[M];
+    #pragma unroll
+    for (int m = 0; m < M; ++m) a[m] = b[m] = 0.0f;
+    #pragma unroll
+    for (int q = 0; q < NQ; ++q) {{
+      const elem_t *ge = reinterpret_cast<const elem_t *>(&g[q]);
+      const elem_t *ue = reinterpret_cast<const elem_t *>(&u[q]);
+      #pragma unroll
+      for (int m = 0; m < M; ++m) {{
+        float xv[EPV];
+        #pragma unroll
+        for (int v = 0; v < EPV / 4; ++v)
+          reinterpret_cast<float4 *>(xv)[v] = reinterpret_cast<const float4 *>(xs + (m * NQ + q) * 32 * EPV + lane * EPV)[v];
+        #pragma unroll
+        for (int e = 0; e < EPV; ++e) {{
+          a[m] += to_f32(ge[e]) * xv[e];
+          b[m] += to_f32(ue[e]) * xv[e];
+        }}
+      }}
+    }}
+    #pragma unroll
+    for (int m = 0; m < M; ++m) {{
+      const float h = silu(warp_sum(a[m])) * warp_sum(b[m]);  /* every lane gets the sums */
+      #pragma unroll
+      for (int q = 0; q < NQ; ++q) {{
+        const elem_t *de = reinterpret_cast<const elem_t *>(&d[q]);
+        #pragma unroll
+        for (int e = 0; e < EPV; ++e) o[m][q][e] += h * to_f32(de[e]);
+      }}
+    }}
+  }}
+  #pragma unroll
+  for (int m = 0; m < M; ++m)
+    #pragma unroll
+    for (int q = 0; q < NQ; ++q)
+      #pragma unroll
+      for (int e = 0; e < EPV; ++e)
+        {"if ((q * 32 + lane) * EPV < H) " if ragged else ""}atomicAdd(part + m * H + (q * 32 + lane) * EPV + e, o[m][q][e]);
+  __syncthreads();
+  for (int i = threadIdx.x * 4; i < M * H; i += NT * 4)
+    red_add_f32x4(acc + i, *reinterpret_cast<const float4 *>(part + i));
+  /* the last block to finish writes the output and leaves the accumulator and counter zeroed */
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(count, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (last) {{
+    __threadfence();
+    for (int i = threadIdx.x; i < M * H; i += NT) {{
+      store_out(out + i, __ldcg(acc + i));
+      acc[i] = 0.0f;
+    }}
+    if (threadIdx.x == 0) *count = 0u;
+  }}
+}}
+"""
+
+
 def _gemv(w: Workload, k: dict[str, Any]):
     M, N, K = _gemv_shape(w)
     if k["mma"]:
@@ -659,6 +813,11 @@ def _gemv(w: Workload, k: dict[str, Any]):
         code, launch = _gemv_stage("gemv", "elem_t", "elem_t", M, N, K, False, k, ["x", "w", "out"])
         return [launch], {}, code
     H, I = w.params["hidden"], w.params["intermediate"]
+    if k["down_t"]:
+        launch = _launch("mlp_down_t", (I // k["chunk"],), k["warps"] * 32,
+                         ["x", "w_gate", "w_up", "@w_down_t", "$acc", "$count", "out"])
+        code = _mlp_down_t_kernel(M, H, I, 16 // _elem_bytes(w), k)
+        return [launch], {"acc": [M * H, "fp32"], "count": [1, "u32"]}, code
     if k["fuse_down"]:
         launch = _launch("mlp_fused", (I // k["chunk"],), k["warps"] * 32,
                          ["x", "w_gate", "w_up", "w_down", "$acc", "$count", "out"])

@@ -9,6 +9,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from autocomp_compile.targets.cuda import derived as derived_tensors
+
 LAUNCH_PREFIX = "// autocomp-launch: "
 _SCRATCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "u32": torch.int32}  # u32: same bits
 
@@ -42,6 +44,14 @@ def launch_spec(source: str) -> dict[str, Any]:
                 raise CudaKernelError(f"grid size {g!r} of {k['name']} is neither an integer nor 'sms*N'")
     if not spec.get("kernels"):
         raise CudaKernelError("launch line lists no kernels")
+    try:
+        derived_tensors.check_spec(spec.get("derived", {}))
+    except ValueError as exc:
+        raise CudaKernelError(str(exc)) from None
+    for k in spec["kernels"]:
+        for a in k["args"]:
+            if a.startswith("@") and a[1:] not in spec.get("derived", {}):
+                raise CudaKernelError(f"{k['name']} takes derived tensor {a!r}, which the launch line does not define")
     return spec
 
 
@@ -161,6 +171,8 @@ class CudaKernel:
         """Everything a launch needs, computed once: launch tuples, configurations, scratch buffers."""
         self._functions = functions
         self._device = device
+        self._derived = self.spec.get("derived", {})
+        derived_tensors.check_spec(self._derived, self.names)
         self._stream = stream
         self._launches = []
         for fn, k in zip(functions, self.spec["kernels"]):
@@ -177,9 +189,15 @@ class CudaKernel:
             for name, (n, dt) in self.spec.get("scratch", {}).items()
         }
 
-    def _params(self, tensors: Sequence[torch.Tensor], dims: Sequence[int]) -> list[Any]:
-        """ctypes kernel-parameter arrays for every launch (kept alive with their values)."""
+    def _derived_tensors(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The launch line's derived tensors (e.g. a transposed weight) for these inputs, from the process cache."""
         by_name = dict(zip(self.names, tensors))
+        return {name: derived_tensors.CACHE.get(how, by_name[src]) for name, (how, src) in self._derived.items()}
+
+    def _params(self, tensors: Sequence[torch.Tensor], dims: Sequence[int],
+                derived: dict[str, torch.Tensor]) -> list[Any]:
+        """ctypes kernel-parameter arrays for every launch (kept alive with their values)."""
+        by_name = {**dict(zip(self.names, tensors)), **{"@" + n: t for n, t in derived.items()}}
         dim_by_name = dict(zip(self.dim_names, dims))
         prepared = []
         for k in self.spec["kernels"]:
@@ -207,8 +225,13 @@ class CudaKernel:
         # Parameter arrays depend only on the pointers and dims: reuse them across calls. This is the
         # per-call host cost of every kernel in a model, so it avoids imports, f-strings and re-reading the spec.
         key = (tuple([t.data_ptr() for t in tensors]), tuple(map(int, dims)) if dims else ())
+        derived: dict[str, torch.Tensor] = {}
+        if self._derived:  # looked up on every call: a weight updated in place gets a new copy
+            derived = self._derived_tensors(tensors)
+            key += tuple([t.data_ptr() for t in derived.values()])
+            self._derived_alive = derived  # the cached parameters point into these copies
         if self._cached_key != key:
-            self._cached = self._params(tensors, dims)
+            self._cached = self._params(tensors, dims, derived)
             self._addresses = [ctypes.addressof(array) for _, array in self._cached]
             self._cached_key = key
         stream = self._stream()

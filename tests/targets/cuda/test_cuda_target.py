@@ -31,6 +31,7 @@ WORKLOADS = {
     "gemm_bf16": make_workload("gemm", "bf16", m=2, n=96, k=256),
     "mlp_bf16": make_workload("mlp", "bf16", batch=1, hidden=128, intermediate=256),
     "mlp_fp32": make_workload("mlp", "fp32", batch=2, hidden=64, intermediate=96),
+    "mlp_bf16_h512": make_workload("mlp", "bf16", batch=1, hidden=512, intermediate=128),  # lanes tile its rows
     "gemm_bf16_prefill": make_workload("gemm", "bf16", m=40, n=96, k=96),
     "mlp_bf16_prefill": make_workload("mlp", "bf16", batch=20, hidden=64, intermediate=96),
     "rmsnorm_bf16": make_workload("rmsnorm", "bf16", rows=3, hidden=40),
@@ -50,7 +51,9 @@ VARIANTS = {
              dict(naive=False, vec=True, unroll=1, warps=4, persistent=True, per_sm=4, stream_loads=True),
              dict(naive=False, vec=True, rows=2, unroll=4, warps=8, fuse=True, stream_loads=True, pdl=True,
                   down_warps=16, down_ksplit=8, down_unroll=8, down_rows=1),
-             dict(naive=False, vec=True, unroll=2, warps=4, fuse=True, l2_prefetch=True, pdl=True, down_rows=2)],
+             dict(naive=False, vec=True, unroll=2, warps=4, fuse=True, l2_prefetch=True, pdl=True, down_rows=2),
+             dict(naive=False, down_t=True, warps=4, chunk=32),
+             dict(naive=False, down_t=True, warps=16, chunk=16, stream_loads=True)],
     "attention": [{}, dict(naive=False), dict(naive=False, gqa_share=True, splits=4, warps=4, q_block=2),
                   dict(naive=False, splits=16, warps=2, q_block=4),
                   dict(naive=False, mma=True), dict(naive=False, mma=True, warps=1)],  # tensor cores: bf16 prefill
@@ -145,6 +148,35 @@ def test_the_emulator_catches_a_wrong_split_k_reduction(emulator_builds):
     wrong = src.replace("tot[j] += red[warp + s][j][m][r];", "tot[j] += red[warp][j][m][r];")
     assert wrong != src
     assert not emulator.check(w, wrong, emulator_builds).ok
+
+
+@needs_gxx
+@pytest.mark.parametrize("mutation", [
+    ("o[m][q][e] += h * to_f32(de[e]);", "o[m][q][e] += h * to_f32(de[0]);"),  # wrong column of the down row
+    ("for (int r = warp; r < C; r += ", "for (int r = warp + 1; r < C; r += "),  # a row of every warp skipped
+    ("red_add_f32x4(acc + i, *", "if (blockIdx.x) red_add_f32x4(acc + i, *"),  # a block's partial sums dropped
+])
+def test_the_emulator_catches_a_wrong_streaming_mlp(mutation, emulator_builds):
+    w = WORKLOADS["mlp_bf16_h512"]
+    knobs = codegen.legalize(w, dict(naive=False, down_t=True, warps=4, chunk=32))
+    src = codegen.generate(w, knobs)
+    assert knobs["down_t"] and emulator.check(w, src, emulator_builds).ok
+    wrong = src.replace(*mutation)
+    assert wrong != src
+    assert not emulator.check(w, wrong, emulator_builds).ok
+
+
+def test_the_streaming_mlp_reads_the_down_projection_transposed():
+    w = make_workload("mlp", "bf16", batch=1, hidden=2048, intermediate=8192)
+    knobs = codegen.legalize(w, dict(naive=False, down_t=True, warps=8, chunk=64, rows=4, fuse=True))
+    assert {k: v for k, v in knobs.items() if v != codegen.NAIVE_KNOBS["gemv"][k]} == dict(
+        naive=False, vec=True, down_t=True, warps=8)  # only its own knobs survive (chunk 64 is the default)
+    spec = launch_spec(codegen.generate(w, knobs))
+    assert spec["derived"] == {"w_down_t": ["transpose", "w_down"]}
+    (k,) = spec["kernels"]
+    assert k["grid"][0] == 8192 // 64 and "@w_down_t" in k["args"]
+    assert not codegen.legalize(make_workload("mlp", "bf16", batch=4, hidden=2048, intermediate=8192),
+                                dict(naive=False, down_t=True))["down_t"]  # 4 rows of partial output: too many registers
 
 
 @needs_compiler
@@ -365,3 +397,33 @@ def test_launch_loop_passes_grid_stream_and_parameters_without_a_gpu(monkeypatch
     monkeypatch.setattr(runtime, "_check", lambda result, what: (_ for _ in ()).throw(CudaKernelError(what)))
     with pytest.raises(CudaKernelError, match="launch of gate_up"):
         kernel(tensors)
+
+
+def test_launch_loop_passes_a_transposed_copy_of_the_down_projection(monkeypatch):
+    """The streaming MLP's `@w_down_t` argument: the runtime passes a transposed copy, made once per weight
+    and made again after the weight changes in place."""
+    driver = pytest.importorskip("cuda.bindings.driver", reason="cuda-python (cuda-bindings) is not installed")
+    from autocomp_compile.targets.cuda import derived, runtime
+
+    w = make_workload("mlp", "bf16", batch=1, hidden=512, intermediate=128)
+    spec = launch_spec(codegen.generate(w, codegen.legalize(w, dict(naive=False, down_t=True))))
+    kernel = object.__new__(runtime.CudaKernel)
+    kernel.spec, kernel.names, kernel.dim_names, kernel.alignment = spec, [t.name for t in w.tensors], [], 16
+    stream = driver.CUstream(0)
+    kernel._setup(["fn_mlp"], (9, 0), lambda: stream, "cpu")
+    fake = _RecordingDriver(result="ok")
+    monkeypatch.setattr(runtime, "_driver", fake)
+    monkeypatch.setattr(runtime, "_SUCCESS", "ok")
+    monkeypatch.setattr(derived, "CACHE", derived.DerivedCache())
+    tensors = [torch.randn(t.shape).to(torch.bfloat16) for t in w.tensors]
+    x, wg, wu, wd, out = tensors
+    kernel(tensors)
+    kernel(tensors)
+    (copy,) = derived.CACHE._entries.values()
+    assert torch.equal(copy[1], wd.t()) and derived.CACHE.made == 1
+    pointers = _pointers(fake.calls[-1][1][9], 7)
+    assert pointers[:3] == [x.data_ptr(), wg.data_ptr(), wu.data_ptr()] and pointers[3] == copy[1].data_ptr()
+    assert pointers[4] == kernel._scratch["acc"].data_ptr() and pointers[6] == out.data_ptr()
+    wd.neg_()
+    kernel(tensors)
+    assert derived.CACHE.made == 2 and _pointers(fake.calls[-1][1][9], 7)[3] != pointers[3]

@@ -1,0 +1,69 @@
+"""Derived (prepacked) weights: one copy per weight, a new one after an in-place update, none after it is freed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autocomp_compile.targets.cuda import derived
+from autocomp_compile.targets.cuda.runtime import CudaKernelError, launch_spec
+
+
+def test_one_copy_per_weight_shared_by_views_and_detached_aliases():
+    cache = derived.DerivedCache()
+    w = torch.randn(6, 4)
+    t = cache.get("transpose", w)
+    assert torch.equal(t, w.t()) and t.is_contiguous()
+    assert cache.get("transpose", w) is t
+    assert cache.get("transpose", w.detach()) is t  # same storage, geometry and version counter
+    assert cache.get("transpose", w.view(6, 4)) is t
+    assert cache.made == 1
+    assert torch.equal(cache.get("transpose", w[:3]), w[:3].t())  # another view: its own copy
+    assert cache.made == 2
+
+
+def test_an_in_place_update_makes_a_new_copy():
+    cache = derived.DerivedCache()
+    w = torch.randn(5, 3)
+    first = cache.get("transpose", w).clone()
+    w.mul_(-2.0)
+    second = cache.get("transpose", w)
+    assert torch.equal(second, w.t()) and not torch.equal(second, first)
+
+
+def test_a_freed_weight_leaves_no_copy_behind():
+    cache = derived.DerivedCache()
+    w = torch.randn(8, 8)
+    cache.get("transpose", w)
+    assert len(cache) == 1
+    del w
+    assert len(cache) == 0
+    fresh = torch.randn(8, 8)  # may reuse the freed memory: must not see the old copy
+    assert torch.equal(cache.get("transpose", fresh), fresh.t())
+
+
+def test_inference_tensors_get_a_fresh_copy_each_time():
+    cache = derived.DerivedCache()
+    with torch.inference_mode():
+        w = torch.randn(4, 2)
+    assert torch.equal(cache.get("transpose", w), w.t())
+    cache.get("transpose", w)
+    assert cache.made == 2
+
+
+def test_launch_lines_with_bad_derived_tensors_are_refused():
+    head = '// autocomp-launch: {"kernels": [{"name": "k", "grid": [1, 1, 1], "block": [32, 1, 1], "args": ["@wt"]}]'
+    assert launch_spec(head + ', "derived": {"wt": ["transpose", "w"]}}\n')["derived"] == {"wt": ["transpose", "w"]}
+    with pytest.raises(CudaKernelError, match="does not define"):
+        launch_spec(head + "}\n")
+    with pytest.raises(CudaKernelError, match="expected"):
+        launch_spec(head + ', "derived": {"wt": ["rotate", "w"]}}\n')
+    with pytest.raises(ValueError, match="does not have"):
+        derived.check_spec({"wt": ["transpose", "w"]}, ["x", "out"])
+
+
+def test_a_tensor_pointed_at_other_memory_gets_its_copy():
+    cache = derived.DerivedCache()
+    w = torch.randn(4, 4)
+    cache.get("transpose", w)
+    w.data = torch.randn(4, 4)  # no in-place op, so no new version: the address tells
+    assert torch.equal(cache.get("transpose", w), w.t())
