@@ -713,6 +713,13 @@ def _mlp_down_t_kernel(M: int, H: int, I: int, epv: int, k: dict[str, Any]) -> s
     ragged = H % (32 * epv) != 0
     load = (lambda wt: f"col < H ? {ld}(reinterpret_cast<const uint4 *>({wt} + row + col)) : make_uint4(0u, 0u, 0u, 0u)"
             ) if ragged else (lambda wt: f"{ld}(reinterpret_cast<const uint4 *>({wt} + row + col))")
+    weights = {"g": "wg", "u": "wu", "d": "wdt"}
+
+    def row_loads(r: str, regs: tuple[str, ...], pad: str = "      ") -> str:
+        """16-byte loads of intermediate row `r` of the weights behind registers `regs`."""
+        lines = [f"const long row = (j0 + {r}) * H;", "#pragma unroll", "for (int q = 0; q < NQ; ++q) {",
+                 "  const int col = (q * 32 + lane) * EPV;", *(f"  {reg}[q] = {load(weights[reg])};" for reg in regs), "}"]
+        return "".join(f"{pad}{line}\n" for line in lines)
     return _RED_ADD_F32X4 + f"""
 extern "C" __global__ void __launch_bounds__({W * 32}) mlp_down_t(const elem_t *__restrict__ x,
     const elem_t *__restrict__ wg, const elem_t *__restrict__ wu, const elem_t *__restrict__ wdt,
@@ -721,6 +728,9 @@ extern "C" __global__ void __launch_bounds__({W * 32}) mlp_down_t(const elem_t *
   const int NQ = (H + 32 * EPV - 1) / (32 * EPV);  /* 16-byte loads per lane per weight row */
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const long j0 = (long)blockIdx.x * C;
+  uint4 g[NQ], u[NQ], d[NQ];  /* one row of each weight, loaded before first use: the first before x is staged */
+  {{
+{row_loads("warp", ("g", "u", "d"), "    ")}  }}
   __shared__ __align__(16) float xs[M * NQ * 32 * EPV];  /* zero past the row's end */
   __shared__ __align__(16) float part[M * H];
   __shared__ bool last;
@@ -738,15 +748,7 @@ extern "C" __global__ void __launch_bounds__({W * 32}) mlp_down_t(const elem_t *
       #pragma unroll
       for (int e = 0; e < EPV; ++e) o[m][q][e] = 0.0f;
   for (int r = warp; r < C; r += {W}) {{
-    const long row = (j0 + r) * H;
-    uint4 g[NQ], u[NQ], d[NQ];  /* every load of the row issued before the first use */
-    #pragma unroll
-    for (int q = 0; q < NQ; ++q) {{
-      const int col = (q * 32 + lane) * EPV;
-      g[q] = {load("wg")};
-      u[q] = {load("wu")};
-      d[q] = {load("wdt")};
-    }}
+    const int next = r + {W};
     float a[M], b[M];
     #pragma unroll
     for (int m = 0; m < M; ++m) a[m] = b[m] = 0.0f;
@@ -767,6 +769,8 @@ extern "C" __global__ void __launch_bounds__({W * 32}) mlp_down_t(const elem_t *
         }}
       }}
     }}
+    if (next < C) {{  /* g and u are used: the next row's gate and up loads go out during the rest */
+{row_loads("next", ("g", "u"))}    }}
     #pragma unroll
     for (int m = 0; m < M; ++m) {{
       const float h = silu(warp_sum(a[m])) * warp_sum(b[m]);  /* every lane gets the sums */
@@ -777,6 +781,8 @@ extern "C" __global__ void __launch_bounds__({W * 32}) mlp_down_t(const elem_t *
         for (int e = 0; e < EPV; ++e) o[m][q][e] += h * to_f32(de[e]);
       }}
     }}
+    if (next < C) {{
+{row_loads("next", ("d",))}    }}
   }}
   #pragma unroll
   for (int m = 0; m < M; ++m)
