@@ -160,6 +160,19 @@ def _mma_legal(w: Workload, k: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def slots_for(warps: int) -> int:
+    """Shared-memory slots the streaming MLP's block reduction needs: half the warps store, the others add."""
+    return (warps + 1) // 2
+
+
+def _down_t_smem(w: Workload, warps: int) -> int:
+    """Static shared memory of the streaming MLP: the float activation and the reduction slots (padded rows)."""
+    m, h = w.params["batch"], w.params["hidden"]
+    epv = 16 // _elem_bytes(w)
+    padded = -(-h // (32 * epv)) * 32 * epv
+    return (1 + slots_for(warps)) * m * padded * 4
+
+
 def down_t_fits(w: Workload) -> bool:
     """Whether the streaming MLP (`down_t`) can run workload `w`: see _down_t_legal."""
     if w.kind != "mlp":
@@ -167,8 +180,7 @@ def down_t_fits(w: Workload) -> bool:
     m, h, i = w.params["batch"], w.params["hidden"], w.params["intermediate"]
     epv = 16 // _elem_bytes(w)
     loads = -(-h // (32 * epv))  # 16-byte loads per lane per weight row
-    return (h % epv == 0 and 3 * loads <= 24 and m * loads * epv <= 64
-            and m * (loads * 32 * epv + h) * 4 <= 48 * 1024 and i % 16 == 0)
+    return h % epv == 0 and 3 * loads <= 24 and m * loads * epv <= 64 and _down_t_smem(w, 1) <= 48 * 1024 and i % 16 == 0
 
 
 def _down_t_legal(w: Workload, k: dict[str, Any]) -> dict[str, Any] | None:
@@ -183,7 +195,8 @@ def _down_t_legal(w: Workload, k: dict[str, Any]) -> dict[str, Any] | None:
     chunk, warps = k["chunk"], k["warps"]
     while i % chunk:
         chunk //= 2
-    while warps > chunk or chunk % warps:
+    warps = min(warps, 8)  # the loads and partial output take ~240 registers per thread: 256 threads at most
+    while warps > chunk or chunk % warps or _down_t_smem(w, warps) > 48 * 1024:
         warps //= 2
     return {**NAIVE_KNOBS["gemv"], "naive": False, "vec": True, "down_t": True, "warps": warps, "chunk": chunk,
             "stream_loads": bool(k["stream_loads"])}
@@ -714,6 +727,26 @@ def _mlp_down_t_kernel(M: int, H: int, I: int, epv: int, k: dict[str, Any]) -> s
     load = (lambda wt: f"col < H ? {ld}(reinterpret_cast<const uint4 *>({wt} + row + col)) : make_uint4(0u, 0u, 0u, 0u)"
             ) if ragged else (lambda wt: f"{ld}(reinterpret_cast<const uint4 *>({wt} + row + col))")
     weights = {"g": "wg", "u": "wu", "d": "wdt"}
+    S = slots_for(W)
+    per_thread = -(-M * H // 4 // (W * 32))
+    if epv == 8:  # bf16: four outputs packed into 8 bytes
+        store4 = ("        uint2 p;\n"
+                  "        p.x = (unsigned)from_f32(v[k].x) | ((unsigned)from_f32(v[k].y) << 16);\n"
+                  "        p.y = (unsigned)from_f32(v[k].z) | ((unsigned)from_f32(v[k].w) << 16);\n"
+                  "        reinterpret_cast<uint2 *>(out)[i] = p;")
+    else:
+        store4 = "        reinterpret_cast<float4 *>(out)[i] = v[k];"
+
+    def slot_pass(who: str, slot: str, add: bool) -> str:
+        """Warps `who` write (or add) their partial outputs into slot `slot`."""
+        value = ("make_float4(o[m][q][4 * v], o[m][q][4 * v + 1], o[m][q][4 * v + 2], o[m][q][4 * v + 3])")
+        update = ("          float4 t = p[i];\n          t.x += o[m][q][4 * v]; t.y += o[m][q][4 * v + 1]; "
+                  "t.z += o[m][q][4 * v + 2]; t.w += o[m][q][4 * v + 3];\n          p[i] = t;\n") if add else (
+                  f"          p[i] = {value};\n")
+        return (f"  if ({who}) {{\n    float4 *p = slots + ({slot}) * F;\n    #pragma unroll\n    for (int m = 0; m < M; ++m)\n"
+                "      #pragma unroll\n      for (int q = 0; q < NQ; ++q)\n        #pragma unroll\n"
+                "        for (int v = 0; v < HV; ++v) {\n          const int i = ((m * NQ + q) * HV + v) * 32 + lane;\n"
+                f"{update}        }}\n  }}\n")
 
     def row_loads(r: str, regs: tuple[str, ...], pad: str = "      ") -> str:
         """16-byte loads of intermediate row `r` of the weights behind registers `regs`."""
@@ -724,21 +757,21 @@ def _mlp_down_t_kernel(M: int, H: int, I: int, epv: int, k: dict[str, Any]) -> s
 extern "C" __global__ void __launch_bounds__({W * 32}) mlp_down_t(const elem_t *__restrict__ x,
     const elem_t *__restrict__ wg, const elem_t *__restrict__ wu, const elem_t *__restrict__ wdt,
     float *__restrict__ acc, unsigned int *__restrict__ count, elem_t *__restrict__ out) {{
-  const int M = {M}, H = {H}, C = {C}, NT = {W * 32};
+  const int M = {M}, H = {H}, C = {C}, NT = {W * 32}, S = {S};
   const int NQ = (H + 32 * EPV - 1) / (32 * EPV);  /* 16-byte loads per lane per weight row */
+  const int HV = EPV / 4, F = M * NQ * HV * 32;  /* float4s per lane per load; float4s per slot */
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const long j0 = (long)blockIdx.x * C;
   uint4 g[NQ], u[NQ], d[NQ];  /* one row of each weight, loaded before first use: the first before x is staged */
   {{
 {row_loads("warp", ("g", "u", "d"), "    ")}  }}
   __shared__ __align__(16) float xs[M * NQ * 32 * EPV];  /* zero past the row's end */
-  __shared__ __align__(16) float part[M * H];
+  __shared__ __align__(16) float red[S * M * NQ * 32 * EPV];  /* S slots of the block's partial output */
   __shared__ bool last;
   for (int i = threadIdx.x; i < M * NQ * 32 * EPV; i += NT) {{
     const int m = i / (NQ * 32 * EPV), c = i % (NQ * 32 * EPV);
     xs[i] = c < H ? to_f32(x[m * H + c]) : 0.0f;
   }}
-  for (int i = threadIdx.x; i < M * H; i += NT) part[i] = 0.0f;
   __syncthreads();
   float o[M][NQ][EPV];  /* this lane's share of the block's partial output: columns (q * 32 + lane) * EPV + e */
   #pragma unroll
@@ -784,26 +817,46 @@ extern "C" __global__ void __launch_bounds__({W * 32}) mlp_down_t(const elem_t *
     if (next < C) {{
 {row_loads("next", ("d",))}    }}
   }}
-  #pragma unroll
-  for (int m = 0; m < M; ++m)
+  /* the block's partial output, without shared atomics: warps 0..S-1 store theirs in slot `warp`, then warps
+     S..W-1 add theirs into slot `warp - S`; float4 ((m * NQ + q) * HV + v) * 32 + lane of a slot is lane-contiguous
+     (no bank conflicts) and holds columns (q * 32 + lane) * EPV + 4 * v .. + 3 of row m */
+  float4 *slots = reinterpret_cast<float4 *>(red);
+{slot_pass("warp < S", "warp", False)}  __syncthreads();
+{slot_pass("warp >= S", "warp - S", True) if S < W else ""}  __syncthreads();
+  for (int f = threadIdx.x; f < F; f += NT) {{
+    float4 t = slots[f];
     #pragma unroll
-    for (int q = 0; q < NQ; ++q)
-      #pragma unroll
-      for (int e = 0; e < EPV; ++e)
-        {"if ((q * 32 + lane) * EPV < H) " if ragged else ""}atomicAdd(part + m * H + (q * 32 + lane) * EPV + e, o[m][q][e]);
-  __syncthreads();
-  for (int i = threadIdx.x * 4; i < M * H; i += NT * 4)
-    red_add_f32x4(acc + i, *reinterpret_cast<const float4 *>(part + i));
+    for (int s = 1; s < S; ++s) {{
+      const float4 v = slots[s * F + f];
+      t.x += v.x; t.y += v.y; t.z += v.z; t.w += v.w;
+    }}
+    const int lane_f = f % 32, v = (f / 32) % HV, q = (f / 32 / HV) % NQ, m = f / 32 / HV / NQ;
+    const int col = (q * 32 + lane_f) * EPV + 4 * v;
+    {"if (col < H) " if ragged else ""}red_add_f32x4(acc + m * H + col, t);
+  }}
   /* the last block to finish writes the output and leaves the accumulator and counter zeroed */
-  __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(count, 1u) == gridDim.x - 1;
+  if (threadIdx.x == 0) {{
+    __threadfence();  /* cumulative: orders the block's reductions (before the barrier) before the count */
+    last = atomicAdd(count, 1u) == gridDim.x - 1;
+    if (last) __threadfence();
+  }}
   __syncthreads();
   if (last) {{
-    __threadfence();
-    for (int i = threadIdx.x; i < M * H; i += NT) {{
-      store_out(out + i, __ldcg(acc + i));
-      acc[i] = 0.0f;
+    float4 *acc4 = reinterpret_cast<float4 *>(acc);
+    float4 v[{per_thread}];
+    #pragma unroll
+    for (int k = 0; k < {per_thread}; ++k) {{  /* every load first, then the stores */
+      const int i = threadIdx.x + k * NT;
+      if (i < M * H / 4) v[k] = __ldcg(acc4 + i);
+    }}
+    #pragma unroll
+    for (int k = 0; k < {per_thread}; ++k) {{
+      const int i = threadIdx.x + k * NT;
+      if (i < M * H / 4) {{
+{store4}
+        acc4[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }}
     }}
     if (threadIdx.x == 0) *count = 0u;
   }}

@@ -55,7 +55,9 @@ HEADER = r"""
 #define __shared__ static
 struct uint4 { unsigned x, y, z, w; };
 struct float4 { float x, y, z, w; };
+struct uint2 { unsigned x, y; };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 namespace emu {
 struct Warp {

@@ -154,7 +154,8 @@ def test_the_emulator_catches_a_wrong_split_k_reduction(emulator_builds):
 @pytest.mark.parametrize("mutation", [
     ("o[m][q][e] += h * to_f32(de[e]);", "o[m][q][e] += h * to_f32(de[0]);"),  # wrong column of the down row
     ("for (int r = warp; r < C; r += ", "for (int r = warp + 1; r < C; r += "),  # a row of every warp skipped
-    ("red_add_f32x4(acc + i, *", "if (blockIdx.x) red_add_f32x4(acc + i, *"),  # a block's partial sums dropped
+    ("red_add_f32x4(acc + m * H", "if (blockIdx.x) red_add_f32x4(acc + m * H"),  # a block's partial sums dropped
+    ("if (warp >= S) {", "if (warp > S) {"),  # a warp's partial output left out of the block's sum
 ])
 def test_the_emulator_catches_a_wrong_streaming_mlp(mutation, emulator_builds):
     w = WORKLOADS["mlp_bf16_h512"]
