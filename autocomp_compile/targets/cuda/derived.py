@@ -1,11 +1,21 @@
 """Weights in the layout a kernel reads best ("prepacked"), made once per weight and kept while it lives.
 
 A launch line may name derived tensors, e.g. ``"derived": {"w_down_t": ["transpose", "w_down"]}``, and pass
-them as ``@w_down_t``: the runtime then hands the kernel ``w_down.t().contiguous()``. Copies are cached by the
-source's storage (a weak reference: the copy is dropped once the weight's memory is freed, and a new tensor at
-the same address can never hit a stale entry), its view geometry and its version counter (an in-place update of
-the weight makes a new copy). The cost is the copy's memory for as long as the weight lives, which the
-README states where it matters (the decode MLP's down projection: one more copy of it per layer).
+them as ``@w_down_t``: the runtime then hands the kernel a contiguous ``w_down.t()``. Copies are cached by the
+source's storage (a weak reference: a copy is dropped once its weight's memory is freed, and a new tensor at
+the same address never hits a stale entry), its view geometry and its version counter. After an in-place update
+of the weight (a new version) the copy is refreshed in place, so its address never changes while the weight
+lives: a CUDA graph that captured it reads the refreshed values on its next replay.
+
+On CUDA, copies are made on a side stream, ordered after the current one. CUDA-graph trees (torch.compile's
+"reduce-overhead") route the current stream's allocations into the graph's private pool while they warm up;
+a copy that outlives the graph must not live there. A copy cannot be made or refreshed while a graph is being
+captured: run the model once eagerly first (the graph trees' warm-up does).
+
+What the version counter does not see, the cache does not see either: writes through ``weight.data``, into an
+inference-mode tensor, or from outside PyTorch. Call ``CACHE.clear()`` after such an update.
+The cost is the copy's memory for as long as the weight lives (the decode MLP's down projection: one more copy
+of it per layer, 32 MB per Llama-3.2-1B layer).
 """
 from __future__ import annotations
 
@@ -15,65 +25,97 @@ from typing import Any, Callable
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-DERIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "transpose": lambda t: t.t().contiguous(),
+VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {  # the derived tensor is a contiguous copy of the view
+    "transpose": lambda t: t.t(),
 }
+SWEEP_EVERY = 256  # calls between drops of copies whose weights were freed (and on every new copy)
 
 
 def check_spec(derived: dict[str, Any], tensor_names: list[str] | None = None) -> None:
     """Raise ValueError unless every entry is [known derivation, source tensor name]."""
     for name, entry in derived.items():
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in DERIVATIONS and isinstance(entry[1], str)):
-            raise ValueError(f"derived tensor {name!r}: expected [one of {sorted(DERIVATIONS)}, source], got {entry!r}")
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in VIEWS and isinstance(entry[1], str)):
+            raise ValueError(f"derived tensor {name!r}: expected [one of {sorted(VIEWS)}, source], got {entry!r}")
         if tensor_names is not None and entry[1] not in tensor_names:
             raise ValueError(f"derived tensor {name!r} is made from {entry[1]!r}, which the workload does not have")
 
 
-def _version(t: torch.Tensor) -> int | None:
+def derive(how: str, source: torch.Tensor) -> torch.Tensor:
+    """The derived tensor, uncached (the CPU emulator of the tests uses this)."""
+    return VIEWS[how](source).contiguous()
+
+
+def _version(t: torch.Tensor) -> int:
     try:
         return t._version
-    except RuntimeError:  # an inference-mode tensor has no version counter: its copy is made again on every call
-        return None
+    except RuntimeError:  # an inference-mode tensor has no version counter: treated as never updated
+        return 0
 
 
 class DerivedCache:
     """Derived copies keyed by (derivation, source storage, offset, shape, strides, dtype)."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple, tuple[int | None, torch.Tensor]] = {}
+        self._entries: dict[tuple, list] = {}  # key -> [version, copy]
         # by tensor object, a fast path: (weak reference, data address, version, copy)
         self._recent: dict[tuple[str, int], tuple[weakref.ref, int, int, torch.Tensor]] = {}
-        self.made = 0  # copies computed (tests and benchmarks read it)
+        self._side_streams: dict[int, Any] = {}
+        self._calls = 0
+        self.made = 0  # copies made (tests and benchmarks read these)
+        self.refreshed = 0  # copies refreshed after an in-place update of their weight
 
     def get(self, how: str, source: torch.Tensor) -> torch.Tensor:
+        self._calls += 1
+        if self._calls % SWEEP_EVERY == 0:
+            self._drop_expired()
         recent = self._recent.get((how, id(source)))
-        if (recent is not None and recent[0]() is source and recent[1] == source.data_ptr()
-                and recent[2] == _version(source)):
-            return recent[3]  # the same tensor object, not updated since: ~5x cheaper than the storage key
-        derived = self._lookup(how, source)
         version = _version(source)
-        if version is not None:
-            self._recent[(how, id(source))] = (weakref.ref(source), source.data_ptr(), version, derived)
-        return derived
-
-    def _lookup(self, how: str, source: torch.Tensor) -> torch.Tensor:
+        if recent is not None and recent[0]() is source and recent[1] == source.data_ptr() and recent[2] == version:
+            return recent[3]  # the same tensor object, not updated since: ~5x cheaper than the storage key
         key = (how, StorageWeakRef(source.untyped_storage()), source.storage_offset(), tuple(source.shape),
                source.stride(), source.dtype)
-        version = _version(source)
-        hit = self._entries.get(key)
-        if hit is not None and version is not None and hit[0] == version:
-            return hit[1]
-        self._drop_expired()
-        derived = DERIVATIONS[how](source)
-        self.made += 1
-        self._entries[key] = (version, derived)
-        return derived
+        entry = self._entries.get(key)
+        if entry is None:
+            self._drop_expired()
+            entry = self._entries[key] = [version, self._make(how, source, None)]
+            self.made += 1
+        elif entry[0] != version:
+            self._make(how, source, entry[1])
+            entry[0] = version
+            self.refreshed += 1
+        self._recent[(how, id(source))] = (weakref.ref(source), source.data_ptr(), version, entry[1])
+        return entry[1]
+
+    def _make(self, how: str, source: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
+        """A new copy (into=None) or `into` refreshed, on a side stream ordered after the current one on CUDA."""
+        view = VIEWS[how](source)
+        if not source.is_cuda:
+            return view.contiguous() if into is None else into.copy_(view)
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a derived weight (e.g. a transposed copy) cannot be made or refreshed while a CUDA "
+                               "graph is being captured: run the model once before capturing")
+        current = torch.cuda.current_stream(source.device)
+        side = self._side_streams.get(source.device.index)
+        if side is None:
+            side = self._side_streams[source.device.index] = torch.cuda.Stream(source.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            result = view.contiguous() if into is None else into.copy_(view)
+        current.wait_stream(side)
+        result.record_stream(current)  # allocated on the side stream, used on this one
+        source.record_stream(side)
+        return result
 
     def _drop_expired(self) -> None:
         for key in [k for k in self._entries if k[1].expired()]:
             del self._entries[key]
         for key in [k for k, v in self._recent.items() if v[0]() is None]:
             del self._recent[key]
+
+    def clear(self) -> None:
+        """Forget every copy: the next call makes new ones (after a weight update the version counter missed)."""
+        self._entries.clear()
+        self._recent.clear()
 
     def __len__(self) -> int:
         self._drop_expired()

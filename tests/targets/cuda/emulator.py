@@ -30,7 +30,7 @@ import torch
 
 from autocomp_compile.evaluation.checks import compare
 from autocomp_compile.references import InputFactory, empty_outputs, get_kind
-from autocomp_compile.targets.cuda.derived import DERIVATIONS
+from autocomp_compile.targets.cuda.derived import derive
 from autocomp_compile.targets.cuda.runtime import launch_spec, resolve_grid
 from autocomp_compile.workload import Workload
 
@@ -267,7 +267,7 @@ def run(source: str, tensors: dict[str, torch.Tensor], build_dir: pathlib.Path, 
     lib = compile_source(source, build_dir)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "u32": torch.int32}
     scratch = {name: torch.zeros(n, dtype=dtypes[dt]) for name, (n, dt) in spec.get("scratch", {}).items()}
-    tensors = {**tensors, **{"@" + name: DERIVATIONS[how](tensors[src]) for name, (how, src) in spec.get("derived", {}).items()}}
+    tensors = {**tensors, **{"@" + name: derive(how, tensors[src]) for name, (how, src) in spec.get("derived", {}).items()}}
     for k in spec["kernels"]:
         grid = resolve_grid(k["grid"], sms=EMULATED_SMS)
         pointers = [int(a[1:]) if a.startswith("=") else (dims or {})[a[1:]] if a.startswith("#") else

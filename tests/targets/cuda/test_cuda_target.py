@@ -402,7 +402,7 @@ def test_launch_loop_passes_grid_stream_and_parameters_without_a_gpu(monkeypatch
 
 def test_launch_loop_passes_a_transposed_copy_of_the_down_projection(monkeypatch):
     """The streaming MLP's `@w_down_t` argument: the runtime passes a transposed copy, made once per weight
-    and made again after the weight changes in place."""
+    and refreshed in place after the weight changes in place."""
     driver = pytest.importorskip("cuda.bindings.driver", reason="cuda-python (cuda-bindings) is not installed")
     from autocomp_compile.targets.cuda import derived, runtime
 
@@ -427,4 +427,5 @@ def test_launch_loop_passes_a_transposed_copy_of_the_down_projection(monkeypatch
     assert pointers[4] == kernel._scratch["acc"].data_ptr() and pointers[6] == out.data_ptr()
     wd.neg_()
     kernel(tensors)
-    assert derived.CACHE.made == 2 and _pointers(fake.calls[-1][1][9], 7)[3] != pointers[3]
+    assert (derived.CACHE.made, derived.CACHE.refreshed) == (1, 1) and torch.equal(copy[1], wd.t())
+    assert _pointers(fake.calls[-1][1][9], 7) == pointers  # refreshed where it was

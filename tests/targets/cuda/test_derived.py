@@ -21,13 +21,15 @@ def test_one_copy_per_weight_shared_by_views_and_detached_aliases():
     assert cache.made == 2
 
 
-def test_an_in_place_update_makes_a_new_copy():
+def test_an_in_place_update_refreshes_the_copy_where_it_is():
     cache = derived.DerivedCache()
     w = torch.randn(5, 3)
-    first = cache.get("transpose", w).clone()
+    copy = cache.get("transpose", w)
+    before = copy.clone()
     w.mul_(-2.0)
-    second = cache.get("transpose", w)
-    assert torch.equal(second, w.t()) and not torch.equal(second, first)
+    assert cache.get("transpose", w.detach()) is copy  # same address: a captured CUDA graph reads the new values
+    assert torch.equal(copy, w.t()) and not torch.equal(copy, before)
+    assert (cache.made, cache.refreshed) == (1, 1)
 
 
 def test_a_freed_weight_leaves_no_copy_behind():
@@ -41,13 +43,29 @@ def test_a_freed_weight_leaves_no_copy_behind():
     assert torch.equal(cache.get("transpose", fresh), fresh.t())
 
 
-def test_inference_tensors_get_a_fresh_copy_each_time():
+def test_writes_the_version_counter_misses_need_a_clear():
     cache = derived.DerivedCache()
     with torch.inference_mode():
         w = torch.randn(4, 2)
     assert torch.equal(cache.get("transpose", w), w.t())
-    cache.get("transpose", w)
-    assert cache.made == 2
+    assert cache.get("transpose", w) is cache.get("transpose", w) and cache.made == 1  # inference tensors: cached
+    v = torch.randn(4, 2)
+    cache.get("transpose", v)
+    v.data.copy_(torch.randn(4, 2))  # `.data` has a version counter of its own
+    assert not torch.equal(cache.get("transpose", v), v.t())
+    cache.clear()
+    assert torch.equal(cache.get("transpose", v), v.t())
+
+
+def test_copies_of_freed_weights_are_dropped_within_a_sweep(monkeypatch):
+    monkeypatch.setattr(derived, "SWEEP_EVERY", 4)
+    cache = derived.DerivedCache()
+    kept, dropped = torch.randn(3, 3), torch.randn(3, 3)
+    cache.get("transpose", dropped)
+    del dropped
+    for _ in range(4):
+        cache.get("transpose", kept)  # only hits: the fourth call sweeps
+    assert len(cache._entries) == 1 and len(cache._recent) == 1
 
 
 def test_launch_lines_with_bad_derived_tensors_are_refused():
