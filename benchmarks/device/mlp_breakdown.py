@@ -7,7 +7,8 @@ read transposed), a single GEMV reading as many bytes, and eager (cuBLAS), under
            dirty lines to write back
   read     read that buffer instead (the evaluator's flush since cuda-5): leaves clean lines
   rotate   no flush; the call reads one of 4 weight copies in turn (400 MB), as consecutive layers of a model do
-Percentages are of the measured device-to-device copy bandwidth (read + written), as everywhere else.
+Percentages are of the measured device-to-device copy bandwidth (read + written), as everywhere else, and of
+the measured read bandwidth (a 2 GB sum).
 
     python benchmarks/device/mlp_breakdown.py [--knobs JSON] [--streaming JSON] [--json out.json] [--pdl]
 """
@@ -38,13 +39,13 @@ def main() -> None:
     from autocomp_compile import make_workload
     from autocomp_compile.references import InputFactory, empty_outputs, get_kind
     from autocomp_compile.targets.cuda import codegen
-    from autocomp_compile.targets.cuda.bandwidth import measure_hbm_bandwidth
+    from autocomp_compile.targets.cuda.bandwidth import measure_hbm_bandwidth, measure_hbm_read_bandwidth
     from autocomp_compile.targets.cuda.build import build
     from autocomp_compile.targets.cuda.runtime import launch_spec, load
 
     arch = "sm_%d%d" % torch.cuda.get_device_capability()
     build_dir = Path(tempfile.mkdtemp())
-    bw = measure_hbm_bandwidth()
+    bw, read_bw = measure_hbm_bandwidth(), measure_hbm_read_bandwidth()
 
     def compiled(w, knobs, keep=None, edit=lambda src: src):
         """Kernel for w under knobs; `keep` = indices of the launch line's kernels to run (the rest dropped);
@@ -139,14 +140,16 @@ def main() -> None:
         torch.cuda.synchronize()
         results[mode] = {n: statistics.median(s.elapsed_time(e) for s, e in times[n]) * 1e3 for n in names}
 
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw:.0f} GB/s; max |mlp - reference| {err:.3g}; knobs {knobs}")
-    print(f"{'':24}" + "".join(f"{m:>22}" for m in flushes))
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw:.0f} GB/s, read bandwidth {read_bw:.0f} GB/s; "
+          f"max |mlp - reference| {err:.3g}; knobs {knobs}")
+    print(f"{'':24}" + "".join(f"{m + ' (% copy / % read)':>30}" for m in flushes))
     for n in names:
-        cells = "".join(f"{results[m][n]:9.1f} us {100 * bytes_read[n] / (results[m][n] * 1e3) / bw:5.0f}%  "
-                        for m in flushes)
+        cells = "".join(f"{results[m][n]:9.1f} us {100 * bytes_read[n] / (results[m][n] * 1e3) / bw:5.0f}% "
+                        f"{100 * bytes_read[n] / (results[m][n] * 1e3) / read_bw:5.0f}%  " for m in flushes)
         print(f"{n:24}{cells}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": bw, "knobs": knobs,
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": bw,
+                                               "read_gbps": read_bw, "knobs": knobs,
                                                "max_abs_error": errors, "us": results, "bytes": bytes_read}, indent=1))
 
 

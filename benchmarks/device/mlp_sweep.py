@@ -129,7 +129,7 @@ def main() -> None:
     from autocomp_compile.evaluation.checks import compare, time_interleaved_cuda
     from autocomp_compile.references import InputFactory, empty_outputs, get_kind
     from autocomp_compile.targets.cuda import codegen
-    from autocomp_compile.targets.cuda.bandwidth import measure_hbm_bandwidth
+    from autocomp_compile.targets.cuda.bandwidth import measure_hbm_bandwidth, measure_hbm_read_bandwidth
     from autocomp_compile.targets.cuda.build import build
     from autocomp_compile.targets.cuda.runtime import load
 
@@ -140,7 +140,7 @@ def main() -> None:
     dev = {k: v.cuda() for k, v in host.items()}
     base_out = empty_outputs(w, device="cuda")
     arch = "sm_%d%d" % torch.cuda.get_device_capability()
-    bw = measure_hbm_bandwidth()
+    bw, read_bw = measure_hbm_bandwidth(), measure_hbm_read_bandwidth()
     build_dir = Path(tempfile.mkdtemp())
     seen: dict[str, dict[str, Any]] = {}
 
@@ -176,7 +176,8 @@ def main() -> None:
             return row
         ms = t["kernel"].median_ms
         row.update({"ms": ms, "eager_ms": t["eager"].median_ms, "gbps": w.bytes_moved() / (ms * 1e6),
-                    "percent_of_copy_bw": 100 * w.bytes_moved() / (ms * 1e6) / bw})
+                    "percent_of_copy_bw": 100 * w.bytes_moved() / (ms * 1e6) / bw,
+                    "percent_of_read_bw": 100 * w.bytes_moved() / (ms * 1e6) / read_bw})
         print(f"  {family:>10} {ms * 1e3:7.1f} us {row['percent_of_copy_bw']:4.0f}% {'ok ' if row['correct'] else 'BAD'} "
               f"{schedule}", flush=True)
         return row
@@ -184,6 +185,7 @@ def main() -> None:
     def save(rows: list[dict[str, Any]], seconds: float) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": bw,
+                                                   "read_gbps": read_bw,
                                                    "seconds": seconds, "best": best_row(rows), "rows": rows}, indent=1))
 
     start = time.perf_counter()
@@ -199,7 +201,7 @@ def main() -> None:
                 save(rows, time.perf_counter() - start)  # a stage killed by its time limit keeps what it measured
 
     good = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
-    print(f"{torch.cuda.get_device_name()}: HBM copy bandwidth {bw:.0f} GB/s")
+    print(f"{torch.cuda.get_device_name()}: HBM copy bandwidth {bw:.0f} GB/s, read bandwidth {read_bw:.0f} GB/s")
     print(f"{'family':>10} {'ms':>8} {'eager':>8} {'GB/s':>7} {'%BW':>5} ok  schedule")
     for fam in args.families:
         for r in [r for r in good if r["family"] == fam][:6]:
