@@ -34,7 +34,7 @@ Measure = Callable[[str, dict[str, Any]], dict[str, Any]]
 def streaming_grid() -> list[dict[str, Any]]:
     """The streaming MLP: warps per block x intermediate rows per block x load hint."""
     return [dict(down_t=True, warps=wp, chunk=c, stream_loads=st)
-            for wp, c, st in itertools.product((4, 8, 16), (16, 32, 64, 128), (True, False))]
+            for wp, c, st in itertools.product((2, 4, 8), (16, 32, 64, 128), (True, False))]
 
 
 def split_k_grid() -> list[dict[str, Any]]:

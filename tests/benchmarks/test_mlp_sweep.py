@@ -42,11 +42,13 @@ def test_a_stage_without_a_correct_schedule_falls_back_to_a_default():
 
 def test_every_grid_point_is_a_legal_schedule_of_its_family():
     grids = {"split_k": mlp_sweep.split_k_grid(), "persistent": mlp_sweep.persistent_grid(),
-             "two_kernel": list(mlp_sweep.two_kernel_stages(lambda f, s: {"schedule": s}))}
+             "two_kernel": list(mlp_sweep.two_kernel_stages(lambda f, s: {"schedule": s})),
+             "streaming": mlp_sweep.streaming_grid()}
     for family, points in grids.items():
         for p in points:
             s = p.get("schedule", p)
             k = codegen.legalize(MLP, dict(naive=False, vec=True, **s))
             assert k["fuse_down"] == (family == "split_k") and k["persistent"] == (family == "persistent"), s
+            assert k["down_t"] == (family == "streaming"), s
             for name, value in s.items():
                 assert k[name] == value, (family, name, s, k[name])  # the grid asks for what it gets
