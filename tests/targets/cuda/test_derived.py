@@ -85,3 +85,16 @@ def test_a_tensor_pointed_at_other_memory_gets_its_copy():
     cache.get("transpose", w)
     w.data = torch.randn(4, 4)  # no in-place op, so no new version: the address tells
     assert torch.equal(cache.get("transpose", w), w.t())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: the side-stream path needs one")
+def test_gpu_copies_are_made_on_a_side_stream_and_refused_during_capture(monkeypatch):
+    cache = derived.DerivedCache()
+    w = torch.randn(64, 32, device="cuda")
+    copy = cache.get("transpose", w)
+    assert torch.equal(copy, w.t())  # the current stream waited for the side stream's copy
+    w.mul_(2.0)
+    assert cache.get("transpose", w) is copy and torch.equal(copy, w.t())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="captured"):
+        cache.get("transpose", torch.randn(8, 8, device="cuda"))
