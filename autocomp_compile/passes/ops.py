@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from autocomp_compile.passes.kernels import REGISTRY
+from autocomp_compile.targets.cuda.derived import MadeDuringCapture
 
 Tensor = torch.Tensor
 
@@ -28,7 +29,10 @@ def _run(key: str, inputs: list[Tensor], out: Tensor, dims: tuple[int, ...] = ()
     inputs = [t.contiguous() for t in inputs]
     if any(t.data_ptr() % kernel.alignment for t in (*inputs, out)):
         return False  # e.g. a view at an odd offset, where the kernel's vector loads need aligned addresses
-    kernel(inputs, [out], dims)
+    try:
+        kernel(inputs, [out], dims)
+    except MadeDuringCapture:  # a prepacked weight first seen while a CUDA graph is captured: PyTorch computes it
+        return False
     return True
 
 

@@ -99,3 +99,21 @@ def test_linear_op_leaves_unaligned_views_to_pytorch():
         assert calls == [aligned.data_ptr()]
     finally:
         REGISTRY._kernels.pop("aligned-key", None)
+
+
+def test_mlp_op_leaves_a_call_during_graph_capture_without_its_prepacked_weight_to_pytorch():
+    """A kernel whose transposed weight copy would have to be made inside CUDA-graph capture refuses; the op
+    computes that call with PyTorch instead of failing the capture."""
+    from autocomp_compile.targets.cuda.derived import MadeDuringCapture
+
+    w = make_workload("mlp", "fp32", batch=1, hidden=8, intermediate=16)
+
+    def run(tensors, dims):
+        raise MadeDuringCapture("no copy")
+
+    REGISTRY._kernels["capture-key"] = BoundKernel("capture-key", w, run)
+    try:
+        x, wg, wu, wd = torch.randn(1, 8), torch.randn(16, 8), torch.randn(16, 8), torch.randn(8, 16)
+        torch.testing.assert_close(ops.MLP(x, wg, wu, wd, "capture-key"), (F.silu(x @ wg.t()) * (x @ wu.t())) @ wd.t())
+    finally:
+        REGISTRY._kernels.pop("capture-key", None)

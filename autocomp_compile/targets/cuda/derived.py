@@ -10,7 +10,8 @@ lives: a CUDA graph that captured it reads the refreshed values on its next repl
 On CUDA, copies are made on a side stream, ordered after the current one. CUDA-graph trees (torch.compile's
 "reduce-overhead") route the current stream's allocations into the graph's private pool while they warm up;
 a copy that outlives the graph must not live there. A copy cannot be made or refreshed while a graph is being
-captured: run the model once eagerly first (the graph trees' warm-up does).
+captured (MadeDuringCapture; the backend's ops then compute that call with PyTorch): run the model once eagerly
+first (the graph trees' warm-up does).
 
 What the version counter does not see, the cache does not see either: writes through ``weight.data``, into an
 inference-mode tensor, or from outside PyTorch. Call ``CACHE.clear()`` after such an update.
@@ -29,6 +30,10 @@ VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {  # the derived tens
     "transpose": lambda t: t.t(),
 }
 SWEEP_EVERY = 256  # calls between drops of copies whose weights were freed (and on every new copy)
+
+
+class MadeDuringCapture(RuntimeError):
+    """A derived weight was needed while a CUDA graph was being captured, and there is no copy to use."""
 
 
 def check_spec(derived: dict[str, Any], tensor_names: list[str] | None = None) -> None:
@@ -92,8 +97,8 @@ class DerivedCache:
         if not source.is_cuda:
             return view.contiguous() if into is None else into.copy_(view)
         if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("a derived weight (e.g. a transposed copy) cannot be made or refreshed while a CUDA "
-                               "graph is being captured: run the model once before capturing")
+            raise MadeDuringCapture("a derived weight (e.g. a transposed copy) cannot be made or refreshed while a "
+                                    "CUDA graph is being captured: run the model once before capturing")
         current = torch.cuda.current_stream(source.device)
         side = self._side_streams.get(source.device.index)
         if side is None:
