@@ -187,7 +187,7 @@ def _down_t_legal(w: Workload, k: dict[str, Any]) -> dict[str, Any] | None:
     """The streaming MLP's schedule (only warps, chunk and stream_loads matter), or None when `k` does not ask
     for it or the shape does not allow it: every lane holds its 16-byte loads of one row of each of the three
     weights (at most 24) and its share of the block's partial output (at most 64 floats) in registers, and the
-    float activation and partial output fit in static shared memory."""
+    float activation and the reduction slots fit in static shared memory (fewer warps, fewer slots)."""
     if not (k["down_t"] and not k["naive"] and down_t_fits(w)):
         k["down_t"] = False
         return None
@@ -195,7 +195,7 @@ def _down_t_legal(w: Workload, k: dict[str, Any]) -> dict[str, Any] | None:
     chunk, warps = k["chunk"], k["warps"]
     while i % chunk:
         chunk //= 2
-    warps = min(warps, 8)  # the loads and partial output take ~240 registers per thread: 256 threads at most
+    warps = min(warps, 8)  # the loads and partial output take ~185 registers per thread: 256 threads at most
     while warps > chunk or chunk % warps or _down_t_smem(w, warps) > 48 * 1024:
         warps //= 2
     return {**NAIVE_KNOBS["gemv"], "naive": False, "vec": True, "down_t": True, "warps": warps, "chunk": chunk,

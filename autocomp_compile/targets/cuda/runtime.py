@@ -226,7 +226,7 @@ class CudaKernel:
         # per-call host cost of every kernel in a model, so it avoids imports, f-strings and re-reading the spec.
         key = (tuple([t.data_ptr() for t in tensors]), tuple(map(int, dims)) if dims else ())
         derived: dict[str, torch.Tensor] = {}
-        if self._derived:  # looked up on every call: a weight updated in place gets a new copy
+        if self._derived:  # looked up on every call: a weight updated in place gets its copy refreshed
             derived = self._derived_tensors(tensors)
             key += tuple([t.data_ptr() for t in derived.values()])
             self._derived_alive = derived  # the cached parameters point into these copies
