@@ -171,8 +171,10 @@ class CudaKernel:
         """Everything a launch needs, computed once: launch tuples, configurations, scratch buffers."""
         self._functions = functions
         self._device = device
-        self._derived = self.spec.get("derived", {})
-        derived_tensors.check_spec(self._derived, self.names)
+        derived = self.spec.get("derived", {})
+        derived_tensors.check_spec(derived, self.names)
+        # (name, derivation, index of the source among the call's tensors), resolved once: read on every call
+        self._derived = [(name, how, self.names.index(src)) for name, (how, src) in derived.items()]
         self._stream = stream
         self._launches = []
         for fn, k in zip(functions, self.spec["kernels"]):
@@ -191,8 +193,7 @@ class CudaKernel:
 
     def _derived_tensors(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The launch line's derived tensors (e.g. a transposed weight) for these inputs, from the process cache."""
-        by_name = dict(zip(self.names, tensors))
-        return {name: derived_tensors.CACHE.get(how, by_name[src]) for name, (how, src) in self._derived.items()}
+        return {name: derived_tensors.CACHE.get(how, tensors[i]) for name, how, i in self._derived}
 
     def _params(self, tensors: Sequence[torch.Tensor], dims: Sequence[int],
                 derived: dict[str, torch.Tensor]) -> list[Any]:
