@@ -51,6 +51,9 @@ def _add_search_options(p: argparse.ArgumentParser, budget: int) -> None:
     p.add_argument("--json", dest="json_path", help="write the results to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the kernel cache")
+    p.add_argument("--deterministic", action="store_true",
+                   help="only bit-reproducible kernels (no float atomics; each checked by repeated runs), cached apart "
+                        "from the others: what torch.compile uses under torch.use_deterministic_algorithms(True)")
     p.add_argument("--reuse", type=int, default=3, help="cached schedules of similar workloads to replay (0: none)")
     p.add_argument("--models", default="", help="LLM models, comma-separated provider::model (e.g. openai::gpt-4.1,"
                    "anthropic::claude-sonnet-4-5); default: the offline menu-driven proposer")
@@ -124,7 +127,8 @@ def _settings(args: argparse.Namespace) -> tuple[SearchConfig, EvalSettings]:
         raise UsageError(str(exc)) from None
     if args.sets < 1 or args.timing_ms <= 0 or args.timeout <= 0:
         raise UsageError("--sets must be >= 1 and --timing-ms, --timeout positive")
-    return config, EvalSettings(args.sets, args.timing_ms, args.timeout, args.seed)
+    return config, EvalSettings(args.sets, args.timing_ms, args.timeout, args.seed,
+                                deterministic=getattr(args, "deterministic", False))
 
 
 def _proposers(args: argparse.Namespace, config: SearchConfig) -> list[Any] | None:
@@ -156,7 +160,7 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
     from autocomp_compile.targets.base import require_available
     from autocomp_compile.targets.cpu.bandwidth import measure_read_bandwidth
 
-    target = get_target(args.target)
+    target = get_target(args.target, deterministic=args.deterministic)
     require_available(target)
     config, settings = _settings(args)
     proposers = _proposers(args, config)
@@ -251,7 +255,7 @@ def _run_on_ray(workloads: list[Workload], args: argparse.Namespace) -> list[dic
     from autocomp_compile.report import console, results_table
     from autocomp_compile.search.candidate import Candidate
 
-    target = get_target(args.target)
+    target = get_target(args.target, deterministic=args.deterministic)
     config, settings = _settings(args)
     cache = _cache(args)
     if cache is None:

@@ -52,7 +52,7 @@ def run_search_job(job: SearchJob) -> dict[str, Any]:
     from autocomp_compile.workload import workload_from_dict
 
     workload = workload_from_dict(job.workload)
-    target = get_target(job.target)
+    target = get_target(job.target, deterministic=job.settings.get("deterministic", False))
     result = optimize(workload, target, SearchConfig(**job.config), EvalSettings(**job.settings), job.output_dir,
                       seeds=[Candidate.from_dict(s) for s in job.seeds])
     return {

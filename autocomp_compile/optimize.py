@@ -19,10 +19,19 @@ if TYPE_CHECKING:
     from autocomp_compile.kernels_cache import CacheEntry, KernelCache
 
 
+def evaluation_config(settings: EvalSettings) -> dict[str, Any]:
+    """The evaluation settings as a run records them. The deterministic check's settings appear only when it is
+    on, so that runs made before it existed keep their names and resume."""
+    evaluation = dataclasses.asdict(settings)
+    if not settings.deterministic:
+        del evaluation["deterministic"], evaluation["repeat_runs"]
+    return evaluation
+
+
 def run_name(workload: Workload, target: Target, config: SearchConfig, settings: EvalSettings) -> str:
     """Short, stable name: the workload plus a hash of everything that shapes the run."""
     blob = json.dumps(
-        [workload.signature(), target.fingerprint(), dataclasses.asdict(config), dataclasses.asdict(settings)],
+        [workload.signature(), target.fingerprint(), dataclasses.asdict(config), evaluation_config(settings)],
         sort_keys=True, default=str,
     )
     return f"{workload.kind}-{workload.dtype}-{target.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
@@ -78,7 +87,7 @@ def optimize(
             "workload": workload.describe(),
             "target": tgt.fingerprint(),
             "search": dataclasses.asdict(config),
-            "eval": dataclasses.asdict(settings),
+            "eval": evaluation_config(settings),
             "proposers": [getattr(p, "name", type(p).__name__) for p in proposers or []] or ["schedule"],
         },
     )

@@ -74,3 +74,17 @@ def test_optimize_writes_the_json_the_issue_names(tmp_path):
     assert data["correct"] is True and 1 <= data["candidates_evaluated"] <= 4
     assert data["speedup"] == pytest.approx(data["baseline_ms"] / data["best_ms"])
     assert "best ms" in proc.stdout and "gemm" in proc.stdout  # the results table
+
+
+def test_deterministic_flag_runs_the_repeat_check_in_its_own_run(tmp_path):
+    """`--deterministic` evaluates every candidate with the repeat check, under a run name of its own (the CPU
+    target is its own deterministic variant, so only the evaluation settings differ)."""
+    base = ["optimize", "--workload", "gemm", "--m", "1", "--n", "8", "--k", "16", "--budget", "2", "--timing-ms", "5",
+            "--output-dir", str(tmp_path / "out"), "--quiet", "--no-cache"]
+    assert cli.main(base) == 0
+    assert cli.main(base + ["--deterministic"]) == 0
+    configs = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*/config.json")}
+    assert len(configs) == 2
+    assert sorted(c["eval"].get("deterministic", False) for c in configs.values()) == [False, True]
+    plain = next(c for c in configs.values() if not c["eval"].get("deterministic"))
+    assert "repeat_runs" not in plain["eval"]

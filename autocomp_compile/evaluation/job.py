@@ -32,6 +32,10 @@ class EvalSettings:
     # than roofline_factor x the measured memory read bandwidth allows is not trusted (CPU).
     roofline_min_mb: float = 64.0
     roofline_factor: float = 2.5  # generous: the bandwidth probe moves 29-41 GB/s within an hour here
+    # Only bit-reproducible kernels pass: none that declares float atomics (a launch line's "order_dependent"),
+    # and each candidate runs `repeat_runs` more times on its last input set, matching its own output exactly.
+    deterministic: bool = False
+    repeat_runs: int = 2
 
 
 def _timer(device: str) -> Callable[..., dict]:
@@ -56,6 +60,10 @@ def check_and_time(
         kernel = _load(loader, loader_args)
     except Exception as exc:  # noqa: BLE001 - any load failure fails this candidate only
         return dict(correct=False, stage="load", message=str(exc))
+    if settings.deterministic and getattr(kernel, "order_dependent", False):
+        return dict(correct=False, stage="nondeterministic",
+                    message="the kernel adds floats with atomics (its launch line says order_dependent): its "
+                            "results depend on the order blocks finish in, and deterministic kernels were asked for")
     spec = get_kind(w.kind)
     factory: InputFactory = state.setdefault("inputs", InputFactory(settings.seed))
     factory.gen.manual_seed(settings.seed)
@@ -82,6 +90,10 @@ def check_and_time(
             worst = max(worst, m.max_abs_error)
             if not m.ok:
                 return dict(correct=False, stage="correctness", message=f"input set {s}: {m.message}", max_abs_error=m.max_abs_error)
+    if settings.deterministic:
+        differs = _repeat_differs(kernel, w, inputs, {k: v.cpu() for k, v in outs.items()}, dims, settings.repeat_runs)
+        if differs:
+            return dict(correct=False, stage="nondeterministic", message=differs)
     outs = empty_outputs(w, device=dev)
     args = [inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs]
     refresh = ActivationRefresher(w, inputs, settings.seed)
@@ -115,6 +127,29 @@ def check_and_time(
         runs=cand.runs,
         baseline_ms=timing["baseline"].median_ms if "baseline" in timing else None,
     )
+
+
+def _repeat_differs(kernel: Callable[[list[torch.Tensor], list[int]], None], w: Workload,
+                    inputs: dict[str, torch.Tensor], first: dict[str, torch.Tensor], dims: list[int], runs: int) -> str:
+    """Why `kernel` is not bit-reproducible on `inputs` (whose outputs were `first`), or "" when `runs` more
+    runs all match `first` exactly. Float atomics usually show up here, though two runs may agree by chance."""
+    dev = next(iter(inputs.values())).device.type if inputs else "cpu"
+    for r in range(runs):
+        outs = empty_outputs(w, device=dev)
+        kernel([inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs], dims)
+        _sync(dev)
+        for name, out in outs.items():
+            out = out.cpu()
+            if not torch.equal(_bits(out), _bits(first[name])):
+                changed = int((out != first[name]).sum())
+                return (f"not bit-reproducible: run {r + 2} on the same inputs changed output {name!r} "
+                        f"({changed} of {out.numel()} elements differ), and deterministic kernels were asked for")
+    return ""
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, so that equality is bitwise (NaN equals the same NaN, -0.0 differs from 0.0)."""
+    return t.contiguous().view(torch.uint8)
 
 
 def _beyond_roofline(state: dict[str, Any], w: Workload, latency_ms: float, settings: EvalSettings) -> str:

@@ -45,6 +45,9 @@ class BackendOptions:
         sets it. On the CPU inductor ignores it.
     models, api_base: LLM models (`provider::model`) that propose kernels in `search` mode, and an
         OpenAI-compatible server for them; without models the offline menu-driven proposer searches.
+    deterministic: use (and search for) only bit-reproducible kernels: on CUDA, none that sums with float
+        atomics. Default: whether `torch.use_deterministic_algorithms(True)` is in force when a graph is
+        compiled. Kernels with float atomics also step aside, call by call, whenever that mode is on.
     """
 
     target: str | None = None
@@ -59,6 +62,7 @@ class BackendOptions:
     models: tuple[str, ...] = ()  # LLM proposers for search mode (provider::model); default: offline proposer
     api_base: str | None = None  # OpenAI-compatible server for the models
     cudagraphs: bool = False
+    deterministic: bool | None = None
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "BackendOptions":
@@ -106,11 +110,12 @@ class Rewriter:
         self.opts = opts
         self.target = target
         self.selector = KernelSelector(target, opts.mode, opts.budget, opts.min_speedup, opts.cache_dir,
-                                       opts.output_dir, opts.seed, opts.models, opts.api_base, opts.verbose)
+                                       opts.output_dir, opts.seed, opts.models, opts.api_base, opts.verbose,
+                                       opts.deterministic)
 
     def rewrite(self, gm: fx.GraphModule) -> GraphReport:
         t0 = time.perf_counter()
-        report = GraphReport(self.target.name, self.opts.mode)
+        report = GraphReport(self.target.name, self.opts.mode, deterministic=self.selector.deterministic)
         decisions: dict[str, Decision] = {}
         plan: list[tuple[Match, Decision]] = []
         for match in find_subgraphs(gm):

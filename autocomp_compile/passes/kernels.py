@@ -36,9 +36,11 @@ class BoundKernel:
     run: KernelFn
 
     alignment: int = field(init=False)  # bytes the kernel's vector loads need of tensor addresses; 1: none
+    order_dependent: bool = field(init=False)  # float atomics: not bit-reproducible, so not used in deterministic mode
 
     def __post_init__(self) -> None:
         self.alignment = int(getattr(self.run, "alignment", 1))
+        self.order_dependent = bool(getattr(self.run, "order_dependent", False))
 
     def __call__(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], dims: Sequence[int] = ()) -> None:
         self.run([*inputs, *outputs], dims)

@@ -2,7 +2,8 @@
 
 Each op takes the subgraph's tensors plus the cache key of the kernel that computes it. The op runs
 the kernel when the registry has it and the call is one the kernel covers (shapes, contiguity, aligned
-addresses, a prefix attention mask); otherwise it computes the same result with PyTorch. A graph that calls
+addresses, a prefix attention mask; no float atomics while `torch.use_deterministic_algorithms(True)` is in
+force); otherwise it computes the same result with PyTorch. A graph that calls
 these ops is therefore always correct, whatever the state of the cache.
 """
 from __future__ import annotations
@@ -21,8 +22,8 @@ Tensor = torch.Tensor
 
 def _run(key: str, inputs: list[Tensor], out: Tensor, dims: tuple[int, ...] = ()) -> bool:
     kernel = REGISTRY.get(key)
-    if kernel is None:
-        return False
+    if kernel is None or (kernel.order_dependent and torch.are_deterministic_algorithms_enabled()):
+        return False  # no kernel, or one whose float atomics make it non-reproducible where PyTorch's must be
     expected = [s.shape for s in kernel.workload.inputs]
     if [tuple(t.shape) for t in inputs] != expected or any(t.dtype != out.dtype for t in inputs):
         return False

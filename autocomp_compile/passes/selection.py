@@ -42,6 +42,7 @@ class GraphReport:
     decisions: list[Decision] = field(default_factory=list)
     seconds: float = 0.0
     pipeline: str = "autocomp"
+    deterministic: bool = False
 
     @property
     def replaced(self) -> int:
@@ -52,7 +53,8 @@ class GraphReport:
         return sum(d.count for d in self.decisions)
 
     def summary(self) -> str:
-        lines = [f"{self.pipeline} ({self.target}, {self.mode}): replaced {self.replaced} of {self.total} recognised "
+        target = f"{self.target}, deterministic kernels only" if self.deterministic else self.target
+        lines = [f"{self.pipeline} ({target}, {self.mode}): replaced {self.replaced} of {self.total} recognised "
                  f"subgraphs in {self.seconds:.1f} s"]
         for d in self.decisions:
             if d.replaced:
@@ -69,14 +71,25 @@ def log(verbose: bool, text: str) -> None:
 
 
 class KernelSelector:
-    """Finds (or searches for) the kernel of a workload and loads it; one per compile, closed after."""
+    """Finds (or searches for) the kernel of a workload and loads it; one per compile, closed after.
+
+    `deterministic` (default: whether `torch.use_deterministic_algorithms(True)` is in force when the selector
+    is made) restricts it to the target's bit-reproducible kernels, which have their own cache entries.
+    """
 
     def __init__(self, target: "Target", mode: str = "cache-only", budget: int = 16, min_speedup: float = 1.0,
                  cache_dir: str | None = None, output_dir: str = "output", seed: int = 0,
-                 models: tuple[str, ...] = (), api_base: str | None = None, verbose: bool = True):
-        from autocomp_compile.kernels_cache.store import KernelCache
+                 models: tuple[str, ...] = (), api_base: str | None = None, verbose: bool = True,
+                 deterministic: bool | None = None):
+        import torch
 
-        self.target = target
+        from autocomp_compile.kernels_cache.store import KernelCache
+        from autocomp_compile.targets.base import deterministic_variant
+
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        self.deterministic = bool(deterministic)
+        self.target = deterministic_variant(target) if deterministic else target
         self.mode = mode
         self.budget = budget
         self.min_speedup = min_speedup
@@ -109,8 +122,8 @@ class KernelSelector:
             if entry is None:
                 return Decision(kind, name, 0, False, reason="search found no correct kernel")
         if entry is None:
-            return Decision(kind, name, 0, False, reason="not in the kernel cache (run `autocomp-compile warm` "
-                            "or use mode='search')")
+            warm = "`autocomp-compile warm --deterministic`" if self.deterministic else "`autocomp-compile warm`"
+            return Decision(kind, name, 0, False, reason=f"not in the kernel cache (run {warm} or use mode='search')")
         speedup = entry.speedup
         if speedup is not None and speedup < self.min_speedup:
             return Decision(kind, name, 0, False, source, speedup, key=entry.key,

@@ -24,7 +24,7 @@ class EvalResult:
     """Outcome of building, checking and timing one candidate.
 
     `stage` names where it stopped: "ok", "compile", "load", "crash", "timeout", "runtime", "correctness",
-    "inputs_modified", "harness_modified", "beyond_roofline"; `message` says why, in words a user can act on.
+    "inputs_modified", "harness_modified", "beyond_roofline", "nondeterministic"; `message` says why, in words a user can act on.
     """
 
     correct: bool
@@ -131,15 +131,25 @@ def target_names() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def get_target(name: str) -> Target:
-    """The target called `name`; raises `TargetError` naming the valid ones."""
+def get_target(name: str, deterministic: bool = False) -> Target:
+    """The target called `name`; raises `TargetError` naming the valid ones. With `deterministic`, the target
+    restricted to bit-reproducible kernels (see `deterministic_variant`)."""
     if name not in _FACTORIES:
         raise TargetError(f"unknown target {name!r}; choose one of {target_names()}")
     if name not in _INSTANCES:
         module, cls = _FACTORIES[name].split(":")
         factory: Callable[[], Target] = getattr(importlib.import_module(module), cls)
         _INSTANCES[name] = factory()
-    return _INSTANCES[name]
+    return deterministic_variant(_INSTANCES[name]) if deterministic else _INSTANCES[name]
+
+
+def deterministic_variant(target: Target) -> Target:
+    """`target` restricted to kernels whose results are bit-reproducible from run to run (what
+    `torch.use_deterministic_algorithms(True)` asks of PyTorch's own ops). A target whose schedule space may
+    sum with float atomics (CUDA) defines `deterministic_variant()`, with its own cache entries; the others'
+    generated kernels fix every reduction order already (CPU, NKI), so they are their own variant."""
+    variant = getattr(target, "deterministic_variant", None)
+    return variant() if variant is not None else target
 
 
 def require_available(target: Target) -> None:

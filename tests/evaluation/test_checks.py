@@ -142,6 +142,49 @@ def test_check_and_time_load_failure(tmp_path):
     assert out == dict(correct=False, stage="load", message=out["message"]) and "nope.so" in out["message"]
 
 
+def order_dependent_loader(so_path: str, n: int):
+    """Loads a CPU kernel and labels it as a CUDA launch line with "order_dependent": true would."""
+    from autocomp_compile.targets.cpu.runtime import CpuKernel
+
+    kernel = CpuKernel(so_path, n)
+
+    def run(tensors, dims):
+        kernel(tensors, dims)
+
+    run.order_dependent = True
+    return run
+
+
+def test_check_and_time_deterministic_rejects_a_kernel_that_changes_its_last_bits(tmp_path):
+    """Correct to every tolerance, but every other call flips the lowest bit of one output: the deterministic
+    check's repeated runs on the same inputs see it; without the check the kernel passes."""
+    w = hand_gemm_workload()
+    code = hand_gemm(
+        before="static int calls = 0;",
+        store="if ((calls & 1) && m == 0 && n == 0) { uint32_t u; __builtin_memcpy(&u, &s, 4); u ^= 1u; "
+              "__builtin_memcpy(&s, &u, 4); } out[m * N + n] = s;",
+        after="calls++;",
+    )
+    so = str(build_ok(code, "scalar", tmp_path).so_path)
+    loose = check_and_time({}, w, LOADER, (so, 3), EvalSettings(correctness_sets=2, timing_budget_ms=5))
+    assert loose["stage"] == "ok", loose
+    strict = check_and_time({}, w, LOADER, (so, 3), EvalSettings(correctness_sets=2, timing_budget_ms=5,
+                                                                 deterministic=True))
+    assert strict["stage"] == "nondeterministic" and not strict["correct"]
+    assert "1 of" in strict["message"] and "'out'" in strict["message"]
+
+
+def test_check_and_time_deterministic_passes_a_reproducible_kernel_and_refuses_declared_atomics(tmp_path):
+    w = hand_gemm_workload()
+    so = str(build_ok(hand_gemm(), "scalar", tmp_path).so_path)
+    settings = EvalSettings(correctness_sets=2, timing_budget_ms=5, deterministic=True)
+    assert check_and_time({}, w, LOADER, (so, 3), settings)["stage"] == "ok"
+    flagged = "tests.evaluation.test_checks:order_dependent_loader"
+    out = check_and_time({}, w, flagged, (so, 3), settings)
+    assert out["stage"] == "nondeterministic" and "atomics" in out["message"]
+    assert check_and_time({}, w, flagged, (so, 3), EvalSettings(correctness_sets=2, timing_budget_ms=5))["correct"]
+
+
 def test_check_and_time_generated_attention(tmp_path):
     w = small("decode", "bf16")
     knobs = codegen.legalize(w, dict(online=True, kv_block=16), ["scalar"])

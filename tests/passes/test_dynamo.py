@@ -104,6 +104,31 @@ def test_cache_only_reuses_the_searched_kernels_and_reports_misses(dirs):
                                       for d in last.decisions)
 
 
+def test_deterministic_mode_uses_the_cpu_kernels_it_already_has(dirs):
+    """Under torch.use_deterministic_algorithms(True) the backend asks for deterministic kernels; every generated
+    CPU kernel fixes its reduction order, so the CPU target is its own deterministic variant and the kernels
+    cached by the test above replace the same subgraphs."""
+    torch._dynamo.reset()
+    model = build_llama("tiny-llama", "fp32", seed=0)
+    prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    options = {"mode": "cache-only", "min_speedup": 0.0, "verbose": False, **dirs}
+    plain = torch.compile(model, backend="autocomp", dynamic=False, options=options)
+    generate(model, prompt, 2, forward=plain)
+    replaced = {d.workload for r in reports()[-2:] for d in r.decisions if d.replaced}
+    assert replaced, "the test above should have cached kernels"
+    torch._dynamo.reset()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        compiled = torch.compile(model, backend="autocomp", dynamic=False, options=options)
+        assert torch.equal(generate(model, prompt, 2, forward=compiled).tokens, generate(model, prompt, 2).tokens)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    last = reports()[-2:]
+    assert all(r.deterministic and "deterministic kernels only" in r.summary() for r in last)
+    assert {d.workload for r in last for d in r.decisions if d.replaced} == replaced
+
+
 def test_mode_off_is_inductor(dirs):
     torch._dynamo.reset()
     model = build_llama("tiny-llama", "fp32", seed=0)

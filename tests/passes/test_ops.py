@@ -117,3 +117,33 @@ def test_mlp_op_leaves_a_call_during_graph_capture_without_its_prepacked_weight_
         torch.testing.assert_close(ops.MLP(x, wg, wu, wd, "capture-key"), (F.silu(x @ wg.t()) * (x @ wu.t())) @ wd.t())
     finally:
         REGISTRY._kernels.pop("capture-key", None)
+
+
+def test_ops_leave_order_dependent_kernels_to_pytorch_in_deterministic_mode():
+    """A kernel that sums with float atomics runs normally, and steps aside call by call while
+    torch.use_deterministic_algorithms(True) is in force."""
+    w = make_workload("mlp", "fp32", batch=1, hidden=8, intermediate=16)
+    calls = []
+
+    def run(tensors, dims):
+        x, wg, wu, wd, out = tensors
+        calls.append(1)
+        torch.mm(F.silu(x @ wg.t()) * (x @ wu.t()), wd.t(), out=out)
+
+    run.order_dependent = True
+    REGISTRY._kernels["atomic-key"] = BoundKernel("atomic-key", w, run)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        x, wg, wu, wd = torch.randn(1, 8), torch.randn(16, 8), torch.randn(16, 8), torch.randn(8, 16)
+        expected = (F.silu(x @ wg.t()) * (x @ wu.t())) @ wd.t()
+        torch.testing.assert_close(ops.MLP(x, wg, wu, wd, "atomic-key"), expected)
+        assert len(calls) == 1
+        torch.use_deterministic_algorithms(True)
+        torch.testing.assert_close(ops.MLP(x, wg, wu, wd, "atomic-key"), expected)
+        assert len(calls) == 1
+        torch.use_deterministic_algorithms(False)
+        ops.MLP(x, wg, wu, wd, "atomic-key")
+        assert len(calls) == 2
+    finally:
+        torch.use_deterministic_algorithms(before)
+        REGISTRY._kernels.pop("atomic-key", None)

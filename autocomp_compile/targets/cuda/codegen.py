@@ -5,7 +5,9 @@ A generated source starts with one line, `// autocomp-launch: {json}`, that tell
 and arguments: a workload tensor by name, `$name` for a scratch buffer the runtime allocates once
 (listed under "scratch"), `#name` for a runtime dim passed as a 64-bit integer. A grid size "sms*N" means
 N blocks per SM of the GPU it runs on; "align" is the byte alignment the kernels' vector loads need of
-every workload tensor.
+every workload tensor; "order_dependent": true marks kernels that add floats with atomics, whose sums (and
+so whose last bits) depend on the order blocks finish in: they are not used where PyTorch's deterministic
+algorithms are asked for.
 
 bf16 is handled as raw 16-bit patterns (widening is a shift; narrowing rounds to nearest even), so
 sources need no CUDA headers and compile with NVRTC in well under a second.
@@ -223,6 +225,14 @@ def _persistent_mlp_legal(w: Workload, k: dict[str, Any]) -> bool:
     return m <= 4 and (m * h + m * i) * 4 <= 160 * 1024 and i % 16 == 0 and h % epv == 0
 
 
+ORDER_DEPENDENT_KNOBS = ("fuse_down", "down_t")  # the MLP forms that sum block partials with float atomics
+
+
+def order_dependent(knobs: dict[str, Any]) -> bool:
+    """Whether legal schedule `knobs` adds floats with atomics (results not bit-reproducible run to run)."""
+    return any(knobs.get(name) for name in ORDER_DEPENDENT_KNOBS)
+
+
 def generate(w: Workload, knobs: dict[str, Any]) -> str:
     """CUDA source (with its launch line) for workload `w` under legal schedule `knobs`."""
     fam = family(w.kind)
@@ -230,6 +240,8 @@ def generate(w: Workload, knobs: dict[str, Any]) -> str:
     spec = {"kernels": launches, "scratch": scratch}
     if knobs.get("down_t"):
         spec["derived"] = {"w_down_t": ["transpose", "w_down"]}  # made once per weight by the runtime
+    if order_dependent(knobs):
+        spec["order_dependent"] = True
     if (knobs.get("vec") or knobs.get("mma")) and not knobs.get("naive"):
         spec["align"] = 16  # 16-byte vector loads of the workload's tensors: the runtime checks their addresses
     header = (

@@ -44,6 +44,8 @@ def launch_spec(source: str) -> dict[str, Any]:
                 raise CudaKernelError(f"grid size {g!r} of {k['name']} is neither an integer nor 'sms*N'")
     if not spec.get("kernels"):
         raise CudaKernelError("launch line lists no kernels")
+    if not isinstance(spec.get("order_dependent", False), bool):
+        raise CudaKernelError(f"launch line's order_dependent must be true or false, not {spec['order_dependent']!r}")
     try:
         derived_tensors.check_spec(spec.get("derived", {}))
     except ValueError as exc:
@@ -153,6 +155,8 @@ class CudaKernel:
         for k in self.spec["kernels"]:
             k["grid"] = resolve_grid(k["grid"], sms)
         self.alignment = int(self.spec.get("align", 1))  # callers (passes/ops.py) fall back to PyTorch below it
+        # float atomics: callers fall back to PyTorch under torch.use_deterministic_algorithms(True)
+        self.order_dependent = bool(self.spec.get("order_dependent", False))
         self.names = list(tensor_names)
         self.dim_names = list(dim_names)
         self._module = _check(driver.cuModuleLoadData(Path(cubin_path).read_bytes()), "cuModuleLoadData")

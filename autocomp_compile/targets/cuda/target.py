@@ -60,10 +60,27 @@ class CudaEvaluator(RoundEvaluator):
 
 
 class CudaTarget(ScheduleSpaceTarget):
+    """The CUDA target. `CudaTarget(deterministic=True)` (or `deterministic_variant()`) searches and caches only
+    kernels whose results are bit-reproducible: no float atomics (the one-kernel and streaming MLPs), and every
+    candidate run twice more on the same inputs must match itself bit for bit. Its fingerprint says so, so its
+    kernels have their own cache entries."""
+
     name = "cuda"
     language = "cuda"
     codegen = codegen
     naive_plan = "Naive translation: one thread per output element (or one block per attention row)."
+    ORDER_DEPENDENT_MENU = ("one_kernel_mlp", "streaming_mlp", "mlp_chunk")
+
+    def __init__(self, deterministic: bool = False):
+        self.deterministic = deterministic
+
+    def deterministic_variant(self) -> "CudaTarget":
+        """This target restricted to bit-reproducible kernels (see the class docstring)."""
+        if self.deterministic:
+            return self
+        if not hasattr(self, "_deterministic"):
+            self._deterministic = CudaTarget(deterministic=True)
+        return self._deterministic
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -83,25 +100,32 @@ class CudaTarget(ScheduleSpaceTarget):
 
     def fingerprint(self) -> dict[str, Any]:
         info = _device_info() if self.available()[0] else {}
-        return {"target": self.name, **info, "compiler": nvrtc_version() if nvrtc_available() else "nvcc",
-                "codegen": codegen.CODEGEN_VERSION}
+        fp = {"target": self.name, **info, "compiler": nvrtc_version() if nvrtc_available() else "nvcc",
+              "codegen": codegen.CODEGEN_VERSION}
+        if self.deterministic:
+            fp["deterministic"] = True
+        return fp
 
     def describe(self) -> str:
         info = _device_info()
         return f"{info['gpu']} (sm_{info['sm']}, {info['sms']} SMs)"
 
     def legalize(self, workload: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
+        if self.deterministic:
+            knobs = {**knobs, **{name: False for name in codegen.ORDER_DEPENDENT_KNOBS}}
         return codegen.legalize(workload, knobs)
 
     def menu(self, workload: Workload):
         from autocomp_compile.agents.menu import cuda_menu
 
-        return cuda_menu(workload)
+        items = cuda_menu(workload)
+        return [m for m in items if m.id not in self.ORDER_DEPENDENT_MENU] if self.deterministic else items
 
     def make_evaluator(self, workload: Workload, build_dir: Path | None = None, settings: EvalSettings | None = None) -> CudaEvaluator:
         import dataclasses
 
-        settings = dataclasses.replace(settings or EvalSettings(), device="cuda")
+        settings = dataclasses.replace(settings or EvalSettings(), device="cuda",
+                                       deterministic=self.deterministic or (settings is not None and settings.deterministic))
         return CudaEvaluator(workload, build_dir or default_build_dir(), settings, self.arch)
 
 
