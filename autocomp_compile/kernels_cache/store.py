@@ -206,10 +206,13 @@ class KernelCache:
             (target.name, workload.kind, here, workload.signature()),
         )
         cls = workload.shape_class()
-        this_machine = {k: v for k, v in fp.items() if k != "codegen"}
+        def machine(f: dict[str, Any]) -> dict[str, Any]:  # a deterministic-only entry's machine is the same machine
+            return {k: v for k, v in f.items() if k not in ("codegen", "deterministic")}
+
+        this_machine = machine(fp)
         ranked = sorted(
             (e for e in rows if e.knobs is not None), key=lambda e: (e.shape_class != cls,
-                                 {k: v for k, v in e.fingerprint.items() if k != "codegen"} != this_machine,
+                                 machine(e.fingerprint) != this_machine,
                                  e.codegen != codegen, e.workload.get("dtype") != workload.dtype,
                                  _shape_distance(e.workload["params"], workload.params)),
         )
