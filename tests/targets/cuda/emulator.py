@@ -3,11 +3,12 @@ per CUDA thread, blocks one after another, `__syncthreads` as a barrier, warp-co
 32-thread exchange), so a kernel's index arithmetic, tiling, bounds and shared-memory pipelining are checked
 here without a GPU.
 
-Two rewrites make the source host C++: `extern __shared__` arrays point into the block's dynamic shared memory,
-and L2-prefetch `asm` statements (hints, no effect on results) are dropped; `griddepcontrol` is already behind
-`__CUDA_ARCH__`. Static `__shared__` arrays become function statics, shared by a block's threads since blocks
-run one after another (they keep the previous block's values, where a GPU's are undefined); cooperative
-kernels (the persistent MLP's grid barrier) run all their blocks at once, and may use dynamic shared memory only.
+Three rewrites make the source host C++: `extern __shared__` arrays point into the block's dynamic shared memory,
+static `__shared__` variables into the block's own static arena (each block starts with every byte 0xff, so a
+block that reads shared memory it never wrote sees NaN rather than what the previous block left there, and the
+blocks of a cooperative kernel, which run at once, each have their own), and L2-prefetch `asm` statements (hints,
+no effect on results) are dropped; `griddepcontrol` is already behind `__CUDA_ARCH__`. Cooperative kernels (the
+persistent MLP's grid barrier) run all their blocks at once; the others run blocks one after another.
 
 cp.async copies land only at the `cp.async.wait_group` that completes their group (NaN until then), and
 cp.async / ldmatrix addresses must be 16-byte aligned (else `EmulatedFault`).
@@ -43,6 +44,7 @@ HEADER = r"""
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 #define AUTOCOMP_HOST_EMULATION 1
@@ -66,13 +68,21 @@ struct Warp {
   float v[32];
   const unsigned char *row[32];
 };
+constexpr size_t STATIC_SHARED_LIMIT = 48 * 1024;  /* what a block may declare statically */
+inline unsigned char *aligned16(std::vector<unsigned char> &v) {
+  return v.data() + (16 - reinterpret_cast<size_t>(v.data()) % 16) % 16;
+}
 struct Block {
   std::barrier<> bar;
   std::vector<std::unique_ptr<Warp>> warps;
-  std::vector<unsigned char> shared;
+  std::vector<unsigned char> shared, statics;  /* 0xff: NaN as float and as bf16 */
   unsigned char *smem;
-  Block(unsigned threads, size_t bytes) : bar(threads), shared(bytes + 16, 0xff) {  /* 0xffff: bf16 NaN */
-    smem = shared.data() + (16 - reinterpret_cast<size_t>(shared.data()) % 16) % 16;
+  std::mutex statics_lock;
+  std::vector<std::pair<int, size_t>> static_offsets;  /* declaration id -> offset in `statics` */
+  std::vector<std::vector<unsigned char>> overflow;
+  size_t statics_used = 0;
+  Block(unsigned threads, size_t bytes) : bar(threads), shared(bytes + 16, 0xff), statics(STATIC_SHARED_LIMIT + 16, 0xff) {
+    smem = aligned16(shared);
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
   }
 };
@@ -87,6 +97,26 @@ inline void check_aligned(const void *p, size_t bytes, const char *what) {
   if (reinterpret_cast<uintptr_t>(p) % bytes == 0 || failed.exchange(true)) return;
   std::snprintf(failure, sizeof failure, "%s %p is not %zu-byte aligned (thread %u of block %u,%u)", what, p, bytes,
                 tid.x, bid.x, bid.y);
+}
+/* The block's copy of static __shared__ declaration `id` (`bytes` long, 16-byte aligned): the first thread to
+   reach the declaration places it; past 48 KB in all the kernel would not build (ptxas), reported as a fault. */
+inline void *static_shared(size_t bytes, int id) {
+  Block &b = *blk;
+  std::lock_guard<std::mutex> hold(b.statics_lock);
+  unsigned char *base = aligned16(b.statics);
+  for (const auto &[i, offset] : b.static_offsets)
+    if (i == id) return base + offset;
+  const size_t offset = (b.statics_used + 15) / 16 * 16;
+  if (offset + bytes > STATIC_SHARED_LIMIT) {
+    if (!failed.exchange(true))
+      std::snprintf(failure, sizeof failure, "static shared memory over %zu bytes", STATIC_SHARED_LIMIT);
+    b.overflow.emplace_back(bytes + 16, 0xff);  /* keeps the rest of the emulation in bounds until it reports */
+    b.static_offsets.emplace_back(id, 0);
+    return aligned16(b.overflow.back());  /* (a later thread gets the arena's start: the run has failed anyway) */
+  }
+  b.static_offsets.emplace_back(id, offset);
+  b.statics_used = offset + bytes;
+  return base + offset;
 }
 inline int lane() { return tid.x % 32; }
 struct Arg {
@@ -216,13 +246,31 @@ def _wrappers(spec: dict) -> str:
 
 
 _DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];")
+_STATIC_SHARED = re.compile(r"(?<!extern )__shared__ +(?:__align__\(\d+\) +)?([A-Za-z_]\w*(?: +[A-Za-z_]\w*)*?) +([^;\n]+);")
+_DECLARATOR = re.compile(r"\s*([A-Za-z_]\w*)\s*((?:\[[^\]]+\])*)\s*")
 _PREFETCH = re.compile(r'asm volatile\("prefetch[^"]*"[^;]*;')
+
+
+def _static_shared(source: str) -> str:
+    """Each static `__shared__` declarator becomes a reference into the block's static arena (emu::static_shared)."""
+    ids = iter(range(1 << 30))
+
+    def declare(match: re.Match) -> str:
+        type_name, out = match.group(1), []
+        for declarator in re.split(r",(?![^\[]*\])", match.group(2)):
+            name, dims = _DECLARATOR.fullmatch(declarator).groups()
+            alias = f"emu_shared_{name}_t"
+            out.append(f"using {alias} = {type_name}{dims}; {alias} &{name} = "
+                       f"*reinterpret_cast<{alias} *>(emu::static_shared(sizeof({alias}), {next(ids)}));")
+        return " ".join(out)
+
+    return _STATIC_SHARED.sub(declare, source)
 
 
 def host_source(source: str) -> str:
     """The generated source as host C++ for the emulation header (see the module's docstring)."""
     source = _DYNAMIC_SHARED.sub(r"\1 *\2 = reinterpret_cast<\1 *>(emu::blk->smem);", source)
-    return _PREFETCH.sub(";", source)
+    return _PREFETCH.sub(";", _static_shared(source))
 
 
 _FLAGS = ["g++", "-std=c++20", "-O1", "-pthread", "-fPIC", "-w"]

@@ -167,6 +167,24 @@ def test_the_emulator_catches_a_wrong_streaming_mlp(mutation, emulator_builds):
     assert not emulator.check(w, wrong, emulator_builds).ok
 
 
+@needs_gxx
+@pytest.mark.parametrize("case,knobs,staging", [
+    ("mlp_bf16", dict(naive=False, vec=True, unroll=4, warps=8, fuse_down=True, chunk=32),
+     "for (int i = threadIdx.x; i < M * H; i += NT) xs[i] = to_f32(x[i]);"),
+    ("mlp_bf16_h512", dict(naive=False, down_t=True, warps=4, chunk=32),
+     "for (int i = threadIdx.x; i < M * NQ * 32 * EPV; i += NT) {"),
+])
+def test_the_emulator_gives_each_block_fresh_static_shared_memory(case, knobs, staging, emulator_builds):
+    """A kernel that stages the activation into static shared memory in its first block only reads NaN in the
+    others (a GPU leaves them undefined); an emulator that kept the previous block's values would pass it."""
+    w = WORKLOADS[case]
+    src = codegen.generate(w, codegen.legalize(w, knobs))
+    assert launch_spec(src)["kernels"][0]["grid"][0] > 1 and emulator.check(w, src, emulator_builds).ok
+    wrong = src.replace(staging, "if (blockIdx.x == 0) " + staging)
+    assert wrong != src
+    assert not emulator.check(w, wrong, emulator_builds).ok
+
+
 def test_the_streaming_mlp_reads_the_down_projection_transposed():
     w = make_workload("mlp", "bf16", batch=1, hidden=2048, intermediate=8192)
     knobs = codegen.legalize(w, dict(naive=False, down_t=True, warps=8, chunk=64, rows=4, fuse=True))

@@ -111,3 +111,40 @@ def test_selector_follows_torch_deterministic_mode_unless_told(tmp_path, torch_m
         assert not d.replaced and ("warm --deterministic" in d.reason) == want
     finally:
         sel.close()
+
+
+HAS_GPU = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU here: the repeat check needs one to run kernels")
+
+
+@needs_gpu
+def test_on_gpu_a_deterministic_search_keeps_only_reproducible_mlps(tmp_path, monkeypatch):
+    """Seeded with the one-kernel and streaming MLPs, the deterministic search refuses both (declared atomics)
+    and its winner gives the same bits on every run."""
+    from autocomp_compile import SearchConfig, optimize
+    from autocomp_compile.agents.schedule import ScheduleProposer
+    from autocomp_compile.optimize import schedule_seed
+    from autocomp_compile.references import InputFactory, empty_outputs
+    from autocomp_compile.targets.cuda.runtime import load
+    from autocomp_compile.targets.cuda.build import build
+
+    monkeypatch.setenv("AUTOCOMP_CACHE_DIR", str(tmp_path / "cache"))
+    w = make_workload("mlp", "bf16", batch=1, hidden=1024, intermediate=4096)
+    plain = get_target("cuda")
+    seeds = [schedule_seed(plain, w, k, "atomic form", [], "test") for k in ATOMIC_FORMS]
+    assert all(launch_spec(s.code).get("order_dependent") for s in seeds)
+    det = get_target("cuda", deterministic=True)
+    r = optimize(w, det, SearchConfig(budget=6, seed=0), EvalSettings(timing_budget_ms=30), tmp_path / "out",
+                 proposers=[ScheduleProposer(dropout=0.3)], seeds=seeds)
+    assert r.best is not None and not launch_spec(r.best.code).get("order_dependent")
+    refused = [c for c in r.candidates if c.origin == "test"]
+    assert refused and all(c.result.stage == "nondeterministic" for c in refused)
+    built = build(r.best.code, det.arch, tmp_path / "build")
+    kernel = load(str(built.cubin_path), r.best.code, [t.name for t in w.tensors], [])
+    inputs = {k: v.cuda() for k, v in InputFactory(0).inputs(w).items()}
+    runs = []
+    for _ in range(5):
+        outs = empty_outputs(w, device="cuda")
+        kernel([*inputs.values(), *outs.values()], [])
+        runs.append(outs["out"].view(torch.int16).cpu())
+    assert all(torch.equal(runs[0], other) for other in runs[1:])
