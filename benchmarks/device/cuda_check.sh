@@ -51,7 +51,7 @@ stage env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,cl
   python3 -c "import torch, cuda.bindings; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cuda-bindings\", cuda.bindings.__version__)";
   python3 -m autocomp_compile.cli targets'
 [ -n "${CACHE_IMPORT:-}" ] && stage import 60 python3 -m autocomp_compile.cli cache import "$CACHE_IMPORT"
-stage cuda_tests 90 python3 -m pytest -q tests/targets/cuda -p no:cacheprovider -k "not emulator"  # emulator: CPU-side
+stage cuda_tests 120 python3 -m pytest -q tests/targets/cuda -p no:cacheprovider -k "not emulator"  # emulator: CPU-side
 stage mlp_sweep 200 python3 benchmarks/device/mlp_sweep.py --json "$RESULTS/mlp_sweep.json"
 if [ "${MLP_SEED-auto}" = auto ]; then
   MLP_SEED=$(python3 benchmarks/device/mlp_sweep.py --best-of "$RESULTS/mlp_sweep.json" 2>/dev/null) || MLP_SEED=
