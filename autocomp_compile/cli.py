@@ -52,8 +52,9 @@ def _add_search_options(p: argparse.ArgumentParser, budget: int) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the kernel cache")
     p.add_argument("--deterministic", action="store_true",
-                   help="only bit-reproducible kernels (no float atomics; each checked by repeated runs), cached apart "
-                        "from the others: what torch.compile uses under torch.use_deterministic_algorithms(True)")
+                   help="only bit-reproducible kernels: no declared float atomics, and each candidate (CPU, CUDA) run twice "
+                        "more on the same inputs must give the same bits; CUDA caches them apart from the others. What "
+                        "torch.compile uses under torch.use_deterministic_algorithms(True)")
     p.add_argument("--reuse", type=int, default=3, help="cached schedules of similar workloads to replay (0: none)")
     p.add_argument("--models", default="", help="LLM models, comma-separated provider::model (e.g. openai::gpt-4.1,"
                    "anthropic::claude-sonnet-4-5); default: the offline menu-driven proposer")

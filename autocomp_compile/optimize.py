@@ -12,7 +12,7 @@ from autocomp_compile.evaluation.job import EvalSettings
 from autocomp_compile.search.artifacts import RunDirectory
 from autocomp_compile.search.beam import BeamSearch, ProgressFn, SearchConfig, SearchResult
 from autocomp_compile.search.candidate import Candidate
-from autocomp_compile.targets.base import EvalResult, Target, get_target, require_available
+from autocomp_compile.targets.base import EvalResult, Target, deterministic_variant, get_target, require_available
 from autocomp_compile.workload import Workload
 
 if TYPE_CHECKING:
@@ -57,7 +57,9 @@ def optimize(
     workload: what to compute (see `make_workload`).
     target: a target name ("cpu") or object.
     config: beam-search settings (budget, beam size, dropout, seed, ...).
-    settings: evaluation settings (correctness input sets, timing budget, timeout).
+    settings: evaluation settings (correctness input sets, timing budget, timeout). With `deterministic`, the
+        target's deterministic variant searches (see `targets.base.deterministic_variant`); a deterministic
+        variant always evaluates with the repeat check.
     output_dir, name: the run is written to `output_dir/name` and resumed from there when re-run
         with the same settings; `name` defaults to a hash of the settings.
     proposers: defaults to the offline `ScheduleProposer`.
@@ -71,6 +73,12 @@ def optimize(
     SearchResult with the naive root, the best correct candidate and every evaluated candidate.
     """
     tgt = get_target(target) if isinstance(target, str) else target
+    config = config or SearchConfig()
+    settings = settings or EvalSettings(seed=config.seed)
+    if settings.deterministic:  # deterministic kernels are searched and cached by the target's variant
+        tgt = deterministic_variant(tgt)
+    elif getattr(tgt, "deterministic", False):
+        settings = dataclasses.replace(settings, deterministic=True)
     require_available(tgt)
     if cache is not None:
         hit = cache.get(tgt, workload)
@@ -78,8 +86,6 @@ def optimize(
             return _from_cache(hit)
         reused = reuse_seeds(tgt, workload, cache.nearest(tgt, workload, reuse)) if reuse else []
         seeds = list(seeds or []) + reused
-    config = config or SearchConfig()
-    settings = settings or EvalSettings(seed=config.seed)
     name = name or run_name(workload, tgt, config, settings)
     run_dir = RunDirectory(
         Path(output_dir) / name,

@@ -77,8 +77,9 @@ def test_optimize_writes_the_json_the_issue_names(tmp_path):
 
 
 def test_deterministic_flag_runs_the_repeat_check_in_its_own_run(tmp_path):
-    """`--deterministic` evaluates every candidate with the repeat check, under a run name of its own (the CPU
-    target is its own deterministic variant, so only the evaluation settings differ)."""
+    """`--deterministic` evaluates every candidate with the repeat check (each correct candidate's result says
+    it was repeatable), under a run name of its own (the CPU target is its own deterministic variant, so only
+    the evaluation settings differ)."""
     base = ["optimize", "--workload", "gemm", "--m", "1", "--n", "8", "--k", "16", "--budget", "2", "--timing-ms", "5",
             "--output-dir", str(tmp_path / "out"), "--quiet", "--no-cache"]
     assert cli.main(base) == 0
@@ -88,3 +89,8 @@ def test_deterministic_flag_runs_the_repeat_check_in_its_own_run(tmp_path):
     assert sorted(c["eval"].get("deterministic", False) for c in configs.values()) == [False, True]
     plain = next(c for c in configs.values() if not c["eval"].get("deterministic"))
     assert "repeat_runs" not in plain["eval"]
+    for run, config in configs.items():
+        results = [json.loads(p.read_text())["result"] for p in (tmp_path / "out" / run).glob("iter-*/*/candidate.json")]
+        correct = [r for r in results if r and r["correct"]]
+        checked = True if config["eval"].get("deterministic") else None
+        assert correct and all(r["extra"].get("repeatable") is checked for r in correct)

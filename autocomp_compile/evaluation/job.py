@@ -91,7 +91,11 @@ def check_and_time(
             if not m.ok:
                 return dict(correct=False, stage="correctness", message=f"input set {s}: {m.message}", max_abs_error=m.max_abs_error)
     if settings.deterministic:
-        differs = _repeat_differs(kernel, w, inputs, {k: v.cpu() for k, v in outs.items()}, dims, settings.repeat_runs)
+        try:
+            differs = _repeat_differs(kernel, w, inputs, {k: v.cpu() for k, v in outs.items()}, dims,
+                                      settings.repeat_runs, dev)
+        except Exception as exc:  # noqa: BLE001 - as in the checked runs above
+            return dict(correct=False, stage="runtime", message=f"{type(exc).__name__}: {exc}")
         if differs:
             return dict(correct=False, stage="nondeterministic", message=differs)
     outs = empty_outputs(w, device=dev)
@@ -126,14 +130,16 @@ def check_and_time(
         latency_p99_ms=cand.p99_ms,
         runs=cand.runs,
         baseline_ms=timing["baseline"].median_ms if "baseline" in timing else None,
+        extra={"repeatable": True} if settings.deterministic else {},
     )
 
 
 def _repeat_differs(kernel: Callable[[list[torch.Tensor], list[int]], None], w: Workload,
-                    inputs: dict[str, torch.Tensor], first: dict[str, torch.Tensor], dims: list[int], runs: int) -> str:
+                    inputs: dict[str, torch.Tensor], first: dict[str, torch.Tensor], dims: list[int], runs: int,
+                    dev: str) -> str:
     """Why `kernel` is not bit-reproducible on `inputs` (whose outputs were `first`), or "" when `runs` more
-    runs all match `first` exactly. Float atomics usually show up here, though two runs may agree by chance."""
-    dev = next(iter(inputs.values())).device.type if inputs else "cpu"
+    runs all match `first` exactly. Undeclared float atomics show up here when their order changes the output's
+    bits: usually with fp32 outputs, rarely with bf16 ones (rounding to bf16 hides most fp32 differences)."""
     for r in range(runs):
         outs = empty_outputs(w, device=dev)
         kernel([inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs], dims)
@@ -141,15 +147,19 @@ def _repeat_differs(kernel: Callable[[list[torch.Tensor], list[int]], None], w: 
         for name, out in outs.items():
             out = out.cpu()
             if not torch.equal(_bits(out), _bits(first[name])):
-                changed = int((out != first[name]).sum())
+                changed = int((_bits(out) != _bits(first[name])).sum())
                 return (f"not bit-reproducible: run {r + 2} on the same inputs changed output {name!r} "
                         f"({changed} of {out.numel()} elements differ), and deterministic kernels were asked for")
     return ""
 
 
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes, so that equality is bitwise (NaN equals the same NaN, -0.0 differs from 0.0)."""
-    return t.contiguous().view(torch.uint8)
+    """Each element's bits as an integer, so that comparisons are bitwise (a NaN equals the same NaN, -0.0
+    differs from 0.0)."""
+    return t.contiguous().view(_SAME_WIDTH_INT[t.element_size()]) if t.is_floating_point() else t
 
 
 def _beyond_roofline(state: dict[str, Any], w: Workload, latency_ms: float, settings: EvalSettings) -> str:

@@ -233,7 +233,8 @@ class KernelCache:
             shape_class=workload.shape_class(), workload=workload.describe(), language=candidate.language,
             code=candidate.code, code_hash=candidate.code_hash, menu_ids=candidate.menu_ids, knobs=candidate.knobs,
             models=candidate.models, latency_ms=r.latency_ms, baseline_ms=r.baseline_ms,
-            evidence={"stage": r.stage, "max_abs_error": r.max_abs_error, "runs": r.runs, "p99_ms": r.latency_p99_ms},
+            evidence={"stage": r.stage, "max_abs_error": r.max_abs_error, "runs": r.runs, "p99_ms": r.latency_p99_ms,
+                      **({"repeatable": True} if r.extra.get("repeatable") else {})},
             provenance={"candidate": candidate.id, "origin": candidate.origin, **(provenance or {})},
             created=now, updated=now,
         )

@@ -6,6 +6,7 @@ runs in milliseconds. The last test is one real end-to-end optimize() on a tiny 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -338,3 +339,41 @@ def test_optimize_end_to_end_tiny_gemm(tmp_path):
     assert summary["bytes_moved"] == w.bytes_moved()
     # builds went to the temporary cache set by tests/conftest.py, not ~/.cache
     assert list((tmp_path / "cache").glob("build/cpu/k_*.so"))
+
+
+class TwoModeTarget(FakeTarget):
+    """A fake target with a deterministic variant (own fingerprint), recording the settings it evaluates with."""
+
+    def __init__(self, evaluator, deterministic=False):
+        super().__init__(evaluator)
+        self.deterministic = deterministic
+        self.settings_seen = []
+        self.variant = self if deterministic else TwoModeTarget(evaluator, deterministic=True)
+
+    def deterministic_variant(self):
+        return self.variant
+
+    def fingerprint(self):
+        return {**super().fingerprint(), **({"deterministic": True} if self.deterministic else {})}
+
+    def make_evaluator(self, workload, build_dir=None, settings=None):
+        self.settings_seen.append(settings)
+        return self.evaluator
+
+
+def test_optimize_searches_deterministic_kernels_with_the_targets_variant(tmp_path):
+    """Deterministic settings switch to the target's variant (its fingerprint, its cache entries), and the
+    variant always evaluates with the repeat check on, whatever settings it was given."""
+    w = small("gemm")
+    plain = TwoModeTarget(FakeEvaluator())
+    optimize(w, plain, SearchConfig(budget=3), dataclasses.replace(SETTINGS, deterministic=True), tmp_path / "a")
+    assert not plain.settings_seen and plain.variant.settings_seen[-1].deterministic
+    (config,) = [json.loads(p.read_text()) for p in (tmp_path / "a").glob("*/config.json")]
+    assert config["target"]["deterministic"] and config["eval"]["deterministic"]
+    variant = TwoModeTarget(FakeEvaluator(), deterministic=True)
+    optimize(w, variant, SearchConfig(budget=3), SETTINGS, tmp_path / "b")
+    assert variant.settings_seen[-1].deterministic
+    (config,) = [json.loads(p.read_text()) for p in (tmp_path / "b").glob("*/config.json")]
+    assert config["eval"]["deterministic"]
+    optimize(w, plain, SearchConfig(budget=3), SETTINGS, tmp_path / "c")
+    assert not plain.settings_seen[-1].deterministic

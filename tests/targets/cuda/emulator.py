@@ -78,7 +78,7 @@ struct Block {
   std::vector<unsigned char> shared, statics;  /* 0xff: NaN as float and as bf16 */
   unsigned char *smem;
   std::mutex statics_lock;
-  std::vector<std::pair<int, size_t>> static_offsets;  /* declaration id -> offset in `statics` */
+  std::vector<std::pair<int, unsigned char *>> static_places;  /* declaration id -> its bytes */
   std::vector<std::vector<unsigned char>> overflow;
   size_t statics_used = 0;
   Block(unsigned threads, size_t bytes) : bar(threads), shared(bytes + 16, 0xff), statics(STATIC_SHARED_LIMIT + 16, 0xff) {
@@ -98,25 +98,27 @@ inline void check_aligned(const void *p, size_t bytes, const char *what) {
   std::snprintf(failure, sizeof failure, "%s %p is not %zu-byte aligned (thread %u of block %u,%u)", what, p, bytes,
                 tid.x, bid.x, bid.y);
 }
-/* The block's copy of static __shared__ declaration `id` (`bytes` long, 16-byte aligned): the first thread to
-   reach the declaration places it; past 48 KB in all the kernel would not build (ptxas), reported as a fault. */
+/* The block's copy of static __shared__ declaration `id` (`bytes` long, 16-byte aligned; kernels only: a block
+   must be running): the first thread to reach the declaration places it. Past 48 KB in all the kernel would
+   not build (ptxas): reported as a fault, the excess placed on the heap so that the run stays in bounds. */
 inline void *static_shared(size_t bytes, int id) {
   Block &b = *blk;
   std::lock_guard<std::mutex> hold(b.statics_lock);
-  unsigned char *base = aligned16(b.statics);
-  for (const auto &[i, offset] : b.static_offsets)
-    if (i == id) return base + offset;
+  for (const auto &[i, place] : b.static_places)
+    if (i == id) return place;
   const size_t offset = (b.statics_used + 15) / 16 * 16;
-  if (offset + bytes > STATIC_SHARED_LIMIT) {
+  unsigned char *place;
+  if (offset + bytes <= STATIC_SHARED_LIMIT) {
+    place = aligned16(b.statics) + offset;
+    b.statics_used = offset + bytes;
+  } else {
     if (!failed.exchange(true))
       std::snprintf(failure, sizeof failure, "static shared memory over %zu bytes", STATIC_SHARED_LIMIT);
-    b.overflow.emplace_back(bytes + 16, 0xff);  /* keeps the rest of the emulation in bounds until it reports */
-    b.static_offsets.emplace_back(id, 0);
-    return aligned16(b.overflow.back());  /* (a later thread gets the arena's start: the run has failed anyway) */
+    b.overflow.emplace_back(bytes + 16, 0xff);
+    place = aligned16(b.overflow.back());
   }
-  b.static_offsets.emplace_back(id, offset);
-  b.statics_used = offset + bytes;
-  return base + offset;
+  b.static_places.emplace_back(id, place);
+  return place;
 }
 inline int lane() { return tid.x % 32; }
 struct Arg {
@@ -245,9 +247,13 @@ def _wrappers(spec: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-_DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];")
-_STATIC_SHARED = re.compile(r"(?<!extern )__shared__ +(?:__align__\(\d+\) +)?([A-Za-z_]\w*(?: +[A-Za-z_]\w*)*?) +([^;\n]+);")
-_DECLARATOR = re.compile(r"\s*([A-Za-z_]\w*)\s*((?:\[[^\]]+\])*)\s*")
+_DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\[\];")
+# static declarations: `__shared__ [__align__(n)] <type> <declarator>[, <declarator>...];` on one line; the
+# DYNAMIC_SMEM macro's `extern __shared__ ... name[]` (no semicolon) is left for the header's own definition
+_STATIC_SHARED = re.compile(r"(?<!extern )(?<![\w])__shared__[ \t]+(?:__align__\(\d+\)[ \t]+)?([^;\n]+);")
+_FIRST_DECLARATOR = re.compile(r"\s*(?P<type>[A-Za-z_][\w\s]*?)\s*(?P<ptr>\**)\s*(?P<name>[A-Za-z_]\w*)\s*"
+                               r"(?P<dims>(?:\[[^\]]+\]\s*)*)")
+_MORE_DECLARATOR = re.compile(r"\s*(?P<ptr>\**)\s*(?P<name>[A-Za-z_]\w*)\s*(?P<dims>(?:\[[^\]]+\]\s*)*)")
 _PREFETCH = re.compile(r'asm volatile\("prefetch[^"]*"[^;]*;')
 
 
@@ -256,11 +262,15 @@ def _static_shared(source: str) -> str:
     ids = iter(range(1 << 30))
 
     def declare(match: re.Match) -> str:
-        type_name, out = match.group(1), []
-        for declarator in re.split(r",(?![^\[]*\])", match.group(2)):
-            name, dims = _DECLARATOR.fullmatch(declarator).groups()
+        declarators, out, type_name = re.split(r",(?![^\[]*\])", match.group(1)), [], ""
+        for i, declarator in enumerate(declarators):
+            parsed = (_FIRST_DECLARATOR if i == 0 else _MORE_DECLARATOR).fullmatch(declarator)
+            if parsed is None:
+                raise ValueError(f"the CUDA emulator cannot read the shared-memory declaration {match.group(0)!r}")
+            type_name = parsed.group("type") if i == 0 else type_name
+            name, dims = parsed.group("name"), re.sub(r"\]\s+\[", "][", parsed.group("dims").strip())
             alias = f"emu_shared_{name}_t"
-            out.append(f"using {alias} = {type_name}{dims}; {alias} &{name} = "
+            out.append(f"using {alias} = {type_name} {parsed.group('ptr')}{dims}; {alias} &{name} = "
                        f"*reinterpret_cast<{alias} *>(emu::static_shared(sizeof({alias}), {next(ids)}));")
         return " ".join(out)
 

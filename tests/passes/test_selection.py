@@ -1,0 +1,42 @@
+"""KernelSelector: which cached kernel may replace a subgraph, in deterministic mode too."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from autocomp_compile import EvalResult, get_target, make_workload
+from autocomp_compile.kernels_cache.store import KernelCache
+from autocomp_compile.passes.kernels import REGISTRY
+from autocomp_compile.passes.selection import KernelSelector
+
+W = make_workload("gemm", "fp32", m=1, n=16, k=32)
+
+
+def _cache_llm_written(cache_dir, extra=None, knobs=None):
+    """The CPU target's naive kernel, cached as an LLM-written kernel (no knobs) or as a schedule (knobs)."""
+    cpu = get_target("cpu")
+    cand = dataclasses.replace(cpu.lower(W), knobs=knobs, origin="llm:test", models=["test::model"])
+    cand.result = EvalResult(correct=True, stage="ok", latency_ms=1.0, baseline_ms=2.0, extra=extra or {})
+    with KernelCache(cache_dir / "kernels.sqlite") as cache:
+        assert cache.put(cpu, W, cand)
+
+
+@pytest.mark.parametrize("how,deterministic,replaced", [
+    ("llm", False, True),
+    ("llm", True, False),  # never checked for bit-reproducibility
+    ("llm-checked", True, True),  # passed the evaluator's repeat check
+    ("schedule", True, True),  # a generated CPU schedule fixes its reduction order
+])
+def test_deterministic_mode_takes_only_kernels_known_to_be_reproducible(tmp_path, how, deterministic, replaced):
+    knobs = get_target("cpu").lower(W).knobs if how == "schedule" else None
+    _cache_llm_written(tmp_path, {"repeatable": True} if how == "llm-checked" else None, knobs)
+    sel = KernelSelector(get_target("cpu"), cache_dir=str(tmp_path), verbose=False, deterministic=deterministic)
+    try:
+        d = sel.decide(W)
+    finally:
+        sel.close()
+        REGISTRY.clear()
+    assert d.replaced is replaced, d.reason
+    if not replaced:
+        assert "never checked for bit-reproducibility" in d.reason and "cache clear --target cpu" in d.reason
