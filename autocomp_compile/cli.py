@@ -129,7 +129,7 @@ def _settings(args: argparse.Namespace) -> tuple[SearchConfig, EvalSettings]:
     if args.sets < 1 or args.timing_ms <= 0 or args.timeout <= 0:
         raise UsageError("--sets must be >= 1 and --timing-ms, --timeout positive")
     return config, EvalSettings(args.sets, args.timing_ms, args.timeout, args.seed,
-                                deterministic=getattr(args, "deterministic", False))
+                                deterministic=args.deterministic)
 
 
 def _proposers(args: argparse.Namespace, config: SearchConfig) -> list[Any] | None:

@@ -145,11 +145,11 @@ def _repeat_differs(kernel: Callable[[list[torch.Tensor], list[int]], None], w: 
         kernel([inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs], dims)
         _sync(dev)
         for name, out in outs.items():
-            out = out.cpu()
-            if not torch.equal(_bits(out), _bits(first[name])):
-                changed = int((_bits(out) != _bits(first[name])).sum())
+            now, before = _bits(out.cpu()), _bits(first[name])
+            if not torch.equal(now, before):
                 return (f"not bit-reproducible: run {r + 2} on the same inputs changed output {name!r} "
-                        f"({changed} of {out.numel()} elements differ), and deterministic kernels were asked for")
+                        f"({int((now != before).sum())} of {now.numel()} elements differ), and deterministic "
+                        f"kernels were asked for")
     return ""
 
 

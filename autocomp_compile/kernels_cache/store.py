@@ -112,6 +112,11 @@ def _row_to_entry(row: sqlite3.Row) -> CacheEntry:
     return CacheEntry(**d)
 
 
+def _machine(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The machine part of a fingerprint: without the code generator's version and the deterministic-variant mark."""
+    return {k: v for k, v in fingerprint.items() if k not in ("codegen", "deterministic")}
+
+
 def _shape_distance(a: dict[str, Any], b: dict[str, Any]) -> float:
     """Sum of |log ratio| over the integer parameters the two workloads share."""
     total = 0.0
@@ -206,13 +211,10 @@ class KernelCache:
             (target.name, workload.kind, here, workload.signature()),
         )
         cls = workload.shape_class()
-        def machine(f: dict[str, Any]) -> dict[str, Any]:  # a deterministic-only entry's machine is the same machine
-            return {k: v for k, v in f.items() if k not in ("codegen", "deterministic")}
-
-        this_machine = machine(fp)
+        this_machine = _machine(fp)
         ranked = sorted(
             (e for e in rows if e.knobs is not None), key=lambda e: (e.shape_class != cls,
-                                 machine(e.fingerprint) != this_machine,
+                                 _machine(e.fingerprint) != this_machine,
                                  e.codegen != codegen, e.workload.get("dtype") != workload.dtype,
                                  _shape_distance(e.workload["params"], workload.params)),
         )
