@@ -128,6 +128,9 @@ struct Arg {
 };
 /* Blocks one after another, or (`together`, for kernels with a grid barrier) all at once. */
 template <class F> void launch(dim3 g, unsigned threads, size_t smem, bool together, F body) {
+  /* inline variables are one object across every emulation library loaded in the process (GNU unique
+     symbols): a fault an earlier launch reported must not be reported again for this one */
+  failed = false;
   grid_dim = g;
   block_dim = dim3{threads, 1, 1};
   std::vector<dim3> ids;

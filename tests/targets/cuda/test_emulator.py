@@ -49,6 +49,10 @@ def test_over_48_kb_of_static_shared_memory_is_a_fault_not_a_crash(tmp_path):
   if (threadIdx.x == 0) out[blockIdx.x] = big[0];""", grid=2, threads=64)
     with pytest.raises(emulator.EmulatedFault, match="static shared memory over 49152 bytes"):
         emulator.run(src, {"out": torch.zeros(2)}, tmp_path)
+    # the fault belongs to that launch only: the next kernel, in another library, runs clean
+    out = torch.zeros(2)
+    emulator.run(_kernel("  if (threadIdx.x == 0) out[blockIdx.x] = 5.0f;", grid=2), {"out": out}, tmp_path)
+    assert out.tolist() == [5.0, 5.0]
 
 
 def test_a_declaration_it_cannot_read_is_a_clear_error():
