@@ -124,8 +124,9 @@ class CudaTarget(ScheduleSpaceTarget):
     def make_evaluator(self, workload: Workload, build_dir: Path | None = None, settings: EvalSettings | None = None) -> CudaEvaluator:
         import dataclasses
 
-        settings = dataclasses.replace(settings or EvalSettings(), device="cuda",
-                                       deterministic=self.deterministic or (settings is not None and settings.deterministic))
+        settings = dataclasses.replace(settings or EvalSettings(), device="cuda")
+        if self.deterministic:  # the variant always checks, whatever settings it was given
+            settings = dataclasses.replace(settings, deterministic=True)
         return CudaEvaluator(workload, build_dir or default_build_dir(), settings, self.arch)
 
 

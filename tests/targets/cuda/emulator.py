@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import pathlib
 import re
 import subprocess
@@ -262,7 +263,7 @@ _PREFETCH = re.compile(r'asm volatile\("prefetch[^"]*"[^;]*;')
 
 def _static_shared(source: str) -> str:
     """Each static `__shared__` declarator becomes a reference into the block's static arena (emu::static_shared)."""
-    ids = iter(range(1 << 30))
+    ids = itertools.count()
 
     def declare(match: re.Match) -> str:
         declarators, out, type_name = re.split(r",(?![^\[]*\])", match.group(1)), [], ""
