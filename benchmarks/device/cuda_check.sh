@@ -18,7 +18,9 @@
 # $RESULTS, and after every stage all of $RESULTS is packed into $OUT/gpu_results.tar.gz (one file to bring back).
 # Usage: OUT=/some/dir bash benchmarks/device/cuda_check.sh     (defaults: OUT=benchmarks/results/gpu)
 # Budgets and limits: BUDGET_MLP=32 BUDGET_LM_HEAD=12 BUDGET_PREFILL=12 BUDGET_WARM=12 LIMIT_SCALE=1 (multiplies
-# every limit).
+# every limit); DEADLINE_S=N: the script ends within N seconds of its start (each stage's limit is cut to what is
+# left, a stage with under 20 s left is skipped), so that a caller's own time limit never kills a stage
+# half-way and loses its output.
 # STAGES="env kernels_mlp ..." runs a subset; CACHE_IMPORT=file.json imports a cache export first (entries are
 # used only where the GPU fingerprint matches, and every kernel is checked again before it enters a model);
 # MLP_SEED='{"fuse_down": true}' adds a starting schedule to the MLP search; by default (MLP_SEED=auto) that is the
@@ -27,20 +29,30 @@ set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 RESULTS=${RESULTS:-/tmp/autocomp-gpu-results}
 mkdir -p "$OUT" "$RESULTS"
+DEADLINE=$(( $(date +%s) + ${DEADLINE_S:-86400} ))
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export AUTOCOMP_CACHE_DIR=${AUTOCOMP_CACHE_DIR:-/tmp/autocomp-cache} TORCHINDUCTOR_FX_GRAPH_CACHE=1
 BUDGET_MLP=${BUDGET_MLP:-32} BUDGET_LM_HEAD=${BUDGET_LM_HEAD:-12} BUDGET_WARM=${BUDGET_WARM:-12} SCALE=${LIMIT_SCALE:-1}
 BUDGET_PREFILL=${BUDGET_PREFILL:-12}
 KOPTS="--target cuda --cache --sets 1 --search-timing-ms 100 --timing-ms 1000 --rounds 2 --no-inductor --output-dir /tmp/autocomp-output"
 
-# All stages together need up to ~15 minutes (the limits below); where one command may run 10 minutes,
-# split them over two calls with STAGES, e.g. "env cuda_tests mlp_sweep kernels_mlp kernels_lm_head" and then
-# "import warm e2e cache"; a fresh machine starts with an empty kernel cache, so bring the first call's
-# winners to the second as CACHE_IMPORT (add the `cache` stage to the first call for its export).
+# All stages together have limits of ~20 minutes (LM head, prefill and e2e were measured on an H100 already).
+# With 15 minutes of device time, machine start included, and 10 minutes per command, run the decode MLP first:
+#   STAGES="env cuda_tests mlp_sweep kernels_mlp mlp_breakdown cache" DEADLINE_S=540   (limits 580 s, ~5 min on
+#   an H100), then, if 6-7 minutes are left: STAGES="import warm e2e cache" CACHE_IMPORT=<the first call's
+#   cache_cuda.json, copied into the working tree> DEADLINE_S=<seconds left - 60>. A fresh machine starts with an
+#   empty kernel cache: without the import, e2e's autocomp rows would be the model without our kernels.
 STAGES=${STAGES:-env import cuda_tests mlp_sweep kernels_mlp mlp_breakdown kernels_lm_head kernels_prefill warm e2e cache}
 stage() {  # stage NAME LIMIT_S COMMAND...
   local name=$1 limit=$(( $2 * SCALE )); shift 2
   case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
+  local left=$(( DEADLINE - $(date +%s) - 15 ))  # timeout's --kill-after and the packing
+  if [ "$left" -lt 20 ]; then
+    echo "== $name: skipped, ${left}s left before DEADLINE_S" | tee -a "$RESULTS/stages.txt"
+    tar czf "$OUT/gpu_results.tar.gz" -C "$RESULTS" .
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name: limit ${limit}s, start $(date +%T)"
   timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | grep --line-buffered -v "━" | tee "$RESULTS/$name.txt"
   echo "== $name: rc=${PIPESTATUS[0]}, end $(date +%T)" | tee -a "$RESULTS/stages.txt"
@@ -59,7 +71,8 @@ if [ "${MLP_SEED-auto}" = auto ]; then
 fi
 stage kernels_mlp 80 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_MLP" --only "mlp decode" --json "$RESULTS/kernels_cuda_mlp.json" \
   ${MLP_SEED:+--seed-knobs "$MLP_SEED"}
-stage mlp_breakdown 90 python3 benchmarks/device/mlp_breakdown.py --runs 40 --json "$RESULTS/mlp_breakdown.json"
+stage mlp_breakdown 90 python3 benchmarks/device/mlp_breakdown.py --runs 40 --from-sweep "$RESULTS/mlp_sweep.json" \
+  --json "$RESULTS/mlp_breakdown.json"
 stage kernels_lm_head 110 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_LM_HEAD" --only lm_head --json "$RESULTS/kernels_cuda_lm_head.json"
 stage kernels_prefill 150 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_PREFILL" \
   --only "mlp prefill,gemm prefill,attention prefill" \

@@ -1,6 +1,7 @@
 """Where the decode MLP's time goes on a GPU, and how the L2 flush before each timed call affects it.
 
-For one two-kernel MLP schedule (default: the best of mlp_sweep on an H100) it times, with CUDA events after a
+For one two-kernel MLP schedule (default: the best of mlp_sweep on an H100, or with --from-sweep the best
+two-kernel and streaming schedules of an mlp_sweep.py JSON from this GPU) it times, with CUDA events after a
 ~100 us spin kernel as the evaluator does, each kernel alone, both, the streaming one-kernel MLP (down projection
 read transposed), a single GEMV reading as many bytes, and eager (cuBLAS), under three cache states before each call:
   zero     zero a buffer twice the L2 (triton's do_bench; the evaluator before codegen cuda-5): leaves L2 full of
@@ -10,7 +11,8 @@ read transposed), a single GEMV reading as many bytes, and eager (cuBLAS), under
 Percentages are of the measured device-to-device copy bandwidth (read + written), as everywhere else, and of
 the measured read bandwidth (a 2 GB sum).
 
-    python benchmarks/device/mlp_breakdown.py [--knobs JSON] [--streaming JSON] [--json out.json] [--pdl]
+    python benchmarks/device/mlp_breakdown.py [--from-sweep mlp_sweep.json] [--knobs JSON] [--streaming JSON]
+                                              [--json out.json] [--pdl]
 """
 from __future__ import annotations
 
@@ -26,14 +28,32 @@ STREAMING = {"naive": False, "down_t": True, "warps": 8, "chunk": 64, "stream_lo
 COPIES = 4
 
 
+def schedules(sweep: str | None, knobs: str | None, streaming: str | None) -> tuple[dict, dict]:
+    """The two-kernel and streaming schedules to time: explicit JSON first, then the sweep's best correct row of
+    each family (as mlp_sweep.py legalises it), then this file's defaults (H100 results)."""
+    best: dict[str, dict] = {}
+    if sweep and Path(sweep).exists():
+        rows = [r for r in json.loads(Path(sweep).read_text()).get("rows", []) if r.get("correct") and "ms" in r]
+        for family in ("two_kernel", "streaming"):
+            mine = [r for r in rows if r["family"] == family]
+            if mine:
+                best[family] = dict(naive=False, vec=True, **min(mine, key=lambda r: r["ms"])["schedule"])
+    return (json.loads(knobs) if knobs else best.get("two_kernel", SWEEP_BEST),
+            json.loads(streaming) if streaming else best.get("streaming", STREAMING))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--knobs", default=json.dumps(SWEEP_BEST))
-    ap.add_argument("--streaming", default=json.dumps(STREAMING), help="the streaming MLP's schedule")
+    ap.add_argument("--from-sweep", default=None, metavar="JSON",
+                    help="take the two-kernel and streaming schedules from the best correct rows of an mlp_sweep.py "
+                         "JSON (a missing file or family keeps the defaults; --knobs / --streaming override)")
+    ap.add_argument("--knobs", default=None, help=f"the two-kernel MLP's schedule (default {json.dumps(SWEEP_BEST)})")
+    ap.add_argument("--streaming", default=None, help=f"the streaming MLP's schedule (default {json.dumps(STREAMING)})")
     ap.add_argument("--runs", type=int, default=60)
     ap.add_argument("--json", default=None)
     ap.add_argument("--pdl", action="store_true", help="also time programmatic-dependent-launch variants")
     args = ap.parse_args()
+    knobs, streaming = schedules(args.from_sweep, args.knobs, args.streaming)
     import torch
 
     from autocomp_compile import make_workload
@@ -60,14 +80,13 @@ def main() -> None:
         return load(str(b.cubin_path), src, [t.name for t in w.tensors], [])
 
     mlp = make_workload("mlp", "bf16", batch=1, hidden=2048, intermediate=8192)
-    knobs = json.loads(args.knobs)
     gemv = make_workload("lm_head", "bf16", batch=1, vocab=3 * 8192, hidden=2048)  # 100.7 MB, as many as the MLP
     gemv_knobs = {k: knobs.get(k, SWEEP_BEST[k]) for k in ("naive", "vec", "stream_loads", "warps", "unroll", "rows", "ksplit")}
     kernels = {"mlp (both kernels)": (mlp, compiled(mlp, knobs))}
     if len(launch_spec(codegen.generate(mlp, codegen.legalize(mlp, knobs)))["kernels"]) == 2:
         kernels.update({"gate/up kernel alone": (mlp, compiled(mlp, knobs, [0])),
                         "down kernel alone": (mlp, compiled(mlp, knobs, [1]))})
-    kernels["mlp, streaming"] = (mlp, compiled(mlp, json.loads(args.streaming)))
+    kernels["mlp, streaming"] = (mlp, compiled(mlp, streaming))
     kernels["one GEMV, 100.7 MB"] = (gemv, compiled(gemv, gemv_knobs))
     if args.pdl:  # programmatic dependent launch: where gate/up lets the down kernel start, with/without prefetch
         pdl = {**knobs, "pdl": True}
@@ -149,7 +168,7 @@ def main() -> None:
         print(f"{n:24}{cells}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": bw,
-                                               "read_gbps": read_bw, "knobs": knobs,
+                                               "read_gbps": read_bw, "knobs": knobs, "streaming": streaming,
                                                "max_abs_error": errors, "us": results, "bytes": bytes_read}, indent=1))
 
 

@@ -5,7 +5,8 @@ The two-kernel family is swept in stages, each keeping the best of the one befor
 schedule (the down kernel fixed), then the down kernel's own schedule (block size, split K, loads in
 flight, rows per warp), then the switches (programmatic dependent launch, L2 prefetch of the down
 weights, streaming loads). Each variant is checked against the reference once, then timed interleaved
-with eager (cuBLAS) under the evaluator's CUDA timing (events, L2 flushed). Prints a table sorted by
+with eager (cuBLAS) under the evaluator's CUDA timing (events, L2 flushed), and checked again after the
+hundreds of timed launches (the one-kernel forms reset their own scratch for the next launch). Prints a table sorted by
 time and writes JSON whose "best" entry is the fastest correct schedule (cuda_check.sh seeds the MLP
 search with it).
 
@@ -174,6 +175,10 @@ def main() -> None:
             row["error"] = f"{type(exc).__name__}: {exc}"
             print(f"  {family:>10} failed: {row['error'][:200]} {schedule}", flush=True)
             return row
+        torch.cuda.synchronize()
+        # again after every timed launch: the one-kernel forms must leave their scratch zeroed for the next one
+        row["correct_after_timing"] = compare("out", outs["out"].cpu(), ref).ok
+        row["correct"] = row["correct"] and row["correct_after_timing"]
         ms = t["kernel"].median_ms
         row.update({"ms": ms, "eager_ms": t["eager"].median_ms, "gbps": w.bytes_moved() / (ms * 1e6),
                     "percent_of_copy_bw": 100 * w.bytes_moved() / (ms * 1e6) / bw,

@@ -21,7 +21,8 @@ from typing import Any
 from autocomp_compile.targets.cuda import mma
 from autocomp_compile.workload import Workload
 
-CODEGEN_VERSION = "cuda-6"  # cuda-6: cuda-5 plus "order_dependent" on the launch lines of the atomic MLP forms
+CODEGEN_VERSION = "cuda-7"  # cuda-6: cuda-5 plus "order_dependent" on the launch lines of the atomic MLP forms;
+# cuda-7: the streaming MLP stages x in shared memory in lane-contiguous float4 order (no bank conflicts)
 GEMV_KINDS = ("gemm", "lm_head", "mlp")
 
 NAIVE_KNOBS: dict[str, dict[str, Any]] = {
@@ -777,12 +778,17 @@ extern "C" __global__ void __launch_bounds__({W * 32}) mlp_down_t(const elem_t *
   uint4 g[NQ], u[NQ], d[NQ];  /* one row of each weight, loaded before first use: the first before x is staged */
   {{
 {row_loads("warp", ("g", "u", "d"), "    ")}  }}
-  __shared__ __align__(16) float xs[M * NQ * 32 * EPV];  /* zero past the row's end */
+  /* x as float, zero past the row's end, in the slots' lane-contiguous float4 order (no bank conflicts): float4
+     ((m * NQ + q) * HV + v) * 32 + lane holds columns (q * 32 + lane) * EPV + 4 * v .. + 3 of row m */
+  __shared__ __align__(16) float xs[M * NQ * 32 * EPV];
   __shared__ __align__(16) float red[S * M * NQ * 32 * EPV];  /* S slots of the block's partial output */
   __shared__ bool last;
-  for (int i = threadIdx.x; i < M * NQ * 32 * EPV; i += NT) {{
-    const int m = i / (NQ * 32 * EPV), c = i % (NQ * 32 * EPV);
-    xs[i] = c < H ? to_f32(x[m * H + c]) : 0.0f;
+  for (int i = threadIdx.x; i < F; i += NT) {{
+    const int lane_i = i % 32, v = (i / 32) % HV, q = (i / 32 / HV) % NQ, m = i / 32 / HV / NQ;
+    const int col = (q * 32 + lane_i) * EPV + 4 * v;  /* H % 4 == 0: all four columns in the row or none */
+    const elem_t *xp = x + m * H + col;
+    reinterpret_cast<float4 *>(xs)[i] = col < H ? make_float4(to_f32(xp[0]), to_f32(xp[1]), to_f32(xp[2]), to_f32(xp[3]))
+                                                : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }}
   __syncthreads();
   float o[M][NQ][EPV];  /* this lane's share of the block's partial output: columns (q * 32 + lane) * EPV + e */
@@ -806,7 +812,7 @@ extern "C" __global__ void __launch_bounds__({W * 32}) mlp_down_t(const elem_t *
         float xv[EPV];
         #pragma unroll
         for (int v = 0; v < EPV / 4; ++v)
-          reinterpret_cast<float4 *>(xv)[v] = reinterpret_cast<const float4 *>(xs + (m * NQ + q) * 32 * EPV + lane * EPV)[v];
+          reinterpret_cast<float4 *>(xv)[v] = reinterpret_cast<const float4 *>(xs)[((m * NQ + q) * HV + v) * 32 + lane];
         #pragma unroll
         for (int e = 0; e < EPV; ++e) {{
           a[m] += to_f32(ge[e]) * xv[e];

@@ -156,6 +156,7 @@ def test_the_emulator_catches_a_wrong_split_k_reduction(emulator_builds):
     ("for (int r = warp; r < C; r += ", "for (int r = warp + 1; r < C; r += "),  # a row of every warp skipped
     ("red_add_f32x4(acc + m * H", "if (blockIdx.x) red_add_f32x4(acc + m * H"),  # a block's partial sums dropped
     ("if (warp >= S) {", "if (warp > S) {"),  # a warp's partial output left out of the block's sum
+    ("[((m * NQ + q) * HV + v) * 32 + lane]", "[((m * NQ + q) * HV) * 32 + lane]"),  # staged x read at the wrong place
 ])
 def test_the_emulator_catches_a_wrong_streaming_mlp(mutation, emulator_builds):
     w = WORKLOADS["mlp_bf16_h512"]
@@ -172,7 +173,7 @@ def test_the_emulator_catches_a_wrong_streaming_mlp(mutation, emulator_builds):
     ("mlp_bf16", dict(naive=False, vec=True, unroll=4, warps=8, fuse_down=True, chunk=32),
      "for (int i = threadIdx.x; i < M * H; i += NT) xs[i] = to_f32(x[i]);"),
     ("mlp_bf16_h512", dict(naive=False, down_t=True, warps=4, chunk=32),
-     "for (int i = threadIdx.x; i < M * NQ * 32 * EPV; i += NT) {"),
+     "for (int i = threadIdx.x; i < F; i += NT) {"),
 ])
 def test_the_emulator_gives_each_block_fresh_static_shared_memory(case, knobs, staging, emulator_builds):
     """A kernel that stages the activation into static shared memory in its first block only reads NaN in the
