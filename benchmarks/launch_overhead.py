@@ -80,7 +80,10 @@ def main() -> None:
         launches = [(None, *k["grid"], *k["block"], 0, stream, 0, 0) for k in spec["kernels"]]
         calls["bare driver calls"] = lambda: [driver.cuLaunchKernel(*a) for a in launches]
     else:
-        old = kernel_without_gpu(runtime_at(args.previous), spec, names, stream)
+        previous = runtime_at(args.previous)
+        if hasattr(previous, "_driver"):  # runtimes that import the driver lazily, in CudaKernel.__init__
+            previous._driver, previous._SUCCESS = driver, driver.CUresult.CUDA_SUCCESS
+        old = kernel_without_gpu(previous, spec, names, stream)
         calls[f"runtime at {args.previous}"] = lambda: old(tensors)
     times: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(args.rounds):

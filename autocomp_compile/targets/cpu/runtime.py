@@ -25,7 +25,7 @@ class CpuKernel:
             raise KernelLoadError(f"cannot load {ENTRY_POINT} from {so_path}: {exc}") from exc
         self._fn.restype = None
         self._fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64)]
-        self._ptrs = (ctypes.c_void_p * n_tensors)()
+        self._pointer_array = ctypes.c_void_p * n_tensors
         self._n = n_tensors
 
     def __call__(self, tensors: Sequence[torch.Tensor], dims: Sequence[int] = ()) -> None:
@@ -34,6 +34,8 @@ class CpuKernel:
         for i, t in enumerate(tensors):
             if t.device.type != "cpu" or not t.is_contiguous():
                 raise ValueError(f"tensor {i} must be a contiguous CPU tensor")
-            self._ptrs[i] = t.data_ptr()
+        # this call's own arrays: ctypes releases the GIL during the call, so threads sharing the kernel would
+        # otherwise overwrite each other's pointers
+        ptrs = self._pointer_array(*[t.data_ptr() for t in tensors])
         dims_arr = (ctypes.c_int64 * max(1, len(dims)))(*dims)
-        self._fn(self._ptrs, dims_arr)
+        self._fn(ptrs, dims_arr)

@@ -180,15 +180,17 @@ class CudaKernel:
         # (name, derivation, index of the source among the call's tensors), resolved once: read on every call
         self._derived = [(name, how, self.names.index(src)) for name, (how, src) in derived.items()]
         self._stream = stream
-        self._launches = []
-        for fn, k in zip(functions, self.spec["kernels"]):
-            attrs = launch_attributes(k, compute_capability)
-            # launches with attributes go through cuLaunchKernelEx; the others through cuLaunchKernel
-            self._launches.append((fn, *k["grid"], *k["block"], k.get("smem", 0),
-                                   launch_config(k, attrs) if attrs else None, k["name"]))
-        self._cached_key: tuple | None = None
-        self._cached: list[Any] = []
-        self._addresses: list[int] = []
+        self._launches = [(fn, *k["grid"], *k["block"], k.get("smem", 0), k["name"])
+                          for fn, k in zip(functions, self.spec["kernels"])]
+        # launches with attributes go through cuLaunchKernelEx with a configuration per stream (it holds the
+        # stream); the others through cuLaunchKernel
+        self._attributes = [launch_attributes(k, compute_capability) for k in self.spec["kernels"]]
+        self._plain: list[Any] = [None] * len(self._launches)
+        self._configs: dict[Any, list[Any]] = {}
+        self._any_config = any(self._attributes)
+        # (key, parameter addresses, parameter arrays, derived tensors they point into): replaced whole, never
+        # changed, so that threads calling one kernel at once each launch with their own arrays
+        self._prepared: tuple[Any, list[int], list[Any], dict[str, torch.Tensor]] = (None, [], [], {})
         self._scratch = {
             # zeroed: kernels that accumulate into scratch (the one-kernel MLP) rely on it and clear it after use
             name: torch.zeros(int(n), dtype=_SCRATCH_DTYPES[dt], device=device)
@@ -234,21 +236,38 @@ class CudaKernel:
         if self._derived:  # looked up on every call: a weight updated in place gets its copy refreshed
             derived = self._derived_tensors(tensors)
             key += tuple([t.data_ptr() for t in derived.values()])
-            self._derived_alive = derived  # the cached parameters point into these copies
-        if self._cached_key != key:
-            self._cached = self._params(tensors, dims, derived)
-            self._addresses = [ctypes.addressof(array) for _, array in self._cached]
-            self._cached_key = key
+        prepared = self._prepared
+        if prepared[0] != key:
+            params = self._params(tensors, dims, derived)
+            prepared = self._prepared = (key, [ctypes.addressof(array) for _, array in params], params, derived)
         stream = self._stream()
+        configs = self._plain
+        if self._any_config:
+            configs = self._configs.get(stream) or self._configs_for(stream)
         drv = _driver
-        for (fn, gx, gy, gz, bx, by, bz, smem, cfg, name), params in zip(self._launches, self._addresses):
+        for (fn, gx, gy, gz, bx, by, bz, smem, name), cfg, params in zip(self._launches, configs, prepared[1]):
             if cfg is None:
                 result = drv.cuLaunchKernel(fn, gx, gy, gz, bx, by, bz, smem, stream, params, 0)
             else:
-                cfg.hStream = stream
                 result = drv.cuLaunchKernelEx(cfg, fn, params, 0)
             if result[0] != _SUCCESS:
                 _check(result, f"launch of {name}")
+
+    @property
+    def _addresses(self) -> list[int]:
+        """The kernel-parameter addresses of the last call's pointers (reused while they stay the same)."""
+        return self._prepared[1]
+
+    def _configs_for(self, stream: Any) -> list[Any]:
+        """cuLaunchKernelEx configurations (None for plain launches) on `stream`, made once per stream."""
+        configs = []
+        for k, attrs in zip(self.spec["kernels"], self._attributes):
+            cfg = launch_config(k, attrs) if attrs else None
+            if cfg is not None:
+                cfg.hStream = stream
+            configs.append(cfg)
+        self._configs[stream] = configs
+        return configs
 
 
 def load(cubin_path: str, source: str, tensor_names: Sequence[str], dim_names: Sequence[str]) -> CudaKernel:

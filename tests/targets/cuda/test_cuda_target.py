@@ -419,6 +419,57 @@ def test_launch_loop_passes_grid_stream_and_parameters_without_a_gpu(monkeypatch
         kernel(tensors)
 
 
+def test_threads_sharing_a_kernel_launch_with_their_own_pointers_and_streams(monkeypatch):
+    """Two threads, each on its own stream with its own tensors, call one kernel (a PDL MLP: a plain launch and a
+    cuLaunchKernelEx one) with frequent thread switches: every launch gets the calling thread's pointers and stream."""
+    import sys
+    import threading
+
+    driver = pytest.importorskip("cuda.bindings.driver", reason="cuda-python (cuda-bindings) is not installed")
+    from autocomp_compile.targets.cuda import runtime
+
+    w = make_workload("mlp", "bf16", batch=1, hidden=128, intermediate=256)
+    src = codegen.generate(w, codegen.legalize(w, dict(naive=False, vec=True, fuse=True, warps=4, pdl=True)))
+    kernel = object.__new__(runtime.CudaKernel)
+    kernel.spec, kernel.names, kernel.dim_names, kernel.alignment = launch_spec(src), [t.name for t in w.tensors], [], 16
+    local = threading.local()
+    kernel._setup(["fn_gate_up", "fn_down"], (9, 0), lambda: local.stream, "cpu")
+    wrong = []
+
+    class Checking:
+        def cuLaunchKernel(self, fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+            if stream is not local.stream or _pointers(params, 1)[0] != local.tensors[0].data_ptr():
+                wrong.append(fn)
+            return ("ok",)
+
+        def cuLaunchKernelEx(self, cfg, fn, params, extra):
+            if cfg.hStream != local.stream or _pointers(params, 3)[2] != local.tensors[-1].data_ptr():
+                wrong.append(fn)
+            return ("ok",)
+
+    monkeypatch.setattr(runtime, "_driver", Checking())
+    monkeypatch.setattr(runtime, "_SUCCESS", "ok")
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+
+    def work(t: int) -> None:
+        local.stream = driver.CUstream(t + 1)
+        sets = [[torch.zeros(t.shape, dtype=torch.bfloat16) for t in w.tensors] for _ in range(2)]
+        for i in range(300):
+            local.tensors = sets[i % 2]  # alternating pointers: the parameter arrays are rebuilt on every call
+            kernel(local.tensors)
+
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not wrong, f"{len(wrong)} of 1200 launches used another thread's pointers or stream"
+
+
 def test_launch_loop_passes_a_transposed_copy_of_the_down_projection(monkeypatch):
     """The streaming MLP's `@w_down_t` argument: the runtime passes a transposed copy, made once per weight
     and refreshed in place after the weight changes in place."""
