@@ -81,7 +81,7 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float, key: str) -> Tensor:
 
 
 def rmsnorm_fake(x: Tensor, weight: Tensor, eps: float, key: str) -> Tensor:
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the op returns it whatever x's strides
 
 
 # ---------------------------------------------------------------- GQA attention
@@ -101,9 +101,10 @@ def prefix_length(mask: Optional[Tensor], kv_len: int) -> int | None:
     if mask is None:
         return kv_len
     allowed = _allowed(mask)
-    if allowed is None:
+    valid = None if allowed is None else _per_query_row(allowed, 1, kv_len)
+    if valid is None:
         return None
-    valid = allowed.reshape(-1, mask.shape[-1])
+    valid = valid.reshape(-1, kv_len)
     n = int(valid[0].sum())
     if not bool(valid[:, :n].all()) or bool(valid[:, n:].any()):
         return None
@@ -117,11 +118,21 @@ def is_causal_from_start(mask: Optional[Tensor], seq: int, kv_len: int, is_causa
     if is_causal:
         return False
     allowed = _allowed(mask)
-    if allowed is None:
+    valid = None if allowed is None else _per_query_row(allowed, seq, kv_len)
+    if valid is None:
         return False
-    valid = allowed.reshape(-1, seq, mask.shape[-1])
-    expected = torch.ones(seq, mask.shape[-1], dtype=torch.bool).tril()
+    expected = torch.ones(seq, kv_len, dtype=torch.bool, device=valid.device).tril()
     return bool((valid == expected).all())
+
+
+def _per_query_row(allowed: Tensor, seq: int, kv_len: int) -> Optional[Tensor]:
+    """`allowed` broadcast as SDPA broadcasts a mask (a [B, 1, 1, 1] mask allows every key, a [B, 1, 1, L]
+    padding mask applies to every query) and flattened to [-1, seq, kv_len]; None when it does not broadcast."""
+    shape = (*allowed.shape[:-2], seq, kv_len) if allowed.dim() >= 2 else (seq, kv_len)
+    try:
+        return torch.broadcast_to(allowed, shape).reshape(-1, seq, kv_len)
+    except RuntimeError:
+        return None
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float) -> Tensor:

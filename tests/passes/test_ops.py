@@ -22,6 +22,18 @@ def test_prefix_length_of_bool_and_additive_masks():
     assert ops.prefix_length(torch.full((1, 1, 1, 8), 0.5), 8) is None  # a bias, not a mask
 
 
+def test_masks_broadcast_over_keys_or_queries_mean_what_sdpa_makes_of_them():
+    # a [.., 1] mask broadcasts over the keys: all of them, or none
+    assert ops.prefix_length(torch.ones(1, 1, 1, 1, dtype=torch.bool), 32) == 32
+    assert ops.prefix_length(torch.zeros(2, 1, 1, 1), 32) == 32
+    assert ops.prefix_length(torch.zeros(1, 1, 1, 1, dtype=torch.bool), 32) == 0
+    assert ops.prefix_length(torch.ones(1, 1, 1, 5, dtype=torch.bool), 32) is None  # does not broadcast to 32 keys
+    padding = torch.ones(2, 1, 1, 8, dtype=torch.bool)  # key padding in prefill: every query sees every key
+    assert not ops.is_causal_from_start(padding, 8, 8, False)
+    assert ops.is_causal_from_start(torch.ones(8, 8, dtype=torch.bool).tril()[None, None].expand(2, 1, 8, 8), 8, 8, False)
+    assert not ops.is_causal_from_start(torch.ones(2, 1, 1, 5, dtype=torch.bool), 8, 8, False)
+
+
 def test_causal_from_start_detection():
     causal = torch.ones(4, 8, dtype=torch.bool).tril()
     assert ops.is_causal_from_start(causal[None, None], 4, 8, False)
@@ -147,3 +159,15 @@ def test_ops_leave_order_dependent_kernels_to_pytorch_in_deterministic_mode():
     finally:
         torch.use_deterministic_algorithms(before)
         REGISTRY._kernels.pop("atomic-key", None)
+
+
+@pytest.mark.parametrize("op,args", [
+    ("RMSNORM", lambda: (torch.randn(2, 64, 5).transpose(1, 2), torch.randn(64), 1e-6)),  # normalised over a strided dim
+    ("LINEAR", lambda: (torch.randn(16, 3).t(), torch.randn(8, 16))),
+    ("MLP", lambda: (torch.randn(16, 3).t(), torch.randn(32, 16), torch.randn(32, 16), torch.randn(16, 32))),
+    ("ATTENTION", lambda: (torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16), None, True)),
+])
+def test_fake_kernels_give_the_sizes_and_strides_the_ops_return(op, args):
+    """Inductor plans buffers from the fake kernels and asserts the real outputs match them."""
+    result = torch.library.opcheck(getattr(ops, op), (*args(), "no-such-key"), test_utils=("test_faketensor",))
+    assert result == {"test_faketensor": "SUCCESS"}
