@@ -175,22 +175,38 @@ def _region_function(region: list[fx.Node], inputs: list[fx.Node], out: fx.Node,
     return fx.GraphModule(torch.nn.Module(), g)
 
 
+# Elementwise ops that threshold their input: never part of SwiGLU, and a clamp of the product (or a where
+# on it) could pass a numeric probe whose values stay inside its bounds.
+_THRESHOLDING = {"clamp", "clamp_min", "clamp_max", "clip", "where", "minimum", "maximum", "fmin", "fmax", "gt", "ge",
+                 "lt", "le", "eq", "ne", "hardtanh", "relu", "threshold", "nan_to_num", "round", "floor", "ceil", "trunc"}
+
+
+def _thresholds(region: list[fx.Node]) -> bool:
+    return any(getattr(n.target, "_opname", None) in _THRESHOLDING for n in region)
+
+
 def _swiglu_gate(fn: Callable, shape: tuple[int, ...], dtype: torch.dtype) -> int | None:
-    """Which of the two inputs `fn` treats as the gate of silu(gate) * up, or None if it is not SwiGLU."""
+    """Which of the two inputs `fn` treats as the gate of silu(gate) * up, or None if it is not SwiGLU: probed
+    with normal values and with signed values of every magnitude from 1e-3 to 1e3."""
     with unset_fake_temporarily():  # the inner compiler runs under FakeTensorMode; this needs real values
         gen = torch.Generator().manual_seed(1234)
-        a = (torch.randn(shape, generator=gen) * 3).to(dtype)
-        b = (torch.randn(shape, generator=gen) * 3).to(dtype)
-        try:
-            got = fn(a, b).float().reshape(shape)
-        except Exception:  # the region is not a function of these two inputs alone
-            return None
+
+        def wide() -> torch.Tensor:
+            sign = torch.randint(0, 2, shape, generator=gen) * 2 - 1
+            return sign * 10 ** (torch.rand(shape, generator=gen) * 6 - 3)
+
+        probes = [((torch.randn(shape, generator=gen) * 3).to(dtype), (torch.randn(shape, generator=gen) * 3).to(dtype)),
+                  (wide().to(dtype), wide().to(dtype))]
         tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
-        for gate, (g, u) in enumerate(((a, b), (b, a))):
-            want = F.silu(g.float()) * u.float()
-            if torch.allclose(got, want, rtol=tol, atol=tol):
-                return gate
-    return None
+        gates = set()
+        for a, b in probes:
+            try:
+                got = fn(a, b).float().reshape(shape)
+            except Exception:  # the region is not a function of these two inputs alone
+                return None
+            gates.add(next((gate for gate, (g, u) in enumerate(((a, b), (b, a)))
+                            if torch.allclose(got, F.silu(g.float()) * u.float(), rtol=tol, atol=tol)), None))
+    return gates.pop() if len(gates) == 1 else None
 
 
 def find_mlps(graph: fx.Graph, linears: list[Linear]) -> list[tuple[Linear, Linear, Linear]]:
@@ -208,6 +224,8 @@ def find_mlps(graph: fx.Graph, linears: list[Linear]) -> list[tuple[Linear, Line
         p, q = sorted(reached, key=order.__getitem__)
         lp, lq = by_mm[p], by_mm[q]
         if _strip_views(lp.x) is not _strip_views(lq.x) or (lp.m, lp.n) != (lq.m, lq.n) or down.k != lp.n:
+            continue
+        if _thresholds(region):
             continue
         fn = _region_function(region, [p, q], down.x, order)
         gate = _swiglu_gate(fn, (lp.m, lp.n), _val(p).dtype)

@@ -107,6 +107,25 @@ def test_swiglu_is_recognised_and_other_gated_units_are_not():
     assert kinds(trace(Gated(torch.relu), x)) == {"gemm": 3}
 
 
+class Clamped(Gated):
+    """SwiGLU whose product is clamped (or thresholded) before the down projection."""
+
+    def __init__(self, limit: float, where: bool = False):
+        super().__init__(F.silu)
+        self.limit, self.where = limit, where
+
+    def forward(self, x):
+        h = F.silu(self.gate(x)) * self.up(x)
+        h = torch.where(h.abs() > self.limit, 0.0, h) if self.where else h.clamp(-self.limit, self.limit)
+        return self.down(h)
+
+
+@pytest.mark.parametrize("limit,where", [(50.0, False), (1e7, False), (1e7, True)])
+def test_a_thresholded_swiglu_is_not_taken_for_swiglu(limit, where):
+    """A match would drop the clamp: with inputs large enough to reach it, the outputs differ."""
+    assert kinds(trace(Clamped(limit, where), torch.randn(1, 32))) == {"gemm": 3}
+
+
 def test_swiglu_with_up_computed_first_keeps_gate_and_up_apart():
     class UpFirst(Gated):
         def forward(self, x):
