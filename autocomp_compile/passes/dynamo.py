@@ -133,9 +133,10 @@ class Rewriter:
                 d = decisions[sig]
             d.count += 1
             plan.append((match, d))
+        replaced: dict[fx.Node, fx.Node] = {}
         for match, d in plan:
             if d.replaced and d.key:
-                match.replace(gm.graph, d.key)
+                match.replace(gm.graph, d.key, replaced)
         gm.graph.eliminate_dead_code()
         gm.recompile()
         report.decisions = list(decisions.values())

@@ -50,11 +50,18 @@ class Match:
     reason: str = ""  # why the match cannot be replaced (workload is None then)
     covered: list[fx.Node] = field(default_factory=list)  # nodes the replacement makes dead
 
-    def replace(self, graph: fx.Graph, key: str) -> fx.Node:
+    def replace(self, graph: fx.Graph, key: str, replaced: dict[fx.Node, fx.Node] | None = None) -> fx.Node:
+        """Insert the autocomp op for kernel `key` and give its result to the anchor's users. `replaced` maps
+        the anchors of matches replaced before to their ops: an argument of this match can be one of them (a
+        norm feeding a projection directly), which would otherwise keep the old subgraph alive and the
+        earlier op dead. The map gains this match's anchor."""
+        args = self.args if replaced is None else fx.map_arg(self.args, lambda n: replaced.get(n, n))
         with graph.inserting_before(self.anchor):
-            new = graph.call_function(self.op, (*self.args, key))
+            new = graph.call_function(self.op, (*args, key))
         new.meta["val"] = self.anchor.meta.get("val")
         self.anchor.replace_all_uses_with(new)
+        if replaced is not None:
+            replaced[self.anchor] = new
         return new
 
 

@@ -24,9 +24,10 @@ def trace(fn, *args, rewrite=False, **kwargs):
         found = find_subgraphs(gm)
         matches.extend(found)
         if rewrite:
+            replaced = {}
             for m in found:
                 if m.workload is not None:
-                    m.replace(gm.graph, "no-kernel")
+                    m.replace(gm.graph, "no-kernel", replaced)
             gm.graph.eliminate_dead_code()
             gm.recompile()
         return gm
@@ -137,6 +138,45 @@ def test_swiglu_with_up_computed_first_keeps_gate_and_up_apart():
     assert match.kind == "mlp"
     with torch.no_grad():
         torch.testing.assert_close(out, m(x))  # gate and up swapped would give silu(up) * gate
+
+
+class NormThenProject(nn.Module):
+    """RMSNorm whose output feeds a projection directly (2-D activations: no view in between)."""
+
+    def __init__(self, h: int = 64):
+        super().__init__()
+        self.w, self.proj = nn.Parameter(torch.randn(h)), nn.Linear(h, 96, bias=False)
+
+    def forward(self, x):
+        xf = x.float()
+        return self.proj(self.w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype))
+
+
+def test_a_match_whose_input_is_another_match_reads_the_replacement():
+    """Replaced in graph order, the projection's argument is the norm's old output: unless it is remapped, the
+    old norm stays alive and the norm's op is dead code (reported as replaced, never run)."""
+    from autocomp_compile.passes import ops
+
+    m, x = NormThenProject(), torch.randn(2, 64)
+    targets = []
+
+    def collect(gm, example_inputs):
+        replaced = {}
+        for match in find_subgraphs(gm):
+            if match.workload is not None:
+                match.replace(gm.graph, "no-kernel", replaced)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        targets.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(m, backend=aot_autograd(fw_compiler=collect), dynamic=False)(x)
+        torch.testing.assert_close(out, m(x))
+    torch._dynamo.reset()
+    assert ops.RMSNORM in targets and ops.LINEAR in targets
+    assert torch.ops.aten.rsqrt.default not in targets  # the old norm is gone
 
 
 def test_bias_linears_and_dynamic_shapes_are_not_replaced():
