@@ -36,6 +36,7 @@ SDPA_OPS = {
     aten.scaled_dot_product_attention.default,
 }
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+SYMBOLIC = "symbolic shape (dynamic shapes): kernels are built for static shapes; compile with dynamic=False"
 
 
 @dataclass
@@ -105,22 +106,40 @@ class Linear:
     k: int
 
 
+def _linear_operands(node: fx.Node) -> tuple[Any, fx.Node] | None:
+    """(x, W) of `mm(x, transpose(W))` with W a graph input, else None."""
+    if node.op != "call_function" or node.target != aten.mm.default:
+        return None
+    x, wt = node.args
+    if not (isinstance(wt, fx.Node) and wt.op == "call_function" and wt.target in TRANSPOSE_2D):
+        return None
+    if wt.target == aten.permute.default and list(wt.args[1]) != [1, 0]:
+        return None
+    return (x, wt.args[0]) if _is_weight(wt.args[0]) else None
+
+
 def find_linears(graph: fx.Graph) -> list[Linear]:
     """`mm(x, transpose(W))` with W a graph input of shape [N, K]: what `F.linear` becomes (no bias)."""
     found = []
     for node in graph.nodes:
-        if node.op != "call_function" or node.target != aten.mm.default:
+        operands = _linear_operands(node)
+        if operands is None:
             continue
-        x, wt = node.args
-        if not (isinstance(wt, fx.Node) and wt.op == "call_function" and wt.target in TRANSPOSE_2D):
-            continue
-        if wt.target == aten.permute.default and list(wt.args[1]) != [1, 0]:
-            continue
-        w = wt.args[0]
+        x, w = operands
         xs, ws = _static_shape(x), _static_shape(w)
-        if not _is_weight(w) or xs is None or ws is None or len(ws) != 2:
+        if xs is None or ws is None or len(ws) != 2:
             continue
         found.append(Linear(node, x, w, xs[0], ws[0], ws[1]))
+    return found
+
+
+def _symbolic_linears(graph: fx.Graph) -> list[fx.Node]:
+    """Linear layers left out of find_linears because a shape is symbolic (dynamic shapes)."""
+    found = []
+    for node in graph.nodes:
+        operands = _linear_operands(node)
+        if operands is not None and any(_static_shape(t) is None for t in operands):
+            found.append(node)
     return found
 
 
@@ -421,10 +440,14 @@ def find_subgraphs(gm: fx.GraphModule) -> list[Match]:
         else:
             w, why = _make("gemm", dtype, m=lin.m, n=lin.n, k=lin.k)
             matches.append(Match("gemm", w, lin.mm, (lin.x, lin.weight), ops.LINEAR, why))
+    for mm in _symbolic_linears(graph):
+        matches.append(Match("gemm", None, mm, (), ops.LINEAR, SYMBOLIC))
     for out, x, weight, eps in find_rmsnorms(graph):
         xs, dtype = _static_shape(x), _dtype(out)
-        if xs is None or dtype is None or _dtype(x) != dtype:
-            matches.append(Match("rmsnorm", None, out, (), ops.RMSNORM, "symbolic shape or mixed dtypes"))
+        why = (SYMBOLIC if xs is None else f"dtype {_val(out).dtype} not supported" if dtype is None
+               else f"mixed dtypes ({_val(x).dtype} in, {_val(out).dtype} out)" if _dtype(x) != dtype else "")
+        if why:
+            matches.append(Match("rmsnorm", None, out, (), ops.RMSNORM, why))
             continue
         w, why = _make("rmsnorm", dtype, rows=math.prod(xs[:-1]), hidden=xs[-1], eps=eps)
         matches.append(Match("rmsnorm", w, out, (x, weight, eps), ops.RMSNORM, why))

@@ -184,6 +184,21 @@ def test_bias_linears_and_dynamic_shapes_are_not_replaced():
     assert kinds(trace(lin, torch.randn(2, 16))) == {}
 
 
+def test_dynamic_shapes_leave_linears_to_pytorch_with_a_reason():
+    matches = []
+
+    def collect(gm, example_inputs):
+        matches.extend(find_subgraphs(gm))
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(NormThenProject(), backend=aot_autograd(fw_compiler=collect), dynamic=True)(torch.randn(3, 64))
+    torch._dynamo.reset()
+    assert kinds(matches) == {} and kinds(matches, replaceable=False)["gemm"] == 1
+    assert all(m.reason.startswith("symbolic shape") for m in matches)
+
+
 def test_rmsnorm_needs_the_scaling_weight():
     w = torch.randn(16)
 
