@@ -139,7 +139,7 @@ class BeamSearch:
         history = [self._snapshot(0, beam, every)]
         if self.run_dir:
             self.run_dir.save_beam(0, beam)
-        self.progress(len(every), cfg.budget, beam[0] if beam else None, self._baseline(every))
+        self.progress(len(every), cfg.budget, beam[0] if beam else None, self._baseline(beam, every))
         stop, stale, iteration = "iterations", 0, 0
         for iteration in range(1, cfg.iterations + 1):
             if len(every) >= cfg.budget:
@@ -179,7 +179,7 @@ class BeamSearch:
             history.append(self._snapshot(iteration, beam, children))
             if self.run_dir:
                 self.run_dir.save_beam(iteration, beam)
-            self.progress(len(every), cfg.budget, beam[0], self._baseline(every))
+            self.progress(len(every), cfg.budget, beam[0], self._baseline(beam, every))
             stale = 0 if beam[0].latency_ms < 0.99 * best_before else stale + 1
             if stale >= cfg.patience:
                 stop = f"no improvement in {cfg.patience} iterations"
@@ -190,7 +190,7 @@ class BeamSearch:
             candidates=every,
             iterations=iteration,
             stop_reason=stop,
-            baseline_ms=self._baseline(every),
+            baseline_ms=self._baseline(beam, every),
             evaluated_now=self._evaluated_now,
             history=history,
         )
@@ -199,7 +199,12 @@ class BeamSearch:
         return result
 
     @staticmethod
-    def _baseline(cands: list[Candidate]) -> float | None:
+    def _baseline(beam: list[Candidate], cands: list[Candidate]) -> float | None:
+        """PyTorch eager's time as measured interleaved with the best kernel, so that the speedup is a ratio of
+        one paired measurement (a candidate whose threads slowed eager, or a load spike during some candidates'
+        timing, cannot inflate it); the median over every candidate only where the best has none."""
+        if beam and beam[0].result and beam[0].result.baseline_ms:
+            return beam[0].result.baseline_ms
         values = [c.result.baseline_ms for c in cands if c.result and c.result.baseline_ms]
         return statistics.median(values) if values else None
 

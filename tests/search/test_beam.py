@@ -79,6 +79,24 @@ def test_best_is_the_fastest_correct_candidate_and_improves_on_root():
     assert best_ms == sorted(best_ms, reverse=True)  # the beam's best never gets worse
 
 
+class SlowedBaselines(FakeEvaluator):
+    """Eager measured at 50 ms next to every candidate slower than 3 ms (their threads, or a load spike,
+    slowed it) and at its true 2 ms next to the fast ones."""
+
+    def evaluate(self, candidates):
+        results = super().evaluate(candidates)
+        for r in results:
+            if r.correct and r.latency_ms > 3.0:
+                r.baseline_ms = 50.0
+        return results
+
+
+def test_the_speedup_is_the_best_kernels_own_interleaved_ratio():
+    r = _search(small("gemm"), SlowedBaselines(), SearchConfig(budget=30, iterations=20, patience=20))
+    assert r.best.latency_ms < 3.0 and sum(c.correct and c.latency_ms > 3.0 for c in r.candidates) > len(r.candidates) / 2
+    assert r.baseline_ms == 2.0 and r.speedup == pytest.approx(2.0 / r.best.latency_ms)  # not the median, 50 ms
+
+
 def test_beam_never_contains_incorrect_candidates():
     bad = lambda k: k["threads"] != "serial" or k.get("unroll") == 2  # noqa: E731 - fast but wrong
     r = _search(small("gemm"), FakeEvaluator(bad=bad), SearchConfig(budget=40, iterations=20, patience=20))
