@@ -61,7 +61,7 @@ class FakeEvaluator:
         self.batches: list[int] = []
         self.closed = False
 
-    def evaluate(self, candidates):
+    def evaluate(self, candidates, on_result=None):
         if self.forbid:
             raise EvaluatorCalled(f"evaluator called with {len(candidates)} candidates")
         self.batches.append(len(candidates))
@@ -78,6 +78,8 @@ class FakeEvaluator:
                     correct=True, stage="ok", latency_ms=lat, latency_p99_ms=lat * 1.1,
                     baseline_ms=self.baseline_ms, runs=10, max_abs_error=0.0,
                 ))
+            if on_result:
+                on_result(len(results) - 1, results[-1])
         return results
 
     def close(self):

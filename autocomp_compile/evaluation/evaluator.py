@@ -7,7 +7,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from autocomp_compile.evaluation.job import EvalSettings
 from autocomp_compile.evaluation.worker import IsolatedWorker, WorkerCrash, WorkerTimeout
@@ -52,12 +52,16 @@ class RoundEvaluator:
         with ThreadPoolExecutor(self.build_workers) as pool:  # compilers run as subprocesses or release the GIL
             return list(pool.map(self.build, candidates))
 
-    def evaluate(self, candidates: list[Candidate]) -> list[EvalResult]:
-        """All builds first, then timing: nothing compiles while a kernel is being timed."""
-        results = []
+    def evaluate(self, candidates: list[Candidate],
+                 on_result: Callable[[int, EvalResult], None] | None = None) -> list[EvalResult]:
+        """All builds first, then timing: nothing compiles while a kernel is being timed. `on_result(i, result)`
+        is called as each result is known."""
+        results: list[EvalResult] = []
         for cand, b in zip(candidates, self.build_all(candidates)):
             if not b.ok or b.artifact is None:
                 results.append(EvalResult.failure("compile", "compilation failed", stderr=b.log, compile_s=b.seconds))
+                if on_result:
+                    on_result(len(results) - 1, results[-1])
                 continue
             # A per-candidate seed: inputs are fresh for every candidate, yet a re-run reproduces them.
             settings = dataclasses.replace(self.settings, seed=self.settings.seed * 1_000_003 + int(cand.code_hash[:8], 16))
@@ -74,6 +78,8 @@ class RoundEvaluator:
                 self._worker.close()
             res.compile_s = b.seconds
             results.append(res)
+            if on_result:
+                on_result(len(results) - 1, res)
         return results
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
 """Beam search over candidate kernels (the Autocomp loop): propose, dedupe, evaluate, keep the best."""
 from __future__ import annotations
 
+import inspect
 import random
 import statistics
 from dataclasses import dataclass, field
@@ -85,17 +86,33 @@ class BeamSearch:
         self.progress = progress or (lambda *a: None)
         self._memo: dict[str, EvalResult] = run_dir.load_results() if run_dir else {}
         self._evaluated_now = 0
+        # evaluators that report each result as it is known (Evaluator.evaluate's on_result)
+        self._streams_results = "on_result" in inspect.signature(evaluator.evaluate).parameters
 
     def _evaluate(self, cands: list[Candidate]) -> None:
         todo = [c for c in cands if c.code_hash not in self._memo]
-        if todo:
-            for c, r in zip(todo, self.evaluator.evaluate(todo)):
+
+        def record(i: int, r: EvalResult) -> None:  # saved at once: a resumed run does not evaluate it again
+            c = todo[i]
+            if c.code_hash not in self._memo:
                 self._memo[c.code_hash] = r
-            self._evaluated_now += len(todo)
+                self._evaluated_now += 1
+                c.result = r
+                if self.run_dir:
+                    self.run_dir.save_candidate(c)
+
+        if todo:
+            if self._streams_results:
+                results = self.evaluator.evaluate(todo, on_result=record)
+            else:
+                results = self.evaluator.evaluate(todo)
+            for i, r in enumerate(results):
+                record(i, r)
         for c in cands:
-            c.result = self._memo[c.code_hash]
-            if self.run_dir:
-                self.run_dir.save_candidate(c)
+            if c.result is not self._memo[c.code_hash]:  # not saved by record() above
+                c.result = self._memo[c.code_hash]
+                if self.run_dir:
+                    self.run_dir.save_candidate(c)
 
     def _feedback(self, c: Candidate) -> str:
         r = c.result

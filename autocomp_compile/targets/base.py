@@ -108,8 +108,11 @@ class ScheduleSpaceTarget:
 
 
 class Evaluator(Protocol):
-    def evaluate(self, candidates: list["Candidate"]) -> list[EvalResult]:
-        """Build, check and time candidates; one failure never stops the others."""
+    def evaluate(self, candidates: list["Candidate"],
+                 on_result: Callable[[int, EvalResult], None] | None = None) -> list[EvalResult]:
+        """Build, check and time candidates; one failure never stops the others. `on_result(i, result)`, where
+        an evaluator offers it, is called as soon as candidate i's result is known: the search saves it at once,
+        so that an interrupted run loses only the candidate in hand."""
 
     def close(self) -> None: ...
 

@@ -293,7 +293,7 @@ def test_interrupted_run_resumes_with_only_the_missing_candidates(tmp_path, inte
         _optimize(w, FakeEvaluator(interrupt_after=interrupt_after), out, cfg)
     saved = [json.loads(p.read_text()) for p in out.glob("*/iter-*/*/candidate.json")]
     saved_hashes = {d["code_hash"] for d in saved if d.get("result")}
-    assert len(saved_hashes) < 16
+    assert len(saved_hashes) == interrupt_after  # every result known before the interrupt, not whole batches
     assert not list(out.glob("*/result.json"))
 
     ev = FakeEvaluator()

@@ -116,9 +116,15 @@ def test_segfault_is_a_crash_and_next_candidate_still_runs(evaluator):
 
 def test_abort_in_kernel_is_a_crash(evaluator):
     code = "#include <stdlib.h>\n" + hand_gemm(before="abort();")
-    r, ok = evaluator.evaluate([cand(code, "abort"), cand(BAD["correct"], "ok")])
+    reported = []
+    results = evaluator.evaluate([cand(BAD["compile_error"], "no_build"), cand(code, "abort"), cand(BAD["correct"], "ok")],
+                                 on_result=lambda i, res: reported.append((i, res)))
+    _, r, ok = results
     assert r.stage == "crash" and "signal 6" in r.message
     _assert_ok(ok)
+    # each result reported as it is known (the search saves it then), in order, the compile failure included
+    assert [(i, res.stage) for i, res in reported] == [(0, "compile"), (1, "crash"), (2, "ok")]
+    assert [res for _, res in reported] == results
 
 
 def test_infinite_loop_times_out_and_next_candidate_still_runs(evaluator):
