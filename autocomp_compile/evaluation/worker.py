@@ -75,11 +75,15 @@ class IsolatedWorker:
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
         self._conn: _Duplex | None = None
+        self._busy = False  # a job was sent and its result not received (the run was interrupted)
 
     def _start(self) -> None:
         to_child_r, to_child_w = os.pipe()
         to_parent_r, to_parent_w = os.pipe()
-        code = f"from autocomp_compile.evaluation.worker import main; main({to_child_r}, {to_parent_w})"
+        # Ctrl-C reaches the whole process group: the worker ignores it (it would print a KeyboardInterrupt
+        # traceback of its own) and the parent stops it (the evaluator's close() runs in a finally)
+        code = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                f"from autocomp_compile.evaluation.worker import main; main({to_child_r}, {to_parent_w})")
         self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(to_child_r, to_parent_w))
         os.close(to_child_r)
         os.close(to_parent_w)
@@ -92,6 +96,7 @@ class IsolatedWorker:
         if self._conn is not None:
             self._conn.close()
         self._proc = self._conn = None
+        self._busy = False
 
     def run(self, fn_path: str, *args: Any, timeout_s: float = 120.0) -> Any:
         """Run `fn_path(state, *args)` in the worker. Raises WorkerCrash, WorkerTimeout or RuntimeError."""
@@ -99,12 +104,14 @@ class IsolatedWorker:
             self._kill()
             self._start()
         assert self._conn is not None and self._proc is not None
+        self._busy = True
         self._conn.send((fn_path, args))
         if not self._conn.poll(timeout_s):
             self._kill()
             raise WorkerTimeout(f"no result after {timeout_s:.0f} s; worker killed")
         try:
             status, payload = self._conn.recv()
+            self._busy = False
         except (EOFError, ConnectionResetError, OSError):
             code = self._proc.wait(5)
             self._kill()
@@ -115,7 +122,7 @@ class IsolatedWorker:
         return payload
 
     def close(self) -> None:
-        if self._conn is not None and self._proc is not None:
+        if self._conn is not None and self._proc is not None and not self._busy:
             try:
                 self._conn.send(None)
                 self._proc.wait(5)

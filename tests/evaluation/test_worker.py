@@ -86,3 +86,22 @@ def test_close_stops_the_process_and_is_reusable():
     with w:
         assert w.run(f"{H}:echo", "again") == "again"
     assert w._proc is None
+
+
+def test_ctrl_c_reaches_the_parent_not_the_worker(worker):
+    """The terminal sends SIGINT to the whole process group: the worker finishes its job quietly, and a parent
+    interrupted in the middle of a job stops the worker at once on close()."""
+    import signal
+    import threading
+    import time
+
+    pid = worker.run(f"{H}:pid")
+    threading.Timer(0.3, os.kill, (pid, signal.SIGINT)).start()
+    assert worker.run(f"{H}:sleep", 1.0) == "woke up"  # no KeyboardInterrupt in the job
+    assert worker.run(f"{H}:pid") == pid  # the same worker: it was not killed by the signal
+    threading.Timer(0.3, lambda: signal.raise_signal(signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        worker.run(f"{H}:sleep", 30.0)
+    t0 = time.perf_counter()
+    worker.close()
+    assert time.perf_counter() - t0 < 2.0  # killed, not waited for (close() waits up to 5 s for an idle worker)
