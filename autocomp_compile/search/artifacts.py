@@ -36,7 +36,11 @@ class RunDirectory:
         self.config = config
         cfg_path = root / "config.json"
         if cfg_path.exists():
-            existing = json.loads(cfg_path.read_text())
+            try:
+                existing = json.loads(cfg_path.read_text())
+            except (ValueError, UnicodeDecodeError) as exc:  # written atomically: only an edit breaks it
+                raise RunConflict(f"{cfg_path} is not valid JSON ({exc}); delete that run directory or pick "
+                                  "another --run-name") from None
             if existing != json.loads(json.dumps(config, default=str)):
                 raise RunConflict(
                     f"{root} holds a run with different settings; pick another --run-name or delete that directory"

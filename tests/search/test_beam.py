@@ -315,6 +315,15 @@ def test_run_conflict_on_other_settings(tmp_path):
     assert _optimize(w, FakeEvaluator(forbid=True), tmp_path, SearchConfig(budget=5), name="shared").evaluated_now == 0
 
 
+def test_a_run_directory_with_an_unreadable_config_is_a_conflict_not_a_traceback(tmp_path):
+    w = small("gemm")
+    _optimize(w, FakeEvaluator(), tmp_path, SearchConfig(budget=3), name="edited")
+    (cfg,) = tmp_path.glob("edited/config.json")
+    cfg.write_text('{"workload": ')
+    with pytest.raises(RunConflict, match="not valid JSON"):
+        _optimize(w, FakeEvaluator(forbid=True), tmp_path, SearchConfig(budget=3), name="edited")
+
+
 def test_default_run_names_separate_settings(tmp_path):
     w = small("gemm")
     _optimize(w, FakeEvaluator(), tmp_path, SearchConfig(budget=3))
