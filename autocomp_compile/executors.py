@@ -74,10 +74,24 @@ class NodeTarget:
         return self.fp
 
 
+def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail in seconds where a cluster's host:port does not answer (Ray itself retries for minutes)."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ExecutorError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+
+
 class RayExecutor:
     """Runs search jobs as Ray tasks, one per node at a time; yields (index, result) as tasks finish."""
 
     def __init__(self, address: str | None = None, **init_kwargs: Any):
+        _check_reachable(address)
         try:
             import ray
         except ImportError:

@@ -60,3 +60,15 @@ def test_warm_on_a_local_ray_cluster_is_idempotent(tmp_path, capsys):
         assert "search(es)" not in printed.out + printed.err  # nothing was submitted the second time
     finally:
         ray.shutdown()
+
+
+def test_an_unreachable_ray_address_fails_in_seconds():
+    """Ray retries an address that does not answer for minutes; the executor checks it first."""
+    import time
+
+    from autocomp_compile.executors import ExecutorError, RayExecutor
+
+    t0 = time.perf_counter()
+    with pytest.raises(ExecutorError, match="cannot reach the Ray cluster at 127.0.0.1:1"):
+        RayExecutor("127.0.0.1:1")
+    assert time.perf_counter() - t0 < 10
