@@ -1,9 +1,10 @@
 """The persistent kernel cache: one sqlite file (WAL mode) shared by every process on the machine.
 
 Key: (target fingerprint, workload signature, code-generator version). Only candidates that passed
-every correctness check are stored. A row whose code no longer matches its hash, or that cannot be
-decoded, is reported and skipped; a database file that sqlite cannot read is moved aside and a new
-one started, so a damaged cache never stops a compilation.
+every correctness check are stored. A row whose code no longer matches its hash, that cannot be
+decoded or that holds an invalid value (e.g. a latency that is not a positive number) is reported,
+skipped and replaced by the next kernel stored for its key; a database file that sqlite cannot read
+is moved aside and a new one started, so a damaged cache never stops a compilation.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import logging
 import math
 import os
+import reprlib
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -112,6 +114,60 @@ def _row_to_entry(row: sqlite3.Row) -> CacheEntry:
     return CacheEntry(**d)
 
 
+_STRING_FIELDS = ("key", "target", "codegen", "signature", "kind", "shape_class", "language", "code", "code_hash")
+_OBJECT_FIELDS = ("fingerprint", "workload", "evidence", "provenance")
+
+
+def _is_positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _invalid(e: CacheEntry) -> str | None:
+    """Why `e` holds a value no cache entry can have (a wrong type, a latency that is not a positive
+    number), or None when every field is usable."""
+    for name in _STRING_FIELDS:
+        if not isinstance(getattr(e, name), str):
+            return f"{name} is not a string ({reprlib.repr(getattr(e, name))})"
+    for name in _OBJECT_FIELDS:
+        if not isinstance(getattr(e, name), dict):
+            return f"{name} is not an object ({reprlib.repr(getattr(e, name))})"
+    if e.knobs is not None and not isinstance(e.knobs, dict):
+        return f"knobs is neither an object nor null ({reprlib.repr(e.knobs)})"
+    for name in ("menu_ids", "models"):
+        value = getattr(e, name)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return f"{name} is not a list of strings ({reprlib.repr(value)})"
+    if not isinstance(e.workload.get("dtype"), str) or not isinstance(e.workload.get("params"), dict):
+        return "workload lacks a dtype string or a params object"
+    if not _is_positive(e.latency_ms):
+        return f"latency_ms is not a positive number ({reprlib.repr(e.latency_ms)})"
+    if e.baseline_ms is not None and not _is_positive(e.baseline_ms):
+        return f"baseline_ms is neither a positive number nor null ({reprlib.repr(e.baseline_ms)})"
+    for name in ("created", "updated"):
+        value = getattr(e, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            return f"{name} is not a time ({reprlib.repr(value)})"
+    return None
+
+
+def _valid_entry(row: sqlite3.Row) -> CacheEntry | None:
+    """The entry of `row`, or None (with a warning) when the row cannot be decoded, holds an invalid
+    value or its code does not match its hash."""
+    try:
+        entry = _row_to_entry(row)
+    except (ValueError, TypeError) as exc:
+        log.warning("kernel cache: skipping undecodable row %s (%s)", row[0], exc)
+        return None
+    problem = _invalid(entry)
+    if problem is not None:
+        log.warning("kernel cache: skipping invalid row %s (%s)", entry.key, problem)
+        return None
+    if normalized_code_hash(entry.code) != entry.code_hash:
+        log.warning("kernel cache: skipping %s: its code does not match its hash (edited or corrupted)", entry.key)
+        return None
+    return entry
+
+
 def _machine(fingerprint: dict[str, Any]) -> dict[str, Any]:
     """The machine part of a fingerprint: without the code generator's version and the deterministic-variant mark."""
     return {k: v for k, v in fingerprint.items() if k not in ("codegen", "deterministic")}
@@ -172,15 +228,9 @@ class KernelCache:
 
     def _entries(self, where: str = "", args: tuple = ()) -> Iterator[CacheEntry]:
         for row in self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM kernels {where}", args):
-            try:
-                entry = _row_to_entry(row)
-            except (ValueError, TypeError) as exc:
-                log.warning("kernel cache: skipping undecodable row %s (%s)", row[0], exc)
-                continue
-            if normalized_code_hash(entry.code) != entry.code_hash:
-                log.warning("kernel cache: skipping %s: its code does not match its hash (edited or corrupted)", entry.key)
-                continue
-            yield entry
+            entry = _valid_entry(row)
+            if entry is not None:
+                yield entry
 
     def get(self, target: Any, workload: Workload) -> CacheEntry | None:
         """The cached kernel for `workload` on `target`, or None."""
@@ -188,8 +238,19 @@ class KernelCache:
         key = cache_key(fp, workload.signature(), fp.get("codegen", ""))
         return next(self._entries("WHERE key = ?", (key,)), None)
 
-    def show(self, key: str) -> CacheEntry | None:
-        return next(self._entries("WHERE key LIKE ?", (key + "%",)), None)
+    def show(self, prefix: str) -> CacheEntry | None:
+        """The entry whose key is or starts with `prefix` (taken literally), or None when there is none.
+        Raises CacheError for an empty prefix and for one that more than one key starts with."""
+        if not prefix:
+            raise CacheError("an empty key prefix matches every cache entry; give a key or the start of one")
+        keys = [k for (k,) in self._conn.execute(
+            "SELECT key FROM kernels WHERE substr(key, 1, ?) = ? ORDER BY key", (len(prefix), prefix))]
+        if prefix in keys:
+            keys = [prefix]
+        if len(keys) > 1:
+            shown = ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "")
+            raise CacheError(f"key prefix {prefix!r} matches {len(keys)} cache entries: {shown}; give more of the key")
+        return next(self._entries("WHERE key = ?", (keys[0],)), None) if keys else None
 
     def entries(self, target: str | None = None) -> list[CacheEntry]:
         if target:
@@ -248,11 +309,12 @@ class KernelCache:
             values[name] = json.dumps(values[name], sort_keys=True, default=str)
         values["fingerprint_hash"] = fingerprint_hash(e.fingerprint)
         with self._transaction() as conn:
-            old = conn.execute("SELECT latency_ms, created FROM kernels WHERE key = ?", (e.key,)).fetchone()
-            if old is not None and old[0] <= e.latency_ms:
+            row = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM kernels WHERE key = ?", (e.key,)).fetchone()
+            old = _valid_entry(row) if row is not None else None  # a damaged row is replaced, whatever it claims
+            if old is not None and old.latency_ms <= e.latency_ms:
                 return False
             if old is not None:
-                values["created"] = old[1]
+                values["created"] = old.created
             conn.execute(
                 f"INSERT OR REPLACE INTO kernels ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})",
                 [values[name] for name in _COLUMNS],
@@ -289,18 +351,16 @@ class KernelCache:
         code-generator version than `codegen_versions[target]` can never be a cache hit (the version is part
         of the key); it is kept when it has a schedule (knobs), as a starting point for schedule reuse, and
         refused otherwise. Returns (imported, refusals, imported as reuse seeds only)."""
-        try:
-            payload = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CacheError(f"cannot read {path}: {exc}") from None
-        if payload.get("format") != EXPORT_FORMAT:
-            raise CacheError(f"{path} is not an autocomp-compile cache export (format {payload.get('format')!r})")
         imported, refused, seeds_only = 0, [], 0
-        for d in payload.get("entries", []):
+        for d in _read_export(path):
             try:
                 e = CacheEntry(**d)
             except TypeError as exc:
                 refused.append(f"malformed entry: {exc}")
+                continue
+            problem = _invalid(e)
+            if problem is not None:
+                refused.append(f"{e.key}: {problem}")
                 continue
             want = codegen_versions.get(e.target)
             if want is None:
@@ -317,3 +377,20 @@ class KernelCache:
                 imported += stored
                 seeds_only += stored and e.codegen != want
         return imported, refused, seeds_only
+
+
+def _read_export(path: str | Path) -> list[Any]:
+    """The entries of the export file `path`. Raises CacheError when it cannot be read or is not an export."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:  # ValueError: invalid JSON or not UTF-8 text
+        raise CacheError(f"cannot read {path}: {exc}") from None
+    if not isinstance(payload, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(payload), "a number")
+        raise CacheError(f"{path} is not an autocomp-compile cache export (it holds {kind}, not an object)")
+    if payload.get("format") != EXPORT_FORMAT:
+        raise CacheError(f"{path} is not an autocomp-compile cache export (format {payload.get('format')!r})")
+    entries = payload.get("entries", [])
+    if not isinstance(entries, list):
+        raise CacheError(f"{path} is not an autocomp-compile cache export (its entries are not a list)")
+    return entries

@@ -209,3 +209,112 @@ def test_clear_by_target(tmp_path):
         assert cache.clear("cuda") == 1
         assert [e.target for e in cache.entries()] == ["cpu"]
         assert cache.clear() == 1 and cache.entries() == []
+
+
+def _export_one(tmp_path, **changes):
+    """An export file of one genuine entry, with `changes` made to that entry; and the genuine file."""
+    import json
+
+    src = KernelCache(tmp_path / "src.sqlite")
+    src.put(FakeTarget(), gemm(), cand("int a;", 1.0))
+    src.export(tmp_path / "genuine.json")
+    payload = json.loads((tmp_path / "genuine.json").read_text())
+    payload["entries"][0].update(changes)
+    (tmp_path / "changed.json").write_text(json.dumps(payload))
+    return tmp_path / "changed.json", tmp_path / "genuine.json"
+
+
+@pytest.mark.parametrize("field, value", [("latency_ms", "fast"), ("latency_ms", 0), ("latency_ms", -1.0),
+                                          ("baseline_ms", "slow"), ("workload", "garbage"), ("code", None),
+                                          ("menu_ids", "vectorize"), ("knobs", [1])])
+def test_import_refuses_entries_with_invalid_values(tmp_path, field, value):
+    changed, genuine = _export_one(tmp_path, **{field: value})
+    with KernelCache(tmp_path / "dst.sqlite") as dst:
+        imported, refused, _ = dst.import_(changed, {"cpu": "cpu-test"})
+        assert imported == 0 and len(refused) == 1 and field in refused[0]
+        assert dst.entries() == [] and dst.nearest(FakeTarget(), gemm(n=128)) == []
+        # a refused fake (e.g. a negative latency) does not stand in the way of the genuine kernel
+        assert dst.import_(genuine, {"cpu": "cpu-test"})[:2] == (1, [])
+        assert dst.get(FakeTarget(), gemm()).latency_ms == 1.0
+
+
+@pytest.mark.parametrize("column, value", [("latency_ms", "fast"), ("latency_ms", 0), ("workload", '"garbage"'),
+                                           ("baseline_ms", -2.0), ("knobs", "[1]")])
+def test_a_row_with_an_invalid_value_is_skipped_with_a_warning(tmp_path, caplog, column, value):
+    path = tmp_path / "k.sqlite"
+    with KernelCache(path) as cache:
+        cache.put(FakeTarget(), gemm(), cand("int a;", 1.0))
+        cache.put(FakeTarget(), gemm(n=128), cand("int b;", 1.0))
+    conn = sqlite3.connect(path)  # a database an older version wrote, or one edited by hand
+    conn.execute(f"UPDATE kernels SET {column} = ? WHERE code = 'int a;'", (value,))
+    conn.commit()
+    conn.close()
+    with caplog.at_level(logging.WARNING), KernelCache(path) as cache:
+        assert [e.code for e in cache.entries()] == ["int b;"]
+        assert [e.speedup for e in cache.entries()] == [2.0]
+        assert cache.get(FakeTarget(), gemm()) is None
+        assert [e.code for e in cache.nearest(FakeTarget(), gemm(n=64))] == ["int b;"]
+    assert "invalid row" in caplog.text and column in caplog.text
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00\x81binary", b"[1, 2]", b'"hello"', b"null", b"true", b"5",
+                                     b'{"format": "autocomp-kernel-cache/1", "entries": 5}',
+                                     b'{"format": "autocomp-kernel-cache/1", "entries": {"a": 1}}'])
+def test_importing_a_malformed_file_is_a_cache_error(tmp_path, capsys, content):
+    from autocomp_compile import cli
+
+    (tmp_path / "bad.json").write_bytes(content)
+    with KernelCache(tmp_path / "k.sqlite") as cache, pytest.raises(CacheError, match="bad.json"):
+        cache.import_(tmp_path / "bad.json", {"cpu": "cpu-test"})
+    assert cli.main(["cache", "import", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autocomp-compile: error:") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", ["code = 'int evil;'", "menu_ids = '{not json'", "latency_ms = 'fast'"])
+def test_a_damaged_row_is_replaced_by_a_new_kernel(tmp_path, caplog, damage):
+    path = tmp_path / "k.sqlite"
+    with KernelCache(path) as cache:
+        cache.put(FakeTarget(), gemm(), cand("int a;", 1.0))
+    conn = sqlite3.connect(path)
+    conn.execute(f"UPDATE kernels SET {damage}")
+    conn.commit()
+    conn.close()
+    with caplog.at_level(logging.WARNING), KernelCache(path) as cache:
+        assert cache.get(FakeTarget(), gemm()) is None
+        # slower than what the damaged row claims, but the damaged row cannot be used: the new kernel wins
+        assert cache.put(FakeTarget(), gemm(), cand("int slower;", 2.0))
+        assert cache.get(FakeTarget(), gemm()).code == "int slower;"
+        assert not cache.put(FakeTarget(), gemm(), cand("int slowest;", 3.0))  # a valid row still wins
+        assert [e.code for e in cache.entries()] == ["int slower;"]
+
+
+def test_show_matches_a_literal_key_prefix(tmp_path):
+    with KernelCache(tmp_path / "k.sqlite") as cache:
+        for n in range(1, 18):  # 17 keys of hex digits: at least two start with the same digit
+            cache.put(FakeTarget(), gemm(n=8 * n), cand(f"int k{n};", 1.0))
+        keys = [e.key for e in cache.entries()]
+        shared = next(c for c in "0123456789abcdef" if sum(k.startswith(c) for k in keys) > 1)
+        with pytest.raises(CacheError, match=f"matches {sum(k.startswith(shared) for k in keys)} cache entries"):
+            cache.show(shared)
+        with pytest.raises(CacheError, match="empty"):
+            cache.show("")
+        assert cache.show("%") is None and cache.show("_" + keys[0][1:]) is None
+        assert cache.show(keys[0][:-1] + "%") is None
+        assert cache.show(keys[0]).key == keys[0] and cache.show(keys[0][:12]).key == keys[0]
+
+
+def test_cli_cache_show_refuses_an_empty_or_ambiguous_prefix(capsys):
+    from autocomp_compile import cli
+
+    with KernelCache() as cache:  # the default cache, in this test's AUTOCOMP_CACHE_DIR
+        for n in range(1, 18):
+            cache.put(FakeTarget(), gemm(n=8 * n), cand(f"int k{n};", 1.0))
+        keys = [e.key for e in cache.entries()]
+    shared = next(c for c in "0123456789abcdef" if sum(k.startswith(c) for k in keys) > 1)
+    assert cli.main(["cache", "show", shared]) == 2
+    err = capsys.readouterr().err
+    assert "matches" in err and all(k in err for k in keys if k.startswith(shared))
+    assert cli.main(["cache", "show", ""]) == 2 and "empty" in capsys.readouterr().err
+    assert cli.main(["cache", "show", "%"]) == 2 and "no cache entry" in capsys.readouterr().err
+    assert cli.main(["cache", "show", keys[0][:10]]) == 0 and keys[0] in capsys.readouterr().out
