@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,6 +15,7 @@ from autocomp_compile.kernels_cache.store import CacheError
 from autocomp_compile.references import KINDS
 from autocomp_compile.models.llama import CONFIGS as MODELS
 from autocomp_compile.passes import ALL_KINDS, DEFAULT_KINDS
+from autocomp_compile.paths import cache_dir
 from autocomp_compile.search.artifacts import RunConflict
 from autocomp_compile.search.beam import SearchConfig, summarize
 from autocomp_compile.targets.base import TargetError, get_target, target_names
@@ -26,6 +29,7 @@ SHAPE_OPTIONS = {
     "head_dim": int, "kv_len": int, "max_kv_len": int, "seq_len": int, "rows": int, "m": int, "n": int, "k": int,
     "eps": float, "phase": str,
 }
+FLOAT_OPTIONS = ("dropout", "timing_ms", "timeout")  # --eps is checked by the workload
 
 
 class UsageError(Exception):
@@ -55,7 +59,7 @@ def _add_search_options(p: argparse.ArgumentParser, budget: int) -> None:
                    help="only bit-reproducible kernels: no declared float atomics, and each candidate (CPU, CUDA) run twice "
                         "more on the same inputs must give the same bits; CUDA caches them apart from the others. What "
                         "torch.compile uses under torch.use_deterministic_algorithms(True)")
-    p.add_argument("--reuse", type=int, default=3, help="cached schedules of similar workloads to replay (0: none)")
+    p.add_argument("--reuse", type=int, default=3, help="cached schedules of similar workloads to replay (>= 0; 0: none)")
     p.add_argument("--models", default="", help="LLM models, comma-separated provider::model (e.g. openai::gpt-4.1,"
                    "anthropic::claude-sonnet-4-5); default: the offline menu-driven proposer")
     p.add_argument("--api-base", default=None, help="OpenAI-compatible server for the models (vLLM, Ollama, ...)")
@@ -97,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also the kernels of prefilling N tokens (repeatable)")
     warm.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
                       help=f"kernel kinds to warm, comma-separated (default: {','.join(DEFAULT_KINDS)}; also rmsnorm)")
-    warm.add_argument("--workers", type=int, default=None, help="parallel compiler processes (default: all cores)")
+    warm.add_argument("--workers", type=int, default=None,
+                      help="parallel compiler processes, at least 1 (default: all cores)")
     warm.add_argument("--executor", choices=["local", "ray"], default="local",
                       help="local: search here, one workload after another; ray: one Ray task per workload")
     warm.add_argument("--ray-address", default=None,
@@ -119,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> tuple[SearchConfig, EvalSettings]:
+    for name in FLOAT_OPTIONS:
+        if not math.isfinite(getattr(args, name)):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
     try:
         config = SearchConfig(
             budget=args.budget, beam_size=args.beam_size, iterations=args.iterations, plans_per_parent=args.plans,
@@ -130,6 +138,59 @@ def _settings(args: argparse.Namespace) -> tuple[SearchConfig, EvalSettings]:
         raise UsageError("--sets must be >= 1 and --timing-ms, --timeout positive")
     return config, EvalSettings(args.sets, args.timing_ms, args.timeout, args.seed,
                                 deterministic=args.deterministic)
+
+
+def _make_dir(path: str | Path, what: str) -> None:
+    """Create folder `path` now, so that a path that cannot be a folder fails before any work."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: cannot create this folder ({exc.strerror or exc})") from None
+
+
+def _check_writable(path: str | Path, what: str) -> None:
+    """Fail now, not after a long search, when file `path` cannot be written; the file is left as it was."""
+    p = Path(path)
+    existed = p.exists()
+    try:
+        with open(p, "a"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: cannot write this file ({exc.strerror or exc})") from None
+    if not existed:
+        p.unlink()
+
+
+def _check_prompts(folder: str, target: str) -> None:
+    from autocomp_compile.agents.llm import PromptDocs
+
+    if not Path(folder).is_dir():
+        raise UsageError(f"--prompts {folder}: no such folder")
+    try:
+        PromptDocs.load(target, folder)
+    except OSError as exc:
+        raise UsageError(f"--prompts: {exc}") from None
+
+
+def _check_run_options(args: argparse.Namespace, workloads: Sequence[Workload] = ()) -> None:
+    """Everything in a search command's options that can fail, checked before any work: numbers, the target
+    and `workloads` on it, then folders and files (created only once the rest passed)."""
+    from autocomp_compile.optimize import check_supported
+    from autocomp_compile.targets.base import require_available
+
+    _settings(args)
+    if args.reuse < 0:
+        raise UsageError(f"--reuse must be >= 0, got {args.reuse}")
+    target = get_target(args.target, deterministic=args.deterministic)
+    require_available(target)
+    for w in workloads:
+        check_supported(target, w)
+    if args.prompts:
+        _check_prompts(args.prompts, args.target)
+    _make_dir(cache_dir(), "AUTOCOMP_CACHE_DIR")  # builds go there, with --no-cache too
+    _make_dir(args.output_dir, "--output-dir")
+    if args.json_path:
+        _check_writable(args.json_path, "--json")
 
 
 def _proposers(args: argparse.Namespace, config: SearchConfig) -> list[Any] | None:
@@ -149,27 +210,95 @@ def _proposers(args: argparse.Namespace, config: SearchConfig) -> list[Any] | No
                         extra_menu=args.extra_menu)]
 
 
-def _cache(args: argparse.Namespace):
+def _open_cache():
+    """The kernel cache; a cache folder that cannot hold it is a usage error naming the folder."""
     from autocomp_compile.kernels_cache import KernelCache
 
-    return None if getattr(args, "no_cache", False) else KernelCache()
+    try:
+        return KernelCache()
+    except (OSError, sqlite3.Error) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise UsageError(f"kernel cache in {cache_dir()}: cannot open it ({why}); "
+                         "set AUTOCOMP_CACHE_DIR to a writable folder") from None
+
+
+def _cache(args: argparse.Namespace):
+    return None if getattr(args, "no_cache", False) else _open_cache()
+
+
+def _llm_counts(proposers: list[Any]) -> dict[str, Any]:
+    """Model calls answered and failed so far by the proposers' clients, and how many rejections each recorded."""
+    usages = {id(p.client): p.client.usage for p in proposers if hasattr(p, "client")}
+    return {"calls": sum(u.calls for u in usages.values()), "failures": sum(u.failures for u in usages.values()),
+            "rejected": [len(getattr(p, "rejected", [])) for p in proposers]}
+
+
+def _llm_summary(proposers: list[Any], before: dict[str, Any]) -> dict[str, Any]:
+    """One search's model calls since `before` (`_llm_counts`): answered, failed, and the first failure's message."""
+    now = _llm_counts(proposers)
+    errors = [r["reason"] for p, n in zip(proposers, before["rejected"]) for r in getattr(p, "rejected", [])[n:]
+              if r["reason"].startswith(f"{r['model']}: ")]  # a failed call, not an unusable answer
+    return {"calls": now["calls"] - before["calls"], "failures": now["failures"] - before["failures"],
+            "first_error": errors[0].splitlines()[0] if errors else None}
+
+
+def _all_calls_failed(row: dict[str, Any]) -> bool:
+    llm = row.get("llm")
+    return bool(llm and llm["failures"] and not llm["calls"])
+
+
+def _report_llm(label: str, llm: dict[str, Any]) -> None:
+    """One line when model calls failed (`_llm_summary`): all of them, or how many, with the first error."""
+    from rich.markup import escape
+
+    from autocomp_compile.report import console
+
+    if not llm["failures"]:
+        return
+    first = f"; first error: {escape(llm['first_error'])}" if llm["first_error"] else ""
+    if llm["calls"]:
+        line = f"[yellow]{label}: {llm['failures']} of {llm['calls'] + llm['failures']} model calls failed{first}"
+    else:
+        line = f"[red]{label}: all {llm['failures']} model call(s) failed, no model proposed a kernel{first}"
+    console.print(line, soft_wrap=True)
+
+
+def _naive_failure(result: Any) -> str | None:
+    """Why the naive kernel failed, when it did: its stage, the first line of its message and the line of its stderr
+    that names the cause: a compiler's first `error:` line, else the last line (the exception that ended the worker,
+    e.g. an allocation that failed)."""
+    r = result.root.result if result.root is not None else None
+    if r is None or r.correct:
+        return None
+    stderr = [line.strip() for line in (r.stderr or "").splitlines() if line.strip()]
+    cause = next((line for line in stderr if "error:" in line), stderr[-1] if stderr else None)
+    lines = (r.message or "").strip().splitlines()[:1] + ([cause] if cause else [])
+    return (f"the naive kernel failed at {r.stage}" + "".join(f": {line.strip()}" for line in lines))[:400]
+
+
+def _status(rows: list[dict[str, Any]]) -> int:
+    """0 when every workload has a correct kernel, except where every model call failed and the best kernel is the
+    naive one: the search the user asked for did not happen."""
+    return 0 if all(r["correct"] and not (_all_calls_failed(r) and r["best_id"] == "root") for r in rows) else 1
 
 
 def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | None = None) -> list[dict[str, Any]]:
-    from autocomp_compile.optimize import optimize
+    from autocomp_compile.optimize import check_supported, optimize
     from autocomp_compile.report import console, results_table, search_progress
     from autocomp_compile.targets.base import require_available
     from autocomp_compile.targets.cpu.bandwidth import measure_read_bandwidth
 
     target = get_target(args.target, deterministic=args.deterministic)
     require_available(target)
+    for w in workloads:
+        check_supported(target, w)
     config, settings = _settings(args)
     proposers = _proposers(args, config)
+    cache = _cache(args)
     read_gbps = measure_read_bandwidth() if target.name == "cpu" else None
     if read_gbps:
         console.print(f"{target.describe()}: measured memory read bandwidth {read_gbps:.1f} GB/s")
     rows = []
-    cache = _cache(args)
     for i, w in enumerate(workloads):
         label = f"{w.kind}" + (f" ({w.params['phase']})" if "phase" in w.params else "")
         if len(workloads) > 1:
@@ -185,6 +314,7 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
                                      directory=args.output_dir)
             except RuntimeError as exc:
                 raise UsageError(str(exc)) from None
+        llm_before = _llm_counts(proposers or [])
         with search_progress(label, config.budget, enabled=not args.quiet and not cached) as progress:
             from autocomp_compile.tracking import chain
 
@@ -193,6 +323,9 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
         if logger is not None:
             logger.finish()
         row = summarize(result, w)
+        if proposers:
+            row["llm"] = _llm_summary(proposers, llm_before)
+            _report_llm(label, row["llm"])
         row["label"] = label + (" (cached)" if result.from_cache else "")
         row["target"] = target.fingerprint()
         row["read_gbps"] = read_gbps
@@ -202,7 +335,12 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
             row["percent_of_read_bw"] = 100 * row["achieved_gbps"] / read_gbps if read_gbps and not cached else None
         rows.append(row)
         if not result.best:
+            from rich.markup import escape
+
             console.print(f"[red]{label}: no correct kernel found ({result.stop_reason})")
+            why = _naive_failure(result)
+            if why:
+                console.print(f"[red]{label}: {escape(why)}", soft_wrap=True)
     from rich.console import Console
 
     simulated = " - SIMULATED latencies (emulator + cost model)" if target.fingerprint().get("simulated") else ""
@@ -215,16 +353,16 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
 def cmd_optimize(args: argparse.Namespace) -> int:
     params = {name: getattr(args, name) for name in SHAPE_OPTIONS if getattr(args, name) is not None}
     workload = make_workload(args.workload, args.dtype, **params)
-    rows = _run([workload], args, args.run_name)
-    return 0 if rows[0]["correct"] else 1
+    _check_run_options(args, [workload])
+    return _status(_run([workload], args, args.run_name))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from autocomp_compile.references import llama_decode_workloads
 
     workloads = llama_decode_workloads(args.dtype, batch=args.batch, kv_len=args.kv_len)
-    rows = _run(workloads, args)
-    return 0 if all(r["correct"] for r in rows) else 1
+    _check_run_options(args, workloads)
+    return _status(_run(workloads, args))
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
@@ -235,9 +373,9 @@ def cmd_warm(args: argparse.Namespace) -> int:
     unknown = sorted(set(kinds) - set(ALL_KINDS))
     if unknown:
         raise UsageError(f"--kinds: unknown {unknown}; choose from {list(ALL_KINDS)}")
-    from autocomp_compile.targets.base import require_available
-
-    require_available(get_target(args.target))  # before tracing on the target's device
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers} (leave it out for all cores)")
+    _check_run_options(args)  # the target too: before tracing on its device
     workloads = model_workloads(args.model, args.dtype, batch=args.batch, prefill_lens=args.prefill,
                                 max_seq_len=args.max_seq_len, kinds=kinds,
                                 device="cuda" if args.target == "cuda" else "cpu")
@@ -246,17 +384,19 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
         os.environ["AUTOCOMP_BUILD_WORKERS"] = str(args.workers)
     rows = _run(workloads, args) if args.executor == "local" else _run_on_ray(workloads, args)
-    return 0 if all(r["correct"] for r in rows) else 1
+    return _status(rows)
 
 
 def _run_on_ray(workloads: list[Workload], args: argparse.Namespace) -> list[dict[str, Any]]:
     """warm --executor ray: one Ray task per workload the cache lacks; winners cached as tasks finish."""
     from autocomp_compile.executors import NodeTarget, RayExecutor, SearchJob
-    from autocomp_compile.optimize import optimize, reuse_seeds
+    from autocomp_compile.optimize import check_supported, optimize, reuse_seeds
     from autocomp_compile.report import console, results_table
     from autocomp_compile.search.candidate import Candidate
 
     target = get_target(args.target, deterministic=args.deterministic)
+    for w in workloads:
+        check_supported(target, w)
     config, settings = _settings(args)
     cache = _cache(args)
     if cache is None:
@@ -298,9 +438,7 @@ def _run_on_ray(workloads: list[Workload], args: argparse.Namespace) -> list[dic
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from autocomp_compile.kernels_cache import KernelCache
-
-    cache = KernelCache()
+    cache = _open_cache()
     if args.cache_command == "ls":
         entries = cache.entries(args.target)
         for e in entries:
@@ -316,6 +454,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(json.dumps(meta, indent=2, default=str))
         print(e.code)
     elif args.cache_command == "export":
+        _check_writable(args.file, "cache export")
         print(f"exported {cache.export(args.file, args.target)} kernel(s) to {args.file}")
     elif args.cache_command == "import":
         versions = {}
@@ -348,6 +487,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except (UsageError, WorkloadError, TargetError, RunConflict, CacheError, ExecutorError) as exc:
         print(f"autocomp-compile: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the command cannot read or write (the early checks name most of them)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"autocomp-compile: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("autocomp-compile: interrupted; re-run the same command to resume", file=sys.stderr)

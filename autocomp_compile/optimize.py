@@ -28,12 +28,19 @@ def evaluation_config(settings: EvalSettings) -> dict[str, Any]:
     return evaluation
 
 
-def run_name(workload: Workload, target: Target, config: SearchConfig, settings: EvalSettings) -> str:
-    """Short, stable name: the workload plus a hash of everything that shapes the run."""
-    blob = json.dumps(
-        [workload.signature(), target.fingerprint(), dataclasses.asdict(config), evaluation_config(settings)],
-        sort_keys=True, default=str,
-    )
+def proposer_names(proposers: list[Proposer] | None) -> list[str]:
+    """The proposers as a run records them; ["schedule"] for the offline default."""
+    return [getattr(p, "name", type(p).__name__) for p in proposers or []] or ["schedule"]
+
+
+def run_name(workload: Workload, target: Target, config: SearchConfig, settings: EvalSettings,
+             proposers: list[str] | None = None) -> str:
+    """Short, stable name: the workload plus a hash of everything that shapes the run. `proposers` (their
+    `proposer_names`) count only when they are not the offline default, so that offline runs keep their names."""
+    parts: list[Any] = [workload.signature(), target.fingerprint(), dataclasses.asdict(config), evaluation_config(settings)]
+    if proposers and proposers != ["schedule"]:
+        parts.append(proposers)
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return f"{workload.kind}-{workload.dtype}-{target.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
 
@@ -65,12 +72,13 @@ def optimize(
     proposers: defaults to the offline `ScheduleProposer`.
     seeds: extra starting points.
     cache: a `KernelCache`. A hit returns the cached kernel without searching; on a miss the schedules
-        of up to `reuse` most similar solved workloads are replayed on this workload as extra starting
+        of up to `reuse` (>= 0) most similar solved workloads are replayed on this workload as extra starting
         points (schedule reuse), and the winner is stored.
 
     Returns
     -------
     SearchResult with the naive root, the best correct candidate and every evaluated candidate.
+    Raises `WorkloadError` before any work when the target has no kernel for the workload's shape.
     """
     tgt = get_target(target) if isinstance(target, str) else target
     config = config or SearchConfig()
@@ -80,13 +88,16 @@ def optimize(
     elif getattr(tgt, "deterministic", False):
         settings = dataclasses.replace(settings, deterministic=True)
     require_available(tgt)
+    check_supported(tgt, workload)
+    if reuse < 0:
+        raise ValueError(f"reuse must be >= 0, got {reuse}")
     if cache is not None:
         hit = cache.get(tgt, workload)
         if hit is not None:
             return _from_cache(hit)
         reused = reuse_seeds(tgt, workload, cache.nearest(tgt, workload, reuse)) if reuse else []
         seeds = list(seeds or []) + reused
-    name = name or run_name(workload, tgt, config, settings)
+    name = name or run_name(workload, tgt, config, settings, proposer_names(proposers))
     run_dir = RunDirectory(
         Path(output_dir) / name,
         {
@@ -94,7 +105,7 @@ def optimize(
             "target": tgt.fingerprint(),
             "search": dataclasses.asdict(config),
             "eval": evaluation_config(settings),
-            "proposers": [getattr(p, "name", type(p).__name__) for p in proposers or []] or ["schedule"],
+            "proposers": proposer_names(proposers),
         },
     )
     proposers = proposers or [ScheduleProposer(dropout=config.dropout)]
@@ -114,6 +125,14 @@ def optimize(
         entry = cache.get(tgt, workload)
         result.cache_key = entry.key if entry else None
     return result
+
+
+def check_supported(target: Target, workload: Workload) -> None:
+    """Raise `WorkloadError` when `target` has no kernel for `workload` (a target that defines
+    `check_workload(workload)` says so; the others take every workload the workload checks accept)."""
+    check = getattr(target, "check_workload", None)
+    if check is not None:
+        check(workload)
 
 
 def schedule_seed(target: Target, workload: Workload, knobs: dict[str, Any], plan: str, menu_ids: list[str],

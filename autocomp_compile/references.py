@@ -39,6 +39,9 @@ class KindSpec:
             if isinstance(self.defaults[key], int) and not isinstance(self.defaults[key], bool):
                 if not isinstance(value, int) or value <= 0:
                     raise WorkloadError(f"{self.name}: {key} must be a positive integer, got {value!r}")
+            elif isinstance(self.defaults[key], float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                    raise WorkloadError(f"{self.name}: {key} must be a finite positive number, got {value!r}")
         self.check(merged)
         inputs, outputs, runtime = self.shapes(merged, dtype)
         return Workload(self.name, dtype, merged, tuple(inputs), tuple(outputs), runtime)

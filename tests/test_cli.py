@@ -1,13 +1,16 @@
 """The `autocomp-compile` command: one-line errors with exit status 2, targets listing, a real run."""
 from __future__ import annotations
 
+import importlib
 import json
+import socket
 import subprocess
 import sys
 
 import pytest
 
 from autocomp_compile import cli
+from autocomp_compile.targets.cpu import bandwidth
 
 
 @pytest.mark.parametrize(
@@ -24,13 +27,30 @@ from autocomp_compile import cli
         (["optimize", "--workload", "gemm", "--budget", "0"], "budget must be >= 1"),
         (["optimize", "--workload", "gemm", "--dropout", "1.5"], "dropout must be in [0, 1)"),
         (["optimize", "--workload", "gemm", "--sets", "0"], "--sets must be >= 1"),
+        (["optimize", "--workload", "gemm", "--timeout", "nan"], "--timeout must be a finite number, got nan"),
+        (["optimize", "--workload", "gemm", "--timing-ms", "inf"], "--timing-ms must be a finite number, got inf"),
+        (["optimize", "--workload", "gemm", "--dropout", "nan"], "--dropout must be a finite number"),
+        (["optimize", "--workload", "gemm", "--reuse", "-1"], "--reuse must be >= 0, got -1"),
+        (["warm", "--workers", "-1"], "--workers must be >= 1, got -1"),
+        (["warm", "--workers", "0"], "--workers must be >= 1, got 0"),
+        (["demo", "--timeout=-inf"], "--timeout must be a finite number"),
+        (["optimize", "--workload", "rmsnorm", "--eps", "-1"], "eps must be a finite positive number, got -1.0"),
+        (["optimize", "--workload", "rmsnorm", "--eps", "nan"], "eps must be a finite positive number, got nan"),
+        (["optimize", "--target", "nki", "--workload", "mlp", "--hidden", "100", "--intermediate", "37"],
+         "nki: mlp kernels need hidden and intermediate to be multiples of 128"),
+        (["optimize", "--target", "nki", "--workload", "lm_head", "--hidden", "256", "--vocab", "100"],
+         "nki: lm_head kernels need hidden and vocab to be multiples of 128"),
+        (["optimize", "--workload", "gemm", "--prompts", "/nonexistent", "--models", "openai::x", "--api-base",
+          "http://127.0.0.1:9/v1"], "--prompts /nonexistent: no such folder"),
     ],
 )
-def test_bad_input_is_one_line_and_status_2(argv, message, capsys):
+def test_bad_input_is_one_line_and_status_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("autocomp-compile: error:") and message in err
     assert "\n" not in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # refused before any work: not even ./output was created
 
 
 def test_unavailable_target_says_why(capsys, monkeypatch):
@@ -94,3 +114,201 @@ def test_deterministic_flag_runs_the_repeat_check_in_its_own_run(tmp_path):
         correct = [r for r in results if r and r["correct"]]
         checked = True if config["eval"].get("deterministic") else None
         assert correct and all(r["extra"].get("repeatable") is checked for r in correct)
+
+
+# ---------------------------------------------------------------- bad paths, checked before any search
+
+TINY = ["optimize", "--workload", "gemm", "--m", "1", "--n", "8", "--k", "16", "--budget", "1", "--sets", "1",
+        "--timing-ms", "5", "--quiet"]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("autocomp-compile: error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def no_search(monkeypatch):
+    """Fail the test if a search (or the bandwidth measurement before it) starts."""
+    def started(*args, **kwargs):
+        raise AssertionError("the command got as far as searching")
+
+    monkeypatch.setattr(bandwidth, "measure_read_bandwidth", started)
+    monkeypatch.setattr(importlib.import_module("autocomp_compile.optimize"), "optimize", started)
+
+
+@pytest.mark.parametrize("option, path, message", [
+    ("--json", "afile/x.json", "--json {tmp}/afile/x.json: cannot write this file (Not a directory)"),
+    ("--json", "nodir/x.json", "--json {tmp}/nodir/x.json: cannot write this file (No such file or directory)"),
+    ("--json", "adir", "--json {tmp}/adir: cannot write this file (Is a directory)"),
+    ("--output-dir", "afile/out", "--output-dir {tmp}/afile/out: cannot create this folder (Not a directory)"),
+    ("--output-dir", "/proc/out", "--output-dir /proc/out: cannot create this folder"),
+])
+def test_bad_output_paths_fail_before_the_search(option, path, message, tmp_path, capsys, no_search):
+    (tmp_path / "afile").write_text("a regular file")
+    (tmp_path / "adir").mkdir()
+    target = path if path.startswith("/") else str(tmp_path / path)
+    assert cli.main(TINY + ["--output-dir", str(tmp_path / "out"), option, target]) == 2
+    assert message.format(tmp=tmp_path) in _one_line_error(capsys)
+    assert (tmp_path / "afile").read_text() == "a regular file"
+
+
+def test_json_check_leaves_no_file_behind(tmp_path, monkeypatch):
+    """The early --json check creates nothing (the file appears only with the results) and keeps an existing one."""
+    cli._check_writable(tmp_path / "new.json", "--json")
+    assert not (tmp_path / "new.json").exists()
+    (tmp_path / "old.json").write_text("kept")
+    cli._check_writable(tmp_path / "old.json", "--json")
+    assert (tmp_path / "old.json").read_text() == "kept"
+
+
+@pytest.mark.parametrize("argv", [["cache", "ls"], ["cache", "export", "x.json"], ["cache", "clear"], TINY])
+def test_a_cache_dir_under_a_file_is_a_one_line_error(argv, tmp_path, capsys, monkeypatch, no_search):
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("AUTOCOMP_CACHE_DIR", str(tmp_path / "afile" / "cache"))
+    assert cli.main(argv + ["--output-dir", str(tmp_path / "out")] if argv is TINY else argv) == 2
+    err = _one_line_error(capsys)
+    assert f"{tmp_path}/afile/cache" in err and "Not a directory" in err
+
+
+def test_cache_export_into_a_missing_folder(tmp_path, capsys):
+    assert cli.main(["cache", "export", str(tmp_path / "nodir" / "x.json")]) == 2
+    assert "cache export" in _one_line_error(capsys) and not (tmp_path / "nodir").exists()
+
+
+def test_any_os_error_is_a_one_line_error_naming_the_path(monkeypatch, capsys):
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/somewhere/file")
+
+    monkeypatch.setattr(cli, "cmd_targets", denied)
+    assert cli.main(["targets"]) == 2
+    assert _one_line_error(capsys) == "autocomp-compile: error: /somewhere/file: Permission denied"
+
+
+# ---------------------------------------------------------------- other options checked up front
+
+
+def test_prompts_folder_is_checked_before_anything_runs(tmp_path, capsys, no_search):
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "overview.md").write_text("# overview")
+    llm = ["--models", "openai::x", "--api-base", "http://127.0.0.1:9/v1", "--output-dir", str(tmp_path / "out")]
+    assert cli.main(TINY + llm + ["--prompts", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in _one_line_error(capsys)
+    assert cli.main(TINY + llm + ["--prompts", str(tmp_path / "prompts")]) == 2
+    assert "lacks ['isa.md', 'examples.md', 'rules.md']" in _one_line_error(capsys)
+
+
+def test_workers_help_says_what_it_accepts(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["warm", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "parallel compiler processes, at least 1 (default: all cores)" in out
+    assert "(>= 0; 0: none)" in out
+
+
+def test_optimize_api_refuses_a_negative_reuse(tmp_path):
+    from autocomp_compile import make_workload, optimize
+
+    with pytest.raises(ValueError, match="reuse must be >= 0"):
+        optimize(make_workload("gemm", m=1, n=8, k=16), "cpu", output_dir=tmp_path, reuse=-1)
+
+
+def test_no_correct_kernel_says_why_the_naive_one_failed(tmp_path, capsys, monkeypatch):
+    from autocomp_compile.targets.cpu.target import CpuTarget
+
+    lower = CpuTarget.lower
+
+    def broken(self, workload):
+        root = lower(self, workload)
+        root.code = "this is not C\n" + root.code
+        return root
+
+    monkeypatch.setattr(CpuTarget, "lower", broken)
+    monkeypatch.setattr(bandwidth, "measure_read_bandwidth", lambda: 10.0)
+    assert cli.main(TINY + ["--output-dir", str(tmp_path / "out"), "--no-cache"]) == 1
+    err = capsys.readouterr().err
+    assert "gemm: no correct kernel found" in err
+    line = next(x for x in err.splitlines() if "the naive kernel failed" in x)
+    assert line.startswith("gemm: the naive kernel failed at compile: ") and "error:" in line  # gcc's first error
+
+
+def test_naive_failure_names_the_exception_that_ended_the_worker():
+    from types import SimpleNamespace
+
+    from autocomp_compile.targets.base import EvalResult
+
+    crash = EvalResult.failure("crash", "evaluation raised an exception", stderr="Traceback (most recent call last):\n"
+                               "  File \"x.py\", line 1\nRuntimeError: DefaultCPUAllocator: can't allocate memory\n")
+    why = cli._naive_failure(SimpleNamespace(root=SimpleNamespace(result=crash)))
+    assert why == ("the naive kernel failed at crash: evaluation raised an exception: "
+                   "RuntimeError: DefaultCPUAllocator: can't allocate memory")
+
+
+# ---------------------------------------------------------------- LLM runs: run names, failed calls
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _unreachable_models() -> list[str]:
+    return ["--models", "openai::x", "--api-base", f"http://127.0.0.1:{_closed_port()}/v1"]
+
+
+def test_default_run_name_separates_proposers_and_keeps_offline_names():
+    import dataclasses
+    import hashlib
+
+    from autocomp_compile import make_workload
+    from autocomp_compile.evaluation.job import EvalSettings
+    from autocomp_compile.optimize import evaluation_config, run_name
+    from autocomp_compile.search.beam import SearchConfig
+    from autocomp_compile.targets.base import get_target
+
+    w, t, c, e = make_workload("gemm", m=1, n=8, k=16), get_target("cpu"), SearchConfig(), EvalSettings()
+    blob = json.dumps([w.signature(), t.fingerprint(), dataclasses.asdict(c), evaluation_config(e)], sort_keys=True,
+                      default=str)
+    before = f"gemm-bf16-cpu-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"  # the name runs had: they resume
+    assert run_name(w, t, c, e) == run_name(w, t, c, e, ["schedule"]) == before
+    llm = run_name(w, t, c, e, ["llm[openai::x]"])
+    assert llm != before and llm != run_name(w, t, c, e, ["llm[openai::y]"])
+
+
+def test_adding_models_to_an_offline_run_is_not_a_conflict(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AUTOCOMP_LLM_BACKOFF_S", "0.01")
+    monkeypatch.setattr(bandwidth, "measure_read_bandwidth", lambda: 10.0)
+    argv = TINY + ["--output-dir", str(tmp_path / "out"), "--no-cache"]
+    assert cli.main(argv) == 0
+    assert cli.main(argv + _unreachable_models()) != 2
+    assert "different settings" not in capsys.readouterr().err
+    proposers = sorted(json.loads(p.read_text())["proposers"] for p in (tmp_path / "out").glob("*/config.json"))
+    assert proposers == [["llm[openai::x]"], ["schedule"]]
+
+
+def test_unreachable_model_server_is_reported_and_fails_the_run(tmp_path, capsys, monkeypatch):
+    """Every model call failed and nothing beat the naive kernel: one line says so, with the first error, and the
+    exit status is 1 (not 0 with "search space exhausted")."""
+    monkeypatch.setenv("AUTOCOMP_LLM_BACKOFF_S", "0.01")
+    monkeypatch.setattr(bandwidth, "measure_read_bandwidth", lambda: 10.0)
+    out = tmp_path / "r.json"
+    argv = TINY + ["--budget", "3", "--output-dir", str(tmp_path / "out"), "--no-cache", "--json", str(out)]
+    assert cli.main(argv + _unreachable_models()) == 1
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "model call(s) failed" in x)
+    assert line.startswith("gemm: all ") and "first error: openai::x: " in line
+    row = json.loads(out.read_text())
+    assert row["correct"] and row["best_id"] == "root"
+    assert row["llm"]["calls"] == 0 and row["llm"]["failures"] >= 1 and row["llm"]["first_error"].startswith("openai::x")
+    assert f"all {row['llm']['failures']} model call(s) failed" in line
+
+
+def test_exit_status_fails_only_where_the_models_did_nothing():
+    ok, failed_calls = {"correct": True, "best_id": "root"}, {"calls": 0, "failures": 3, "first_error": "x"}
+    assert cli._status([ok]) == 0
+    assert cli._status([{**ok, "llm": failed_calls}]) == 1
+    assert cli._status([{**ok, "best_id": "seed0", "llm": failed_calls}]) == 0  # a reused schedule beat the naive one
+    assert cli._status([{**ok, "llm": {**failed_calls, "calls": 1}}]) == 0  # some calls answered
+    assert cli._status([{**ok, "correct": False}]) == 1

@@ -112,6 +112,12 @@ def test_signature_changes_with_runtime_dims_and_eps():
         ("attention", "bf16", dict(kv_len=65, max_kv_len=64), "exceeds"),
         ("attention", "bf16", dict(phase="train"), "phase"),
         ("gemm", "bf16", dict(batch=2), "unknown parameter"),
+        ("rmsnorm", "bf16", dict(eps=-1.0), "eps must be a finite positive number"),
+        ("rmsnorm", "bf16", dict(eps=0.0), "eps must be a finite positive number"),
+        ("rmsnorm", "bf16", dict(eps=float("nan")), "eps must be a finite positive number"),
+        ("rmsnorm", "bf16", dict(eps=float("inf")), "eps must be a finite positive number"),
+        ("rmsnorm", "bf16", dict(eps="1e-5"), "eps must be a finite positive number"),
+        ("rmsnorm", "bf16", dict(eps=True), "eps must be a finite positive number"),
     ],
 )
 def test_workload_errors(kind, dtype, params, match):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from autocomp_compile.workload import Workload
+from autocomp_compile.workload import Workload, WorkloadError
 
 CODEGEN_VERSION = "nki-2"
 P = 128
@@ -37,7 +37,23 @@ def family(kind: str) -> str:
         return "gemv"
     if kind in ("rmsnorm", "attention"):
         return kind
-    raise ValueError(f"the NKI target has no kernel for workload kind {kind!r}")
+    raise WorkloadError(f"the NKI target has no kernel for workload kind {kind!r}")
+
+
+# The gemv family's dims that its 128-row tiles must divide, under their workload parameter names.
+_TILED_PARAMS = {"gemm": ("k", "n"), "lm_head": ("hidden", "vocab"), "mlp": ("hidden", "intermediate")}
+
+
+def check(w: Workload) -> None:
+    """Raise `WorkloadError` when no kernel of this code generator computes `w` (a shape its tiling does not cover)."""
+    fam = family(w.kind)
+    if fam == "gemv":
+        names = _TILED_PARAMS[w.kind]
+        if any(w.params[n] % P for n in names):
+            got = ", ".join(f"{n}={w.params[n]}" for n in names)
+            raise WorkloadError(f"nki: {w.kind} kernels need {' and '.join(names)} to be multiples of {P}, got {got}")
+    elif fam == "attention" and w.params["head_dim"] > P:
+        raise WorkloadError(f"nki: attention kernels need head_dim <= {P}, got {w.params['head_dim']}")
 
 
 def naive_knobs(w: Workload) -> dict[str, Any]:
@@ -86,7 +102,8 @@ def legalize(w: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
 
 
 def generate(w: Workload, knobs: dict[str, Any]) -> str:
-    """NKI source for workload `w` under schedule `knobs` (already legalized)."""
+    """NKI source for workload `w` under schedule `knobs` (already legalized); `WorkloadError` if `check` fails."""
+    check(w)
     fam = family(w.kind)
     body = {"gemv": _gemv, "rmsnorm": _rmsnorm, "attention": _attention}[fam](w, knobs)
     return HEADER + "\n\n" + body
@@ -146,8 +163,6 @@ def _gemv(w: Workload, k: dict[str, Any]) -> str:
     mlp = w.kind == "mlp"
     args = "x, w_gate, w_up, w_down" if mlp else "x, w"
     out_n = w.params["hidden"] if mlp else n
-    if n % P or kdim % P or (mlp and out_n % P):
-        raise ValueError(f"NKI gemv kernels need multiples of 128 (K={kdim}, N={n})")
     lines = [
         "@nki.jit",
         f"def kernel({args}):",
@@ -273,8 +288,6 @@ def _attention(w: Workload, k: dict[str, Any]) -> str:
     kt = k["kv_tile"]
     loop = _loop(k)
     scale = 1.0 / d ** 0.5
-    if d > P:
-        raise ValueError(f"NKI attention needs head_dim <= 128, got {d}")
     if decode:
         m = grp if k["group"] else 1
         sig = "def kernel(q, k_cache, v_cache, kv_len):"

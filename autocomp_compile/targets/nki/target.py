@@ -74,6 +74,10 @@ class NkiTarget(ScheduleSpaceTarget):
             return f"Trainium NeuronCore ({neuron.instance_type()}), neuronx-cc {neuron.neuronxcc_version()}"
         return "NKI emulator (NumPy) + trn1 cost model: latencies are SIMULATED, not measured"
 
+    def check_workload(self, workload: Workload) -> None:
+        """Raise `WorkloadError` when the NKI kernels cannot compute `workload`'s shape (before any search)."""
+        codegen.check(workload)
+
     def legalize(self, workload: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
         return codegen.legalize(workload, knobs)
 

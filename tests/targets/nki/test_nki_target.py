@@ -12,6 +12,7 @@ from autocomp_compile.evaluation.job import EvalSettings as _Settings
 from autocomp_compile.kernels_cache import KernelCache
 from autocomp_compile.targets.nki import codegen, neuron
 from autocomp_compile.targets.nki.evaluate import check_and_estimate
+from autocomp_compile.workload import WorkloadError
 
 WORKLOADS = {
     "gemm": make_workload("gemm", m=2, n=256, k=512),
@@ -106,3 +107,28 @@ def test_search_improves_simulated_latency_and_labels_it(name, tmp_path, monkeyp
     assert entry is not None and entry.fingerprint["simulated"] is True
     hit = optimize(w, "nki", output_dir=tmp_path, cache=cache)
     assert hit.from_cache and hit.best.result.extra["simulated"] is True
+
+
+@pytest.mark.parametrize("kind, params, match", [
+    ("mlp", dict(hidden=100, intermediate=37), "hidden and intermediate to be multiples of 128, got hidden=100"),
+    ("mlp", dict(hidden=256, intermediate=320), "intermediate=320"),
+    ("lm_head", dict(hidden=256, vocab=100), "hidden and vocab to be multiples of 128"),
+    ("gemm", dict(m=1, n=256, k=100), "k and n to be multiples of 128"),
+    ("attention", dict(heads=2, kv_heads=1, head_dim=256), "head_dim <= 128"),
+])
+def test_unsupported_shapes_are_workload_errors_before_any_run(kind, params, match, tmp_path):
+    """A shape the NKI kernels do not tile is refused by the target's check, and by optimize() before it creates a
+    run directory or evaluates anything (it was a ValueError traceback from codegen in the middle of the run)."""
+    w = make_workload(kind, **params)
+    with pytest.raises(WorkloadError, match=match):
+        get_target("nki").check_workload(w)
+    with pytest.raises(WorkloadError, match=match):
+        codegen.generate(w, codegen.naive_knobs(w))
+    with pytest.raises(WorkloadError, match=match):
+        optimize(w, "nki", SearchConfig(budget=2), output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_supported_shapes_pass_the_check():
+    for w in WORKLOADS.values():
+        get_target("nki").check_workload(w)
