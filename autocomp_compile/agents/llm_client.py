@@ -130,6 +130,7 @@ class LLMClient:
                 import litellm
             except ImportError:
                 raise LLMConfigError("LLM models need litellm: pip install 'autocomp-compile[llm]'") from None
+            litellm.suppress_debug_info = True  # its "Give Feedback" banner on every failed call; the run reports failures
             self._completion = litellm.completion
         return self._completion
 

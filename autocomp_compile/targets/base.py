@@ -54,7 +54,9 @@ class EvalResult:
 
 @runtime_checkable
 class Target(Protocol):
-    """What the search needs from a hardware family."""
+    """What the search needs from a hardware family. A target may also define `check_workload(workload)`,
+    raising `WorkloadError` for a shape none of its kernels computes (NKI's 128-row tiles): `optimize()` and the
+    CLI call it before any work."""
 
     name: str
     language: str
