@@ -172,19 +172,25 @@ def _check_prompts(folder: str, target: str) -> None:
         raise UsageError(f"--prompts: {exc}") from None
 
 
+def _check_workloads(args: argparse.Namespace, workloads: Sequence[Workload]) -> None:
+    """A one-line error for a workload the target has no kernel for (before its search starts)."""
+    from autocomp_compile.optimize import check_supported
+
+    target = get_target(args.target, deterministic=args.deterministic)
+    for w in workloads:
+        check_supported(target, w)
+
+
 def _check_run_options(args: argparse.Namespace, workloads: Sequence[Workload] = ()) -> None:
     """Everything in a search command's options that can fail, checked before any work: numbers, the target
     and `workloads` on it, then folders and files (created only once the rest passed)."""
-    from autocomp_compile.optimize import check_supported
     from autocomp_compile.targets.base import require_available
 
     _settings(args)
     if args.reuse < 0:
         raise UsageError(f"--reuse must be >= 0, got {args.reuse}")
-    target = get_target(args.target, deterministic=args.deterministic)
-    require_available(target)
-    for w in workloads:
-        check_supported(target, w)
+    require_available(get_target(args.target, deterministic=args.deterministic))
+    _check_workloads(args, workloads)
     if args.prompts:
         _check_prompts(args.prompts, args.target)
     _make_dir(cache_dir(), "AUTOCOMP_CACHE_DIR")  # builds go there, with --no-cache too
@@ -283,15 +289,13 @@ def _status(rows: list[dict[str, Any]]) -> int:
 
 
 def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | None = None) -> list[dict[str, Any]]:
-    from autocomp_compile.optimize import check_supported, optimize
+    from autocomp_compile.optimize import optimize
     from autocomp_compile.report import console, results_table, search_progress
     from autocomp_compile.targets.base import require_available
     from autocomp_compile.targets.cpu.bandwidth import measure_read_bandwidth
 
     target = get_target(args.target, deterministic=args.deterministic)
     require_available(target)
-    for w in workloads:
-        check_supported(target, w)
     config, settings = _settings(args)
     proposers = _proposers(args, config)
     cache = _cache(args)
@@ -370,6 +374,8 @@ def cmd_warm(args: argparse.Namespace) -> int:
     from autocomp_compile.models.workloads import model_workloads
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not kinds:
+        raise UsageError(f"--kinds: name at least one of {list(ALL_KINDS)}")
     unknown = sorted(set(kinds) - set(ALL_KINDS))
     if unknown:
         raise UsageError(f"--kinds: unknown {unknown}; choose from {list(ALL_KINDS)}")
@@ -379,6 +385,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
     workloads = model_workloads(args.model, args.dtype, batch=args.batch, prefill_lens=args.prefill,
                                 max_seq_len=args.max_seq_len, kinds=kinds,
                                 device="cuda" if args.target == "cuda" else "cpu")
+    _check_workloads(args, workloads)
     if args.workers:
         import os
 
@@ -390,13 +397,11 @@ def cmd_warm(args: argparse.Namespace) -> int:
 def _run_on_ray(workloads: list[Workload], args: argparse.Namespace) -> list[dict[str, Any]]:
     """warm --executor ray: one Ray task per workload the cache lacks; winners cached as tasks finish."""
     from autocomp_compile.executors import NodeTarget, RayExecutor, SearchJob
-    from autocomp_compile.optimize import check_supported, optimize, reuse_seeds
+    from autocomp_compile.optimize import optimize, reuse_seeds
     from autocomp_compile.report import console, results_table
     from autocomp_compile.search.candidate import Candidate
 
     target = get_target(args.target, deterministic=args.deterministic)
-    for w in workloads:
-        check_supported(target, w)
     config, settings = _settings(args)
     cache = _cache(args)
     if cache is None:
