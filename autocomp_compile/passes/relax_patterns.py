@@ -67,10 +67,16 @@ def _viewed(p: DFPattern) -> DFPattern:
     return _reshaped(_maybe("relax.broadcast_to", p, wildcard()))
 
 
-def _repeated_kv(t: DFPattern) -> tuple[DFPattern, DFPattern]:
-    """GQA's repeat of keys/values over the query group: reshape(broadcast_to(expand_dims(t)))."""
-    rep = is_op("relax.reshape")(is_op("relax.broadcast_to")(is_op("relax.expand_dims")(t), wildcard()), wildcard())
-    return rep | t, rep
+def _repeated_kv(t: DFPattern) -> tuple[DFPattern, DFPattern, DFPattern, DFPattern]:
+    """GQA's repeat of keys/values over the query group: reshape(broadcast_to(expand_dims(t))).
+
+    Returns (repeat or `t`, the reshape, the expand_dims, the broadcast_to); `check_attention` checks
+    the axis and shapes (a tiled repeat has the same ops).
+    """
+    expand = is_op("relax.expand_dims")(t)
+    broadcast = is_op("relax.broadcast_to")(expand, wildcard())
+    rep = is_op("relax.reshape")(broadcast, wildcard())
+    return rep | t, rep, expand, broadcast
 
 
 def _weighted(x: DFPattern) -> tuple[DFPattern, DFPattern, DFPattern]:
@@ -148,6 +154,17 @@ def _weight_nk(m: dict[str, relax.Expr], w: str, wt: str) -> tuple[int, int] | N
     return s if wt in m else (s[1], s[0])
 
 
+def _transposes_2d(call: relax.Expr) -> bool:
+    """A `permute_dims` of a rank-2 tensor with axes [1, 0] (or None: reversed)."""
+    axes = getattr(call.attrs, "axes", None)
+    return axes is None or [int(a) for a in axes] == [1, 0]
+
+
+def _weights_transposed(m: dict[str, relax.Expr], *wts: str) -> bool:
+    """Every matched weight `permute_dims` among `wts` is a true transpose (not the identity)."""
+    return all(_transposes_2d(m[wt]) for wt in wts if wt in m)
+
+
 def _permutes_last_two(call: relax.Expr) -> bool:
     axes = getattr(call.attrs, "axes", None)
     if axes is None:
@@ -197,6 +214,8 @@ def check_linear(m: dict[str, relax.Expr], func: relax.Function,
     out = m["out"]
     if not is_weight(m["w"], func):
         return None  # q @ k^T and the like: not a layer
+    if not _weights_transposed(m, "wt"):
+        return Region("gemm", out, reason="the weight's permute_dims is not a transpose")
     xs, nk = shape_of(m["x"]), _weight_nk(m, "w", "wt")
     if xs is None or nk is None or len(xs) < 2:
         return Region("gemm", out, reason=f"shapes {xs} x {nk} are symbolic or not a linear layer")
@@ -248,6 +267,8 @@ def check_mlp(m: dict[str, relax.Expr], func: relax.Function) -> Region:
         return Region("mlp", out, reason="a projection's right operand is not a weight")
     if not _same_input(m["xg"], m["xu"]):
         return Region("mlp", out, reason="gate and up projections read different tensors")
+    if not _weights_transposed(m, "wgt", "wut", "wdt"):
+        return Region("mlp", out, reason="a weight's permute_dims is not a transpose")
     xs = shape_of(m["xg"])
     g, u, d = (_weight_nk(m, w, wt) for w, wt in (("wg", "wgt"), ("wu", "wut"), ("wd", "wdt")))
     if xs is None or None in (g, u, d):
@@ -268,14 +289,14 @@ def check_mlp(m: dict[str, relax.Expr], func: relax.Function) -> Region:
 
 
 def rmsnorm_pattern() -> tuple[DFPattern, dict[str, DFPattern]]:
-    x, w, exponent, eps = wildcard(), wildcard(), is_const(), is_const()
+    x, w, exponent, eps, one = wildcard(), wildcard(), is_const(), is_const(), is_const()
     xf = _maybe("relax.astype", x)
     ms = is_op("relax.mean")(is_op("relax.power")(xf, exponent))
     var_eps = is_op("relax.add")(ms, eps)
-    inv = is_op("relax.rsqrt")(var_eps) | is_op("relax.divide")(is_const(), is_op("relax.sqrt")(var_eps))
+    inv = is_op("relax.rsqrt")(var_eps) | is_op("relax.divide")(one, is_op("relax.sqrt")(var_eps))
     normed = _maybe("relax.astype", is_op("relax.multiply")(xf, inv))
     out = is_op("relax.multiply")(w, normed) | is_op("relax.multiply")(normed, w)
-    return out, {"x": x, "w": w, "exponent": exponent, "eps": eps, "mean": ms, "out": out}
+    return out, {"x": x, "w": w, "exponent": exponent, "eps": eps, "one": one, "mean": ms, "out": out}
 
 
 def check_rmsnorm(m: dict[str, relax.Expr], func: relax.Function) -> Region:
@@ -284,6 +305,10 @@ def check_rmsnorm(m: dict[str, relax.Expr], func: relax.Function) -> Region:
         return Region("rmsnorm", out, reason="the scale is not a weight")
     if constant_value(m["exponent"]) != 2.0:
         return Region("rmsnorm", out, reason="not a mean of squares")
+    if "one" in m and constant_value(m["one"]) != 1.0:
+        return Region("rmsnorm", out, reason="the reciprocal's numerator is not 1")
+    if not getattr(m["mean"].attrs, "keepdims", False):
+        return Region("rmsnorm", out, reason="the mean does not keep its axis (not a per-row scale)")
     axes = getattr(m["mean"].attrs, "axis", None)
     xs, ws = shape_of(m["x"]), shape_of(m["w"])
     if xs is None or ws != (xs[-1],) or axes is None or [int(a) % len(xs) for a in axes] != [len(xs) - 1]:
@@ -303,8 +328,8 @@ def check_rmsnorm(m: dict[str, relax.Expr], func: relax.Function) -> Region:
 def attention_pattern() -> tuple[DFPattern, dict[str, DFPattern]]:
     q, k, v = wildcard(), wildcard(), wildcard()
     # bf16 models attend in float32: upcast inputs, downcast output
-    k_any, k_rep = _repeated_kv(_maybe("relax.astype", k))
-    _, v_rep = _repeated_kv(_maybe("relax.astype", v))
+    k_any, k_rep, k_exp, k_bc = _repeated_kv(_maybe("relax.astype", k))
+    _, v_rep, v_exp, v_bc = _repeated_kv(_maybe("relax.astype", v))
     q_scale, k_scale = is_const(), is_const()
     k_perm = is_op("relax.permute_dims")(k_any)
     kt = _reshaped(k_perm)
@@ -319,8 +344,25 @@ def attention_pattern() -> tuple[DFPattern, dict[str, DFPattern]]:
     # the repeat first: otherwise the operand's own views would swallow the repeat's reshape/broadcast
     pv = is_op("relax.matmul")(_viewed(guarded), _viewed(v_rep) | _viewed(_maybe("relax.astype", v)))
     out = is_op("relax.astype")(_reshaped(pv)) | pv
-    return out, {"q": q, "k": k, "v": v, "k_rep": k_rep, "v_rep": v_rep, "q_scale": q_scale, "k_scale": k_scale,
+    return out, {"q": q, "k": k, "v": v, "k_rep": k_rep, "v_rep": v_rep, "k_exp": k_exp, "v_exp": v_exp,
+                 "k_bc": k_bc, "v_bc": v_bc, "q_scale": q_scale, "k_scale": k_scale,
                  "k_perm": k_perm, "probs": probs, "pv": pv, "out": out}
+
+
+def _repeats_per_group(m: dict[str, relax.Expr], t: str, b: int, h: int) -> bool:
+    """`t`'s repeat (if any) gives query head i the KV head i // (h // hk), as Hugging Face's repeat_kv:
+    expand_dims at axis 2 of a rank-4 tensor, broadcast to (b, hk, g, L, d), reshape to (b, h, L, d)
+    (or (b * h, L, d): the ONNX frontend batches the matmul)."""
+    if f"{t}_rep" not in m:
+        return True
+    exp, bc, rep = m[f"{t}_exp"], m[f"{t}_bc"], m[f"{t}_rep"]
+    src = shape_of(exp.args[0])
+    axes = getattr(exp.attrs, "axis", None)
+    if src is None or len(src) != 4 or axes is None or [int(a) % 5 for a in axes] != [2]:
+        return False
+    _, hk, lk, d = src
+    return (hk > 0 and h % hk == 0 and shape_of(bc) == (b, hk, h // hk, lk, d)
+            and shape_of(rep) in ((b, h, lk, d), (b * h, lk, d)))
 
 
 def check_attention(m: dict[str, relax.Expr], func: relax.Function) -> Region:
@@ -333,6 +375,8 @@ def check_attention(m: dict[str, relax.Expr], func: relax.Function) -> Region:
     (b, h, s, d), (_, hk, lk, _) = qs, ks
     if ("k_rep" in m) != ("v_rep" in m) or ("k_rep" not in m and hk != h) or h % hk or ks[0] != b or ks[3] != d:
         return Region("attention", out, reason=f"q {qs}, k {ks}, v {vs} do not form GQA attention")
+    if not (_repeats_per_group(m, "k", b, h) and _repeats_per_group(m, "v", b, h)):
+        return Region("attention", out, reason="keys/values are not repeated per query group (kv head = head // group)")
     if not _permutes_last_two(m["k_perm"]):
         return Region("attention", out, reason="keys are not transposed over their last two axes")
     scale = math.prod(constant_value(m[c]) or float("nan") if c in m else 1.0 for c in ("q_scale", "k_scale"))

@@ -224,6 +224,7 @@ class AutocompPartition:
             return mod
         selector = KernelSelector(get_target(self.target), **self.selector_args)
         decisions: dict[str, Decision] = {}
+        mod = mod.clone()  # the caller's module stays as it was
         try:
             for gvar, func in list(mod.functions_items()):
                 if not isinstance(func, relax.Function):

@@ -41,15 +41,16 @@ def run(mod, inputs):
     return [o.numpy() for o in out] if isinstance(out, (list, tuple)) or hasattr(out, "__len__") else [out.numpy()]
 
 
-def linear_module(with_weight_param: bool = True):
-    """x [1, 64] @ W[32, 64]^T, W a parameter after num_input (a weight) or a second input (an activation)."""
+def linear_module(with_weight_param: bool = True, axes=(1, 0), n: int = 32):
+    """x [1, 64] @ permute_dims(W[n, 64], axes), W a parameter after num_input (a weight) or a second input
+    (an activation)."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 64), "float32"))
-    w = relax.Var("w", relax.TensorType((32, 64), "float32"))
+    w = relax.Var("w", relax.TensorType((n, 64), "float32"))
     attrs = {"num_input": 1} if with_weight_param else {"num_input": 2}
     with bb.function("main", [x, w], attrs=attrs):
         with bb.dataflow():
-            wt = bb.emit(relax.op.permute_dims(w, [1, 0]))
+            wt = bb.emit(relax.op.permute_dims(w, list(axes)))
             y = bb.emit(relax.op.matmul(x, wt))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
@@ -102,6 +103,88 @@ def test_cache_miss_in_cache_only_mode_leaves_region_to_tvm(tmp_path):
     assert not decision.replaced and "not in the kernel cache" in decision.reason
 
 
+def test_the_pass_leaves_its_input_module_unchanged(cache_dir):
+    before = linear_module()
+    p = partition(cache_dir)
+    after = p(before)
+    assert p.report.replaced == 1 and kernel_keys(after)
+    assert kernel_keys(before) == []
+    tvm.ir.assert_structural_equal(before, linear_module())
+
+
+def test_identity_permute_is_not_a_transposed_weight():
+    """matmul(x, permute_dims(W, [0, 1])) is x @ W, not x @ W^T: never a linear with W as [n, k]."""
+    [region] = find_regions(linear_module(axes=(0, 1), n=64)["main"])
+    assert region.workload is None and "not a transpose" in region.reason
+    [region] = find_regions(linear_module(n=64)["main"])  # control: a true transpose
+    assert region.workload is not None
+
+
+def rmsnorm_module(numerator=None, keepdims=True, rows=4):
+    """w * (x * rsqrt(mean(x^2) + eps)), or `numerator / sqrt(...)` as the ONNX frontend writes it."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((rows, 64), "float32"))
+    w = relax.Var("w", relax.TensorType((64,), "float32"))
+    with bb.function("main", [x, w], attrs={"num_input": 1}):
+        with bb.dataflow():
+            sq = bb.emit(relax.op.power(x, relax.const(2.0, "float32")))
+            ms = bb.emit(relax.op.mean(sq, axis=[-1], keepdims=keepdims))
+            ve = bb.emit(relax.op.add(ms, relax.const(1e-5, "float32")))
+            if numerator is None:
+                inv = bb.emit(relax.op.rsqrt(ve))
+            else:
+                inv = bb.emit(relax.op.divide(relax.const(numerator, "float32"), bb.emit(relax.op.sqrt(ve))))
+            normed = bb.emit(relax.op.multiply(x, inv))
+            out = bb.emit_output(bb.emit(relax.op.multiply(w, normed)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("numerator", [None, 1.0])
+def test_rmsnorm_forms_are_regions(numerator):
+    [region] = find_regions(rmsnorm_module(numerator)["main"])
+    assert region.kind == "rmsnorm" and region.workload is not None, region.reason
+
+
+def test_rmsnorm_numerator_must_be_one():
+    """w * (x * (2 / sqrt(...))) is twice an RMSNorm."""
+    [region] = find_regions(rmsnorm_module(2.0)["main"])
+    assert region.workload is None and "numerator" in region.reason
+
+
+def test_rmsnorm_mean_must_keep_its_axis():
+    """Without keepdims a square input's [64] mean scales columns, not rows."""
+    [region] = find_regions(rmsnorm_module(keepdims=False, rows=64)["main"])
+    assert region.workload is None and "keep" in region.reason
+
+
+class _RepeatedKVAttention(torch.nn.Module):
+    """Decode attention over KV repeated to 4 heads from 2: per group (HF repeat_kv) or tiled (head i % 2)."""
+
+    def __init__(self, tiled: bool):
+        super().__init__()
+        self.tiled = tiled
+
+    def forward(self, q, k, v):
+        if self.tiled:
+            k, v = (t[:, None].expand(1, 2, 2, 8, 16).reshape(1, 4, 8, 16) for t in (k, v))
+        else:
+            k, v = (t[:, :, None].expand(1, 2, 2, 8, 16).reshape(1, 4, 8, 16) for t in (k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_only_a_per_group_kv_repeat_is_gqa(tiled):
+    example = (torch.randn(1, 4, 1, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16))
+    mod = from_torch(torch.export.export(_RepeatedKVAttention(tiled).eval(), example))
+    [region] = find_regions(mod["main"])
+    assert region.kind == "attention"
+    if tiled:
+        assert region.workload is None and "repeated per query group" in region.reason
+    else:
+        assert region.workload is not None and region.workload.params["kv_heads"] == 2, region.reason
+
+
 def tiny(dtype="fp32"):
     model = build_llama("tiny-llama", dtype=dtype).eval()
     return model, decode_step_inputs(model, batch=1, past_len=7)
@@ -135,7 +218,7 @@ def test_partitioned_decode_step_matches_the_original(tiny_modules, cache_dir, f
     p = partition(cache_dir, kinds=ALL)
     after = p(mods[frontend])
     assert p.report.replaced == p.report.total == 18, p.report.summary()
-    assert len(kernel_keys(after)) == 6
+    assert len(kernel_keys(after)) == 6 and kernel_keys(mods[frontend]) == []  # TVM's own result to compare
     inputs = [tvm_tensor(t) for t in example]
     got, original = run(after, inputs), run(mods[frontend], inputs)
     with torch.no_grad():
@@ -157,6 +240,7 @@ def test_bf16_regions_include_their_casts(cache_dir):
     p = partition(cache_dir, kinds=("attention", "mlp"))
     after = p(mod)
     assert p.report.replaced == 4, p.report.summary()
+    assert kernel_keys(after) and kernel_keys(mod) == []  # `original` below is TVM's own result
     import ml_dtypes
 
     inputs = [tvm.runtime.tensor(t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16
