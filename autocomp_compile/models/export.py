@@ -29,6 +29,7 @@ class PastKVDecodeStep(nn.Module):
         m, c = self.model, self.model.config
         if len(past) != 2 * c.layers:
             raise ValueError(f"expected {2 * c.layers} past tensors (k and v per layer), got {len(past)}")
+        _check_step(tokens, input_pos, past[0].shape[2], c.max_seq_len)
         x = m.model.embed_tokens(tokens)
         b, s, _ = x.shape
         cos = m.rope_cos[input_pos].to(x.dtype)
@@ -49,6 +50,19 @@ class PastKVDecodeStep(nn.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             new_kv += [k, v]
         return (m.lm_head(m.model.norm(x)), *new_kv)
+
+
+def _check_step(tokens: torch.Tensor, input_pos: torch.Tensor, past_len: int, max_seq_len: int) -> None:
+    """One new token per sequence, at the position right after the past (no causal mask is applied)."""
+    if tokens.dim() != 2 or tokens.shape[1] != 1:
+        raise ValueError(f"tokens must be [batch, 1] (one decode step), got shape {tuple(tokens.shape)}")
+    if input_pos.numel() != 1:
+        raise ValueError(f"input_pos must hold one position, got shape {tuple(input_pos.shape)}")
+    if past_len >= max_seq_len:
+        raise ValueError(f"past length {past_len} leaves no room in max_seq_len ({max_seq_len})")
+    # The position's value is data: checked when run eagerly, not while torch.export traces the step.
+    if not torch.compiler.is_compiling() and int(input_pos.reshape(())) != past_len:
+        raise ValueError(f"input_pos {int(input_pos.reshape(()))} must equal the past length {past_len}")
 
 
 def decode_step_inputs(model: Llama, batch: int = 1, past_len: int = 16, seed: int = 0) -> tuple[torch.Tensor, ...]:

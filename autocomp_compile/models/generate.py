@@ -34,7 +34,7 @@ def _synchronize(device: torch.device) -> None:
 @torch.no_grad()
 def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, forward: Forward | None = None,
              keep_logits: bool = False, prefill_forward: Forward | None = None) -> Generation:
-    """Greedy decoding of `max_new_tokens` tokens after `prompt` [batch, length].
+    """Greedy decoding of `max_new_tokens` (>= 0) tokens after `prompt` [batch, length].
 
     `forward` is the callable to run (e.g. `torch.compile(model, ...)`); it defaults to the model.
     `prefill_forward`, if given, runs the prompt instead (e.g. eager prefill, compiled decode).
@@ -44,6 +44,10 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, forward: F
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be [batch, length >= 1] token ids, got shape {tuple(prompt.shape)}")
     batch, length = prompt.shape
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens == 0:  # nothing to generate: the prompt is not run
+        return Generation(torch.empty(batch, 0, dtype=torch.long), prefill_s=0.0)
     if length + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"prompt ({length}) + new tokens ({max_new_tokens}) exceed max_seq_len "
                          f"({model.config.max_seq_len})")

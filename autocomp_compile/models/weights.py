@@ -14,25 +14,55 @@ from autocomp_compile.models.llama import Llama, LlamaConfig
 from autocomp_compile.workload import DTYPES, WorkloadError
 
 
+REQUIRED_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _check_llama(hf: dict[str, Any]) -> None:
+    """Refuse configs of other models or of a Llama this implementation would compute differently."""
+    if "model_type" in hf:
+        if hf["model_type"] != "llama":
+            raise WorkloadError(f"not a Llama checkpoint: model_type {hf['model_type']!r}")
+    elif hf.get("architectures") not in (None, ["LlamaForCausalLM"]):
+        raise WorkloadError(f"not a Llama checkpoint: architectures {hf['architectures']!r}")
+    act = hf.get("hidden_act") or "silu"
+    if act != "silu":
+        raise WorkloadError(f"hidden_act {act!r} is not supported (silu is)")
+
+
+def _rope_scaling(scaling: dict[str, Any] | None) -> tuple[float, float, float, int] | None:
+    """Llama-3 RoPE scaling parameters from `rope_scaling`/`rope_parameters`; None for plain RoPE."""
+    if scaling is None:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind is None and set(scaling) - {"rope_theta"}:
+        raise WorkloadError(f"RoPE scaling {scaling!r} names no rope_type (or type)")
+    kind = kind or "default"
+    if kind not in ("llama3", "default"):
+        raise WorkloadError(f"RoPE scaling {kind!r} is not supported (llama3 and default are)")
+    if kind == "default":
+        return None
+    missing = [k for k in LLAMA3_ROPE_FIELDS if scaling.get(k) is None]
+    if missing:
+        raise WorkloadError(f"llama3 RoPE scaling lacks {missing}")
+    return (float(scaling["factor"]), float(scaling["low_freq_factor"]),
+            float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+
+
 def config_from_hf(hf: dict[str, Any], max_seq_len: int | None = None) -> LlamaConfig:
     """A LlamaConfig from a Hugging Face `config.json` dict (Llama 2/3/3.1/3.2 layouts)."""
-    if hf.get("model_type", "llama") != "llama":
-        raise WorkloadError(f"not a Llama checkpoint: model_type {hf.get('model_type')!r}")
+    _check_llama(hf)
     # transformers < 5 writes rope_theta and rope_scaling; transformers 5 writes both into rope_parameters.
     scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or None
     rope_theta = hf.get("rope_theta") or (scaling or {}).get("rope_theta") or 10000.0
-    rope_scaling = None
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind not in ("llama3", "default"):
-            raise WorkloadError(f"RoPE scaling {kind!r} is not supported (llama3 and default are)")
-        if kind == "llama3":
-            rope_scaling = (float(scaling["factor"]), float(scaling["low_freq_factor"]),
-                            float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+    rope_scaling = _rope_scaling(scaling)
+    missing = [k for k in REQUIRED_FIELDS if hf.get(k) is None]
+    if missing:
+        raise WorkloadError(f"config.json lacks {missing}")
     heads = hf["num_attention_heads"]
     return LlamaConfig(
         hidden=hf["hidden_size"], intermediate=hf["intermediate_size"], heads=heads,
-        kv_heads=hf.get("num_key_value_heads", heads), head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         vocab=hf["vocab_size"], layers=hf["num_hidden_layers"], eps=hf.get("rms_norm_eps", 1e-5),
         rope_theta=float(rope_theta), rope_scaling=rope_scaling,
         tie_embeddings=hf.get("tie_word_embeddings", False),
@@ -40,17 +70,30 @@ def config_from_hf(hf: dict[str, Any], max_seq_len: int | None = None) -> LlamaC
     )
 
 
+def _read_state(files: Sequence[str | Path]) -> dict[str, torch.Tensor]:
+    """All tensors of `files`; a tensor name found in two files is an error, not a silent override."""
+    state: dict[str, torch.Tensor] = {}
+    seen: dict[str, Path] = {}
+    for f in files:
+        for name, value in load_file(str(f)).items():
+            if name in seen:
+                raise WorkloadError(f"tensor {name!r} is in both {seen[name].name} and {Path(f).name}")
+            seen[name] = Path(f)
+            state[name] = value
+    return state
+
+
 def load_safetensors(config: LlamaConfig, files: Sequence[str | Path], dtype: str = "bf16") -> Llama:
     """The compact Llama with weights from safetensors files named like Hugging Face's checkpoints."""
+    if dtype not in DTYPES:
+        raise WorkloadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     with torch.device("meta"):
         model = Llama(config).to(torch_dtype)
     model = model.to_empty(device="cpu")
     model.tie_weights()
     model.init_buffers()
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    state = _read_state(files)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     expected = set(model.state_dict())
@@ -77,10 +120,26 @@ def load_pretrained(path: str | Path, dtype: str = "bf16", max_seq_len: int | No
         raise WorkloadError(f"{root}: no config.json; pass a local Hugging Face model directory "
                             "(nothing is downloaded), or use random weights")
     config = config_from_hf(json.loads((root / "config.json").read_text()), max_seq_len)
-    files = sorted(root.glob("*.safetensors"))
-    if not files:
-        raise WorkloadError(f"{root}: no *.safetensors files")
-    return load_safetensors(config, files, dtype)
+    return load_safetensors(config, checkpoint_files(root), dtype)
+
+
+def checkpoint_files(root: Path) -> list[Path]:
+    """The safetensors files of a model directory: those its index's weight_map names, else all of them."""
+    index = root / "model.safetensors.index.json"
+    if not index.is_file():
+        files = sorted(root.glob("*.safetensors"))
+        if not files:
+            raise WorkloadError(f"{root}: no *.safetensors files")
+        return files
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise WorkloadError(f"{index}: not a safetensors index with a weight_map ({e})") from None
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise WorkloadError(f"{root}: shards listed in {index.name} are missing: {missing}")
+    return [root / n for n in names]
 
 
 def with_max_seq_len(config: LlamaConfig, max_seq_len: int) -> LlamaConfig:

@@ -1,0 +1,112 @@
+"""Refusals of what the compact Llama would load or run wrongly: configs, checkpoint files, decode steps, lengths."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from autocomp_compile.models import build_llama, config_from_hf, generate, load_pretrained
+from autocomp_compile.models.export import PastKVDecodeStep
+from autocomp_compile.workload import WorkloadError
+
+HF = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 256,
+      "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 128, "hidden_act": "silu"}
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    """tiny-llama's random weights, under Hugging Face's tensor names."""
+    return {k: v.contiguous() for k, v in build_llama("tiny-llama", "fp32", seed=seed).state_dict().items()}
+
+
+def _shards(tmp_path, state: dict[str, torch.Tensor], shards: int = 2) -> dict[str, str]:
+    """Write `state` as `shards` files plus config.json and the index; returns the weight_map."""
+    (tmp_path / "config.json").write_text(json.dumps(HF))
+    keys, weight_map = sorted(state), {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in keys[s::shards]}
+        save_file(part, str(tmp_path / name))
+        weight_map.update(dict.fromkeys(part, name))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"model_type": None, "architectures": ["MistralForCausalLM"]}, "architectures"),
+    ({"hidden_size": None}, "lacks \\['hidden_size'\\]"),
+    ({"rope_scaling": {"factor": 2.0}}, "no rope_type"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks \\['low_freq_factor'"),
+])
+def test_config_refusals(change, match):
+    hf = {k: v for k, v in {**HF, **change}.items() if v is not None}
+    with pytest.raises(WorkloadError, match=match):
+        config_from_hf(hf)
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "num_attention_heads", "vocab_size", "num_hidden_layers",
+                                   "intermediate_size"])
+def test_missing_required_fields_are_named(field):
+    with pytest.raises(WorkloadError, match=field):
+        config_from_hf({k: v for k, v in HF.items() if k != field})
+
+
+def test_config_defaults_silu_mha_and_llama_architecture():
+    hf = {k: v for k, v in HF.items() if k not in ("model_type", "hidden_act")}
+    assert config_from_hf({**hf, "num_key_value_heads": None}).kv_heads == 4  # null is absent: MHA
+    assert config_from_hf(hf).kv_heads == 2
+
+
+def test_unknown_dtype_is_a_clear_error(tmp_path):
+    _shards(tmp_path, _state(0))
+    with pytest.raises(WorkloadError, match="unknown dtype 'fp16'.*bf16"):
+        load_pretrained(tmp_path, dtype="fp16")
+
+
+def test_index_names_the_files_loaded(tmp_path):
+    state = _state(0)
+    _shards(tmp_path, state)
+    save_file(_state(1), str(tmp_path / "zz-consolidated.safetensors"))  # a stray file the index does not name
+    model = load_pretrained(tmp_path, "fp32")
+    assert torch.equal(model.model.embed_tokens.weight, state["model.embed_tokens.weight"])
+
+
+def test_missing_shard_and_duplicate_tensors_are_refused(tmp_path):
+    state = _state(0)
+    weight_map = _shards(tmp_path, state)
+    (tmp_path / "model.safetensors.index.json").unlink()
+    save_file(_state(1), str(tmp_path / "zz-consolidated.safetensors"))
+    with pytest.raises(WorkloadError, match="in both"):  # no index: every file, each tensor once
+        load_pretrained(tmp_path, "fp32")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(WorkloadError, match="missing: \\['model-00002-of-00002.safetensors'\\]"):
+        load_pretrained(tmp_path, "fp32")
+
+
+def test_decode_step_takes_one_token_at_the_past_length():
+    model = build_llama("tiny-llama", "fp32", seed=0).eval()
+    tokens = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(0))
+    model.setup_caches(1)
+    with torch.no_grad():
+        ref = model(tokens, torch.arange(10))
+        past = [t[:, :, :7].clone() for layer in model.model.layers
+                for t in (layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v)]
+        step = PastKVDecodeStep(model)
+        torch.testing.assert_close(step(tokens[:, 7:8], torch.tensor([7]), *past)[0][:, 0], ref[:, 7])
+        with pytest.raises(ValueError, match="one decode step"):
+            step(tokens[:, 7:10], torch.arange(7, 10), *past)
+        with pytest.raises(ValueError, match="input_pos 3 must equal the past length 7"):
+            step(tokens[:, 7:8], torch.tensor([3]), *past)
+
+
+def test_generate_checks_max_new_tokens():
+    model = build_llama("tiny-llama", "fp32", seed=1)
+    prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    none = generate(model, prompt, 0)
+    assert none.tokens.shape == (2, 0) and none.decode_s == []
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        generate(model, prompt, -1)
