@@ -52,3 +52,9 @@ def test_every_grid_point_is_a_legal_schedule_of_its_family():
             assert k["down_t"] == (family == "streaming"), s
             for name, value in s.items():
                 assert k[name] == value, (family, name, s, k[name])  # the grid asks for what it gets
+
+
+def test_a_row_whose_timing_failed_is_never_the_best():
+    rows = [{"family": "streaming", "schedule": {}, "correct": True, "error": "CudaKernelError: launch failed"},
+            {"family": "streaming", "schedule": {"warps": 4}, "correct": True, "ms": 0.03}]
+    assert mlp_sweep.best_row(rows) is rows[1]
