@@ -34,6 +34,7 @@ from autocomp_compile.targets.base import TargetError, get_target, require_avail
 logger = logging.getLogger(__name__)
 
 KERNEL_PREFIX = "autocomp.kernel."
+_COMPOSITE = ("attention", "mlp")  # regions that contain linear projections of their own
 _TVM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -142,8 +143,13 @@ class _RegionReplacer(PyExprMutator):
         self.set_var_remap(binding.var, emit(value, name_hint=binding.var.name))
 
 
-def find_regions(func: relax.Function, kinds: Sequence[str] = ALL_KINDS) -> list[Region]:
-    """Every region of `func` that a pattern matches, in `PATTERNS` priority, without overlaps."""
+def find_regions(func: relax.Function, kinds: Sequence[str] = ALL_KINDS, released: frozenset = frozenset()
+                 ) -> list[Region]:
+    """Every region of `func` that a pattern matches, in `PATTERNS` priority, without overlaps.
+
+    A region of a kind outside `kinds`, or whose output is in `released` (a region left to TVM), is still
+    listed, but claims none of its operations: its projections can then be linear regions of their own.
+    """
     var2val = relax.analysis.get_var2val(func)
     val2var = {val: var for var, val in var2val.items()}
     bindings = [b for block in func.body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)]
@@ -167,7 +173,7 @@ def find_regions(func: relax.Function, kinds: Sequence[str] = ALL_KINDS) -> list
             if inner & claimed:
                 continue  # part of a region matched by an earlier pattern
             region.output = val2var.get(b.value, b.var)
-            if region.workload is not None:
+            if region.workload is not None and region.kind in kinds and region.output not in released:
                 claimed |= inner
             regions.append(region)
     order = {b.var: i for i, b in enumerate(bindings)}
@@ -244,27 +250,36 @@ class AutocompPartition:
         return mod
 
     def _plan(self, func: relax.Function, selector: KernelSelector, decisions: dict[str, Decision]) -> dict:
+        released: frozenset = frozenset()  # composite regions left to TVM: their projections are offered alone
+        while True:
+            outcome = [(r, self._decide(r, selector, decisions)) for r in find_regions(func, self.kinds, released)]
+            left = {r.output for r, d in outcome if r.kind in _COMPOSITE and r.workload is not None and not d.replaced}
+            if left <= released:
+                break
+            released |= left
         plans = {}
-        for region in find_regions(func):
-            w = region.workload
-            if w is None:
-                logger.info("AutocompPartition: %s left to TVM: %s", region.kind, region.reason)
-                d = decisions.setdefault(f"{region.kind}:{region.reason}",
-                                         Decision(region.kind, region.kind, 0, False, reason=region.reason))
-            elif region.kind not in self.kinds:
-                d = decisions.setdefault(w.signature(), Decision(
-                    region.kind, w.name, 0, False, reason=f"kind {region.kind!r} not in kinds"))
-            else:
-                sig = w.signature()
-                if sig not in decisions:
-                    decisions[sig] = selector.decide(w)
-                d = decisions[sig]
+        for region, d in outcome:
             d.count += 1
             if d.replaced and d.key:
                 plans[region.output] = _Plan(region, d.key)
-            elif w is not None:
-                logger.info("AutocompPartition: %s left to TVM: %s", w.name, d.reason)
+            elif region.workload is not None:
+                logger.info("AutocompPartition: %s left to TVM: %s", region.workload.name, d.reason)
+            else:
+                logger.info("AutocompPartition: %s left to TVM: %s", region.kind, region.reason)
         return plans
+
+    def _decide(self, region: Region, selector: KernelSelector, decisions: dict[str, Decision]) -> Decision:
+        w = region.workload
+        if w is None:
+            return decisions.setdefault(f"{region.kind}:{region.reason}",
+                                        Decision(region.kind, region.kind, 0, False, reason=region.reason))
+        if region.kind not in self.kinds:
+            return decisions.setdefault(w.signature(), Decision(
+                region.kind, w.name, 0, False, reason=f"kind {region.kind!r} not in kinds"))
+        sig = w.signature()
+        if sig not in decisions:
+            decisions[sig] = selector.decide(w)
+        return decisions[sig]
 
 
 __all__ = ["AutocompPartition", "PartitionError", "find_regions", "register_kernels", "kernel_keys"]

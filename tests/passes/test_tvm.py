@@ -269,6 +269,42 @@ def test_geglu_mlp_is_not_a_swiglu_region(cache_dir):
     assert "mlp" not in kinds and kinds.count("gemm") == 3
 
 
+def swiglu_module():
+    class SwiGLU(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(64, 96, bias=False)
+            self.up = torch.nn.Linear(64, 96, bias=False)
+            self.down = torch.nn.Linear(96, 64, bias=False)
+
+        def forward(self, x):
+            return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+    return from_torch(torch.export.export(SwiGLU().eval(), (torch.randn(1, 64),)))
+
+
+def test_projections_of_an_mlp_outside_kinds_are_linear_regions():
+    func = swiglu_module()["main"]
+    assert [r.kind for r in find_regions(func)] == ["mlp"]
+    kinds = sorted(r.kind for r in find_regions(func, kinds=("gemm",)))
+    assert kinds == ["gemm", "gemm", "gemm", "mlp"]  # the MLP is listed (its decision says why not)
+
+
+def test_an_mlp_left_to_tvm_releases_its_projections(tmp_path):
+    """cache-only, the MLP kernel missing but the projections' gemm kernels cached: the gemms are used."""
+    mod = swiglu_module()
+    warm = partition(str(tmp_path), kinds=("gemm",))
+    warm(mod)
+    assert warm.report.replaced == 3, warm.report.summary()
+    p = partition(str(tmp_path), mode="cache-only", kinds=("mlp", "gemm"))
+    after = p(mod)
+    by_kind = {d.kind: d for d in p.report.decisions}
+    assert not by_kind["mlp"].replaced and "not in the kernel cache" in by_kind["mlp"].reason
+    assert p.report.replaced == 3 and len(kernel_keys(after)) == 2, p.report.summary()
+    x = torch.randn(1, 64)
+    np.testing.assert_allclose(run(after, [tvm_tensor(x)])[0], run(mod, [tvm_tensor(x)])[0], rtol=1e-5, atol=1e-5)
+
+
 def test_metaschedule_build_function_builds_without_tensor_intrinsics():
     """The tuning helper's build function (MetaSchedule's default minus a 74 s import) makes a runnable module."""
     from tvm import te
