@@ -117,22 +117,15 @@ class Rewriter:
         t0 = time.perf_counter()
         report = GraphReport(self.target.name, self.opts.mode, deterministic=self.selector.deterministic)
         decisions: dict[str, Decision] = {}
-        plan: list[tuple[Match, Decision]] = []
-        for match in find_subgraphs(gm):
-            if match.workload is None:
-                d = decisions.setdefault(f"{match.kind}:{match.reason}",
-                                         Decision(match.kind, match.kind, 0, False, reason=match.reason))
-            elif match.kind not in self.opts.kinds:
-                d = decisions.setdefault(match.workload.signature(), Decision(
-                    match.kind, match.workload.name, 0, False, reason=f"kind {match.kind!r} not in options['kinds']"))
-            else:
-                sig = match.workload.signature()
-                if sig not in decisions:
-                    with unset_fake_temporarily():  # real tensors for searching and checking kernels
-                        decisions[sig] = self.selector.decide(match.workload)
-                d = decisions[sig]
+        released: frozenset[fx.Node] = frozenset()  # MLPs left to PyTorch: their projections are offered alone
+        while True:
+            plan = [(m, self._decide(m, decisions)) for m in find_subgraphs(gm, self.opts.kinds, released)]
+            left = {m.anchor for m, d in plan if m.kind == "mlp" and m.workload is not None and not d.replaced}
+            if left <= released:
+                break
+            released |= left
+        for _, d in plan:
             d.count += 1
-            plan.append((match, d))
         replaced: dict[fx.Node, fx.Node] = {}
         for match, d in plan:
             if d.replaced and d.key:
@@ -142,6 +135,19 @@ class Rewriter:
         report.decisions = list(decisions.values())
         report.seconds = time.perf_counter() - t0
         return report
+
+    def _decide(self, match: Match, decisions: dict[str, Decision]) -> Decision:
+        if match.workload is None:
+            return decisions.setdefault(f"{match.kind}:{match.reason}",
+                                        Decision(match.kind, match.kind, 0, False, reason=match.reason))
+        if match.kind not in self.opts.kinds:
+            return decisions.setdefault(match.workload.signature(), Decision(
+                match.kind, match.workload.name, 0, False, reason=f"kind {match.kind!r} not in options['kinds']"))
+        sig = match.workload.signature()
+        if sig not in decisions:
+            with unset_fake_temporarily():  # real tensors for searching and checking kernels
+                decisions[sig] = self.selector.decide(match.workload)
+        return decisions[sig]
 
     def close(self) -> None:
         self.selector.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.operator_schemas import normalize_function
 
-from autocomp_compile.passes import ops  # noqa: F401  (registers torch.ops.autocomp.*)
+from autocomp_compile.passes import ALL_KINDS, ops  # ops registers torch.ops.autocomp.*
 from autocomp_compile.workload import Workload, WorkloadError, make_workload
 
 aten = torch.ops.aten
@@ -416,8 +416,13 @@ def find_attention(graph: fx.Graph) -> list[Match]:
     return found
 
 
-def find_subgraphs(gm: fx.GraphModule) -> list[Match]:
-    """Every recognised subgraph of `gm`, in graph order; a Match with `workload=None` says why it cannot run."""
+def find_subgraphs(gm: fx.GraphModule, kinds: Sequence[str] = ALL_KINDS,
+                   released: frozenset[fx.Node] = frozenset()) -> list[Match]:
+    """Every recognised subgraph of `gm`, in graph order; a Match with `workload=None` says why it cannot run.
+
+    An MLP that is not in `kinds`, or whose anchor is in `released` (left to PyTorch), is still listed, but
+    its three projections are listed as linears too.
+    """
     graph = gm.graph
     matches: list[Match] = []
     linears = find_linears(graph)
@@ -427,7 +432,8 @@ def find_subgraphs(gm: fx.GraphModule) -> list[Match]:
         w, why = _make("mlp", dtype or "?", batch=gate.m, hidden=gate.k, intermediate=gate.n) if dtype else (None, "dtype")
         matches.append(Match("mlp", w, down.mm, (gate.x, gate.weight, up.weight, down.weight), ops.MLP, why,
                              [gate.mm, up.mm]))
-        in_mlp.update((gate.mm, up.mm, down.mm))
+        if w is not None and "mlp" in kinds and down.mm not in released:
+            in_mlp.update((gate.mm, up.mm, down.mm))
     for lin in linears:
         if lin.mm in in_mlp:
             continue

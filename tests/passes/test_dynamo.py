@@ -184,3 +184,36 @@ def test_llm_models_option_checks_credentials_when_the_backend_compiles(dirs, mo
 
     with pytest.raises(LLMConfigError, match="ANTHROPIC_API_KEY"):
         Rewriter(opts, get_target("cpu"))
+
+
+class SwiGLU(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = torch.nn.Linear(64, 96, bias=False)
+        self.up = torch.nn.Linear(64, 96, bias=False)
+        self.down = torch.nn.Linear(96, 64, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def test_an_mlp_left_to_pytorch_releases_its_projections(tmp_path):
+    """kinds without 'mlp', then a cache with gemm kernels but no MLP kernel: the projections are linears."""
+    torch.manual_seed(0)
+    model, x = SwiGLU().eval(), torch.randn(1, 64)
+    dirs = {"cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "runs")}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="autocomp", dynamic=False, options=search_options(dirs, kinds=("gemm",)))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    decisions = reports()[-1].decisions
+    assert sorted((d.kind, d.count, d.replaced) for d in decisions) == [
+        ("gemm", 1, True), ("gemm", 2, True), ("mlp", 1, False)]
+    torch._dynamo.reset()
+    options = {"mode": "cache-only", "min_speedup": 0.0, "verbose": False, "kinds": ("mlp", "gemm"), **dirs}
+    compiled = torch.compile(model, backend="autocomp", dynamic=False, options=options)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    report = reports()[-1]
+    [mlp] = [d for d in report.decisions if d.kind == "mlp"]
+    assert "not in the kernel cache" in mlp.reason and report.replaced == 3, report.summary()
