@@ -357,6 +357,10 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
 def cmd_optimize(args: argparse.Namespace) -> int:
     params = {name: getattr(args, name) for name in SHAPE_OPTIONS if getattr(args, name) is not None}
     workload = make_workload(args.workload, args.dtype, **params)
+    for name in sorted(k for k, v in params.items() if workload.params[k] != v):
+        form = f"{workload.params['phase']} " if "phase" in workload.params else ""
+        print(f"autocomp-compile: note: --{name.replace('_', '-')} does not apply to {form}{workload.kind}; ignored",
+              file=sys.stderr)
     _check_run_options(args, [workload])
     return _status(_run([workload], args, args.run_name))
 

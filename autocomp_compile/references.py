@@ -29,12 +29,16 @@ class KindSpec:
     reference: Callable[[Tensors, dict[str, Any], dict[str, int]], Tensors]
     eager: Callable[[Tensors, Tensors, dict[str, Any], dict[str, int]], None]
     check: Callable[[dict[str, Any]], None] = lambda p: None
+    # Parameters a form of the kind does not use (attention's kv_len in prefill): they keep their defaults,
+    # so that they neither change the computation's cache key nor fail its checks.
+    unused: Callable[[dict[str, Any]], tuple[str, ...]] = lambda p: ()
 
     def build(self, dtype: str, params: dict[str, Any]) -> Workload:
         unknown = set(params) - set(self.defaults)
         if unknown:
             raise WorkloadError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; valid: {sorted(self.defaults)}")
         merged = {**self.defaults, **{k: v for k, v in params.items() if v is not None}}
+        merged.update({k: self.defaults[k] for k in self.unused(merged)})
         for key, value in merged.items():
             if isinstance(self.defaults[key], int) and not isinstance(self.defaults[key], bool):
                 if not isinstance(value, int) or value <= 0:
@@ -156,6 +160,10 @@ def _attention_check(p):
         raise WorkloadError(f"attention: kv_len ({p['kv_len']}) exceeds max_kv_len ({p['max_kv_len']})")
 
 
+def _attention_unused(p):
+    return ("kv_len", "max_kv_len") if p["phase"] == "prefill" else ("seq_len",)
+
+
 def _attention_shapes(p, dt):
     b, hq, hk, d = p["batch"], p["heads"], p["kv_heads"], p["head_dim"]
     if p["phase"] == "decode":
@@ -244,6 +252,7 @@ KINDS: dict[str, KindSpec] = {
             _attention_reference,
             _attention_eager,
             _attention_check,
+            _attention_unused,
         ),
     ]
 }

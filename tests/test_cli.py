@@ -313,3 +313,21 @@ def test_exit_status_fails_only_where_the_models_did_nothing():
     assert cli._status([{**ok, "best_id": "seed0", "llm": failed_calls}]) == 0  # a reused schedule beat the naive one
     assert cli._status([{**ok, "llm": {**failed_calls, "calls": 1}}]) == 0  # some calls answered
     assert cli._status([{**ok, "correct": False}]) == 1
+
+
+def test_an_option_the_phase_does_not_use_is_named_and_ignored(tmp_path, capsys, monkeypatch):
+    """--kv-len on prefill attention would have given the same kernel another cache key; it is ignored, saying so."""
+    seen = []
+
+    def record(workloads, args, run_name):
+        seen.extend(workloads)
+        return []
+
+    monkeypatch.setattr(cli, "_run", record)
+    monkeypatch.setattr(cli, "_status", lambda rows: 0)
+    argv = ["optimize", "--workload", "attention", "--phase", "prefill", "--seq-len", "16", "--kv-len", "4096",
+            "--output-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    assert "--kv-len does not apply to prefill attention; ignored" in capsys.readouterr().err
+    [w] = seen
+    assert w.params["kv_len"] == 1024 and w.params["seq_len"] == 16

@@ -127,9 +127,11 @@ def test_workload_errors(kind, dtype, params, match):
 
 def test_workload_error_is_value_error_and_prefill_ignores_kv_len():
     assert issubclass(WorkloadError, ValueError)
-    # kv_len > max_kv_len only matters for decode
+    # a parameter the phase does not use keeps its default: same computation, same cache key
     w = make_workload("attention", "bf16", phase="prefill", kv_len=10, max_kv_len=4, seq_len=8, heads=4, kv_heads=2)
-    assert w.params["phase"] == "prefill"
+    assert w.signature() == make_workload("attention", "bf16", phase="prefill", seq_len=8, heads=4, kv_heads=2).signature()
+    d = make_workload("attention", "bf16", phase="decode", seq_len=8, kv_len=10)
+    assert d.signature() == make_workload("attention", "bf16", phase="decode", kv_len=10).signature()
     # None means "use the default"
     assert make_workload("gemm", m=None).params["m"] == 1
 
