@@ -28,6 +28,9 @@ def _check_llama(hf: dict[str, Any]) -> None:
     act = hf.get("hidden_act") or "silu"
     if act != "silu":
         raise WorkloadError(f"hidden_act {act!r} is not supported (silu is)")
+    biased = [k for k in ("attention_bias", "mlp_bias") if hf.get(k)]
+    if biased:
+        raise WorkloadError(f"{' and '.join(biased)}: projections with biases are not supported")
 
 
 def _rope_scaling(scaling: dict[str, Any] | None) -> tuple[float, float, float, int] | None:
@@ -66,7 +69,7 @@ def config_from_hf(hf: dict[str, Any], max_seq_len: int | None = None) -> LlamaC
         vocab=hf["vocab_size"], layers=hf["num_hidden_layers"], eps=hf.get("rms_norm_eps", 1e-5),
         rope_theta=float(rope_theta), rope_scaling=rope_scaling,
         tie_embeddings=hf.get("tie_word_embeddings", False),
-        max_seq_len=max_seq_len or min(hf.get("max_position_embeddings", 2048), 2048),
+        max_seq_len=min(hf.get("max_position_embeddings", 2048), 2048) if max_seq_len is None else max_seq_len,
     )
 
 

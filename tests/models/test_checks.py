@@ -40,6 +40,8 @@ def _shards(tmp_path, state: dict[str, torch.Tensor], shards: int = 2) -> dict[s
     ({"hidden_size": None}, "lacks \\['hidden_size'\\]"),
     ({"rope_scaling": {"factor": 2.0}}, "no rope_type"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks \\['low_freq_factor'"),
+    ({"attention_bias": True}, "attention_bias: projections with biases"),
+    ({"mlp_bias": True}, "mlp_bias: projections with biases"),
 ])
 def test_config_refusals(change, match):
     hf = {k: v for k, v in {**HF, **change}.items() if v is not None}
@@ -110,3 +112,9 @@ def test_generate_checks_max_new_tokens():
     assert none.tokens.shape == (2, 0) and none.decode_s == []
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
         generate(model, prompt, -1)
+
+
+def test_max_seq_len_zero_is_refused_not_replaced():
+    assert config_from_hf(HF, max_seq_len=None).max_seq_len == 128 and config_from_hf(HF, max_seq_len=64).max_seq_len == 64
+    with pytest.raises(ValueError, match="positive"):
+        config_from_hf(HF, max_seq_len=0)
