@@ -7,7 +7,7 @@ import math
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from autocomp_compile.evaluation.job import EvalSettings
 from autocomp_compile.executors import ExecutorError
@@ -76,8 +76,15 @@ def _add_search_options(p: argparse.ArgumentParser, budget: int) -> None:
                    help="LLM: start from the target's naive kernel only, without asking for a translation first")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like the command's own (the usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autocomp-compile", description=__doc__)
+    parser = _Parser(prog="autocomp-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     opt = sub.add_parser("optimize", help="search for a fast, correct kernel for one workload")

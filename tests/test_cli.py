@@ -331,3 +331,18 @@ def test_an_option_the_phase_does_not_use_is_named_and_ignored(tmp_path, capsys,
     assert "--kv-len does not apply to prefill attention; ignored" in capsys.readouterr().err
     [w] = seen
     assert w.params["kv_len"] == 1024 and w.params["seq_len"] == 16
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["optimize", "--budget", "many", "--workload", "gemm"], "autocomp-compile optimize: error: argument --budget: "
+                                                             "invalid int value: 'many' (see autocomp-compile optimize --help)"),
+    (["optimize"], "the following arguments are required: --workload"),
+    (["warm", "--model", "gpt2"], "argument --model: invalid choice: 'gpt2'"),
+    (["frobnicate"], "autocomp-compile: error: argument command: invalid choice"),
+])
+def test_argument_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "usage:" not in err, err
