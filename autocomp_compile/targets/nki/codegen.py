@@ -11,9 +11,10 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
+from autocomp_compile.targets.nki.emulator import MOVING_FMAX, SBUF_BYTES_PER_PARTITION
 from autocomp_compile.workload import Workload, WorkloadError
 
-CODEGEN_VERSION = "nki-2"
+CODEGEN_VERSION = "nki-3"  # nki-3: attention scores leave PSUM on VectorE before affine_select (GpSimd)
 P = 128
 
 HEADER = """import neuronxcc.nki as nki
@@ -44,16 +45,67 @@ def family(kind: str) -> str:
 _TILED_PARAMS = {"gemm": ("k", "n"), "lm_head": ("hidden", "vocab"), "mlp": ("hidden", "intermediate")}
 
 
+# SBUF bytes per partition the kernels keep live per element of a full row (measured peaks over every schedule,
+# rounded up): attention's fp32 score rows (scores, shifted, exp, probabilities, ...) per key.
+_SCORE_BYTES_PER_KEY = 32
+_GEMV_WORKING_BYTES = 32 * 1024  # weight blocks, transposed tiles and accumulators next to the resident x^T
+
+
 def check(w: Workload) -> None:
-    """Raise `WorkloadError` when no kernel of this code generator computes `w` (a shape its tiling does not cover)."""
+    """Raise `WorkloadError` when no kernel of this code generator computes `w` (a shape its tiling does not cover,
+    or one whose tiles break the trn1 limits the emulator enforces)."""
     fam = family(w.kind)
     if fam == "gemv":
-        names = _TILED_PARAMS[w.kind]
-        if any(w.params[n] % P for n in names):
-            got = ", ".join(f"{n}={w.params[n]}" for n in names)
-            raise WorkloadError(f"nki: {w.kind} kernels need {' and '.join(names)} to be multiples of {P}, got {got}")
-    elif fam == "attention" and w.params["head_dim"] > P:
-        raise WorkloadError(f"nki: attention kernels need head_dim <= {P}, got {w.params['head_dim']}")
+        _check_gemv(w)
+    elif fam == "attention":
+        _check_attention(w)
+    else:
+        _check_fits("RMSNorm kernels keep a row of", "hidden", w.params["hidden"], _rms_bytes_per_element(w))
+
+
+def _check_fits(what: str, name: str, n: int, bytes_per: int) -> None:
+    limit = SBUF_BYTES_PER_PARTITION // bytes_per
+    if n > limit:
+        raise WorkloadError(f"nki: {what} {name}={n} elements in SBUF ({bytes_per} bytes per element per partition); "
+                            f"the {SBUF_BYTES_PER_PARTITION // 1024} KiB of a trn1 partition fit {name} <= {limit}")
+
+
+def _check_gemv(w: Workload) -> None:
+    names = _TILED_PARAMS[w.kind]
+    if any(w.params[n] % P for n in names):
+        got = ", ".join(f"{n}={w.params[n]}" for n in names)
+        raise WorkloadError(f"nki: {w.kind} kernels need {' and '.join(names)} to be multiples of {P}, got {got}")
+    b, kdim, _ = _dims(w)
+    rows = "m" if w.kind == "gemm" else "batch"
+    if b > MOVING_FMAX:
+        raise WorkloadError(f"nki: {w.kind} kernels put the {rows} rows on a matmul's moving free axis and in one PSUM "
+                            f"bank: {rows} <= {MOVING_FMAX}, got {b}")
+    resident = (kdim + (w.params["intermediate"] if w.kind == "mlp" else 0)) // P * b * _itemsize(w)
+    if resident + _GEMV_WORKING_BYTES > SBUF_BYTES_PER_PARTITION:
+        raise WorkloadError(f"nki: {w.kind} kernels keep x^T{' and the SwiGLU activations' if w.kind == 'mlp' else ''} "
+                            f"in SBUF: {resident} bytes per partition for {rows}={b}, more than fit next to the working "
+                            f"tiles in {SBUF_BYTES_PER_PARTITION // 1024} KiB; use fewer {rows}")
+
+
+def _check_attention(w: Workload) -> None:
+    p = w.params
+    if p["head_dim"] > P:
+        raise WorkloadError(f"nki: attention kernels need head_dim <= {P}, got {p['head_dim']}")
+    name = "max_kv_len" if p["phase"] == "decode" else "seq_len"
+    longest_tile = max(KNOB_CHOICES["attention"]["kv_tile"])
+    keys = -(-p[name] // longest_tile) * longest_tile
+    _check_fits(f"attention kernels keep whole score rows, {name} rounded up to {longest_tile} keys, of", name, keys,
+                _SCORE_BYTES_PER_KEY)
+
+
+def _rms_bytes_per_element(w: Workload) -> int:
+    """x, weight and result in the input dtype, squares, normalised values and the next row tile's start in
+    fp32, plus a byte of slack for the [R, 1] statistics (measured: 18 bytes bf16, 24 fp32)."""
+    return 3 * _itemsize(w) + 3 * 4 + 1
+
+
+def _itemsize(w: Workload) -> int:
+    return w.inputs[0].torch_dtype.itemsize
 
 
 def naive_knobs(w: Workload) -> dict[str, Any]:
@@ -335,7 +387,9 @@ def _attention(w: Workload, k: dict[str, Any]) -> str:
         "        kT_ps[i_dT, t * 128 + i_kt] = nisa.nc_transpose(kb)",
         "    kT = nl.copy(kT_ps, dtype=k_dtype)",
         "    s_ps = nisa.nc_matmul(qT, kT)",
-        f"    s_sb[i_m, k0 + i_sf] = nisa.affine_select(pred={mask_pred}, on_true_tile=s_ps, on_false_value=-30000.0)",
+        "    s_sb[i_m, k0 + i_sf] = nl.copy(s_ps)  # PSUM -> SBUF on VectorE: GpSimd (affine_select) cannot read PSUM",
+        f"    s_sb[i_m, k0 + i_sf] = nisa.affine_select(pred={mask_pred}, on_true_tile=s_sb[i_m, k0 + i_sf], "
+        "on_false_value=-30000.0)",
     ]
     # Probabilities feed the P @ V matmul in bf16 for decode (many keys per row average the rounding out) and
     # in fp32 for prefill, where early rows attend to a handful of keys and bf16 P misses the bf16 tolerance.

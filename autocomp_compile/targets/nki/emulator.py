@@ -16,6 +16,12 @@ Rules (a kernel that breaks one raises `NkiRuleError` whose `rule` names it):
   matmul-result     a matmul result goes to PSUM; it cannot be written into an SBUF tile directly
   hbm-operand       compute instructions read on-chip tiles only; HBM is reached with load/store (DMA)
   out-of-bounds     an unmasked access outside a tensor's shape
+  partition-access  an on-chip tile's partition index varies only along the access's first axis, and its free
+                    indices do not (moving data across partitions takes a TensorE transpose or a DMA)
+  gpsimd-psum       GpSimd instructions cannot read or write PSUM (trn1)
+  shape-mismatch    PSUM accumulation and nisa.tensor_tensor need operands of the same shape (tensor_tensor:
+                    same partitions and elements per partition)
+  reduce-axes       reductions run along the trailing free axes of a tile
 New buffers (`nl.ndarray`, load results, HBM outputs) start filled with NaN; bf16 values are rounded
 through `ml_dtypes.bfloat16` whenever they are written.
 """
@@ -225,6 +231,8 @@ class Access(_VectorOps):
                 raise NkiUnsupported("mixing slices and index grids (nl.arange / nl.mgrid) in one access")
             idx = tuple(np.asarray(k) if _is_grid(k) else np.asarray(int(k)) for k in key)
             out_shape = tuple(np.broadcast_shapes(*(k.shape for k in idx)))
+            if self.tensor.buffer != "hbm":
+                _check_partition_access(idx, out_shape, self.tensor)
             self._fast = _affine_view(idx, out_shape, shape)
             return idx, out_shape
         idx, out_shape = [], []
@@ -240,6 +248,9 @@ class Access(_VectorOps):
                 if not 0 <= k < n:
                     raise NkiRuleError("out-of-bounds", f"index {k} of dim {d} (size {n}) of {shape}")
                 idx.append(k)
+        if self.tensor.buffer != "hbm" and not isinstance(idx[0], slice) and out_shape and out_shape[0] > 1:
+            raise NkiRuleError("partition-access", f"an integer partition index on {self.tensor.buffer.upper()} tile "
+                               f"{shape} puts a free dim on the partitions of the result {tuple(out_shape)}")
         return tuple(idx), tuple(out_shape)
 
     def _checked(self, mask: Any) -> tuple[tuple, np.ndarray | None]:
@@ -284,6 +295,12 @@ class Access(_VectorOps):
         return np.asarray(out)
 
     def write(self, value: Any, mask: Any = None) -> None:
+        if self.tensor.buffer == "hbm":
+            raise NkiUnsupported(f"assigning to HBM tensor {self.tensor.name or self.tensor.shape}: write HBM with "
+                                 "nl.store (a DMA), as NKI requires")
+        self._write(value, mask)
+
+    def _write(self, value: Any, mask: Any = None) -> None:
         t = self.tensor
         if isinstance(value, Access) and getattr(value, "accumulated", False) and value.tensor is t:
             return  # `tile[idx] += matmul` already accumulated in place
@@ -310,6 +327,7 @@ class Access(_VectorOps):
         if t.buffer == "hbm":
             return
         if fresh:  # the instruction that produced `value` writes straight into this tile
+            _check_gpsimd_psum(value.producer.engine, [t])
             value.producer.writes.append(t.buf)
             value.producer.reads.append(t.buf)  # a partial write keeps the rest of the tile
         elif isinstance(value, (Tensor, Access)):
@@ -324,6 +342,7 @@ class Access(_VectorOps):
         if t.buffer == "psum" and isinstance(other, Tensor) and other.producer is not None \
                 and other.producer.name.startswith("matmul") and other.read_count == 0 \
                 and (self._fast is not None or not any(isinstance(k, np.ndarray) for k in self._index)):
+            _check_same_shape("PSUM accumulation", self.shape, other.shape)
             view = self._view() if self._fast is not None else t.data[self._index]
             view[...] = (view.astype(np.float32) + other.data).astype(t.dtype)
             other.producer.reads.append(t.buf)
@@ -361,6 +380,31 @@ def _affine_view(idx: tuple, out_shape: tuple[int, ...], shape: tuple[int, ...])
         axes.append(varying[0])
     perm = tuple(int(i) for i in np.argsort(axes))
     return tuple(basic), perm, tuple(a for a in range(r) if a not in axes)
+
+
+def _varying_axes(k: np.ndarray, rank: int) -> list[int]:
+    k = k.reshape((1,) * (rank - k.ndim) + k.shape)
+    return [a for a in range(rank) if k.shape[a] > 1]
+
+
+def _check_partition_access(idx: tuple, out_shape: tuple[int, ...], t: "Tensor") -> None:
+    """Each partition of an on-chip access comes from one partition of the tile: no transpose for free."""
+    r = len(out_shape)
+    if any(a != 0 for a in _varying_axes(idx[0], r)) or any(0 in _varying_axes(k, r) for k in idx[1:]):
+        raise NkiRuleError("partition-access", f"index grids on {t.buffer.upper()} tile {t.shape} move elements across "
+                           "partitions (the partition index must vary along the first axis only, the free indices "
+                           "not along it); transpose with nisa.nc_transpose")
+
+
+def _check_gpsimd_psum(engine: str, tensors: list["Tensor | None"]) -> None:
+    if engine == "gpsimd" and any(t is not None and t.buffer == "psum" for t in tensors):
+        raise NkiRuleError("gpsimd-psum", "a GpSimd instruction reads or writes PSUM, which GpSimd cannot access on "
+                           "trn1; copy the tile to SBUF first (nl.copy / nisa.tensor_copy)")
+
+
+def _check_same_shape(what: str, a: tuple[int, ...], b: tuple[int, ...]) -> None:
+    if tuple(a) != tuple(b):
+        raise NkiRuleError("shape-mismatch", f"{what} of shapes {tuple(a)} and {tuple(b)}: they must be equal")
 
 
 def _values(x: Any) -> np.ndarray:
@@ -403,6 +447,7 @@ def _free(shape: tuple[int, ...]) -> int:
 
 def _record(engine: str, name: str, inputs: list[Any], out: Tensor | None, free: int, partitions: int | None = None,
             **kw: Any) -> Op:
+    _check_gpsimd_psum(engine, [_tensor_of(x) for x in inputs] + [out])
     reads = [t.buf for t in (_tensor_of(x) for x in inputs) if t is not None and t.buffer != "hbm"]
     op = Op(engine, name, partitions=partitions or (out.shape[0] if out is not None and out.ndim else 1), free=free,
             reads=reads, writes=[out.buf] if out is not None else [], **kw)
@@ -413,9 +458,10 @@ def _record(engine: str, name: str, inputs: list[Any], out: Tensor | None, free:
 
 
 def _unary_result(vals: np.ndarray, dtype: np.dtype, inputs: list[Any], engine: str, name: str,
-                  buffer: str = "sbuf") -> Tensor:
+                  buffer: str = "sbuf", free: int | None = None) -> Tensor:
+    """A new tile from one instruction; `free`: elements per partition it processes (default: the result's)."""
     out = Tensor(np.ascontiguousarray(vals).astype(dtype), buffer)
-    _record(engine, name, inputs, out, free=_free(out.shape))
+    _record(engine, name, inputs, out, free=_free(out.shape) if free is None else free)
     return out
 
 
@@ -432,6 +478,7 @@ def _accumulate_in_psum(acc: Tensor, other: Any) -> bool:
     if not (acc.buffer == "psum" and isinstance(other, Tensor) and other.producer is not None
             and other.producer.name.startswith("matmul") and other.read_count == 0):
         return False
+    _check_same_shape("PSUM accumulation", acc.shape, other.shape)
     acc.data[...] = (acc.data.astype(np.float32) + other.data).astype(acc.dtype)
     other.producer.reads.append(acc.buf)
     other.producer.writes.append(acc.buf)
@@ -558,10 +605,11 @@ def store(dst: Any, value: Any, mask: Any = None, **_: Any) -> None:
     src = _tensor_of(value)
     if src is None:
         raise TypeError("nl.store: value must be a tile")
-    if isinstance(value, Tensor) and value.producer is not None and value.producer.name.startswith("matmul"):
-        raise NkiRuleError("matmul-result", "nl.store of a PSUM matmul result: copy it to SBUF first")
+    if src.buffer == "psum":  # DMA reads SBUF: NKI copies a PSUM tile to SBUF first, on VectorE
+        value = copy(value)
+        src = value
     vals = _values(value)
-    acc.write(vals.astype(np.float32) if vals.dtype != acc.tensor.dtype else vals, mask)
+    acc._write(vals.astype(np.float32) if vals.dtype != acc.tensor.dtype else vals, mask)
     _dma(acc, src, "store", mask)
 
 
@@ -620,14 +668,27 @@ minimum = _bin(np.minimum, "minimum")
 
 def _reduce(fn: Callable, name: str) -> Callable[..., Tensor]:
     def op(x: Any, axis: Any, dtype: Any = None, keepdims: bool = False, **_: Any) -> Tensor:
-        axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
-        if 0 in axes:
-            raise NkiUnsupported(f"nl.{name} over the partition axis (use nisa.tensor_partition_reduce or a matmul)")
+        axes = _reduce_axes(name, axis, len(x.shape))
         vals = fn(_f32(x), axis=axes, keepdims=keepdims)
-        return _unary_result(vals, np.dtype(dtype) if dtype is not None else _dtype_of(x), [x], "vector", name)
+        return _unary_result(vals, np.dtype(dtype) if dtype is not None else _dtype_of(x), [x], "vector", name,
+                             free=_free(x.shape))  # VectorE reads every input element
 
     op.__name__ = name
     return op
+
+
+def _reduce_axes(name: str, axis: Any, ndim: int) -> tuple[int, ...]:
+    """The reduction axes as non-negative ints: free axes, the trailing ones of the tile."""
+    raw = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+    if any(not -ndim <= int(a) < ndim for a in raw):
+        raise NkiRuleError("reduce-axes", f"nl.{name} axis {axis} of a {ndim}-d tile")
+    axes = tuple(sorted({int(a) % ndim for a in raw}))
+    if 0 in axes:
+        raise NkiUnsupported(f"nl.{name} over the partition axis (use nisa.tensor_partition_reduce or a matmul)")
+    if axes != tuple(range(ndim - len(axes), ndim)):
+        raise NkiRuleError("reduce-axes", f"nl.{name} over axes {axis} of a {ndim}-d tile: reductions run along "
+                           "the last contiguous free axes")
+    return axes
 
 
 sum = _reduce(np.sum, "sum")  # noqa: A001 - nl.sum
@@ -734,18 +795,28 @@ def _activation_reduce(op: Any, data: Any, reduce_op: Any, reduce_res: Tensor, b
 
 
 def _tensor_tensor(data1: Any, data2: Any, op: Any, dtype: Any = None, engine: Any = None, **_: Any) -> Tensor:
-    return _binary(_np_of(op), data1, data2, dtype, "gpsimd" if engine == "gpsimd" else "vector")
+    """Elementwise on two tiles with the same partitions and elements per partition (no broadcasting)."""
+    s1, s2 = (tuple(x.shape) if isinstance(x, (Tensor, Access)) else () for x in (data1, data2))
+    if not s1 or not s2 or s1[0] != s2[0] or _free(s1) != _free(s2):
+        raise NkiRuleError("shape-mismatch", f"nisa.tensor_tensor of {s1 or 'a scalar'} and {s2 or 'a scalar'}: both "
+                           "operands are tiles with the same partitions and elements per partition")
+    fn = _np_of(op)
+    with np.errstate(all="ignore"):
+        vals = fn(_f32(data1), _f32(data2).reshape(s1))
+    return _unary_result(vals, np.dtype(dtype) if dtype is not None else _dtype_of(data1, data2), [data1, data2],
+                         "gpsimd" if engine == "gpsimd" else "vector", fn.__name__)
 
 
 def _tensor_scalar(data: Any, op0: Any, operand0: Any, reverse0: bool = False, op1: Any = None, operand1: Any = None,
-                   dtype: Any = None, engine: Any = None, **_: Any) -> Tensor:
+                   reverse1: bool = False, dtype: Any = None, engine: Any = None, **_: Any) -> Tensor:
+    """(data op0 operand0) op1 operand1; reverseN swaps operandN to the left of opN."""
     x = _f32(data)
     o0 = _f32(operand0) if isinstance(operand0, (Tensor, Access)) else np.float32(operand0)
     with np.errstate(all="ignore"):
         v = _np_of(op0)(o0, x) if reverse0 else _np_of(op0)(x, o0)
         if op1 is not None:
             o1 = _f32(operand1) if isinstance(operand1, (Tensor, Access)) else np.float32(operand1)
-            v = _np_of(op1)(v, o1)
+            v = _np_of(op1)(o1, v) if reverse1 else _np_of(op1)(v, o1)
     eng = "scalar" if engine == "scalar" else "vector"
     return _unary_result(v, np.dtype(dtype) if dtype is not None else _dtype_of(data), [data, operand0, operand1],
                          eng, "tensor_scalar")

@@ -12,13 +12,16 @@ Usage on a trn1, after the kernels were searched (e.g. `autocomp-compile optimiz
     n = nxdi.substitute_kernels(model, mlp_code=mlp_src, attention_prefill_code=prefill_src)
 
 Each substituted forward falls back to NXDI's own when the call's shapes are not the ones the kernel was
-generated for (our kernels are specialised to one shape: decode batch, per-rank intermediate size, sequence).
+generated for (our kernels are specialised to one shape: decode batch, per-rank intermediate size, batch,
+heads and sequence length). Substituted forwards keep NXDI's return values: `(output, None)` for the MLP,
+`(attn_output, FlashAttentionStrategy.NONE)` for `perform_prefill`.
 With tensor parallelism, the MLP kernel runs on each rank's weight shards and its partial output is summed
 across ranks with `reduce_from_tensor_model_parallel_region`, as RowParallelLinear does.
 """
 from __future__ import annotations
 
 import functools
+import re
 import types
 from typing import Any, Callable
 
@@ -64,16 +67,36 @@ def _mlp_forward(module: torch.nn.Module, original: Callable, code: str, run: Ke
     if flat.shape[0] != rows or args or any(v is not None for v in kwargs.values()):
         return original(x, *args, **kwargs)  # another shape, or NXDI's fused rmsnorm/residual path: keep NXDI's
     out = _all_reduce(run(code, [flat.contiguous(), wg, wu, wd], []))
-    return out.reshape(x.shape[:-1] + (wd.shape[0],))
+    return out.reshape(x.shape[:-1] + (wd.shape[0],)), None  # NeuronLlamaMLP.forward returns (output, residual)
+
+
+def _no_flash_strategy() -> Any:
+    """`FlashAttentionStrategy.NONE`: the output is BHSD, as our kernel's (None without NXDI, e.g. in tests)."""
+    try:
+        from neuronx_distributed_inference.modules.attention.attention_base import FlashAttentionStrategy
+    except ImportError:
+        return None
+    return FlashAttentionStrategy.NONE
+
+
+def prefill_shape(code: str) -> tuple[int, int, int, int]:
+    """(batch, heads, kv_heads, seq_len) an attention prefill kernel from `codegen` was generated for."""
+    out = re.search(r"out = nl\.ndarray\(\((\d+), (\d+), (\d+), \d+\)", code)
+    group = re.search(r"kvh = h // (\d+)", code)
+    if not out or not group:
+        raise ValueError("not an attention prefill kernel of autocomp_compile's NKI code generator")
+    batch, heads, seq = (int(g) for g in out.groups())
+    return batch, heads, heads // int(group.group(1)), seq
 
 
 def _prefill_forward(module: torch.nn.Module, original: Callable, code: str, run: KernelRunner, seq_len: int,
                      Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, q_len: int, bsz: int, attention_mask: Any = None,
                      *args: Any, **kwargs: Any) -> Any:
-    if q_len != seq_len or Q.dim() != 4:
+    batch, heads, kv_heads, _ = prefill_shape(code)
+    if q_len != seq_len or Q.dim() != 4 or (bsz, Q.shape[0], Q.shape[1], K.shape[1]) != (batch, batch, heads, kv_heads):
         return original(Q, K, V, q_len, bsz, attention_mask, *args, **kwargs)
     out = run(code, [Q.contiguous(), K.contiguous(), V.contiguous()], [])  # [b, heads, s, d], causal
-    return out
+    return out, _no_flash_strategy()  # perform_prefill returns (attn_output, flash_attn_strategy)
 
 
 def substitute_kernels(model: torch.nn.Module, mlp_code: str | None = None, mlp_rows: int = 1,
@@ -87,10 +110,13 @@ def substitute_kernels(model: torch.nn.Module, mlp_code: str | None = None, mlp_
     model: an NXDI Llama model (any nn.Module containing `NeuronLlamaMLP` / `NeuronLlamaAttention`).
     mlp_code: NKI source of an "mlp" kernel generated for the per-rank shapes (hidden, intermediate / tp).
     mlp_rows: tokens per call the MLP kernel was generated for (decode batch).
-    attention_prefill_code: NKI source of a causal "attention" prefill kernel for the per-rank heads.
+    attention_prefill_code: NKI source of a causal "attention" prefill kernel for the per-rank heads (its batch
+        and head counts are read from the source; calls with others run NXDI's own code).
     prefill_seq_len: the sequence length that kernel was generated for.
     run: how a kernel is called (default: torch-neuronx on a NeuronCore).
     """
+    if attention_prefill_code:
+        prefill_shape(attention_prefill_code)  # fail now, not at the first prefill, on a kernel of another kind
     changed = 0
     for module in model.modules():
         name = type(module).__name__

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from autocomp_compile.targets.nki.cost_model import estimate
-from autocomp_compile.targets.nki.emulator import NkiRuleError, load_source, run_kernel
+from autocomp_compile.targets.nki.cost_model import op_seconds
+from autocomp_compile.targets.nki.emulator import NkiRuleError, NkiUnsupported, load_source, run_kernel
 
 HEADER = "import neuronxcc.nki as nki\nimport neuronxcc.nki.language as nl\nimport neuronxcc.nki.isa as nisa\n\n"
 
@@ -56,6 +57,26 @@ BROKEN = {
         "    i_p = nl.arange(128)[:, None]\n"
         "    i_f = nl.arange(8)[None, :]\n"
         "    t = nl.load(a[i_p + 64, i_f])  # rows 128..191 do not exist\n" + COPY_OUT, (128, 8)),
+    "partition-access": (
+        "    out = nl.ndarray((128, 128), dtype=a.dtype, buffer=nl.shared_hbm)\n"
+        "    i_p = nl.arange(128)[:, None]\n"
+        "    i_f = nl.arange(128)[None, :]\n"
+        "    t = nl.load(a)\n"
+        "    t = nl.copy(t[i_f, i_p])  # an SBUF transpose for the price of a copy\n" + COPY_OUT, (128, 128)),
+    "gpsimd-psum": (
+        "    t = nl.load(a)\n"
+        "    s = nisa.affine_select(pred=nl.arange(8)[None, :] < 4, on_true_tile=nisa.nc_matmul(t, t),\n"
+        "                           on_false_value=0.0)  # GpSimd reading PSUM\n"
+        "    return a\n", (128, 8)),
+    "shape-mismatch": (
+        "    t = nl.load(a)\n"
+        "    acc = nl.zeros((8, 512), nl.float32, buffer=nl.psum)\n"
+        "    acc += nisa.nc_matmul(t, t)  # [8, 8] into [8, 512]: no broadcasting\n"
+        "    return a\n", (128, 8)),
+    "reduce-axes": (
+        "    t = nl.load(a)\n"
+        "    s = nl.sum(t, axis=1)  # [128, 4, 8]: not the trailing free axes\n"
+        "    return a\n", (128, 4, 8)),
 }
 
 
@@ -167,3 +188,99 @@ def test_psum_slice_accumulation_stays_on_the_tensor_engine():
     ref = f[:128].T @ f[:128] + f[128:].T @ f[128:]
     np.testing.assert_allclose(res.outputs[0], np.concatenate([ref, ref], axis=1), rtol=1e-4, atol=1e-3)
     assert [op.engine for op in res.ops if op.engine != "dma"] == ["tensor"] * 4 + ["vector"]
+
+
+def test_assigning_to_hbm_needs_a_store():
+    body = (
+        "    out = nl.ndarray((128, 8), dtype=a.dtype, buffer=nl.shared_hbm)\n"
+        "    out[...] = nl.exp(nl.load(a))  # no DMA\n"
+        "    return out\n")
+    with pytest.raises(NkiUnsupported, match="nl.store"):
+        run(body, bf16(128, 8))
+
+
+@pytest.mark.parametrize("reduce", ["nl.sum(t, axis=1, keepdims=True)",
+                                    "nisa.tensor_reduce(op=nl.maximum, data=t, axis=1, keepdims=True)"])
+def test_reductions_cost_what_they_read(reduce):
+    body = (
+        "    out = nl.ndarray((128, 1), dtype=a.dtype, buffer=nl.shared_hbm)\n"
+        "    t = nl.load(a)\n"
+        f"    nl.store(out, value={reduce})\n"
+        "    return out\n")
+    a = bf16(128, 4096)
+    res = run(body, a)
+    np.testing.assert_allclose(res.outputs[0][:, 0].astype(np.float32),
+                               a.astype(np.float32).sum(1) if "sum" in reduce else a.astype(np.float32).max(1),
+                               rtol=2e-2, atol=2e-2)
+    [op] = [op for op in res.ops if op.engine == "vector"]
+    assert op.free == 4096 and op_seconds(op)[0] == pytest.approx((64 + 4096) / 1.4e9)
+
+
+@pytest.mark.parametrize("axis", ["-2", "(-2, -1)", "0"])
+def test_reductions_over_partitions_are_refused_with_negative_axes_too(axis):
+    body = (
+        "    t = nl.load(a)\n"
+        f"    s = nl.sum(t, axis={axis}, keepdims=True)\n"
+        "    return a\n")
+    with pytest.raises(NkiUnsupported, match="partition axis"):
+        run(body, bf16(128, 8))
+
+
+def test_tensor_scalar_reverse_operands():
+    body = (
+        "    out = nl.ndarray((128, 8), dtype=nl.float32, buffer=nl.shared_hbm)\n"
+        "    t = nl.load(a)\n"
+        "    y = nisa.tensor_scalar(t, nl.subtract, 3.0, reverse0=True, op1=nl.subtract, operand1=1.0, reverse1=True)\n"
+        "    nl.store(out, value=y)\n"
+        "    return out\n")
+    a = np.random.default_rng(0).standard_normal((128, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(body, a).outputs[0], 1.0 - (3.0 - a), rtol=1e-6)
+
+
+def test_tensor_tensor_needs_equal_partitions_and_elements_per_partition():
+    body = (
+        "    out = nl.ndarray((128, 8), dtype=nl.float32, buffer=nl.shared_hbm)\n"
+        "    t = nl.load(a)\n"
+        "    u = nl.full((128, 2, 4), 2.0, nl.float32)  # same elements per partition, another shape\n"
+        "    nl.store(out, value=nisa.tensor_tensor(t, u, op=nl.multiply))\n"
+        "    return out\n")
+    a = np.random.default_rng(0).standard_normal((128, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(body, a).outputs[0], a * 2.0, rtol=1e-6)
+    scalar_tile = body.replace("nl.full((128, 2, 4), 2.0, nl.float32)", "nl.load(a[0:1, 0:1])")
+    with pytest.raises(NkiRuleError) as info:
+        run(scalar_tile, a)
+    assert info.value.rule == "shape-mismatch"
+
+
+def test_onchip_tiles_keep_their_partitions_but_hbm_may_be_read_transposed():
+    body = (
+        "    out = nl.ndarray((128, 128), dtype=a.dtype, buffer=nl.shared_hbm)\n"
+        "    i_p = nl.arange(128)[:, None]\n"
+        "    i_f = nl.arange(128)[None, :]\n"
+        "    t = nl.load(a[i_f, i_p])  # the DMA transposes\n"
+        "    u = nl.ndarray((128, 128), a.dtype, buffer=nl.sbuf)\n"
+        "    u[i_p, i_f] = nl.copy(t[i_p, i_f])\n"
+        "    nl.store(out, value=u)\n"
+        "    return out\n")
+    a = bf16(128, 128)
+    np.testing.assert_array_equal(run(body, a).outputs[0].view(np.uint16), a.T.view(np.uint16))
+    for bad in ("u[i_f, i_p] = nl.copy(t)", "u[i_p, i_f] = nl.copy(t[0, i_p])"):
+        with pytest.raises(NkiRuleError) as info:
+            run(body.replace("u[i_p, i_f] = nl.copy(t[i_p, i_f])", bad), a)
+        assert info.value.rule == "partition-access"
+
+
+@pytest.mark.parametrize("value", ["nisa.nc_matmul(t, t)", "acc"])
+def test_storing_a_psum_tile_costs_a_vector_copy(value):
+    body = (
+        "    out = nl.ndarray((8, 8), dtype=nl.float32, buffer=nl.shared_hbm)\n"
+        "    t = nl.load(a)\n"
+        "    acc = nl.zeros((8, 8), nl.float32, buffer=nl.psum)\n"
+        "    acc += nisa.nc_matmul(t, t)\n"
+        f"    nl.store(out, value={value})\n"
+        "    return out\n")
+    a = bf16(128, 8)
+    res = run(body, a)
+    f = a.astype(np.float32)
+    np.testing.assert_allclose(res.outputs[0], f.T @ f, rtol=1e-4, atol=1e-3)
+    assert [op.engine for op in res.ops][-2:] == ["vector", "dma"]

@@ -115,11 +115,18 @@ def test_search_improves_simulated_latency_and_labels_it(name, tmp_path, monkeyp
     ("lm_head", dict(hidden=256, vocab=100), "hidden and vocab to be multiples of 128"),
     ("gemm", dict(m=1, n=256, k=100), "k and n to be multiples of 128"),
     ("attention", dict(heads=2, kv_heads=1, head_dim=256), "head_dim <= 128"),
+    ("gemm", dict(m=640, k=128, n=128), "m <= 512, got 640"),
+    ("mlp", dict(batch=512, hidden=4096, intermediate=14336, dtype="fp32"), "keep x\\^T and the SwiGLU"),
+    ("attention", dict(heads=1, kv_heads=1, head_dim=64, kv_len=40000, max_kv_len=40000), "max_kv_len <= 6144"),
+    ("attention", dict(phase="prefill", heads=1, kv_heads=1, head_dim=64, seq_len=12288), "seq_len <= 6144"),
+    ("rmsnorm", dict(hidden=65536), "hidden <= 10347"),
+    ("rmsnorm", dict(hidden=8192, dtype="fp32"), "hidden <= 7864"),
 ])
 def test_unsupported_shapes_are_workload_errors_before_any_run(kind, params, match, tmp_path):
     """A shape the NKI kernels do not tile is refused by the target's check, and by optimize() before it creates a
     run directory or evaluates anything (it was a ValueError traceback from codegen in the middle of the run)."""
-    w = make_workload(kind, **params)
+    params = dict(params)
+    w = make_workload(kind, params.pop("dtype", "bf16"), **params)
     with pytest.raises(WorkloadError, match=match):
         get_target("nki").check_workload(w)
     with pytest.raises(WorkloadError, match=match):
@@ -132,3 +139,24 @@ def test_unsupported_shapes_are_workload_errors_before_any_run(kind, params, mat
 def test_supported_shapes_pass_the_check():
     for w in WORKLOADS.values():
         get_target("nki").check_workload(w)
+
+
+@pytest.mark.parametrize("w", [
+    make_workload("gemm", m=512, k=128, n=128),
+    make_workload("rmsnorm", "fp32", rows=130, hidden=7864),
+    make_workload("attention", "fp32", heads=8, kv_heads=1, head_dim=128, kv_len=6144, max_kv_len=6144),
+], ids=["gemm_m512", "rmsnorm_7864", "decode_6144"])
+def test_shapes_at_the_checked_limits_run_on_the_emulator(w):
+    """check()'s bounds come from the emulator's limits: a shape just inside them gives kernels that keep the rules."""
+    get_target("nki").check_workload(w)
+    for knobs in variants(w, n=0):
+        res = check(w, knobs)
+        assert res["correct"], (knobs, res["message"])
+
+
+def test_attention_scores_leave_psum_before_the_gpsimd_mask():
+    for w in (WORKLOADS["attention_decode"], WORKLOADS["attention_prefill"]):
+        code = codegen.generate(w, codegen.legalize(w, {}))
+        assert "on_true_tile=s_ps" not in code and "= nl.copy(s_ps)" in code
+        assert check(w, {})["correct"]
+    assert codegen.CODEGEN_VERSION == "nki-3"

@@ -21,8 +21,8 @@ class NeuronLlamaMLP(torch.nn.Module):  # the NXDI class name the helper looks f
         self.up_proj = torch.nn.Linear(hidden, inter, bias=False, dtype=torch.bfloat16)
         self.down_proj = torch.nn.Linear(inter, hidden, bias=False, dtype=torch.bfloat16)
 
-    def forward(self, x):
-        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, rmsnorm=None, residual=None, adapter_ids=None):  # NXDI returns (output, residual)
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)), None
 
 
 def test_mlp_substitution_matches_the_module_and_falls_back_on_other_shapes():
@@ -31,7 +31,7 @@ def test_mlp_substitution_matches_the_module_and_falls_back_on_other_shapes():
     w = make_workload("mlp", hidden=256, intermediate=512)
     code = codegen.generate(w, codegen.legalize(w, {"loop": "affine", "psum_acc": True, "fuse": True}))
     x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
-    expected = [m(x).float() for m in (model[0], model[2])]
+    expected = [m(x)[0].float() for m in (model[0], model[2])]
     calls = []
 
     def runner(c, inputs, dims):
@@ -41,8 +41,8 @@ def test_mlp_substitution_matches_the_module_and_falls_back_on_other_shapes():
     assert nxdi.substitute_kernels(model, mlp_code=code, run=runner) == 2
     assert nxdi.UNVERIFIED
     for m, ref in zip((model[0], model[2]), expected):
-        out = m(x)
-        assert out.shape == (1, 1, 256)
+        out, residual = m(x, rmsnorm=None, adapter_ids=None)  # as NeuronLlamaDecoderLayer calls it
+        assert out.shape == (1, 1, 256) and residual is None
         torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
     assert calls == [[(1, 256), (512, 256), (512, 256), (256, 512)]] * 2
     model[0](torch.randn(2, 7, 256, dtype=torch.bfloat16))  # prefill-shaped: NXDI's own forward
@@ -50,8 +50,8 @@ def test_mlp_substitution_matches_the_module_and_falls_back_on_other_shapes():
 
 
 class NeuronLlamaAttention(torch.nn.Module):
-    def perform_prefill(self, Q, K, V, q_len, bsz, attention_mask):
-        return torch.nn.functional.scaled_dot_product_attention(Q, K, V, is_causal=True, enable_gqa=True)
+    def perform_prefill(self, Q, K, V, q_len, bsz, attention_mask):  # NXDI returns (attn_output, flash strategy)
+        return torch.nn.functional.scaled_dot_product_attention(Q, K, V, is_causal=True, enable_gqa=True), "NONE"
 
 
 def test_attention_prefill_substitution():
@@ -61,9 +61,27 @@ def test_attention_prefill_substitution():
     attn = NeuronLlamaAttention()
     q = torch.randn(1, 4, 128, 64, dtype=torch.bfloat16)
     k, v = (torch.randn(1, 2, 128, 64, dtype=torch.bfloat16) for _ in range(2))
-    ref = attn.perform_prefill(q, k, v, 128, 1, None).float()
+    ref = attn.perform_prefill(q, k, v, 128, 1, None)[0].float()
     assert nxdi.substitute_kernels(torch.nn.Sequential(attn), attention_prefill_code=code, prefill_seq_len=128,
                                    run=emulator_runner) == 1
-    torch.testing.assert_close(attn.perform_prefill(q, k, v, 128, 1, None).float(), ref, atol=3e-2, rtol=3e-2)
-    short = attn.perform_prefill(q[:, :, :16], k[:, :, :16], v[:, :, :16], 16, 1, None)  # other length: NXDI's own
-    assert short.shape == (1, 4, 16, 64)
+    out, strategy = attn.perform_prefill(q, k, v, 128, 1, None)
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    assert strategy is None  # FlashAttentionStrategy.NONE where NXDI is installed: the output is BHSD
+    short, strategy = attn.perform_prefill(q[:, :, :16], k[:, :, :16], v[:, :, :16], 16, 1, None)  # NXDI's own
+    assert short.shape == (1, 4, 16, 64) and strategy == "NONE"
+
+
+def test_attention_prefill_falls_back_for_another_batch_or_head_count():
+    w = make_workload("attention", phase="prefill", batch=1, heads=2, kv_heads=1, head_dim=64, seq_len=128)
+    code = codegen.generate(w, codegen.legalize(w, {}))
+    assert nxdi.prefill_shape(code) == (1, 2, 1, 128)
+    attn = NeuronLlamaAttention()
+    calls = []
+    nxdi.substitute_kernels(torch.nn.Sequential(attn), attention_prefill_code=code, prefill_seq_len=128,
+                            run=lambda *a: calls.append(a))
+    for b, hq, hk in ((2, 2, 1), (1, 4, 1), (1, 2, 2)):
+        q = torch.randn(b, hq, 128, 64, dtype=torch.bfloat16)
+        k, v = (torch.randn(b, hk, 128, 64, dtype=torch.bfloat16) for _ in range(2))
+        out, strategy = attn.perform_prefill(q, k, v, 128, b, None)
+        assert out.shape == (b, hq, 128, 64) and strategy == "NONE"
+    assert calls == []
