@@ -52,7 +52,7 @@ def build_loader(target: Target, workload: Workload, candidate: Candidate) -> tu
     try:
         built = evaluator.build(candidate)
         if not built.ok or built.artifact is None:
-            raise KernelUnavailable(f"build failed: {built.log.strip()[-500:]}")
+            raise KernelUnavailable(f"build failed: {built.log.strip()[:500]}")
         return evaluator.loader(candidate, built.artifact)
     finally:
         evaluator.close()

@@ -39,8 +39,26 @@ def compiler_version() -> str:
     return out.splitlines()[0].strip() if out else cc
 
 
+@functools.lru_cache(maxsize=1)
+def native_target() -> str:
+    """What `-march=native` means on this host (the compiler's resolved target options), for object names:
+    a build folder shared between hosts must not hand one host another's instructions."""
+    cc = compiler()
+    if cc is None:
+        return "none"
+    out = subprocess.run([cc, "-march=native", "-Q", "--help=target"], capture_output=True, text=True, check=False)
+    return out.stdout
+
+
 def cflags(isa: str) -> list[str]:
     return ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", *ISA_CFLAGS[isa]]
+
+
+def _log(text: str, limit: int = 4000) -> str:
+    """The compiler's output, its head kept first (where the root-cause error is) and its tail after."""
+    if len(text) <= limit:
+        return text
+    return text[: limit * 3 // 4] + "\n[...]\n" + text[-limit // 4:]
 
 
 def build(code: str, isa: str, build_dir: Path, timeout_s: float = 60.0) -> BuildResult:
@@ -49,7 +67,7 @@ def build(code: str, isa: str, build_dir: Path, timeout_s: float = 60.0) -> Buil
     if cc is None:
         return BuildResult(False, None, 0.0, "no C compiler found: install gcc (apt install gcc) or set $CC")
     flags = cflags(isa)
-    digest = hashlib.sha256((code + " ".join(flags) + compiler_version()).encode()).hexdigest()[:20]
+    digest = hashlib.sha256((code + " ".join(flags) + compiler_version() + native_target()).encode()).hexdigest()[:20]
     build_dir.mkdir(parents=True, exist_ok=True)
     so_path = build_dir / f"k_{digest}.so"
     if so_path.exists():
@@ -67,6 +85,6 @@ def build(code: str, isa: str, build_dir: Path, timeout_s: float = 60.0) -> Buil
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
-        return BuildResult(False, None, seconds, (proc.stderr or proc.stdout)[-4000:])
+        return BuildResult(False, None, seconds, _log(proc.stderr or proc.stdout))
     os.replace(tmp, so_path)  # atomic: concurrent builders of the same code never see a partial file
-    return BuildResult(True, so_path, seconds, proc.stderr[-2000:])
+    return BuildResult(True, so_path, seconds, _log(proc.stderr, 2000))
