@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from autocomp_compile.targets.cpu.codegen import KNOB_CHOICES, family
+from autocomp_compile.targets.cpu.codegen import KNOB_CHOICES, family, isa_applies
 from autocomp_compile.workload import Workload
 
 Knobs = dict[str, Any]
@@ -37,7 +37,7 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
     """The CPU optimization menu for workload `w` on a host with vector ISAs `isas`."""
     fam = family(w.kind)
     choices = KNOB_CHOICES[fam]
-    simd = [i for i in isas if i != "scalar" and (i != "avx512bf16" or w.dtype == "bf16")]
+    simd = [i for i in isas if i != "scalar" and isa_applies(i, w)]
     items: list[MenuItem] = []
 
     if simd:

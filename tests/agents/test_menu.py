@@ -116,6 +116,19 @@ def test_vectorize_draws_from_host_simd_isas():
     assert drawn == {"avx2", "avx512"}  # never scalar, never avx512bf16 for fp32
 
 
+@pytest.mark.parametrize("kind, bf16_dot", [("gemm", True), ("mlp", True), ("decode", False), ("rmsnorm", False)])
+def test_avx512bf16_is_offered_only_where_it_changes_the_kernel(kind, bf16_dot):
+    """AVX512-BF16 adds bf16 dot products, which only the GEMV family calls: elsewhere it would be the
+    AVX-512 kernel under another name, searched twice."""
+    w = small(kind, "bf16")
+    items = {m.id: m for m in cpu_menu(w, list(ISA_ORDER))}
+    naive = codegen.legalize(w, {}, list(ISA_ORDER))
+    drawn = {items["vectorize"].apply(dict(naive), random.Random(s))["isa"] for s in range(60)}
+    widened = {items["wider_vectors"].apply({**naive, "isa": "avx2"}, random.Random(s))["isa"] for s in range(30)}
+    assert ("avx512bf16" in drawn) == ("avx512bf16" in widened) == bf16_dot
+    assert codegen.legalize(w, {"isa": "avx512bf16"}, list(ISA_ORDER))["isa"] == ("avx512bf16" if bf16_dot else "avx512")
+
+
 def test_menu_text_lists_every_item():
     items = cpu_menu(small("mlp"), supported_isas())
     text = menu_text(items)

@@ -42,12 +42,18 @@ def naive_knobs(w: Workload) -> dict[str, Any]:
     return dict(NAIVE_KNOBS[family(w.kind)])
 
 
+def isa_applies(isa: str, w: Workload) -> bool:
+    """Whether `isa` can change `w`'s kernel: AVX512-BF16 adds only the bf16 dot products of the GEMV family
+    (for attention or RMSNorm it would be the AVX-512 kernel again under another name)."""
+    return isa != "avx512bf16" or (w.dtype == "bf16" and family(w.kind) == "gemv")
+
+
 def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, Any]:
     """Fill missing knobs from the naive schedule and clamp each to what this shape and host allow."""
     fam = family(w.kind)
     out = {**NAIVE_KNOBS[fam], **{k: v for k, v in knobs.items() if k in NAIVE_KNOBS[fam]}}
-    if out["isa"] not in isas or (out["isa"] == "avx512bf16" and w.dtype != "bf16"):
-        out["isa"] = max((i for i in isas if i != "avx512bf16" or w.dtype == "bf16"), key=isas.index)
+    if out["isa"] not in isas or not isa_applies(out["isa"], w):
+        out["isa"] = max((i for i in isas if isa_applies(i, w)), key=isas.index)
     if out["threads"] not in THREADS:
         out["threads"] = "serial"
     for name, choices in KNOB_CHOICES[fam].items():
