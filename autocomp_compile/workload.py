@@ -81,8 +81,14 @@ class Workload:
 
     @property
     def name(self) -> str:
-        dims = "_".join(f"{k}{v}" for k, v in sorted(self.params.items()) if isinstance(v, (int, bool)))
-        return f"{self.kind}_{self.dtype}_{dims}"
+        """Readable name: kind, dtype, form (attention's phase) and the integer parameters the form uses."""
+        from autocomp_compile.references import get_kind
+
+        unused = set(get_kind(self.kind).unused(self.params))
+        params = sorted((k, v) for k, v in self.params.items() if k not in unused)
+        forms = [v for _, v in params if isinstance(v, str)]
+        dims = [f"{k}{v}" for k, v in params if isinstance(v, (int, bool))]
+        return "_".join([self.kind, self.dtype, *forms, *dims])
 
     def shape_class(self) -> str:
         """Coarse family used by schedule reuse: decode/prefill, gemv, square/tall/wide GEMM."""

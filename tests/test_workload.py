@@ -269,3 +269,10 @@ def test_kind_registry():
     assert set(KINDS) == {"gemm", "lm_head", "mlp", "rmsnorm", "attention"}
     with pytest.raises(WorkloadError, match="unknown workload"):
         get_kind("softmax")
+
+
+def test_names_tell_decode_from_prefill_and_omit_unused_parameters():
+    decode, prefill = make_workload("attention"), make_workload("attention", phase="prefill")
+    assert decode.name == "attention_bf16_decode_batch1_head_dim64_heads32_kv_heads8_kv_len1024_max_kv_len2048"
+    assert prefill.name == "attention_bf16_prefill_batch1_head_dim64_heads32_kv_heads8_seq_len256"
+    assert make_workload("mlp").name == "mlp_bf16_batch1_hidden2048_intermediate8192"

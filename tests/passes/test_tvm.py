@@ -208,7 +208,7 @@ def test_patterns_find_every_region_of_the_tiny_llama(tiny_modules, frontend):
     # 2 layers: attention core, q/k/v/o, SwiGLU MLP and 2 norms each; final norm and the LM head.
     assert counts == {"attention": 2, "gemm": 8, "mlp": 2, "rmsnorm": 5, "lm_head": 1}
     names = {r.workload.name for r in regions}
-    assert "attention_fp32_batch1_head_dim16_heads4_kv_heads2_kv_len4_max_kv_len8_seq_len256" in names
+    assert "attention_fp32_decode_batch1_head_dim16_heads4_kv_heads2_kv_len4_max_kv_len8" in names
     assert "mlp_fp32_batch1_hidden64_intermediate128" in names and "lm_head_fp32_batch1_hidden64_vocab256" in names
 
 
