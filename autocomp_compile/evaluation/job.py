@@ -67,37 +67,42 @@ def check_and_time(
     spec = get_kind(w.kind)
     factory: InputFactory = state.setdefault("inputs", InputFactory(settings.seed))
     factory.gen.manual_seed(settings.seed)
-    dims = [w.runtime_dims[k] for k in w.runtime_dims]
     worst = 0.0
     inputs: dict[str, torch.Tensor] = {}
+    last_dims: list[int] = []
+    snapshot: dict[str, torch.Tensor] = {}
     dev = settings.device
-    for s in range(settings.correctness_sets):
+    for s, set_dims in enumerate(correctness_dims(w, settings.correctness_sets, settings.seed)):
         host_inputs = factory.inputs(w)
         snapshot = factory.snapshot(host_inputs)
-        ref = spec.reference(host_inputs, w.params, w.runtime_dims)
+        ref = spec.reference(host_inputs, w.params, dict(zip(w.runtime_dims, set_dims)))
         inputs = host_inputs if dev == "cpu" else {k: v.to(dev) for k, v in host_inputs.items()}
         outs = empty_outputs(w, device=dev)  # NaN-poisoned: an output the kernel never writes fails the check
         try:
-            kernel([inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs], dims)
+            kernel([inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs], set_dims)
             _sync(dev)
         except Exception as exc:  # noqa: BLE001 - e.g. a CUDA launch or illegal-address error
             return dict(correct=False, stage="runtime", message=f"{type(exc).__name__}: {exc}")
-        for name, before in snapshot.items():
-            if not torch.equal(inputs[name].cpu(), before):
-                return dict(correct=False, stage="inputs_modified", message=f"input {name!r} was modified by the kernel")
+        modified = modified_input(inputs, snapshot)
+        if modified:
+            return dict(correct=False, stage="inputs_modified", message=modified)
+        at = dims_note(w, set_dims)
         for name, out in outs.items():
             m = compare(name, out.cpu(), ref[name])
             worst = max(worst, m.max_abs_error)
             if not m.ok:
-                return dict(correct=False, stage="correctness", message=f"input set {s}: {m.message}", max_abs_error=m.max_abs_error)
+                return dict(correct=False, stage="correctness", message=f"input set {s}{at}: {m.message}",
+                            max_abs_error=m.max_abs_error)
+        last_dims = set_dims
     if settings.deterministic:
         try:
-            differs = _repeat_differs(kernel, w, inputs, {k: v.cpu() for k, v in outs.items()}, dims,
+            differs = _repeat_differs(kernel, w, inputs, {k: v.cpu() for k, v in outs.items()}, last_dims,
                                       settings.repeat_runs, dev)
         except Exception as exc:  # noqa: BLE001 - as in the checked runs above
             return dict(correct=False, stage="runtime", message=f"{type(exc).__name__}: {exc}")
         if differs:
             return dict(correct=False, stage="nondeterministic", message=differs)
+    dims = [w.runtime_dims[k] for k in w.runtime_dims]  # timing runs at the tuned values
     outs = empty_outputs(w, device=dev)
     args = [inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs]
     refresh = ActivationRefresher(w, inputs, settings.seed)
@@ -115,11 +120,14 @@ def check_and_time(
     # The timed calls' own output must be right for the inputs of the last call: with activations that
     # change before every call, a kernel that caches results (by pointer or by value) is caught here.
     refresh()
+    expected = {**snapshot, **refresh.snapshot()}
     kernel(args, dims)
     _sync(dev)
+    modified = modified_input(inputs, expected)
+    if modified:
+        return dict(correct=False, stage="inputs_modified", message=f"after timing: {modified}")
     out_name = w.outputs[0].name
-    current = {k: v.cpu() for k, v in inputs.items()}
-    final = compare("out(timed)", outs[out_name].cpu(), spec.reference(current, w.params, w.runtime_dims)[out_name])
+    final = compare("out(timed)", outs[out_name].cpu(), spec.reference(expected, w.params, w.runtime_dims)[out_name])
     if not final.ok:
         return dict(correct=False, stage="correctness", message=f"after timing: {final.message}")
     return dict(
@@ -132,6 +140,39 @@ def check_and_time(
         baseline_ms=timing["baseline"].median_ms if "baseline" in timing else None,
         extra={"repeatable": True} if settings.deterministic else {},
     )
+
+
+def correctness_dims(w: Workload, sets: int, seed: int) -> list[list[int]]:
+    """The runtime dims of each correctness set: set 0 the tuned values, set 1 all ones, later sets random values
+    in [1, max], so that a kernel that bakes in its tuned values fails. Empty lists when `w` has no runtime dims."""
+    if not w.runtime_dims:
+        return [[] for _ in range(sets)]
+    gen = torch.Generator().manual_seed(seed + 104729)
+    tuned = list(w.runtime_dims.values())
+    maxima = [runtime_dim_max(w, name) for name in w.runtime_dims]
+    rest = [[1] * len(tuned)] + [[int(torch.randint(1, m + 1, (1,), generator=gen)) for m in maxima]
+                                 for _ in range(max(sets - 2, 0))]
+    return [tuned, *rest][:sets]
+
+
+def runtime_dim_max(w: Workload, name: str) -> int:
+    """The largest value runtime dim `name` may take: the workload's `max_<name>` parameter (attention decode's
+    `max_kv_len`), or the tuned value when the workload declares no maximum."""
+    value = w.params.get(f"max_{name}", w.runtime_dims[name])
+    return value if isinstance(value, int) and value >= w.runtime_dims[name] else w.runtime_dims[name]
+
+
+def dims_note(w: Workload, dims: list[int]) -> str:
+    """The runtime dims of an input set for its failure message, e.g. " (kv_len=20)"; "" when there are none."""
+    return " (" + ", ".join(f"{k}={v}" for k, v in zip(w.runtime_dims, dims)) + ")" if dims else ""
+
+
+def modified_input(inputs: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+    """Why `inputs` differ from `expected` (host tensors), or "" when every expected input is unchanged."""
+    for name, before in expected.items():
+        if not torch.equal(inputs[name].cpu(), before):
+            return f"input {name!r} was modified by the kernel"
+    return ""
 
 
 def _repeat_differs(kernel: Callable[[list[torch.Tensor], list[int]], None], w: Workload,
@@ -196,13 +237,17 @@ class ActivationRefresher:
             t = inputs[spec.name]
             pool = torch.randn(spec.numel * 4, generator=gen).to(t.dtype).to(t.device)
             offsets = torch.randint(0, spec.numel * 3, (self.WINDOWS,), generator=gen).tolist()
-            self.targets.append((t.view(-1), pool, offsets))
+            self.targets.append((spec.name, spec.shape, t.view(-1), pool, offsets))
         self.calls = 0
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """Host copies of the refreshed inputs' current values."""
+        return {name: flat.view(shape).cpu().clone() for name, shape, flat, _, _ in self.targets}
 
     def __call__(self) -> None:
         i = self.calls % self.WINDOWS
         self.calls += 1
-        for flat, pool, offsets in self.targets:
+        for _, _, flat, pool, offsets in self.targets:
             flat.copy_(pool[offsets[i] : offsets[i] + flat.numel()])
 
 

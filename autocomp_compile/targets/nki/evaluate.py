@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from autocomp_compile.evaluation.checks import compare
-from autocomp_compile.evaluation.job import EvalSettings
+from autocomp_compile.evaluation.job import EvalSettings, dims_note, correctness_dims
 from autocomp_compile.references import InputFactory, get_kind
 from autocomp_compile.targets.nki.cost_model import estimate
 from autocomp_compile.targets.nki.emulator import NkiRuleError, NkiUnsupported, load_source, run_kernel
@@ -45,11 +45,10 @@ def check_and_estimate(state: dict[str, Any], w: Workload, loader: str, loader_a
     spec = get_kind(w.kind)
     factory: InputFactory = state.setdefault("inputs", InputFactory(settings.seed))
     factory.gen.manual_seed(settings.seed)
-    dims = [w.runtime_dims[k] for k in w.runtime_dims]
-    worst, run = 0.0, None
-    for s in range(settings.correctness_sets):
+    worst, tuned_run = 0.0, None
+    for s, dims in enumerate(correctness_dims(w, settings.correctness_sets, settings.seed)):
         inputs = factory.inputs(w)
-        ref = spec.reference(inputs, w.params, w.runtime_dims)
+        ref = spec.reference(inputs, w.params, dict(zip(w.runtime_dims, dims)))
         arrays = [to_numpy(inputs[t.name]) for t in w.inputs]
         originals = [a.copy() for a in arrays]
         try:
@@ -71,8 +70,11 @@ def check_and_estimate(state: dict[str, Any], w: Workload, loader: str, loader_a
             m = compare(t.name, to_torch(out).to(t.torch_dtype), ref[t.name])
             worst = max(worst, m.max_abs_error)
             if not m.ok:
-                return dict(correct=False, stage="correctness", message=f"input set {s}: {m.message}",
-                            max_abs_error=m.max_abs_error, extra=sim)
+                return dict(correct=False, stage="correctness", max_abs_error=m.max_abs_error, extra=sim,
+                            message=f"input set {s}{dims_note(w, dims)}: {m.message}")
+        if tuned_run is None:  # set 0 runs at the tuned runtime dims, where the cost model estimates latency
+            tuned_run = run
+    run = tuned_run
     est = estimate(run.ops if run else [])
     ms = est.latency_us / 1e3
     return dict(correct=True, stage="ok", max_abs_error=worst, latency_ms=ms, latency_p99_ms=ms, runs=1,

@@ -1,0 +1,94 @@
+"""The worker job's correctness checks: inputs stay unchanged through timing, and runtime dims vary per set."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autocomp_compile.evaluation.job import EvalSettings, check_and_time, correctness_dims, runtime_dim_max
+from autocomp_compile.targets.cpu import codegen
+from autocomp_compile.targets.cpu.evaluator import LOADER
+from autocomp_compile.targets.cpu.isa import supported_isas
+from autocomp_compile.workload import Workload, make_workload
+from tests.helpers import build_ok, hand_gemm, hand_gemm_workload, small
+
+SETTINGS = EvalSettings(correctness_sets=3, timing_budget_ms=20, time_baseline=False)
+
+
+def _check(w: Workload, code: str, isa: str, tmp_path: Path) -> dict:
+    so = build_ok(code, isa, tmp_path).so_path
+    return check_and_time({}, w, LOADER, (str(so), len(w.tensors)), SETTINGS)
+
+
+def test_zeroing_a_weight_during_timing_is_caught(tmp_path):
+    """Honest on the 3 correctness calls, then zeroes the weight and writes zeros: the reference computed from
+    the zeroed inputs would be all zeros too, so only the snapshot catches it."""
+    code = hand_gemm(before="static int calls = 0;"
+                            "if (++calls > 3) { memset((void *)w, 0, sizeof(float) * N * K);"
+                            " memset(out, 0, sizeof(float) * M * N); return; }")
+    out = _check(hand_gemm_workload(), "#include <string.h>\n" + code, "scalar", tmp_path)
+    assert out["stage"] == "inputs_modified" and out["message"] == "after timing: input 'w' was modified by the kernel"
+
+
+def test_modifying_a_refreshed_activation_on_the_timed_call_is_caught(tmp_path):
+    code = hand_gemm(before="static int calls = 0; calls++;", after="if (calls > 3) x[0] += 1.0f;")
+    out = _check(hand_gemm_workload(), code, "scalar", tmp_path)
+    assert out["stage"] == "inputs_modified" and "'x'" in out["message"]
+
+
+def _decode_attention(edit: tuple[str, str] | None = None) -> tuple[Workload, str, str]:
+    w = small("decode")
+    knobs = codegen.legalize(w, {"isa": "avx2", "online": True}, supported_isas())
+    code = codegen.generate(w, knobs)
+    if edit:
+        assert edit[0] in code
+        code = code.replace(*edit)
+    return w, code, knobs["isa"]
+
+
+def test_a_kernel_with_the_tuned_kv_length_baked_in_fails(tmp_path):
+    w, code, isa = _decode_attention(("const int64_t L = dims[0];", "const int64_t L = 37;"))
+    out = _check(w, code, isa, tmp_path)
+    assert out["stage"] == "correctness" and "input set 1 (kv_len=1)" in out["message"]
+
+
+def test_a_generated_decode_kernel_passes_at_every_checked_kv_length(tmp_path):
+    w, code, isa = _decode_attention()
+    assert _check(w, code, isa, tmp_path)["stage"] == "ok"
+
+
+def test_correctness_dims_start_at_the_tuned_value_then_cover_one_and_random_lengths():
+    w = small("decode")  # kv_len 37, max_kv_len 64
+    sets = correctness_dims(w, 6, seed=3)
+    assert sets[:2] == [[37], [1]] and all(1 <= d[0] <= 64 for d in sets)
+    assert len({d[0] for d in sets[2:]}) > 1  # random, not one fixed value
+    assert correctness_dims(w, 6, seed=3) == sets  # reproducible from the seed
+    assert correctness_dims(w, 1, seed=3) == [[37]]
+    assert runtime_dim_max(w, "kv_len") == 64
+
+
+@pytest.mark.parametrize("name", ["gemm", "prefill"])
+def test_workloads_without_runtime_dims_get_none(name):
+    assert correctness_dims(small(name), 3, seed=0) == [[], [], []]
+
+
+def _nki_decode(edit: tuple[str, str] | None = None) -> tuple[Workload, str]:
+    from autocomp_compile.targets.nki import codegen as nki_codegen
+
+    w = make_workload("attention", heads=4, kv_heads=1, head_dim=64, kv_len=300, max_kv_len=512)
+    code = nki_codegen.generate(w, nki_codegen.legalize(w, {}))
+    if edit:
+        assert edit[0] in code
+        code = code.replace(*edit)
+    return w, code
+
+
+def test_the_nki_job_checks_other_kv_lengths_and_estimates_at_the_tuned_one():
+    from autocomp_compile.targets.nki.evaluate import check_and_estimate
+
+    w, code = _nki_decode()
+    one, three = (check_and_estimate({}, w, "", (code,), EvalSettings(correctness_sets=n)) for n in (1, 3))
+    assert one["stage"] == three["stage"] == "ok" and one["latency_ms"] == three["latency_ms"]
+    w, baked = _nki_decode(("    NB = (kv_len", "    kv_len = 300\n    NB = (kv_len"))
+    out = check_and_estimate({}, w, "", (baked,), EvalSettings(correctness_sets=3))
+    assert out["stage"] == "correctness" and "(kv_len=1)" in out["message"]
