@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from autocomp_compile.evaluation.checks import compare
+from autocomp_compile.evaluation.job import correctness_dims, dims_note
 from autocomp_compile.references import InputFactory, empty_outputs, get_kind
 from autocomp_compile.search.candidate import Candidate
 from autocomp_compile.targets.base import Target, get_target
@@ -69,19 +70,22 @@ def load_kernel(target: Target, workload: Workload, candidate: Candidate) -> Ker
 
 
 def check_loaded(kernel: KernelFn, workload: Workload, seed: int = 0, device: str = "cpu") -> None:
-    """One fresh random input set against the reference, in this process, before the kernel enters a model."""
+    """One fresh random input set against the reference, in this process, before the kernel enters a model;
+    a kernel with runtime dims runs at its tuned values and at 1 (the model calls it at every KV length)."""
     spec = get_kind(workload.kind)
     factory = InputFactory(seed)
     inputs = factory.inputs(workload)
     if device != "cpu":
         inputs = {k: v.to(device) for k, v in inputs.items()}
-    outputs = empty_outputs(workload, device=device)
-    kernel([*inputs.values(), *outputs.values()], list(workload.runtime_dims.values()))
-    ref = spec.reference({k: v.cpu() for k, v in inputs.items()}, workload.params, workload.runtime_dims)
-    for name, out in outputs.items():
-        mismatch = compare(name, out.cpu(), ref[name])
-        if not mismatch.ok:
-            raise KernelUnavailable(f"wrong result in this process: {mismatch.message}")
+    host = {k: v.cpu() for k, v in inputs.items()}
+    for dims in correctness_dims(workload, 2 if workload.runtime_dims else 1, seed):
+        outputs = empty_outputs(workload, device=device)
+        kernel([*inputs.values(), *outputs.values()], dims)
+        ref = spec.reference(host, workload.params, dict(zip(workload.runtime_dims, dims)))
+        for name, out in outputs.items():
+            mismatch = compare(name, out.cpu(), ref[name])
+            if not mismatch.ok:
+                raise KernelUnavailable(f"wrong result in this process{dims_note(workload, dims)}: {mismatch.message}")
 
 
 class KernelRegistry:

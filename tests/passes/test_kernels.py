@@ -1,0 +1,30 @@
+"""The check a cached kernel passes in the user's process before it enters a model."""
+from __future__ import annotations
+
+import pytest
+
+from autocomp_compile.passes.kernels import KernelUnavailable, check_loaded
+from autocomp_compile.targets.cpu import codegen
+from autocomp_compile.targets.cpu.isa import supported_isas
+from autocomp_compile.targets.cpu.runtime import CpuKernel
+from tests.helpers import build_ok, small
+
+
+def _decode_kernel(tmp_path, edit=None):
+    w = small("decode")
+    knobs = codegen.legalize(w, {"isa": "avx2", "online": True}, supported_isas())
+    code = codegen.generate(w, knobs)
+    if edit:
+        assert edit[0] in code
+        code = code.replace(*edit)
+    return w, CpuKernel(build_ok(code, knobs["isa"], tmp_path).so_path, len(w.tensors))
+
+
+def test_a_decode_kernel_is_checked_at_another_kv_length_too(tmp_path):
+    """The model calls decode attention at every KV length: a kernel (cached before the search checked several
+    lengths) that bakes in its tuned length is refused, the length named."""
+    w, honest = _decode_kernel(tmp_path)
+    check_loaded(honest, w)
+    _, baked = _decode_kernel(tmp_path, ("const int64_t L = dims[0];", f"const int64_t L = {w.runtime_dims['kv_len']};"))
+    with pytest.raises(KernelUnavailable, match=r"wrong result in this process \(kv_len=1\)"):
+        check_loaded(baked, w)
