@@ -392,6 +392,8 @@ def cmd_warm(args: argparse.Namespace) -> int:
         raise UsageError(f"--kinds: unknown {unknown}; choose from {list(ALL_KINDS)}")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers} (leave it out for all cores)")
+    if args.no_cache:
+        raise UsageError("warm stores its results in the kernel cache; drop --no-cache")
     _check_run_options(args)  # the target too: before tracing on its device
     workloads = model_workloads(args.model, args.dtype, batch=args.batch, prefill_lens=args.prefill,
                                 max_seq_len=args.max_seq_len, kinds=kinds,
@@ -415,8 +417,6 @@ def _run_on_ray(workloads: list[Workload], args: argparse.Namespace) -> list[dic
     target = get_target(args.target, deterministic=args.deterministic)
     config, settings = _settings(args)
     cache = _cache(args)
-    if cache is None:
-        raise UsageError("--executor ray stores results in the kernel cache; drop --no-cache")
     if args.models:
         raise UsageError("--executor ray runs the offline proposer only; LLM proposers run with --executor local")
     rows: list[dict[str, Any] | None] = [None] * len(workloads)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -102,19 +103,35 @@ class RayExecutor:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, **init_kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise ExecutorError(f"cannot start or reach the Ray cluster at {address or 'local'}: {exc}") from exc
-        cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-        if not cpus or min(cpus) < 1:
+        # Nodes without CPUs (a head started with --num-cpus=0) run no searches.
+        self.node_cpus = {n["NodeID"]: n["Resources"]["CPU"] for n in ray.nodes()
+                          if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1}
+        if not self.node_cpus:
             raise ExecutorError("the Ray cluster has no node with a CPU")
-        self.cpus_per_task = min(cpus)
+        self._search = ray.remote(max_retries=1)(run_search_job)
 
     def map(self, jobs: list[SearchJob]) -> Iterator[tuple[int, dict[str, Any]]]:
-        remote = self.ray.remote(num_cpus=self.cpus_per_task, max_retries=1)(run_search_job)
-        pending = {remote.remote(job): i for i, job in enumerate(jobs)}
+        """One search per node at a time, pinned to the node with all of its CPUs (a task asking for the smallest
+        node's CPUs would share a larger node with another search); a node takes the next job when it is free."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        queue = deque(enumerate(jobs))
+        pending: dict[Any, tuple[int, str]] = {}
+
+        def submit(node: str) -> None:
+            if queue:
+                index, job = queue.popleft()
+                strategy = NodeAffinitySchedulingStrategy(node, soft=False)
+                ref = self._search.options(num_cpus=self.node_cpus[node], scheduling_strategy=strategy).remote(job)
+                pending[ref] = (index, node)
+
+        for node in self.node_cpus:
+            submit(node)
         while pending:
             done, _ = self.ray.wait(list(pending), num_returns=1)
-            index = pending.pop(done[0])
+            index, node = pending.pop(done[0])
+            submit(node)
             yield index, self.ray.get(done[0])
 
     def describe(self) -> str:
-        nodes = [n for n in self.ray.nodes() if n.get("Alive")]
-        return f"Ray cluster: {len(nodes)} node(s), {self.cpus_per_task:g} CPUs per search"
+        return f"Ray cluster: {len(self.node_cpus)} node(s) with CPUs, one search per node at a time"

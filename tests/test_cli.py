@@ -34,6 +34,7 @@ from autocomp_compile.targets.cpu import bandwidth
         (["warm", "--workers", "-1"], "--workers must be >= 1, got -1"),
         (["warm", "--workers", "0"], "--workers must be >= 1, got 0"),
         (["warm", "--kinds", " ,"], "--kinds: name at least one of"),
+        (["warm", "--no-cache"], "warm stores its results in the kernel cache; drop --no-cache"),
         (["demo", "--timeout=-inf"], "--timeout must be a finite number"),
         (["optimize", "--workload", "rmsnorm", "--eps", "-1"], "eps must be a finite positive number, got -1.0"),
         (["optimize", "--workload", "rmsnorm", "--eps", "nan"], "eps must be a finite positive number, got nan"),

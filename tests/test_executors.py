@@ -72,3 +72,41 @@ def test_an_unreachable_ray_address_fails_in_seconds():
     with pytest.raises(ExecutorError, match="cannot reach the Ray cluster at 127.0.0.1:1"):
         RayExecutor("127.0.0.1:1")
     assert time.perf_counter() - t0 < 10
+
+
+def _timed_stand_in(job):
+    """Stands in for run_search_job: which node ran it, and when."""
+    import time
+
+    import ray
+
+    start = time.time()
+    time.sleep(1.0)
+    return {"node": ray.get_runtime_context().get_node_id(), "start": start, "end": time.time()}
+
+
+def test_ray_runs_one_search_per_node_at_a_time_and_skips_cpu_less_nodes(monkeypatch):
+    """A head without CPUs runs nothing; a 2-CPU node next to a 1-CPU node never runs two searches at once
+    (tasks asked for the smallest node's CPUs before, so the larger node took two)."""
+    pytest.importorskip("ray")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from autocomp_compile import executors
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        monkeypatch.setattr(executors, "run_search_job", _timed_stand_in)
+        executor = executors.RayExecutor(cluster.address)
+        assert "2 node(s)" in executor.describe()
+        results = [r for _, r in executor.map([None] * 4)]
+        assert len({r["node"] for r in results}) == 2
+        for node in {r["node"] for r in results}:
+            spans = sorted((r["start"], r["end"]) for r in results if r["node"] == node)
+            assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), spans
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
