@@ -93,7 +93,7 @@ def optimize(
         raise ValueError(f"reuse must be >= 0, got {reuse}")
     if cache is not None:
         hit = cache.get(tgt, workload)
-        if hit is not None:
+        if hit is not None and (hit.reproducible or not settings.deterministic):
             return _from_cache(hit)
         reused = reuse_seeds(tgt, workload, cache.nearest(tgt, workload, reuse)) if reuse else []
         seeds = list(seeds or []) + reused

@@ -100,6 +100,13 @@ class CacheEntry:
     def speedup(self) -> float | None:
         return self.baseline_ms / self.latency_ms if self.baseline_ms else None
 
+    @property
+    def reproducible(self) -> bool:
+        """Whether the kernel may serve deterministic mode: cached by a deterministic target variant, a generated
+        schedule (knobs) of a target that is its own variant (every generated CPU and NKI kernel fixes its
+        reduction order), or one that passed the evaluator's repeat check."""
+        return bool(self.fingerprint.get("deterministic") or self.knobs is not None or self.evidence.get("repeatable"))
+
     def candidate(self) -> Candidate:
         return Candidate(id=f"cache:{self.key}", parent_id=None, iteration=0, language=self.language, code=self.code,
                          plan=f"Cached kernel {self.key}", menu_ids=list(self.menu_ids), knobs=self.knobs,
@@ -311,7 +318,9 @@ class KernelCache:
         with self._transaction() as conn:
             row = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM kernels WHERE key = ?", (e.key,)).fetchone()
             old = _valid_entry(row) if row is not None else None  # a damaged row is replaced, whatever it claims
-            if old is not None and old.latency_ms <= e.latency_ms:
+            # A kernel checked for reproducibility takes the place of a faster unchecked one: deterministic mode
+            # asked for it, and the unchecked one could not serve that mode.
+            if old is not None and old.latency_ms <= e.latency_ms and not (e.reproducible and not old.reproducible):
                 return False
             if old is not None:
                 values["created"] = old.created

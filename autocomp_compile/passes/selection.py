@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 from autocomp_compile.passes.kernels import REGISTRY, KernelUnavailable
 
 if TYPE_CHECKING:
-    from autocomp_compile.kernels_cache.store import CacheEntry
     from autocomp_compile.targets.base import Target
     from autocomp_compile.workload import Workload
 
@@ -113,7 +112,8 @@ class KernelSelector:
         kind, name = workload.kind, workload.name
         entry = self.cache.get(self.target, workload)
         source = "cache"
-        if entry is None and self.mode == "search":
+        unusable = entry is None or (self.deterministic and not entry.reproducible)
+        if unusable and self.mode == "search":
             t0 = time.perf_counter()
             log(self.verbose, f"autocomp: searching {name} ({self.budget} candidates) ...")
             result = optimize(workload, self.target, SearchConfig(budget=self.budget, seed=self.seed),
@@ -128,11 +128,11 @@ class KernelSelector:
             warm = "`autocomp-compile warm --deterministic`" if self.deterministic else "`autocomp-compile warm`"
             return Decision(kind, name, 0, False, reason=f"not in the kernel cache (run {warm} or use mode='search')")
         speedup = entry.speedup
-        if self.deterministic and not self._reproducible(entry):
+        if self.deterministic and not entry.reproducible:
             return Decision(kind, name, 0, False, source, speedup, key=entry.key,
                             reason=f"cached kernel {entry.key} was written by an LLM and never checked for "
-                                   f"bit-reproducibility; PyTorch runs it (`autocomp-compile cache clear --target "
-                                   f"{entry.target}` and a search with --deterministic replace it)")
+                                   f"bit-reproducibility; PyTorch runs it (a search with --deterministic, or "
+                                   f"mode='search', replaces it with a checked kernel)")
         if speedup is not None and speedup < self.min_speedup:
             return Decision(kind, name, 0, False, source, speedup, key=entry.key,
                             reason=f"the best kernel is {speedup:.2f}x eager, below min_speedup {self.min_speedup}")
@@ -141,13 +141,6 @@ class KernelSelector:
         except KernelUnavailable as exc:
             return Decision(kind, name, 0, False, source, speedup, key=entry.key, reason=str(exc))
         return Decision(kind, name, 0, True, source, speedup, key=entry.key)
-
-    def _reproducible(self, entry: "CacheEntry") -> bool:
-        """Whether a cached kernel may serve deterministic mode: one cached by a deterministic target variant, a
-        generated schedule (knobs) of a target that is its own variant (every generated CPU and NKI kernel fixes
-        its reduction order), or one that passed the evaluator's repeat check."""
-        return bool(entry.fingerprint.get("deterministic") or entry.knobs is not None
-                    or entry.evidence.get("repeatable"))
 
     def close(self) -> None:
         self.cache.close()

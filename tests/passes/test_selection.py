@@ -13,11 +13,12 @@ from autocomp_compile.passes.selection import KernelSelector
 W = make_workload("gemm", "fp32", m=1, n=16, k=32)
 
 
-def _cache_llm_written(cache_dir, extra=None, knobs=None):
+def _cache_llm_written(cache_dir, extra=None, knobs=None, latency_ms=1.0):
     """The CPU target's naive kernel, cached as an LLM-written kernel (no knobs) or as a schedule (knobs)."""
     cpu = get_target("cpu")
     cand = dataclasses.replace(cpu.lower(W), knobs=knobs, origin="llm:test", models=["test::model"])
-    cand.result = EvalResult(correct=True, stage="ok", latency_ms=1.0, baseline_ms=2.0, extra=extra or {})
+    cand.result = EvalResult(correct=True, stage="ok", latency_ms=latency_ms, baseline_ms=2 * latency_ms,
+                             extra=extra or {})
     with KernelCache(cache_dir / "kernels.sqlite") as cache:
         assert cache.put(cpu, W, cand)
 
@@ -39,4 +40,20 @@ def test_deterministic_mode_takes_only_kernels_known_to_be_reproducible(tmp_path
         REGISTRY.clear()
     assert d.replaced is replaced, d.reason
     if not replaced:
-        assert "never checked for bit-reproducibility" in d.reason and "cache clear --target cpu" in d.reason
+        assert "never checked for bit-reproducibility" in d.reason and "a search with --deterministic" in d.reason
+
+
+def test_deterministic_search_replaces_an_unchecked_kernel_however_fast(tmp_path):
+    """In search mode an unchecked cached kernel is a miss for deterministic mode: the search's checked winner
+    takes its place in the cache even though the unchecked one claims to be faster."""
+    _cache_llm_written(tmp_path, latency_ms=1e-9)
+    sel = KernelSelector(get_target("cpu"), mode="search", budget=2, min_speedup=0.0, cache_dir=str(tmp_path),
+                         output_dir=str(tmp_path / "runs"), verbose=False, deterministic=True)
+    try:
+        d = sel.decide(W)
+    finally:
+        sel.close()
+        REGISTRY.clear()
+    assert d.replaced and d.source == "search", d.reason
+    with KernelCache(tmp_path / "kernels.sqlite") as cache:
+        assert cache.get(get_target("cpu"), W).reproducible
