@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,6 +44,7 @@ class PromptDocs:
     isa: str
     examples: str
     rules: str
+    filter_isa: bool = True  # only the CPU reference is split by relevance; CUDA's sections all apply
 
     @classmethod
     def load(cls, target: str, root: str | Path | None = None) -> "PromptDocs":
@@ -49,10 +52,13 @@ class PromptDocs:
         missing = [f"{name}.md" for name in SECTION_FILES if not (folder / f"{name}.md").is_file()]
         if missing:
             raise FileNotFoundError(f"prompt folder {folder} lacks {missing}")
-        return cls(*((folder / f"{name}.md").read_text().strip() for name in SECTION_FILES))
+        return cls(*((folder / f"{name}.md").read_text().strip() for name in SECTION_FILES), filter_isa=target == "cpu")
 
     def isa_sections(self, relevant: Sequence[str]) -> str:
-        """The ISA reference's title plus its `##` sections whose heading names a relevant word."""
+        """The ISA reference's title plus its `##` sections whose heading names a relevant word (CPU), or the
+        whole reference (other targets)."""
+        if not self.filter_isa:
+            return self.isa
         head, *sections = re.split(r"(?m)^(?=## )", self.isa)
         keep = [s for s in sections if any(word.lower() in s.splitlines()[0].lower() for word in relevant)]
         return "\n".join([head.strip(), *(s.strip() for s in keep or sections)])
@@ -160,16 +166,27 @@ EDIT_INSTRUCTION = (
 _EDIT = re.compile(r"<<<<<<< OLD\n(.*?)\n=======\n(.*?)\n?>>>>>>> NEW", re.S)
 
 
+def _edit_span(code: str, old: str, i: int) -> tuple[int, int]:
+    """Where edit `i`'s OLD text sits in the parent's code; it must occur there exactly once."""
+    count = code.count(old)
+    if count != 1:
+        raise ResponseRejected(f"edit {i + 1}: its OLD text occurs {count} times in the kernel (must be exactly once)")
+    start = code.index(old)
+    return start, start + len(old)
+
+
 def apply_edits(code: str, response: str) -> str:
-    """The parent's code with the response's OLD/NEW edit blocks applied, each OLD matching exactly once."""
+    """The parent's code with the response's OLD/NEW edit blocks applied: every OLD is located in the parent
+    (exactly once, not overlapping another), then all replacements are spliced in at once."""
     edits = _EDIT.findall(response)
     if not edits:
         raise ResponseRejected("no <<<<<<< OLD / ======= / >>>>>>> NEW edit blocks in the response")
-    for i, (old, new) in enumerate(edits):
-        count = code.count(old)
-        if count != 1:
-            raise ResponseRejected(f"edit {i + 1}: its OLD text occurs {count} times in the kernel (must be exactly once)")
-        code = code.replace(old, new)
+    spans = sorted((*_edit_span(code, old, i), i, new) for i, (old, new) in enumerate(edits))
+    for (_, end, i, _), (start, _, j, _) in zip(spans, spans[1:]):
+        if start < end:
+            raise ResponseRejected(f"edits {min(i, j) + 1} and {max(i, j) + 1} overlap in the kernel")
+    for start, end, _, new in reversed(spans):
+        code = code[:start] + new + code[end:]
     return code
 
 
@@ -183,8 +200,16 @@ def extra_menu_prompt(docs: PromptDocs, workload: Workload, parent: Candidate, m
     ])
 
 
+_MENU_LINE = re.compile(r"\s*- \[([\w.-]+)\] .+")
+
+
 def parse_menu_lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if re.match(r"\s*- \[[\w.-]+\] .+", line)][:5]
+    return [line.strip() for line in text.splitlines() if _MENU_LINE.match(line)][:5]
+
+
+def menu_line_id(line: str) -> str:
+    m = _MENU_LINE.match(line)
+    return m.group(1) if m else ""
 
 
 def reference_source(workload: Workload) -> str:
@@ -207,13 +232,27 @@ def reference_source(workload: Workload) -> str:
 
 _BLOCK = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.S)
 _ENTRY_C = re.compile(r"\bvoid\s+autocomp_kernel\s*\(\s*void\s*\*\s*\*\s*\w*\s*,\s*const\s+int64_t\s*\*\s*\w*\s*\)")
-_FORBIDDEN = re.compile(r"\b(dlopen|dlsym|system|popen|fork|execv\w*|Py[A-Z]\w*|pthread_create|fopen|socket)\s*\(")
+# Names of calls outside the kernel (processes, libraries, files, sockets, threads, the Python C API), matched
+# as identifiers anywhere in the code so that an alias (`#define RUN system`, `(system)(...)`) is caught too.
+_FORBIDDEN = re.compile(r"\b(system|popen|fork|vfork|clone|exec[lv]\w*|fexecve|posix_spawn\w*|dlopen|dlsym|dlvsym|dlmopen"
+                        r"|fopen\w*|freopen\w*|fdopen|open|open64|openat\w*|creat|socket|connect|syscall"
+                        r"|pthread_create|thrd_create|_?Py[A-Z_]\w*)\b")
 
 
 _LAUNCH = "// autocomp-launch:"
 # The harness launches every kernel on PyTorch's stream; device code must not launch work of its own
 # (dynamic parallelism, fire-and-forget or tail launches run outside the timed region) or allocate.
-_FORBIDDEN_CUDA = re.compile(r"(cudaStream\w*|cudaMalloc\w*|cudaLaunch\w*|cudaGraph\w*|<<<|#\s*include|printf\s*\()")
+_FORBIDDEN_CUDA = re.compile(r"(cudaStream\w*|cudaMalloc\w*|cudaLaunch\w*|cudaGraph\w*|<<<|#\s*include|printf\s*\("
+                             r"|\bmalloc\b|\bfree\b|\bnew\b)")
+_COMMENT_OR_STRING = re.compile(r'"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|//[^\n]*|/\*.*?\*/', re.S)
+
+
+def _without_comments(code: str) -> str:
+    """The code with its comments blanked (string literals kept), for the forbidden-name checks."""
+    return _COMMENT_OR_STRING.sub(lambda m: m.group(0) if m.group(0)[0] in "\"'" else " ", code)
+
+
+_BOUNDS = r"(?:__launch_bounds__\s*\([^)]*\)\s*)?"
 
 
 def _cuda_entry(code: str) -> str | None:
@@ -225,7 +264,8 @@ def _cuda_entry(code: str) -> str | None:
         names = [k["name"] for k in spec["kernels"]]
     except (ValueError, KeyError, TypeError) as exc:
         return f"bad launch line: {exc}"
-    missing = [n for n in names if not re.search(rf'extern\s+"C"\s+__global__\s+void\s+{re.escape(n)}\s*\(', code)]
+    missing = [n for n in names if not re.search(rf'extern\s+"C"\s+__global__\s+{_BOUNDS}void\s+{_BOUNDS}{re.escape(n)}\s*\(',
+                                                   code)]
     return f"no `extern \"C\" __global__` kernel named {missing}" if missing or not names else None
 
 
@@ -245,24 +285,52 @@ def extract_code(response: str, language: str = "c") -> str:
         if not with_entry:
             raise ResponseRejected(reasons[-1] or "no kernel")
         code = with_entry[-1]
-        bad = _FORBIDDEN_CUDA.search(code)
+        bad = _FORBIDDEN_CUDA.search(_without_comments(code))
     else:
         with_entry = [b for b in usable if _ENTRY_C.search(b)]
         if not with_entry:
             raise ResponseRejected("no `void autocomp_kernel(void **tensors, const int64_t *dims)` entry point")
         code = with_entry[-1]
-        bad = _FORBIDDEN.search(code)
+        bad = _FORBIDDEN.search(_without_comments(code))
     if bad:
         raise ResponseRejected(f"uses {bad.group(1)}: kernels compute everything themselves (rules)")
     return code + "\n"
 
 
+_MENU_ITEM = re.compile(r"Menu item:\**\s*\[\s*`?([^\]`]+?)`?\s*\]")
+
+
 def menu_item_of(plan: str, menu_ids: Sequence[str]) -> str | None:
-    m = re.search(r"Menu item:\s*\[([^\]]+)\]", plan)
+    """The menu id a plan names (`Menu item: [id]`, also bold or with the id in backticks), if on the menu."""
+    m = _MENU_ITEM.search(plan)
     return m.group(1).strip() if m and m.group(1).strip() in menu_ids else None
 
 
 # ---------------------------------------------------------------- the proposer
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename, so that a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_transcript(path: Path | None) -> str | None:
+    """A saved response, or None when there is none or it cannot be read whole (then the call is made again)."""
+    if path is None:
+        return None
+    try:
+        response = json.loads(path.read_text())["response"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return response if isinstance(response, str) else None
 
 
 class LLMProposer:
@@ -285,12 +353,13 @@ class LLMProposer:
         self.dropout = dropout
         self.prompts_dir = prompts_dir
         self.transcript_dir = Path(transcript_dir) if transcript_dir else None
+        self._fixed_transcripts = self.transcript_dir is not None  # else each run keeps its own under run_dir/llm
         self.rejected: list[dict[str, Any]] = []
         self._docs: dict[str, PromptDocs] = {}
 
     def attach_run_dir(self, run_dir: Path) -> None:
         """Save prompts and responses under the search's run directory (and reuse them on a re-run)."""
-        if self.transcript_dir is None:
+        if not self._fixed_transcripts:
             self.transcript_dir = Path(run_dir) / "llm"
 
     def docs(self, target: Any) -> PromptDocs:
@@ -304,8 +373,9 @@ class LLMProposer:
         todo = []
         for model, prompt, key in requests:
             path = self._path(model, prompt, key)
-            if path is not None and path.exists():
-                out.append(json.loads(path.read_text())["response"])
+            saved = _read_transcript(path)
+            if saved is not None:
+                out.append(saved)
             else:
                 out.append(None)
                 todo.append((len(out) - 1, model, prompt, path))
@@ -313,11 +383,9 @@ class LLMProposer:
         for (i, model, prompt, path), answer in zip(todo, answers):
             out[i] = answer
             if path is not None and isinstance(answer, str):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"model": model, "prompt": prompt, "response": answer}, indent=1))
+                _write_atomic(path, json.dumps({"model": model, "prompt": prompt, "response": answer}, indent=1))
         if todo and self.transcript_dir is not None:  # the run's record of calls, tokens and cost so far
-            self.transcript_dir.mkdir(parents=True, exist_ok=True)
-            (self.transcript_dir / "usage.json").write_text(json.dumps(self.client.usage.to_dict(), indent=1))
+            _write_atomic(self.transcript_dir / "usage.json", json.dumps(self.client.usage.to_dict(), indent=1))
         return out  # type: ignore[return-value]
 
     def _path(self, model: str, prompt: str, key: str) -> Path | None:
@@ -379,15 +447,19 @@ class LLMProposer:
         if not self.extra_menu:
             return []
         prompt = extra_menu_prompt(docs, workload, parent, "\n".join(m.as_text() for m in items))
-        (answer,) = self._ask([(self.models[iteration % len(self.models)], prompt, f"menu-{parent.code_hash}")])
-        return parse_menu_lines(answer) if isinstance(answer, str) else []
+        model = self.models[iteration % len(self.models)]
+        (answer,) = self._ask([(model, prompt, f"menu-{parent.code_hash}")])
+        if isinstance(answer, LLMCallError):
+            self._reject(parent, model, "menu", str(answer))
+            return []
+        return parse_menu_lines(answer)
 
     def propose(self, parent: Candidate, workload: Workload, target: Any, feedback: str, n_plans: int, n_impls: int,
                 rng: random.Random, iteration: int) -> list[Candidate]:
         docs = self.docs(target)
         items = [m for m in target.menu(workload) if parent.knobs is None or m.applies(parent.knobs)]
-        ids = [m.id for m in items]
         extra = self._extra_menu(docs, workload, parent, items, iteration)
+        ids = [m.id for m in items] + [menu_line_id(line) for line in extra]
 
         def menu_text() -> str:
             kept = [m.as_text() for m in (apply_dropout(items, self.dropout, rng) or items)]
@@ -414,6 +486,9 @@ class LLMProposer:
         for p, (plan, (plan_model, _, _)) in enumerate(zip(plans, plan_reqs)):
             if isinstance(plan, LLMCallError):
                 self._reject(parent, plan_model, "plan", str(plan))
+                continue
+            if not (plan or "").strip():
+                self._reject(parent, plan_model, "plan", "empty plan")
                 continue
             for i in range(n_impls):
                 model = self.models[(iteration + p + i) % len(self.models)]

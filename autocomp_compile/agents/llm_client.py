@@ -66,14 +66,17 @@ def parse_model(text: str) -> ModelSpec:
     return ModelSpec(text, provider, name)
 
 
+def uses_api_base(spec: ModelSpec, api_base: str | None) -> bool:
+    """A custom `api_base` is an OpenAI-compatible server: it serves the `openai::` models only."""
+    return bool(api_base) and spec.provider == "openai"
+
+
 def check_credentials(specs: Sequence[ModelSpec], api_base: str | None = None, env: dict[str, str] | None = None) -> None:
-    """Raise one clear line naming the missing variable; a custom `api_base` (local server) needs no key."""
+    """Raise one clear line naming the missing variable; models served by a custom `api_base` need no key."""
     env = os.environ if env is None else env
-    if api_base:
-        return
     for spec in specs:
         names = PROVIDERS[spec.provider][1]
-        if not any(env.get(n) for n in names):
+        if not uses_api_base(spec, api_base) and not any(env.get(n) for n in names):
             raise LLMConfigError(f"model {spec.text}: set {' or '.join(names)} (or pass --api-base for a local server)")
 
 
@@ -90,6 +93,14 @@ class Usage:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def reply_text(response: Any) -> str:
+    """The first choice's text; a reply without one is a failed call (not retried)."""
+    try:
+        return response.choices[0].message.content or ""
+    except (AttributeError, IndexError, KeyError, TypeError) as exc:
+        raise LLMCallError(f"malformed reply without a choice ({type(exc).__name__}: {exc})") from None
 
 
 def _transient(exc: BaseException) -> bool:
@@ -141,13 +152,14 @@ class LLMClient:
         # Retries are ours (counted, with backoff): the SDKs underneath must not retry on their own.
         kwargs: dict[str, Any] = {"model": spec.litellm_model, "messages": messages, "timeout": self.timeout_s,
                                   "temperature": self.temperature, "max_retries": 0, "num_retries": 0}
-        if self.api_base:
+        if uses_api_base(spec, self.api_base):
             kwargs.update(api_base=self.api_base, api_key=os.environ.get("OPENAI_API_KEY", "none"))
         for attempt in range(self.max_retries + 1):
             t0 = time.perf_counter()
             try:
                 with self._slots:
                     response = completion(**kwargs)
+                text = reply_text(response)
             except Exception as exc:  # litellm raises its own hierarchy; only transient ones are retried
                 if attempt < self.max_retries and _transient(exc):
                     with self._lock:
@@ -158,7 +170,7 @@ class LLMClient:
                     self.usage.failures += 1
                 raise LLMCallError(f"{model}: {type(exc).__name__}: {str(exc)[:300]}") from exc
             self._record(spec, response, time.perf_counter() - t0)
-            return response.choices[0].message.content or ""
+            return text
         raise AssertionError("unreachable")
 
     def _record(self, spec: ModelSpec, response: Any, seconds: float) -> None:
@@ -192,6 +204,8 @@ class LLMClient:
                 return self.complete(*req)
             except LLMCallError as exc:
                 return exc
+            except Exception as exc:  # a bug below must not end the whole search
+                return LLMCallError(f"{req[0]}: {type(exc).__name__}: {str(exc)[:300]}")
 
         with ThreadPoolExecutor(max(1, min(self._max_concurrency, len(requests)))) as pool:
             return list(pool.map(one, requests))

@@ -68,3 +68,49 @@ def test_parallel_calls_keep_order_and_report_failures_in_place(server):
     server.replies[4] = Reply(status=500)
     (err,) = client.complete_many([("openai::a", [{"role": "user", "content": "x"}])])
     assert isinstance(err, LLMCallError)
+
+
+def _fake_client(reply, models=("openai::fake",), api_base="http://127.0.0.1:9/v1", **kw):
+    calls = []
+
+    def completion(**kwargs):
+        calls.append(kwargs)
+        return reply(kwargs)
+
+    client = LLMClient(list(models), api_base=api_base, completion_fn=completion, backoff_s=0.01, **kw)
+    return client, calls
+
+
+def _response(choices):
+    from types import SimpleNamespace as NS
+    return NS(choices=choices, usage=NS(prompt_tokens=1, completion_tokens=1))
+
+
+def test_a_reply_without_choices_is_a_failed_call_not_a_crash():
+    client, calls = _fake_client(lambda kw: _response([]))
+    with pytest.raises(LLMCallError, match="without a choice"):
+        client.complete("openai::fake", [{"role": "user", "content": "x"}])
+    assert len(calls) == 1 and client.usage.failures == 1  # not retried
+    (err,) = client.complete_many([("openai::fake", [{"role": "user", "content": "x"}])])
+    assert isinstance(err, LLMCallError)
+
+
+def test_complete_many_returns_any_error_in_place(monkeypatch):
+    client, _ = _fake_client(lambda kw: _response([]))
+    monkeypatch.setattr(client, "complete", lambda *a: (_ for _ in ()).throw(KeyError("boom")))
+    (err,) = client.complete_many([("openai::fake", [{"role": "user", "content": "x"}])])
+    assert isinstance(err, LLMCallError) and "KeyError" in str(err)
+
+
+def test_api_base_serves_only_the_openai_models_of_an_ensemble(monkeypatch):
+    from types import SimpleNamespace as NS
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    models = ("openai::local-coder", "anthropic::claude-x")
+    with pytest.raises(LLMConfigError, match="ANTHROPIC_API_KEY"):
+        _fake_client(lambda kw: None, models)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
+    client, calls = _fake_client(lambda kw: _response([NS(message=NS(content="ok"))]), models)
+    client.complete("anthropic::claude-x", [{"role": "user", "content": "x"}])
+    client.complete("openai::local-coder", [{"role": "user", "content": "x"}])
+    assert "api_base" not in calls[0] and "api_key" not in calls[0]
+    assert calls[1]["api_base"] == "http://127.0.0.1:9/v1"

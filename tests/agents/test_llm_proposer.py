@@ -3,7 +3,6 @@ assembly, response parsing, rejections with reasons, and a full `optimize` run t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -263,3 +262,129 @@ def test_edits_and_extra_menu_through_the_cli(tmp_path):
     assert impl and "<<<<<<< OLD" in impl[0]
     row = json.loads((tmp_path / "r.json").read_text())
     assert row["correct"] and row["best_ms"] < row["naive_ms"] and row["best_id"].startswith("i1")
+
+
+# ---------------------------------------------------------------- the proposer with a local fake completion
+
+
+def fake_proposer(answer, tmp_path=None, **kw):
+    """An LLMProposer over a fake completion function: `answer(prompt)` is the reply text (None: no choices)."""
+    from types import SimpleNamespace as NS
+
+    from autocomp_compile.agents.llm import LLMProposer
+    from autocomp_compile.agents.llm_client import LLMClient
+
+    prompts = []
+
+    def completion(**kwargs):
+        prompts.append(kwargs["messages"][0]["content"])
+        text = answer(prompts[-1])
+        if isinstance(text, Exception):
+            raise text
+        return NS(choices=[NS(message=NS(content=text))], usage=NS(prompt_tokens=1, completion_tokens=1))
+
+    client = LLMClient(["openai::fake"], api_base="http://127.0.0.1:9/v1", completion_fn=completion, max_retries=0)
+    proposer = LLMProposer(client, **kw)
+    proposer.prompts = prompts
+    return proposer
+
+
+def gemm_root():
+    target = CpuTarget(["scalar", "avx2"])
+    w = make_workload("gemm", "fp32", m=1, n=N, k=K)
+    return target, w, target.lower(w)
+
+
+def test_each_attached_run_keeps_its_own_transcripts(tmp_path):
+    proposer = fake_proposer(lambda p: "answer")
+    for run in ("a", "b"):
+        proposer.attach_run_dir(tmp_path / run)
+        proposer._ask([("openai::fake", "the same prompt", "k")])
+        assert len(list((tmp_path / run / "llm").glob("*.json"))) == 2  # the response and usage.json
+    assert len(proposer.prompts) == 2
+    proposer.attach_run_dir(tmp_path / "a")  # a re-run of the first: answered from its transcripts
+    proposer._ask([("openai::fake", "the same prompt", "k")])
+    assert len(proposer.prompts) == 2
+    fixed = fake_proposer(lambda p: "answer", transcript_dir=tmp_path / "fixed")
+    fixed.attach_run_dir(tmp_path / "c")
+    assert fixed.transcript_dir == tmp_path / "fixed"
+
+
+def test_an_unreadable_transcript_is_asked_again(tmp_path):
+    proposer = fake_proposer(lambda p: "fresh", transcript_dir=tmp_path)
+    path = proposer._path("openai::fake", "q", "k")
+    for broken in ('{"model": "openai::fake", "prom', '{"model": "openai::fake"}', "[]"):
+        path.write_text(broken)
+        assert proposer._ask([("openai::fake", "q", "k")]) == ["fresh"]
+        assert json.loads(path.read_text())["response"] == "fresh"
+        path.unlink()
+    assert proposer._ask([("openai::fake", "q", "k")]) == ["fresh"] and len(proposer.prompts) == 4
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_apply_edits_locates_every_old_in_the_parent():
+    from autocomp_compile.agents.llm import apply_edits
+
+    code = "a();\nb();\nc();\n"
+    # the first NEW contains the second OLD: both still refer to the parent
+    both = "<<<<<<< OLD\na();\n=======\nb();\na();\n>>>>>>> NEW\n<<<<<<< OLD\nb();\n=======\nB();\n>>>>>>> NEW"
+    assert apply_edits(code, both) == "b();\na();\nB();\nc();\n"
+    # an OLD that only exists in another edit's NEW is refused
+    inserted = "<<<<<<< OLD\nc();\n=======\nc(); d();\n>>>>>>> NEW\n<<<<<<< OLD\nd();\n=======\ne();\n>>>>>>> NEW"
+    with pytest.raises(ResponseRejected, match="edit 2: its OLD text occurs 0 times"):
+        apply_edits(code, inserted)
+    overlap = "<<<<<<< OLD\na();\nb();\n=======\nx\n>>>>>>> NEW\n<<<<<<< OLD\nb();\nc();\n=======\ny\n>>>>>>> NEW"
+    with pytest.raises(ResponseRejected, match="overlap"):
+        apply_edits(code, overlap)
+    # edits given out of order are spliced at their own places
+    reordered = "<<<<<<< OLD\nc();\n=======\nC();\n>>>>>>> NEW\n<<<<<<< OLD\na();\n=======\nA();\n>>>>>>> NEW"
+    assert apply_edits(code, reordered) == "A();\nb();\nC();\n"
+
+
+@pytest.mark.parametrize("kind, params", [("gemm", dict(m=1, n=256, k=512)), ("gemm", dict(m=64, n=256, k=512)),
+                                          ("mlp", dict(batch=1, hidden=256, intermediate=512))])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_cuda_prompts_carry_the_whole_reference(kind, params, dtype):
+    from autocomp_compile.targets.cuda.target import CudaTarget
+
+    w = make_workload(kind, dtype, **params)
+    root = CudaTarget().lower(w)
+    docs = PromptDocs.load("cuda")
+    for prompt in (plan_prompt(docs, w, root, "", "- [a] A: do a"), implement_prompt(docs, w, root, "plan")):
+        for section in ("## Memory", "## Warps", "## Launch", "## Programmatic dependent launch",
+                        "## Prepacked weights and vector reductions"):
+            assert section in prompt
+        assert docs.isa in prompt
+
+
+def test_an_empty_plan_is_rejected_not_implemented():
+    target, w, root = gemm_root()
+    proposer = fake_proposer(lambda p: "" if "Propose ONE" in p else good())
+    out = proposer.propose(root, w, target, "", n_plans=2, n_impls=2, rng=__import__("random").Random(0), iteration=1)
+    assert out == [] and len(proposer.prompts) == 2
+    assert [r["reason"] for r in proposer.rejected] == ["empty plan", "empty plan"]
+
+
+def test_a_failed_extra_menu_call_is_recorded():
+    target, w, root = gemm_root()
+    proposer = fake_proposer(lambda p: ValueError("400 context length exceeded") if "List up to 5" in p
+                             else "Menu item: [none]\nplan" if "Propose ONE" in p else good(), extra_menu=True)
+    out = proposer.propose(root, w, target, "", n_plans=1, n_impls=1, rng=__import__("random").Random(0), iteration=1)
+    assert len(out) == 1
+    assert proposer.rejected[0]["stage"] == "menu" and "context length" in proposer.rejected[0]["reason"]
+
+
+@pytest.mark.parametrize("line", ["Menu item: [{}]", "**Menu item:** [{}]", "**Menu item: [{}]**", "Menu item: [`{}`]",
+                                  "Menu item: [ {} ]"])
+def test_menu_item_forms(line):
+    assert menu_item_of(line.format("cpu-omp") + "\n...", ["cpu-omp"]) == "cpu-omp"
+
+
+def test_an_extra_menu_item_picked_by_the_plan_is_recorded():
+    target, w, root = gemm_root()
+    proposer = fake_proposer(lambda p: "- [x-tile] Tile the rows: keep x in L1." if "List up to 5" in p
+                             else "**Menu item:** [`x-tile`]\nTile." if "Propose ONE" in p else good(), extra_menu=True,
+                             dropout=0.0)
+    (child,) = proposer.propose(root, w, target, "", n_plans=1, n_impls=1, rng=__import__("random").Random(0),
+                                iteration=1)
+    assert child.menu_ids[-1] == "x-tile"
