@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sqlite3
@@ -188,6 +189,13 @@ def _check_workloads(args: argparse.Namespace, workloads: Sequence[Workload]) ->
         check_supported(target, w)
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ValueError:  # in sys.modules without a spec (a stand-in module): importable
+        return True
+
+
 def _check_run_options(args: argparse.Namespace, workloads: Sequence[Workload] = ()) -> None:
     """Everything in a search command's options that can fail, checked before any work: numbers, the target
     and `workloads` on it, then folders and files (created only once the rest passed)."""
@@ -200,6 +208,8 @@ def _check_run_options(args: argparse.Namespace, workloads: Sequence[Workload] =
     _check_workloads(args, workloads)
     if args.prompts:
         _check_prompts(args.prompts, args.target)
+    if args.wandb and not _importable("wandb"):
+        raise UsageError("--wandb needs wandb: pip install wandb")
     _make_dir(cache_dir(), "AUTOCOMP_CACHE_DIR")  # builds go there, with --no-cache too
     _make_dir(args.output_dir, "--output-dir")
     if args.json_path:
@@ -454,6 +464,8 @@ def _run_on_ray(workloads: list[Workload], args: argparse.Namespace) -> list[dic
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
+    if getattr(args, "target", None) is not None and args.target not in target_names():
+        raise UsageError(f"unknown target {args.target!r}; choose one of {target_names()}")  # `clear --target cuad`
     cache = _open_cache()
     if args.cache_command == "ls":
         entries = cache.entries(args.target)

@@ -35,6 +35,8 @@ from autocomp_compile.targets.cpu import bandwidth
         (["warm", "--workers", "0"], "--workers must be >= 1, got 0"),
         (["warm", "--kinds", " ,"], "--kinds: name at least one of"),
         (["warm", "--no-cache"], "warm stores its results in the kernel cache; drop --no-cache"),
+        (["cache", "clear", "--target", "cuad"], "unknown target 'cuad'"),
+        (["cache", "ls", "--target", "bogus"], "unknown target 'bogus'"),
         (["demo", "--timeout=-inf"], "--timeout must be a finite number"),
         (["optimize", "--workload", "rmsnorm", "--eps", "-1"], "eps must be a finite positive number, got -1.0"),
         (["optimize", "--workload", "rmsnorm", "--eps", "nan"], "eps must be a finite positive number, got nan"),
@@ -307,6 +309,23 @@ def test_unreachable_model_server_is_reported_and_fails_the_run(tmp_path, capsys
     assert f"all {row['llm']['failures']} model call(s) failed" in line
 
 
+def test_a_search_whose_model_calls_all_failed_caches_nothing(tmp_path, monkeypatch):
+    """Otherwise the naive kernel would be cached and the same command, run again once the server is up, would
+    return it as a cache hit without asking any model."""
+    monkeypatch.setenv("AUTOCOMP_LLM_BACKOFF_S", "0.01")
+    monkeypatch.setenv("AUTOCOMP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(bandwidth, "measure_read_bandwidth", lambda: 10.0)
+    argv = TINY + ["--budget", "3", "--output-dir", str(tmp_path / "out")]
+    assert cli.main(argv + _unreachable_models()) == 1
+    from autocomp_compile.kernels_cache.store import KernelCache
+
+    with KernelCache(tmp_path / "cache" / "kernels.sqlite") as cache:
+        assert cache.entries() == []
+    assert cli.main(argv) == 0  # the offline search does cache its winner
+    with KernelCache(tmp_path / "cache" / "kernels.sqlite") as cache:
+        assert len(cache.entries()) == 1
+
+
 def test_exit_status_fails_only_where_the_models_did_nothing():
     ok, failed_calls = {"correct": True, "best_id": "root"}, {"calls": 0, "failures": 3, "first_error": "x"}
     assert cli._status([ok]) == 0
@@ -347,3 +366,9 @@ def test_argument_errors_are_one_line(argv, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "usage:" not in err, err
+
+
+def test_wandb_missing_fails_before_the_search(tmp_path, capsys, monkeypatch, no_search):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    assert cli.main(TINY + ["--output-dir", str(tmp_path / "out"), "--wandb"]) == 2
+    assert "--wandb needs wandb: pip install wandb" in _one_line_error(capsys)

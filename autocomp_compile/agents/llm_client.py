@@ -77,7 +77,8 @@ def check_credentials(specs: Sequence[ModelSpec], api_base: str | None = None, e
     for spec in specs:
         names = PROVIDERS[spec.provider][1]
         if not uses_api_base(spec, api_base) and not any(env.get(n) for n in names):
-            raise LLMConfigError(f"model {spec.text}: set {' or '.join(names)} (or pass --api-base for a local server)")
+            local = " (or pass --api-base for a local OpenAI-compatible server)" if spec.provider == "openai" else ""
+            raise LLMConfigError(f"model {spec.text}: set {' or '.join(names)}{local}")
 
 
 @dataclass
