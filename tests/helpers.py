@@ -92,3 +92,30 @@ void autocomp_kernel(void **t, const int64_t *dims) {{
   {after}
 }}
 """
+
+
+def decode_attention_code(edit: tuple[str, str] | None = None) -> tuple[Workload, str, str]:
+    """The small decode attention's generated AVX2 kernel (workload, code, isa), optionally with one text edit."""
+    from autocomp_compile.targets.cpu import codegen
+    from autocomp_compile.targets.cpu.isa import supported_isas
+
+    w = small("decode")
+    knobs = codegen.legalize(w, {"isa": "avx2", "online": True}, supported_isas())
+    code = codegen.generate(w, knobs)
+    if edit:
+        assert edit[0] in code
+        code = code.replace(*edit)
+    return w, code, knobs["isa"]
+
+
+class SwiGLU(torch.nn.Module):
+    """A bias-free SwiGLU MLP, 64 -> 96 -> 64, for the graph passes' tests."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = torch.nn.Linear(64, 96, bias=False)
+        self.up = torch.nn.Linear(64, 96, bias=False)
+        self.down = torch.nn.Linear(96, 64, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))

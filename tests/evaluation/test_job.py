@@ -6,11 +6,9 @@ from pathlib import Path
 import pytest
 
 from autocomp_compile.evaluation.job import EvalSettings, check_and_time, correctness_dims, runtime_dim_max
-from autocomp_compile.targets.cpu import codegen
 from autocomp_compile.targets.cpu.evaluator import LOADER
-from autocomp_compile.targets.cpu.isa import supported_isas
 from autocomp_compile.workload import Workload, make_workload
-from tests.helpers import build_ok, hand_gemm, hand_gemm_workload, small
+from tests.helpers import build_ok, decode_attention_code, hand_gemm, hand_gemm_workload, small
 
 SETTINGS = EvalSettings(correctness_sets=3, timing_budget_ms=20, time_baseline=False)
 
@@ -36,24 +34,14 @@ def test_modifying_a_refreshed_activation_on_the_timed_call_is_caught(tmp_path):
     assert out["stage"] == "inputs_modified" and "'x'" in out["message"]
 
 
-def _decode_attention(edit: tuple[str, str] | None = None) -> tuple[Workload, str, str]:
-    w = small("decode")
-    knobs = codegen.legalize(w, {"isa": "avx2", "online": True}, supported_isas())
-    code = codegen.generate(w, knobs)
-    if edit:
-        assert edit[0] in code
-        code = code.replace(*edit)
-    return w, code, knobs["isa"]
-
-
 def test_a_kernel_with_the_tuned_kv_length_baked_in_fails(tmp_path):
-    w, code, isa = _decode_attention(("const int64_t L = dims[0];", "const int64_t L = 37;"))
+    w, code, isa = decode_attention_code(("const int64_t L = dims[0];", "const int64_t L = 37;"))
     out = _check(w, code, isa, tmp_path)
     assert out["stage"] == "correctness" and "input set 1 (kv_len=1)" in out["message"]
 
 
 def test_a_generated_decode_kernel_passes_at_every_checked_kv_length(tmp_path):
-    w, code, isa = _decode_attention()
+    w, code, isa = decode_attention_code()
     assert _check(w, code, isa, tmp_path)["stage"] == "ok"
 
 

@@ -12,6 +12,7 @@ from autocomp_compile.kernels_cache.store import KernelCache
 from autocomp_compile.models import build_llama, generate
 from autocomp_compile.passes.dynamo import BackendOptions, BackendOptionsError, reports
 from autocomp_compile.passes.kernels import REGISTRY
+from tests.helpers import SwiGLU
 
 
 @pytest.fixture(scope="module")
@@ -184,17 +185,6 @@ def test_llm_models_option_checks_credentials_when_the_backend_compiles(dirs, mo
 
     with pytest.raises(LLMConfigError, match="ANTHROPIC_API_KEY"):
         Rewriter(opts, get_target("cpu"))
-
-
-class SwiGLU(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.gate = torch.nn.Linear(64, 96, bias=False)
-        self.up = torch.nn.Linear(64, 96, bias=False)
-        self.down = torch.nn.Linear(96, 64, bias=False)
-
-    def forward(self, x):
-        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
 
 
 def test_an_mlp_left_to_pytorch_releases_its_projections(tmp_path):

@@ -4,20 +4,13 @@ from __future__ import annotations
 import pytest
 
 from autocomp_compile.passes.kernels import KernelUnavailable, check_loaded
-from autocomp_compile.targets.cpu import codegen
-from autocomp_compile.targets.cpu.isa import supported_isas
 from autocomp_compile.targets.cpu.runtime import CpuKernel
-from tests.helpers import build_ok, small
+from tests.helpers import build_ok, decode_attention_code
 
 
 def _decode_kernel(tmp_path, edit=None):
-    w = small("decode")
-    knobs = codegen.legalize(w, {"isa": "avx2", "online": True}, supported_isas())
-    code = codegen.generate(w, knobs)
-    if edit:
-        assert edit[0] in code
-        code = code.replace(*edit)
-    return w, CpuKernel(build_ok(code, knobs["isa"], tmp_path).so_path, len(w.tensors))
+    w, code, isa = decode_attention_code(edit)
+    return w, CpuKernel(build_ok(code, isa, tmp_path).so_path, len(w.tensors))
 
 
 def test_a_decode_kernel_is_checked_at_another_kv_length_too(tmp_path):

@@ -16,6 +16,7 @@ from autocomp_compile.models.export import (  # noqa: E402
 from autocomp_compile.passes.tvm import (  # noqa: E402
     KERNEL_PREFIX, AutocompPartition, PartitionError, find_regions, kernel_keys)
 from autocomp_compile.passes.tvm_import import from_onnx, from_torch  # noqa: E402
+from tests.helpers import SwiGLU  # noqa: E402
 
 ALL = ("attention", "mlp", "lm_head", "gemm", "rmsnorm")
 
@@ -270,16 +271,6 @@ def test_geglu_mlp_is_not_a_swiglu_region(cache_dir):
 
 
 def swiglu_module():
-    class SwiGLU(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gate = torch.nn.Linear(64, 96, bias=False)
-            self.up = torch.nn.Linear(64, 96, bias=False)
-            self.down = torch.nn.Linear(96, 64, bias=False)
-
-        def forward(self, x):
-            return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
-
     return from_torch(torch.export.export(SwiGLU().eval(), (torch.randn(1, 64),)))
 
 
