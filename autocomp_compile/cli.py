@@ -251,9 +251,10 @@ def _cache(args: argparse.Namespace):
 
 def _llm_counts(proposers: list[Any]) -> dict[str, Any]:
     """Model calls answered and failed so far by the proposers' clients, and how many rejections each recorded."""
-    usages = {id(p.client): p.client.usage for p in proposers if hasattr(p, "client")}
-    return {"calls": sum(u.calls for u in usages.values()), "failures": sum(u.failures for u in usages.values()),
-            "rejected": [len(getattr(p, "rejected", [])) for p in proposers]}
+    from autocomp_compile.optimize import model_calls
+
+    calls, failures = model_calls(proposers)
+    return {"calls": calls, "failures": failures, "rejected": [len(getattr(p, "rejected", [])) for p in proposers]}
 
 
 def _llm_summary(proposers: list[Any], before: dict[str, Any]) -> dict[str, Any]:

@@ -109,7 +109,7 @@ def optimize(
         },
     )
     proposers = proposers or [ScheduleProposer(dropout=config.dropout)]
-    calls_before = _model_calls(proposers)
+    calls_before = model_calls(proposers)
     for p in proposers:
         if hasattr(p, "attach_run_dir"):  # LLM proposers keep their prompts and responses with the run
             p.attach_run_dir(run_dir.root)
@@ -121,7 +121,7 @@ def optimize(
     finally:
         evaluator.close()
     result.reused = [c.origin.split(":", 1)[1] for c in result.candidates if c.origin.startswith("reuse:")]
-    calls, failures = (now - then for now, then in zip(_model_calls(proposers), calls_before))
+    calls, failures = (now - then for now, then in zip(model_calls(proposers), calls_before))
     unsearched = failures and not calls and result.best is not None and result.best.id == "root"
     if cache is not None and result.best is not None and not unsearched:  # every model call failed: no search
         cache.put(tgt, workload, result.best, provenance={"run": name, "reused": result.reused})
@@ -130,7 +130,7 @@ def optimize(
     return result
 
 
-def _model_calls(proposers: Sequence[Any]) -> tuple[int, int]:
+def model_calls(proposers: Sequence[Any]) -> tuple[int, int]:
     """Model calls answered and failed so far by the LLM proposers' clients (0, 0 without any)."""
     usages = {id(p.client): p.client.usage for p in proposers if hasattr(p, "client")}
     return sum(u.calls for u in usages.values()), sum(u.failures for u in usages.values())
