@@ -20,7 +20,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from autocomp_compile.passes import ALL_KINDS, DEFAULT_KINDS
 from autocomp_compile.passes.fx import Match, find_subgraphs
-from autocomp_compile.passes.selection import MODES, Decision, GraphReport, KernelSelector, log
+from autocomp_compile.passes.selection import (MODES, Decision, GraphReport, KernelSelector, decide_region,
+                                                decide_releasing, log)
 from autocomp_compile.targets.base import Target, TargetError, get_target, require_available
 
 class BackendOptionsError(ValueError):
@@ -117,13 +118,14 @@ class Rewriter:
         t0 = time.perf_counter()
         report = GraphReport(self.target.name, self.opts.mode, deterministic=self.selector.deterministic)
         decisions: dict[str, Decision] = {}
-        released: frozenset[fx.Node] = frozenset()  # MLPs left to PyTorch: their projections are offered alone
-        while True:
-            plan = [(m, self._decide(m, decisions)) for m in find_subgraphs(gm, self.opts.kinds, released)]
-            left = {m.anchor for m, d in plan if m.kind == "mlp" and m.workload is not None and not d.replaced}
-            if left <= released:
-                break
-            released |= left
+
+        def decide(m: Match) -> Decision:
+            with unset_fake_temporarily():  # real tensors for searching and checking kernels
+                return decide_region(self.selector, decisions, m.kind, m.workload, m.reason, self.opts.kinds,
+                                     "options['kinds']")
+
+        plan = decide_releasing(lambda released: find_subgraphs(gm, self.opts.kinds, released), decide,
+                                lambda m: m.anchor)
         for _, d in plan:
             d.count += 1
         replaced: dict[fx.Node, fx.Node] = {}
@@ -135,19 +137,6 @@ class Rewriter:
         report.decisions = list(decisions.values())
         report.seconds = time.perf_counter() - t0
         return report
-
-    def _decide(self, match: Match, decisions: dict[str, Decision]) -> Decision:
-        if match.workload is None:
-            return decisions.setdefault(f"{match.kind}:{match.reason}",
-                                        Decision(match.kind, match.kind, 0, False, reason=match.reason))
-        if match.kind not in self.opts.kinds:
-            return decisions.setdefault(match.workload.signature(), Decision(
-                match.kind, match.workload.name, 0, False, reason=f"kind {match.kind!r} not in options['kinds']"))
-        sig = match.workload.signature()
-        if sig not in decisions:
-            with unset_fake_temporarily():  # real tensors for searching and checking kernels
-                decisions[sig] = self.selector.decide(match.workload)
-        return decisions[sig]
 
     def close(self) -> None:
         self.selector.close()

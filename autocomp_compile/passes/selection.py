@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Hashable, Sequence, TypeVar
 
 from autocomp_compile.passes.kernels import REGISTRY, KernelUnavailable
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from autocomp_compile.workload import Workload
 
 MODES = ("cache-only", "search", "off")
+R = TypeVar("R")  # a recognised region of a graph: an fx Match or a Relax Region
 
 
 @dataclass
@@ -144,3 +145,31 @@ class KernelSelector:
 
     def close(self) -> None:
         self.cache.close()
+
+
+def decide_region(selector: KernelSelector, decisions: dict[str, Decision], kind: str, workload: "Workload | None",
+                  reason: str, kinds: Sequence[str], kinds_option: str = "kinds") -> Decision:
+    """One recognised region's Decision, shared by every region of the same workload (`decisions`): why not, when
+    it has no workload or its kind is not asked for; else the selector's."""
+    if workload is None:
+        return decisions.setdefault(f"{kind}:{reason}", Decision(kind, kind, 0, False, reason=reason))
+    sig = workload.signature()
+    if kind not in kinds:
+        return decisions.setdefault(sig, Decision(kind, workload.name, 0, False,
+                                                  reason=f"kind {kind!r} not in {kinds_option}"))
+    if sig not in decisions:
+        decisions[sig] = selector.decide(workload)
+    return decisions[sig]
+
+
+def decide_releasing(find: Callable[[frozenset], list[R]], decide: Callable[[R], Decision],
+                     anchor: Callable[[R], Hashable]) -> list[tuple[R, Decision]]:
+    """Each region `find(released)` lists, with its Decision. An MLP left to the host compiler is released (its
+    anchor joins `released`) and the graph searched again, so that its projections are offered as linears."""
+    released: frozenset = frozenset()
+    while True:
+        outcome = [(r, decide(r)) for r in find(released)]
+        left = {anchor(r) for r, d in outcome if r.kind == "mlp" and r.workload is not None and not d.replaced}
+        if left <= released:
+            return outcome
+        released |= left

@@ -28,13 +28,13 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from autocomp_compile.passes import ALL_KINDS, DEFAULT_KINDS
 from autocomp_compile.passes.kernels import REGISTRY
 from autocomp_compile.passes.relax_patterns import PATTERNS, Constant, Region, constant_array, lm_head_weights, shape_of
-from autocomp_compile.passes.selection import MODES, Decision, GraphReport, KernelSelector, log
+from autocomp_compile.passes.selection import (MODES, Decision, GraphReport, KernelSelector, decide_region,
+                                                decide_releasing, log)
 from autocomp_compile.targets.base import TargetError, get_target, require_available
 
 logger = logging.getLogger(__name__)
 
 KERNEL_PREFIX = "autocomp.kernel."
-_COMPOSITE = ("attention", "mlp")  # regions that contain linear projections of their own
 _TVM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -250,13 +250,10 @@ class AutocompPartition:
         return mod
 
     def _plan(self, func: relax.Function, selector: KernelSelector, decisions: dict[str, Decision]) -> dict:
-        released: frozenset = frozenset()  # composite regions left to TVM: their projections are offered alone
-        while True:
-            outcome = [(r, self._decide(r, selector, decisions)) for r in find_regions(func, self.kinds, released)]
-            left = {r.output for r, d in outcome if r.kind in _COMPOSITE and r.workload is not None and not d.replaced}
-            if left <= released:
-                break
-            released |= left
+        outcome = decide_releasing(
+            lambda released: find_regions(func, self.kinds, released),
+            lambda r: decide_region(selector, decisions, r.kind, r.workload, r.reason, self.kinds),
+            lambda r: r.output)
         plans = {}
         for region, d in outcome:
             d.count += 1
@@ -267,19 +264,6 @@ class AutocompPartition:
             else:
                 logger.info("AutocompPartition: %s left to TVM: %s", region.kind, region.reason)
         return plans
-
-    def _decide(self, region: Region, selector: KernelSelector, decisions: dict[str, Decision]) -> Decision:
-        w = region.workload
-        if w is None:
-            return decisions.setdefault(f"{region.kind}:{region.reason}",
-                                        Decision(region.kind, region.kind, 0, False, reason=region.reason))
-        if region.kind not in self.kinds:
-            return decisions.setdefault(w.signature(), Decision(
-                region.kind, w.name, 0, False, reason=f"kind {region.kind!r} not in kinds"))
-        sig = w.signature()
-        if sig not in decisions:
-            decisions[sig] = selector.decide(w)
-        return decisions[sig]
 
 
 __all__ = ["AutocompPartition", "PartitionError", "find_regions", "register_kernels", "kernel_keys"]
