@@ -152,6 +152,10 @@ def run(args: argparse.Namespace) -> dict:
     cfg = get_config(args.model)
     console.print(f"building {args.model} with random {args.dtype} weights on {args.device} ...")
     model = build_llama(args.model, args.dtype, seed=0).to(args.device)
+    # Every variant compiles the same forward, so all their graphs (prefill and decode, every batch) share one
+    # dynamo cache; past its limit dynamo would run eager silently and the table would call that "inductor".
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     options = {"mode": "cache-only", "verbose": args.verbose}
     fns = variants(model, options, args.cudagraphs)
     results: dict = {"model": args.model, "dtype": args.dtype, "device": describe_device(args.device),

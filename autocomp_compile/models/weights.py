@@ -52,6 +52,11 @@ def _rope_scaling(scaling: dict[str, Any] | None) -> tuple[float, float, float, 
             float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
 
 
+def _field(hf: dict[str, Any], name: str, default: Any) -> Any:
+    """`hf[name]`, or transformers' `LlamaConfig` default where the field is absent or null."""
+    return default if hf.get(name) is None else hf[name]
+
+
 def config_from_hf(hf: dict[str, Any], max_seq_len: int | None = None) -> LlamaConfig:
     """A LlamaConfig from a Hugging Face `config.json` dict (Llama 2/3/3.1/3.2 layouts)."""
     _check_llama(hf)
@@ -66,7 +71,7 @@ def config_from_hf(hf: dict[str, Any], max_seq_len: int | None = None) -> LlamaC
     return LlamaConfig(
         hidden=hf["hidden_size"], intermediate=hf["intermediate_size"], heads=heads,
         kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        vocab=hf["vocab_size"], layers=hf["num_hidden_layers"], eps=hf.get("rms_norm_eps", 1e-5),
+        vocab=hf["vocab_size"], layers=hf["num_hidden_layers"], eps=_field(hf, "rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta), rope_scaling=rope_scaling,
         tie_embeddings=hf.get("tie_word_embeddings", False),
         max_seq_len=min(hf.get("max_position_embeddings", 2048), 2048) if max_seq_len is None else max_seq_len,

@@ -10,6 +10,7 @@ import importlib
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -107,22 +108,23 @@ class KernelRegistry:
             self._kernels[key] = bound
             return bound
 
-    def get(self, key: str) -> BoundKernel | None:
-        """The kernel for `key`, loading it from the kernel cache when this process has not yet."""
+    def get(self, key: str, cache_dir: str | Path | None = None) -> BoundKernel | None:
+        """The kernel for `key`, loading it from the kernel cache (`cache_dir`, default the user's) when this
+        process has not yet."""
         bound = self._kernels.get(key)
         if bound is not None or key in self._failed:
             return bound
         try:
-            return self._load_from_cache(key)
+            return self._load_from_cache(key, cache_dir)
         except (KernelUnavailable, LookupError) as exc:
             self._failed[key] = str(exc)
             log.warning("autocomp: kernel %s unavailable (%s); running PyTorch instead", key, exc)
             return None
 
-    def _load_from_cache(self, key: str) -> BoundKernel:
+    def _load_from_cache(self, key: str, cache_dir: str | Path | None) -> BoundKernel:
         from autocomp_compile.kernels_cache.store import KernelCache
 
-        with KernelCache() as cache:
+        with KernelCache(Path(cache_dir) / "kernels.sqlite" if cache_dir else None) as cache:
             entry = cache.show(key)
         if entry is None:
             raise LookupError("not in the kernel cache")

@@ -11,7 +11,8 @@ found by `passes.relax_patterns` becomes a Workload; the kernel comes from the c
 `R.call_dps_packed("autocomp.kernel.<key>", ...)`, a packed function this module registers, which calls
 the kernel on the VM's tensors without copies. Everything else stays with TVM. `pass.report` (a
 `GraphReport`) says what was replaced and why the rest was not; rejected matches are logged with their
-reason. A process that runs a module built elsewhere calls `register_kernels(mod)` first.
+reason. A process that runs a module built elsewhere calls `register_kernels(mod, cache_dir)` first (the
+partition's `cache_dir`, when it had one).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class PartitionError(ValueError):
 # ---------------------------------------------------------------- runtime: packed functions the VM calls
 
 
-def _kernel_function(key: str):
+def _kernel_function(key: str, cache_dir: str | None):
     state: dict[str, Any] = {}
 
     def run(*args: Any) -> None:
@@ -53,7 +54,7 @@ def _kernel_function(key: str):
 
         kernel = state.get("kernel")
         if kernel is None:
-            kernel = REGISTRY.get(key)
+            kernel = REGISTRY.get(key, cache_dir)
             if kernel is None:
                 raise RuntimeError(f"autocomp kernel {key} is unavailable in this process (see the log)")
             state["kernel"] = kernel
@@ -63,11 +64,12 @@ def _kernel_function(key: str):
     return run
 
 
-def register_kernel_function(key: str) -> str:
-    """Register `autocomp.kernel.<key>` (idempotent); returns the name."""
+def register_kernel_function(key: str, cache_dir: str | None = None) -> str:
+    """Register `autocomp.kernel.<key>` (idempotent), loading from the kernel cache in `cache_dir` (default the
+    user's) on first call; returns the name."""
     name = KERNEL_PREFIX + key
     if tvm.get_global_func(name, allow_missing=True) is None:
-        tvm.register_global_func(name, _kernel_function(key))
+        tvm.register_global_func(name, _kernel_function(key, cache_dir))
     return name
 
 
@@ -87,9 +89,10 @@ def kernel_keys(mod: tvm.IRModule) -> list[str]:
     return keys
 
 
-def register_kernels(mod: tvm.IRModule) -> list[str]:
-    """Register the packed functions of every autocomp kernel that `mod` calls (kernels load on first call)."""
-    return [register_kernel_function(k) for k in kernel_keys(mod)]
+def register_kernels(mod: tvm.IRModule, cache_dir: str | None = None) -> list[str]:
+    """Register the packed functions of every autocomp kernel that `mod` calls; kernels load on first call from
+    the kernel cache in `cache_dir` (pass the partition's `cache_dir`; default the user's cache)."""
+    return [register_kernel_function(k, cache_dir) for k in kernel_keys(mod)]
 
 
 # ---------------------------------------------------------------- rewriting
@@ -109,9 +112,10 @@ def _as_var(e: relax.Expr, val2var: dict) -> relax.Expr:
 class _RegionReplacer(PyExprMutator):
     """Rebinds each planned region's output variable to a kernel call; the region's other bindings become dead."""
 
-    def __init__(self, mod: tvm.IRModule, plans: dict, val2var: dict):
+    def __init__(self, mod: tvm.IRModule, plans: dict, val2var: dict, cache_dir: str | None):
         super().__init__(mod)
         self.plans = plans
+        self.cache_dir = cache_dir
         self.val2var = val2var
 
     def _arg(self, a: Any, shape: tuple[int, ...]) -> relax.Expr:
@@ -134,7 +138,7 @@ class _RegionReplacer(PyExprMutator):
         args = [self._arg(a, spec.shape) for a, spec in zip(region.args, w.inputs)]
         args += [relax.prim_value(tvm.tirx.IntImm("int64", d)) for d in region.runtime_dims]
         out_ty = relax.TensorType(list(region.kernel_shape), _TVM_DTYPES[w.dtype])
-        call = relax.call_dps_packed(register_kernel_function(plan.key), args, out_ty)
+        call = relax.call_dps_packed(register_kernel_function(plan.key, self.cache_dir), args, out_ty)
         value: relax.Expr = call
         own_shape = shape_of(binding.var)
         if own_shape != tuple(region.kernel_shape):
@@ -238,7 +242,8 @@ class AutocompPartition:
                 plans = self._plan(func, selector, decisions)
                 if plans:
                     var2val = relax.analysis.get_var2val(func)
-                    replacer = _RegionReplacer(mod, plans, {v: k for k, v in var2val.items()})
+                    replacer = _RegionReplacer(mod, plans, {v: k for k, v in var2val.items()},
+                                               self.selector_args["cache_dir"])
                     mod[gvar] = replacer.visit_expr(func)
         finally:
             selector.close()

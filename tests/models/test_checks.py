@@ -118,3 +118,11 @@ def test_max_seq_len_zero_is_refused_not_replaced():
     assert config_from_hf(HF, max_seq_len=None).max_seq_len == 128 and config_from_hf(HF, max_seq_len=64).max_seq_len == 64
     with pytest.raises(ValueError, match="positive"):
         config_from_hf(HF, max_seq_len=0)
+
+
+def test_absent_fields_take_transformers_defaults():
+    transformers = pytest.importorskip("transformers")
+    absent = {k: v for k, v in HF.items() if k != "rms_norm_eps"}
+    assert config_from_hf(absent).eps == transformers.LlamaConfig().rms_norm_eps == 1e-6
+    assert config_from_hf({**HF, "rms_norm_eps": None}).eps == 1e-6
+    assert config_from_hf(HF).eps == 1e-5

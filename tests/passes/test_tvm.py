@@ -2,6 +2,10 @@
 and the tiny Llama's decode step through both frontends (outputs equal before and after the pass)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -311,3 +315,22 @@ def test_metaschedule_build_function_builds_without_tensor_intrinsics():
     out = tvm.runtime.tensor(np.zeros((1, 32), "float32"))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
     np.testing.assert_allclose(out.numpy(), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_a_module_partitioned_with_a_cache_dir_runs_in_another_process(cache_dir, tmp_path):
+    after = partition(cache_dir)(linear_module())
+    library = tmp_path / "linear.so"
+    relax.build(after, target=tvm.target.Target({"kind": "llvm"})).export_library(str(library))
+    child = f"""
+import numpy as np, torch, tvm
+from tvm import relax
+from autocomp_compile.passes.tvm import register_kernel_function
+register_kernel_function({kernel_keys(after)[0]!r}, {cache_dir!r})
+x, w = torch.randn(1, 64), torch.randn(32, 64)
+vm = relax.VirtualMachine(tvm.runtime.load_module({str(library)!r}), tvm.cpu())
+out = vm["main"](tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(w.numpy())).numpy()
+np.testing.assert_allclose(out, (x @ w.T).numpy(), rtol=1e-5, atol=1e-5)
+"""
+    env = {**os.environ, "AUTOCOMP_CACHE_DIR": str(tmp_path / "default_cache")}  # the user's cache lacks it
+    done = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
