@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from autocomp_compile.agents.schedule import Proposer
 
 
+# Rounds in a row that propose only already-seen kernels before the search calls its space exhausted.
+EMPTY_ROUNDS = 3
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """Knobs of the search; every field can be set from the CLI or from Python."""
@@ -157,15 +161,13 @@ class BeamSearch:
         if self.run_dir:
             self.run_dir.save_beam(0, beam)
         self.progress(len(every), cfg.budget, beam[0] if beam else None, self._baseline(beam, every))
-        stop, stale, iteration = "iterations", 0, 0
+        stop, stale, empty = "iterations", 0, 0
         for iteration in range(1, cfg.iterations + 1):
             if len(every) >= cfg.budget:
                 stop = "budget"
-                iteration -= 1
                 break
             if not beam:
                 stop = "no correct kernel"
-                iteration -= 1
                 break
             children: list[Candidate] = []
             for j, parent in enumerate(beam):
@@ -179,9 +181,16 @@ class BeamSearch:
                         children.append(child)
             children = children[: cfg.budget - len(every)]
             if not children:
-                stop = "search space exhausted"
-                iteration -= 1
-                break
+                # Only duplicates this round: menu dropout and the proposer's random draws may still find new
+                # candidates next round, so an empty round counts as a stale one and ends the search only
+                # after EMPTY_ROUNDS in a row (or when patience runs out).
+                stale, empty = stale + 1, empty + 1
+                if empty >= min(EMPTY_ROUNDS, cfg.patience) or stale >= cfg.patience:
+                    stop = "search space exhausted" if empty >= min(EMPTY_ROUNDS, cfg.patience) else \
+                        f"no improvement in {cfg.patience} iterations"
+                    break
+                continue
+            empty = 0
             for n, child in enumerate(children):
                 child.id = f"i{iteration}c{n:02d}"
                 child.iteration = iteration
@@ -205,7 +214,7 @@ class BeamSearch:
             root=root,
             best=beam[0] if beam else None,
             candidates=every,
-            iterations=iteration,
+            iterations=len(history) - 1,  # iterations that evaluated candidates
             stop_reason=stop,
             baseline_ms=self._baseline(beam, every),
             evaluated_now=self._evaluated_now,

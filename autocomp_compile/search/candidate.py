@@ -2,20 +2,35 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import re
+import tokenize
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from autocomp_compile.targets.base import EvalResult
 
-_COMMENTS = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
+_C_COMMENTS = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
+PYTHON_LANGUAGES = frozenset({"nki", "python", "triton"})
 
 
-def normalized_code_hash(code: str) -> str:
-    """Hash of the code without comments and whitespace: candidates that differ only there are duplicates."""
-    body = _COMMENTS.sub("", code)
-    body = re.sub(r"\s+", "", body)
+def normalized_code_hash(code: str, language: str = "c") -> str:
+    """Hash of the code without comments and insignificant whitespace: candidates that differ only there are
+    duplicates. C-like code (C, CUDA) drops all whitespace; Python code (NKI) keeps its tokens and indentation
+    structure, where `//` is floor division and `#` starts a comment."""
+    body = _python_tokens(code) if language in PYTHON_LANGUAGES else re.sub(r"\s+", "", _C_COMMENTS.sub("", code))
     return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _python_tokens(code: str) -> str:
+    """Python source as its token sequence without comments and blank lines (indentation kept as INDENT/DEDENT);
+    code that does not tokenize (an LLM's broken answer) is kept whole but for trailing spaces and blank lines."""
+    try:
+        tokens = [f"{tok.type}:{tok.string}" for tok in tokenize.generate_tokens(io.StringIO(code).readline)
+                  if tok.type not in (tokenize.COMMENT, tokenize.NL)]
+    except (tokenize.TokenError, SyntaxError):
+        return "\n".join(line.rstrip() for line in code.splitlines() if line.strip())
+    return "\x00".join(tokens)
 
 
 @dataclass
@@ -34,7 +49,7 @@ class Candidate:
 
     @property
     def code_hash(self) -> str:
-        return normalized_code_hash(self.code)
+        return normalized_code_hash(self.code, self.language)
 
     @property
     def correct(self) -> bool:

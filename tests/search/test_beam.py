@@ -160,6 +160,35 @@ def test_iterations_count_completed_iterations_when_exhausted():
     assert r.iterations == len(r.history) - 1
 
 
+class _ScriptedProposer:
+    """Round r proposes the children named in `script[r]` (codes that differ only in a comment are one kernel)."""
+
+    def __init__(self, script):
+        self.script = script
+
+    def propose(self, parent, workload, target, feedback, n_plans, n_impls, rng, iteration):
+        return [Candidate(id="", parent_id=parent.id, iteration=iteration, language="c",
+                          code=f"// kernel {name}\nvoid f(){{}} /* {iteration} */ int v{name};", knobs=parent.knobs)
+                for name in self.script.get(iteration, [])]
+
+
+def test_a_round_of_only_duplicates_does_not_end_the_search():
+    script = {1: ["a"], 2: ["a"], 3: ["b"], 4: ["b"], 5: ["b"], 6: ["b"], 7: ["c"]}
+    cfg = SearchConfig(budget=1000, iterations=20, patience=20)
+    r = BeamSearch(FakeTarget(FakeEvaluator()), small("gemm"), FakeEvaluator(), [_ScriptedProposer(script)], cfg).run()
+    assert [c.iteration for c in r.candidates] == [0, 1, 3]  # round 2's duplicate is skipped, round 3 runs
+    assert r.stop_reason == "search space exhausted"  # rounds 4-6 proposed only duplicates: round 7 never ran
+    assert r.iterations == len(r.history) - 1 == 2
+
+
+def test_rounds_of_duplicates_count_against_patience():
+    cfg = SearchConfig(budget=1000, iterations=20, patience=2)
+    r = BeamSearch(FakeTarget(FakeEvaluator()), small("gemm"), FakeEvaluator(), [_ScriptedProposer({1: ["a"]})],
+                   cfg).run()
+    assert [c.iteration for c in r.candidates] == [0, 1]
+    assert r.stop_reason == "no improvement in 2 iterations"  # round 1 did not improve, round 2 proposed nothing
+
+
 def test_seeds_are_evaluated_and_can_win():
     w = small("gemm")
     target = FakeTarget(FakeEvaluator())
