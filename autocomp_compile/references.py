@@ -301,6 +301,26 @@ def _signed_with_tails(numel: int, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
+def _rmsnorm_row_scales(rows: int, eps: float, variant: int) -> torch.Tensor:
+    """Per-row magnitudes of RMSNorm inputs, cycling (from `variant` on) through RMS sqrt(eps), where eps decides
+    half the result, 1 and 10: with inputs of RMS 1 only, a kernel with eps 1000x too large or eps 0 would pass."""
+    cycle = torch.tensor([math.sqrt(eps), 1.0, 10.0])
+    return cycle[(torch.arange(rows) + variant) % 3]
+
+
+# Score scale of one query head per batch row: its softmax logits reach 100-200, past exp's float32 range (88.7),
+# so that a kernel without the max subtraction overflows there.
+SHARP_HEAD_SCALE = 30.0
+
+
+def _sharpen_one_head(q: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Attention queries [batch, heads, ...] with one random head per batch row scaled by SHARP_HEAD_SCALE."""
+    heads = torch.randint(0, q.shape[1], (q.shape[0],), generator=gen)
+    q = q.clone()
+    q[torch.arange(q.shape[0]), heads] *= SHARP_HEAD_SCALE
+    return q
+
+
 class InputFactory:
     """Makes fresh random inputs for a workload. One per worker process (it owns the pools).
 
@@ -331,13 +351,17 @@ class InputFactory:
             self._pools[key] = pool
         return self._pools[key]
 
-    def tensor(self, w: Workload, spec: TensorSpec) -> torch.Tensor:
+    def tensor(self, w: Workload, spec: TensorSpec, variant: int = 0) -> torch.Tensor:
         scale = self._scale(w, spec)
         if spec.numel < POOL_THRESHOLD:
-            values = _signed_with_tails(spec.numel, self.gen) * scale
+            values = (_signed_with_tails(spec.numel, self.gen) * scale).view(spec.shape)
             if w.kind == "rmsnorm" and spec.name == "weight":
                 values = 1.0 + 0.2 * values
-            return values.to(spec.torch_dtype).view(spec.shape)
+            elif w.kind == "rmsnorm" and spec.name == "x":
+                values = values * _rmsnorm_row_scales(spec.shape[0], w.params["eps"], variant).unsqueeze(1)
+            elif w.kind == "attention" and spec.name == "q":
+                values = _sharpen_one_head(values, self.gen)
+            return values.to(spec.torch_dtype)
         slack = 1 << 20
         pool = self._pool(spec, scale, slack)
         offset = int(torch.randint(0, slack // 32, (1,), generator=self.gen)) * 32
@@ -350,9 +374,11 @@ class InputFactory:
         self.pristine[spec.name] = pristine
         return buf
 
-    def inputs(self, w: Workload) -> Tensors:
+    def inputs(self, w: Workload, variant: int = 0) -> Tensors:
+        """Fresh inputs for `w`. `variant` (a correctness set's index) rotates input features that a few sets must
+        cover between them, such as RMSNorm's row magnitudes."""
         self.pristine = {}
-        return {spec.name: self.tensor(w, spec) for spec in w.inputs}
+        return {spec.name: self.tensor(w, spec, variant) for spec in w.inputs}
 
     def snapshot(self, inputs: Tensors) -> Tensors:
         """Unmodifiable copies of `inputs` to compare against after a kernel ran."""
@@ -362,3 +388,48 @@ class InputFactory:
 def empty_outputs(w: Workload, fill: float = float("nan"), device: str = "cpu") -> Tensors:
     """Output tensors, filled with NaN by default so that an element a kernel never writes is caught."""
     return {spec.name: torch.full(spec.shape, fill, dtype=spec.torch_dtype, device=device) for spec in w.outputs}
+
+
+# NaN elements before and after each guarded output; 1024 elements of 2 or 4 bytes keep the output 64-byte aligned.
+GUARD_ELEMENTS = 1024
+
+
+class GuardedOutputs(dict):
+    """NaN-filled outputs, as `empty_outputs` makes them, each inside a buffer with GUARD_ELEMENTS NaN elements
+    on either side; `overrun()` says which margin a kernel wrote into (a write past an output that a plain
+    allocation would not notice, or that would crash a later free)."""
+
+    def __init__(self, w: Workload, device: str = "cpu"):
+        super().__init__()
+        self._buffers: dict[str, tuple[torch.Tensor, int]] = {}
+        g = GUARD_ELEMENTS
+        for spec in w.outputs:
+            buf = torch.full((spec.numel + 2 * g,), float("nan"), dtype=spec.torch_dtype, device=device)
+            self[spec.name] = buf[g : g + spec.numel].view(spec.shape)
+            self._buffers[spec.name] = (buf, spec.numel)
+        self._pattern = {name: as_bits(buf[:g]).clone() for name, (buf, _) in self._buffers.items()}
+
+    def overrun(self) -> str:
+        """Why a guard margin changed ("" when every margin still holds its NaNs, bit for bit)."""
+        g = GUARD_ELEMENTS
+        for name, (buf, n) in self._buffers.items():
+            for side, margin in (("before", buf[:g]), ("after", buf[g + n :])):
+                changed = as_bits(margin) != self._pattern[name]
+                if bool(changed.any()):
+                    return (f"the kernel wrote {int(changed.sum())} element(s) {side} output {name!r} "
+                            f"(out of bounds)")
+        return ""
+
+    def fill_nan(self) -> None:
+        """Poison the outputs again (the margins keep their NaNs)."""
+        for out in self.values():
+            out.fill_(float("nan"))
+
+
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor's elements as integers of the same width, so that comparisons are bitwise (a NaN equals the
+    same NaN, -0.0 differs from 0.0); other tensors as they are."""
+    return t.contiguous().view(_SAME_WIDTH_INT[t.element_size()]) if t.is_floating_point() else t

@@ -276,3 +276,52 @@ def test_names_tell_decode_from_prefill_and_omit_unused_parameters():
     assert decode.name == "attention_bf16_decode_batch1_head_dim64_heads32_kv_heads8_kv_len1024_max_kv_len2048"
     assert prefill.name == "attention_bf16_prefill_batch1_head_dim64_heads32_kv_heads8_seq_len256"
     assert make_workload("mlp").name == "mlp_bf16_batch1_hidden2048_intermediate8192"
+
+
+# ---------------------------------------------------------------- inputs that expose numerically wrong kernels
+
+
+def _fails_in_some_set(w, wrong, sets=3):
+    """Whether `wrong(inputs)` (a kernel's output) mismatches the reference in at least one of `sets` input sets."""
+    from autocomp_compile.evaluation.checks import compare
+
+    spec, factory = get_kind(w.kind), InputFactory(0)
+    for s in range(sets):
+        inputs = factory.inputs(w, variant=s)
+        ref = spec.reference(inputs, w.params, w.runtime_dims)["out"]
+        if not compare("out", wrong(inputs).to(w.outputs[0].torch_dtype), ref).ok:
+            return True
+    return False
+
+
+def _rmsnorm_with_eps(eps):
+    def kernel(t):
+        x = t["x"].double()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * t["weight"].double()
+    return kernel
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_rmsnorm_inputs_expose_a_wrong_eps(rows):
+    w = make_workload("rmsnorm", "bf16", rows=rows, hidden=256, eps=1e-5)
+    assert not _fails_in_some_set(w, _rmsnorm_with_eps(1e-5))
+    assert _fails_in_some_set(w, _rmsnorm_with_eps(0.0))
+    assert _fails_in_some_set(w, _rmsnorm_with_eps(1e-2))
+
+
+def _attention_without_max_subtraction(p):
+    def kernel(t):
+        q, k, v = t["q"].float(), t["k_cache"].float(), t["v_cache"].float()
+        n, group = p["kv_len"], p["heads"] // p["kv_heads"]
+        k = k[:, :, :n].repeat_interleave(group, dim=1)
+        v = v[:, :, :n].repeat_interleave(group, dim=1)
+        e = torch.exp(q.unsqueeze(2) @ k.transpose(-1, -2) / p["head_dim"] ** 0.5)  # no max subtraction
+        return ((e / e.sum(-1, keepdim=True)) @ v).squeeze(2)
+    return kernel
+
+
+def test_attention_inputs_expose_softmax_without_max_subtraction():
+    w = make_workload("attention", "bf16", batch=2, heads=8, kv_heads=2, head_dim=64, kv_len=256, max_kv_len=512)
+    assert _fails_in_some_set(w, _attention_without_max_subtraction(w.params), sets=1)
+    ref_kernel = lambda t: get_kind("attention").reference(t, w.params, w.runtime_dims)["out"]  # noqa: E731
+    assert not _fails_in_some_set(w, ref_kernel)

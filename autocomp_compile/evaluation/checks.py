@@ -62,17 +62,22 @@ def _summary(samples: list[float]) -> Timing:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], None]], budget_ms: float = 1500.0, min_runs: int = 5, max_runs: int = 200, warmup: int = 2
+    fns: dict[str, Callable[[], None]], budget_ms: float = 1500.0, min_runs: int = 5, max_runs: int = 200, warmup: int = 2,
+    prepare: dict[str, Callable[[], None]] | None = None,
 ) -> dict[str, Timing]:
     """Time several functions in alternation (a, b, a, b, ...), so machine noise hits all alike.
 
-    The number of runs comes from a time budget, as in triton's do_bench.
+    The number of runs comes from a time budget, as in triton's do_bench. `prepare[name]`, where given, runs
+    before each call of `fns[name]`, outside the timed region (e.g. writing fresh activations).
     """
-    for fn in fns.values():
+    before = _preparers(fns, prepare)
+    for name, fn in fns.items():
         for _ in range(warmup):
+            before[name]()
             fn()
     start = time.perf_counter()
-    for fn in fns.values():
+    for name, fn in fns.items():
+        before[name]()
         fn()
     estimate_ms = (time.perf_counter() - start) * 1e3
     runs = int(min(max_runs, max(min_runs, budget_ms / max(estimate_ms, 1e-3))))
@@ -81,15 +86,29 @@ def time_interleaved(
     for i in range(runs):
         order = names if i % 2 == 0 else names[::-1]
         for name in order:
+            before[name]()
             t0 = time.perf_counter()
             fns[name]()
             samples[name].append(time.perf_counter() - t0)
     return {name: _summary(s) for name, s in samples.items()}
 
 
+def _nothing() -> None:
+    pass
+
+
+def _preparers(fns: dict[str, Callable[[], None]], prepare: dict[str, Callable[[], None]] | None
+               ) -> dict[str, Callable[[], None]]:
+    """The function to run before each call of every timed function (one that does nothing where none is given)."""
+    unknown = set(prepare or {}) - set(fns)
+    if unknown:
+        raise ValueError(f"prepare names functions that are not timed: {sorted(unknown)}")
+    return {name: (prepare or {}).get(name, _nothing) for name in fns}
+
+
 def time_interleaved_cuda(
     fns: dict[str, Callable[[], None]], budget_ms: float = 1000.0, min_runs: int = 10, max_runs: int = 500, warmup: int = 3,
-    flush: str = "read",
+    flush: str = "read", prepare: dict[str, Callable[[], None]] | None = None,
 ) -> dict[str, Timing]:
     """As `time_interleaved`, on the GPU: CUDA events around each call, and the L2 cache flushed
     before each one (decode weights would otherwise be served from a 50-60 MB L2).
@@ -99,23 +118,28 @@ def time_interleaved_cuda(
     (triton's do_bench does): the timed call then also pays for writing back up to an L2 of dirty lines, which
     no decode step has; on an H100 that added 4 us to a 100 MB GEMV (37 -> 41 us) and 10 us to cuBLAS's MLP.
 
+    `prepare[name]`, where given, runs before each call's flush and start event, outside the timed region.
+
     A ~100 us spin kernel is queued before each start event so the host can enqueue the whole call
     while the GPU is busy: the events then time GPU execution, not Python launch gaps (which would
     otherwise inflate multi-op PyTorch baselines and multi-kernel candidates alike).
     """
     if flush not in ("read", "zero"):
         raise ValueError(f"flush must be 'read' or 'zero', got {flush!r}")
+    before = _preparers(fns, prepare)
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
     buffer = torch.zeros(max(2 * l2, 1 << 20) // 4, dtype=torch.float32, device="cuda")
     sink = torch.zeros((), dtype=torch.float32, device="cuda")
     flush_l2 = (lambda: torch.sum(buffer, out=sink)) if flush == "read" else buffer.zero_
     spin_cycles = 200_000  # ~100 us at the ~2 GHz SM clock of an H100/H200
-    for fn in fns.values():
+    for name, fn in fns.items():
         for _ in range(warmup):
+            before[name]()
             fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for fn in fns.values():
+    for name, fn in fns.items():
+        before[name]()
         fn()
     torch.cuda.synchronize()
     estimate_ms = (time.perf_counter() - t0) * 1e3
@@ -124,6 +148,7 @@ def time_interleaved_cuda(
     names = list(fns)
     for i in range(runs):
         for name in names if i % 2 == 0 else names[::-1]:
+            before[name]()  # queued before the flush and the start event: not timed
             flush_l2()
             torch.cuda._sleep(spin_cycles)
             start, end = events[name][i]

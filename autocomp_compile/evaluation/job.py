@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from autocomp_compile.evaluation.checks import compare, time_interleaved, time_interleaved_cuda
-from autocomp_compile.references import InputFactory, empty_outputs, get_kind
+from autocomp_compile.references import GuardedOutputs, InputFactory, as_bits, empty_outputs, get_kind
 from autocomp_compile.workload import Workload
 
 
@@ -56,6 +56,21 @@ def check_and_time(
     state: dict[str, Any], w: Workload, loader: str, loader_args: tuple, settings: EvalSettings
 ) -> dict[str, Any]:
     """Returns a dict of EvalResult fields."""
+    threads = torch.get_num_threads()
+    result = _check_and_time(state, w, loader, loader_args, settings)
+    if torch.get_num_threads() != threads:
+        # torch and the kernels share one libgomp: a candidate's omp_set_num_threads would time every later
+        # candidate (and the baseline) on fewer threads
+        now = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        return dict(correct=False, stage="harness_modified",
+                    message=f"the candidate changed the process's OpenMP thread count ({threads} -> {now})")
+    return result
+
+
+def _check_and_time(
+    state: dict[str, Any], w: Workload, loader: str, loader_args: tuple, settings: EvalSettings
+) -> dict[str, Any]:
     try:
         kernel = _load(loader, loader_args)
     except Exception as exc:  # noqa: BLE001 - any load failure fails this candidate only
@@ -73,20 +88,23 @@ def check_and_time(
     snapshot: dict[str, torch.Tensor] = {}
     dev = settings.device
     for s, set_dims in enumerate(correctness_dims(w, settings.correctness_sets, settings.seed)):
-        host_inputs = factory.inputs(w)
+        host_inputs = factory.inputs(w, variant=s)
         snapshot = factory.snapshot(host_inputs)
         ref = spec.reference(host_inputs, w.params, dict(zip(w.runtime_dims, set_dims)))
         inputs = host_inputs if dev == "cpu" else {k: v.to(dev) for k, v in host_inputs.items()}
-        outs = empty_outputs(w, device=dev)  # NaN-poisoned: an output the kernel never writes fails the check
+        outs = GuardedOutputs(w, device=dev)  # NaN-poisoned: an output the kernel never writes fails the check
         try:
             kernel([inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs], set_dims)
             _sync(dev)
         except Exception as exc:  # noqa: BLE001 - e.g. a CUDA launch or illegal-address error
             return dict(correct=False, stage="runtime", message=f"{type(exc).__name__}: {exc}")
+        at = dims_note(w, set_dims)
+        overrun = outs.overrun()
+        if overrun:
+            return dict(correct=False, stage="out_of_bounds", message=f"input set {s}{at}: {overrun}")
         modified = modified_input(inputs, snapshot)
         if modified:
             return dict(correct=False, stage="inputs_modified", message=modified)
-        at = dims_note(w, set_dims)
         for name, out in outs.items():
             m = compare(name, out.cpu(), ref[name])
             worst = max(worst, m.max_abs_error)
@@ -103,14 +121,14 @@ def check_and_time(
         if differs:
             return dict(correct=False, stage="nondeterministic", message=differs)
     dims = [w.runtime_dims[k] for k in w.runtime_dims]  # timing runs at the tuned values
-    outs = empty_outputs(w, device=dev)
+    outs = GuardedOutputs(w, device=dev)
     args = [inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs]
     refresh = ActivationRefresher(w, inputs, settings.seed)
-    fns: dict[str, Callable[[], None]] = {"candidate": lambda: (refresh(), kernel(args, dims))}
+    fns: dict[str, Callable[[], None]] = {"candidate": lambda: kernel(args, dims)}
     if settings.time_baseline:
         base_outs = empty_outputs(w, device=dev)
-        fns["baseline"] = lambda: (refresh(), spec.eager(inputs, base_outs, w.params, w.runtime_dims))
-    timing = _timer(dev)(fns, budget_ms=settings.timing_budget_ms)
+        fns["baseline"] = lambda: spec.eager(inputs, base_outs, w.params, w.runtime_dims)
+    timing = _timer(dev)(fns, budget_ms=settings.timing_budget_ms, prepare={name: refresh for name in fns})
     if time.perf_counter is not _PERF_COUNTER or time.perf_counter_ns is not _PERF_COUNTER_NS:
         return dict(correct=False, stage="harness_modified", message="the candidate replaced the harness's timer")
     cand = timing["candidate"]
@@ -118,11 +136,19 @@ def check_and_time(
     if beyond:
         return dict(correct=False, stage="beyond_roofline", message=beyond, latency_ms=cand.median_ms)
     # The timed calls' own output must be right for the inputs of the last call: with activations that
-    # change before every call, a kernel that caches results (by pointer or by value) is caught here.
+    # change before every call, a kernel that caches results (by pointer or by value) is caught here, and
+    # with the output poisoned again, so is one that skips the work when it has seen these buffers before.
+    overrun = outs.overrun()
+    if overrun:
+        return dict(correct=False, stage="out_of_bounds", message=f"during timing: {overrun}")
     refresh()
     expected = {**snapshot, **refresh.snapshot()}
+    outs.fill_nan()
     kernel(args, dims)
     _sync(dev)
+    overrun = outs.overrun()
+    if overrun:
+        return dict(correct=False, stage="out_of_bounds", message=f"after timing: {overrun}")
     modified = modified_input(inputs, expected)
     if modified:
         return dict(correct=False, stage="inputs_modified", message=f"after timing: {modified}")
@@ -143,16 +169,22 @@ def check_and_time(
 
 
 def correctness_dims(w: Workload, sets: int, seed: int) -> list[list[int]]:
-    """The runtime dims of each correctness set: set 0 the tuned values, set 1 all ones, later sets random values
-    in [1, max], so that a kernel that bakes in its tuned values fails. Empty lists when `w` has no runtime dims."""
+    """The runtime dims of each correctness set: set 0 the tuned values, then the maxima (a kernel that clamps
+    to its tuned values fails there), all ones, and random values in [1, max], so that a kernel that bakes in
+    its tuned values fails. A set that repeats an earlier one is left out. Empty lists when `w` has no
+    runtime dims."""
     if not w.runtime_dims:
         return [[] for _ in range(sets)]
     gen = torch.Generator().manual_seed(seed + 104729)
     tuned = list(w.runtime_dims.values())
     maxima = [runtime_dim_max(w, name) for name in w.runtime_dims]
-    rest = [[1] * len(tuned)] + [[int(torch.randint(1, m + 1, (1,), generator=gen)) for m in maxima]
-                                 for _ in range(max(sets - 2, 0))]
-    return [tuned, *rest][:sets]
+    chosen: list[list[int]] = []
+    for dims in (tuned, maxima, [1] * len(tuned)):
+        if dims not in chosen:
+            chosen.append(dims)
+    while len(chosen) < sets:
+        chosen.append([int(torch.randint(1, m + 1, (1,), generator=gen)) for m in maxima])
+    return chosen[:sets]
 
 
 def runtime_dim_max(w: Workload, name: str) -> int:
@@ -186,21 +218,12 @@ def _repeat_differs(kernel: Callable[[list[torch.Tensor], list[int]], None], w: 
         kernel([inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs], dims)
         _sync(dev)
         for name, out in outs.items():
-            now, before = _bits(out.cpu()), _bits(first[name])
+            now, before = as_bits(out.cpu()), as_bits(first[name])
             if not torch.equal(now, before):
                 return (f"not bit-reproducible: run {r + 2} on the same inputs changed output {name!r} "
                         f"({int((now != before).sum())} of {now.numel()} elements differ), and deterministic "
                         f"kernels were asked for")
     return ""
-
-
-_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Each element's bits as an integer, so that comparisons are bitwise (a NaN equals the same NaN, -0.0
-    differs from 0.0)."""
-    return t.contiguous().view(_SAME_WIDTH_INT[t.element_size()]) if t.is_floating_point() else t
 
 
 def _beyond_roofline(state: dict[str, Any], w: Workload, latency_ms: float, settings: EvalSettings) -> str:
@@ -221,22 +244,26 @@ def _beyond_roofline(state: dict[str, Any], w: Workload, latency_ms: float, sett
 
 
 class ActivationRefresher:
-    """Writes new values into the small activation inputs (not the weights) before every timed call, so that
-    no two timed calls see the same inputs at the same addresses. Candidate and baseline both pay the copy
-    (microseconds: decode activations are a few KB)."""
+    """Writes new values into the activation inputs (not the weights) before every timed call, outside the timed
+    region, so that no two timed calls see the same inputs at the same addresses: every activation of up to
+    MAX_ELEMENTS (decode activations), and the smallest one where all are larger (a prefill GEMM's x; KV
+    caches and prefill attention's other inputs keep their values)."""
 
-    MAX_ELEMENTS = 1 << 16  # decode activations; not KV caches or prefill inputs
+    MAX_ELEMENTS = 1 << 16
     WINDOWS = 1024
 
     def __init__(self, w: Workload, inputs: dict[str, torch.Tensor], seed: int):
         gen = torch.Generator().manual_seed(seed + 7919)
+        activations = [spec for spec in w.inputs if spec.role == "input"]
+        chosen = [spec for spec in activations if spec.numel <= self.MAX_ELEMENTS]
+        if not chosen and activations:
+            chosen = [min(activations, key=lambda spec: spec.numel)]
         self.targets = []
-        for spec in w.inputs:
-            if spec.role != "input" or spec.numel > self.MAX_ELEMENTS:
-                continue
+        for spec in chosen:
             t = inputs[spec.name]
-            pool = torch.randn(spec.numel * 4, generator=gen).to(t.dtype).to(t.device)
-            offsets = torch.randint(0, spec.numel * 3, (self.WINDOWS,), generator=gen).tolist()
+            slack = min(spec.numel * 3, 1 << 22)
+            pool = torch.randn(spec.numel + slack, generator=gen).to(t.dtype).to(t.device)
+            offsets = torch.randint(0, slack + 1, (self.WINDOWS,), generator=gen).tolist()
             self.targets.append((spec.name, spec.shape, t.view(-1), pool, offsets))
         self.calls = 0
 

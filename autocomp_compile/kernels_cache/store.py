@@ -169,10 +169,16 @@ def _valid_entry(row: sqlite3.Row) -> CacheEntry | None:
     if problem is not None:
         log.warning("kernel cache: skipping invalid row %s (%s)", entry.key, problem)
         return None
-    if normalized_code_hash(entry.code) != entry.code_hash:
+    if not _code_matches_hash(entry):
         log.warning("kernel cache: skipping %s: its code does not match its hash (edited or corrupted)", entry.key)
         return None
     return entry
+
+
+def _code_matches_hash(entry: "CacheEntry") -> bool:
+    """Whether an entry's code still has the hash it was stored with: by its language's normalisation, or by the
+    C one that every language used before Python kernels (NKI) kept `//` and indentation in their hash."""
+    return entry.code_hash in (normalized_code_hash(entry.code, entry.language), normalized_code_hash(entry.code))
 
 
 def _machine(fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -195,12 +201,19 @@ def _shape_distance(a: dict[str, Any], b: dict[str, Any]) -> float:
 class KernelCache:
     """Correct kernels by (target fingerprint, workload signature, code-generator version)."""
 
+    FILE_NAME = "kernels.sqlite"
+
     def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path else cache_dir() / "kernels.sqlite"
+        self.path = Path(path) if path else cache_dir() / self.FILE_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = self._open()
 
     # ------------------------------------------------------------ connection
+
+    @classmethod
+    def in_directory(cls, directory: str | Path | None) -> "KernelCache":
+        """The cache file in `directory` (a `cache_dir` argument), or the default cache when it is None."""
+        return cls(Path(directory) / cls.FILE_NAME if directory else None)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
@@ -377,7 +390,7 @@ class KernelCache:
             elif e.codegen != want and e.knobs is None:
                 refused.append(f"{e.key}: written by code generator {e.codegen!r} (this installation has {want!r}) "
                                f"and has no schedule to reuse")
-            elif normalized_code_hash(e.code) != e.code_hash:
+            elif not _code_matches_hash(e):
                 refused.append(f"{e.key}: code does not match its hash")
             elif cache_key(e.fingerprint, e.signature, e.codegen) != e.key:
                 refused.append(f"{e.key}: key does not match its fingerprint and workload")

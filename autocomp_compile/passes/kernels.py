@@ -72,14 +72,15 @@ def load_kernel(target: Target, workload: Workload, candidate: Candidate) -> Ker
 
 def check_loaded(kernel: KernelFn, workload: Workload, seed: int = 0, device: str = "cpu") -> None:
     """One fresh random input set against the reference, in this process, before the kernel enters a model;
-    a kernel with runtime dims runs at its tuned values and at 1 (the model calls it at every KV length)."""
+    a kernel with runtime dims runs at its tuned values, its maxima and 1 (the model calls it at every KV
+    length)."""
     spec = get_kind(workload.kind)
     factory = InputFactory(seed)
     inputs = factory.inputs(workload)
     if device != "cpu":
         inputs = {k: v.to(device) for k, v in inputs.items()}
     host = {k: v.cpu() for k, v in inputs.items()}
-    for dims in correctness_dims(workload, 2 if workload.runtime_dims else 1, seed):
+    for dims in correctness_dims(workload, 3 if workload.runtime_dims else 1, seed):
         outputs = empty_outputs(workload, device=device)
         kernel([*inputs.values(), *outputs.values()], dims)
         ref = spec.reference(host, workload.params, dict(zip(workload.runtime_dims, dims)))
@@ -124,7 +125,7 @@ class KernelRegistry:
     def _load_from_cache(self, key: str, cache_dir: str | Path | None) -> BoundKernel:
         from autocomp_compile.kernels_cache.store import KernelCache
 
-        with KernelCache(Path(cache_dir) / "kernels.sqlite" if cache_dir else None) as cache:
+        with KernelCache.in_directory(cache_dir) as cache:
             entry = cache.show(key)
         if entry is None:
             raise LookupError("not in the kernel cache")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Hashable, Sequence, TypeVar
 
 from autocomp_compile.passes.kernels import REGISTRY, KernelUnavailable
@@ -97,7 +96,7 @@ class KernelSelector:
         self.output_dir = output_dir
         self.seed = seed
         self.verbose = verbose
-        self.cache = KernelCache(Path(cache_dir) / "kernels.sqlite" if cache_dir else None)
+        self.cache = KernelCache.in_directory(cache_dir)
         self.proposers = None
         if models and mode == "search":
             from autocomp_compile.agents.llm import LLMProposer

@@ -24,7 +24,7 @@ class EvalResult:
     """Outcome of building, checking and timing one candidate.
 
     `stage` names where it stopped: "ok", "compile", "load", "crash", "timeout", "runtime", "correctness",
-    "inputs_modified", "harness_modified", "beyond_roofline", "nondeterministic"; `message` says why, in words a user can act on.
+    "out_of_bounds", "inputs_modified", "harness_modified", "beyond_roofline", "nondeterministic"; `message` says why, in words a user can act on.
     """
 
     correct: bool

@@ -136,3 +136,58 @@ def test_cuda_work_outside_the_harness_stream_is_rejected(launch):
         extract_code("```cuda\n" + src + "```", "cuda")
     honest = src.replace(launch, "out[threadIdx.x] = 0.0f;")
     assert extract_code("```cuda\n" + honest + "```", "cuda").startswith("// autocomp-launch")
+
+
+def _gemm(code: str, tmp_path, m: int, n: int, k: int, settings=SETTINGS):
+    from autocomp_compile.workload import make_workload
+
+    w = make_workload("gemm", "fp32", m=m, n=n, k=k)
+    p = dict(m=2, n=24, k=40)  # HAND_GEMM_SHAPE, which hand_gemm writes
+    code = code.replace(f"#define M {p['m']}\n#define N {p['n']}\n#define K {p['k']}",
+                        f"#define M {m}\n#define N {n}\n#define K {k}")
+    so = build_ok(code, "scalar", tmp_path).so_path
+    return check_and_time({}, w, LOADER, (str(so), len(w.tensors)), settings)
+
+
+def test_skipping_the_work_once_the_result_is_in_the_output(tmp_path):
+    """Honest until the timing starts, then returns at once, leaving the output of an earlier call. Every
+    activation here is too large to refresh in full (40 x 2000): the smallest is refreshed anyway, and the
+    timed output is poisoned again before the final check."""
+    code = hand_gemm(before="static int calls = 0; if (calls++ >= 3) return;")
+    out = _gemm(code, tmp_path, m=40, n=8, k=2000)
+    assert out["stage"] == "correctness" and "after timing" in out["message"]
+    assert _gemm(hand_gemm(), tmp_path, m=40, n=8, k=2000)["stage"] == "ok"
+
+
+@pytest.mark.parametrize("write, side", [("out[M * N] = 0.0f;", "after"), ("out[M * N + 15] = 1.0f;", "after"),
+                                         ("out[-1] = 0.0f;", "before")])
+def test_writing_past_the_output(tmp_path, write, side):
+    out = _run(hand_gemm(after=write), tmp_path)
+    assert out["stage"] == "out_of_bounds" and f"1 element(s) {side} output 'out'" in out["message"]
+
+
+def test_writing_past_the_output_only_on_timed_calls(tmp_path):
+    out = _run(hand_gemm(before="static int calls = 0;", after="if (calls++ >= 2) out[M * N] = 0.0f;"), tmp_path)
+    assert out["stage"] == "out_of_bounds" and "during timing" in out["message"]
+
+
+def test_changing_the_openmp_thread_count(tmp_path):
+    """Torch and the kernels share one libgomp: a candidate's omp_set_num_threads(1) would leave every later
+    candidate (and the baseline) timed on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = _run("#include <omp.h>\n" + hand_gemm(after="omp_set_num_threads(1);"), tmp_path)
+        assert out["stage"] == "harness_modified" and "(2 -> 1)" in out["message"]
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_activation_refresh_is_not_timed():
+    from autocomp_compile.evaluation.checks import time_interleaved
+
+    t = time_interleaved({"a": lambda: None}, budget_ms=20, prepare={"a": lambda: time.sleep(0.002)})
+    assert t["a"].median_ms < 1.0
+    with pytest.raises(ValueError, match="not timed"):
+        time_interleaved({"a": lambda: None}, prepare={"b": lambda: None})

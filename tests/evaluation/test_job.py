@@ -37,7 +37,7 @@ def test_modifying_a_refreshed_activation_on_the_timed_call_is_caught(tmp_path):
 def test_a_kernel_with_the_tuned_kv_length_baked_in_fails(tmp_path):
     w, code, isa = decode_attention_code(("const int64_t L = dims[0];", "const int64_t L = 37;"))
     out = _check(w, code, isa, tmp_path)
-    assert out["stage"] == "correctness" and "input set 1 (kv_len=1)" in out["message"]
+    assert out["stage"] == "correctness" and "input set 1 (kv_len=64)" in out["message"]
 
 
 def test_a_generated_decode_kernel_passes_at_every_checked_kv_length(tmp_path):
@@ -45,14 +45,27 @@ def test_a_generated_decode_kernel_passes_at_every_checked_kv_length(tmp_path):
     assert _check(w, code, isa, tmp_path)["stage"] == "ok"
 
 
-def test_correctness_dims_start_at_the_tuned_value_then_cover_one_and_random_lengths():
+def test_correctness_dims_start_at_the_tuned_value_then_cover_the_maximum_one_and_random_lengths():
     w = small("decode")  # kv_len 37, max_kv_len 64
     sets = correctness_dims(w, 6, seed=3)
-    assert sets[:2] == [[37], [1]] and all(1 <= d[0] <= 64 for d in sets)
-    assert len({d[0] for d in sets[2:]}) > 1  # random, not one fixed value
+    assert sets[:3] == [[37], [64], [1]] and all(1 <= d[0] <= 64 for d in sets)
+    assert len({d[0] for d in sets[3:]}) > 1  # random, not one fixed value
     assert correctness_dims(w, 6, seed=3) == sets  # reproducible from the seed
     assert correctness_dims(w, 1, seed=3) == [[37]]
+    assert correctness_dims(w, 2, seed=3) == [[37], [64]]  # the maximum before 1: clamping kernels fail first
     assert runtime_dim_max(w, "kv_len") == 64
+
+
+def test_a_decode_kernel_that_clamps_to_its_tuned_length_fails_at_the_maximum(tmp_path):
+    w, code, isa = decode_attention_code(("const int64_t L = dims[0];", "const int64_t L = dims[0] < 37 ? dims[0] : 37;"))
+    out = _check(w, code, isa, tmp_path)
+    assert out["stage"] == "correctness" and "(kv_len=64)" in out["message"]
+
+
+def test_sets_repeating_an_earlier_one_are_left_out():
+    w = make_workload("attention", "fp32", **{**small("decode").params, "kv_len": 64})  # tuned = maximum
+    sets = correctness_dims(w, 4, seed=0)
+    assert sets[:2] == [[64], [1]] and len(sets) == 4
 
 
 @pytest.mark.parametrize("name", ["gemm", "prefill"])
@@ -79,4 +92,4 @@ def test_the_nki_job_checks_other_kv_lengths_and_estimates_at_the_tuned_one():
     assert one["stage"] == three["stage"] == "ok" and one["latency_ms"] == three["latency_ms"]
     w, baked = _nki_decode(("    NB = (kv_len", "    kv_len = 300\n    NB = (kv_len"))
     out = check_and_estimate({}, w, "", (baked,), EvalSettings(correctness_sets=3))
-    assert out["stage"] == "correctness" and "(kv_len=1)" in out["message"]
+    assert out["stage"] == "correctness" and "(kv_len=512)" in out["message"]  # the maximum

@@ -318,3 +318,9 @@ def test_cli_cache_show_refuses_an_empty_or_ambiguous_prefix(capsys):
     assert cli.main(["cache", "show", ""]) == 2 and "empty" in capsys.readouterr().err
     assert cli.main(["cache", "show", "%"]) == 2 and "no cache entry" in capsys.readouterr().err
     assert cli.main(["cache", "show", keys[0][:10]]) == 0 and keys[0] in capsys.readouterr().out
+
+
+def test_a_cache_in_a_directory_and_the_default_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOCOMP_CACHE_DIR", str(tmp_path / "default"))
+    assert KernelCache.in_directory(tmp_path / "mine").path == tmp_path / "mine" / "kernels.sqlite"
+    assert KernelCache.in_directory(None).path == tmp_path / "default" / "kernels.sqlite"

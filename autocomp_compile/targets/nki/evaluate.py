@@ -47,7 +47,7 @@ def check_and_estimate(state: dict[str, Any], w: Workload, loader: str, loader_a
     factory.gen.manual_seed(settings.seed)
     worst, tuned_run = 0.0, None
     for s, dims in enumerate(correctness_dims(w, settings.correctness_sets, settings.seed)):
-        inputs = factory.inputs(w)
+        inputs = factory.inputs(w, variant=s)
         ref = spec.reference(inputs, w.params, dict(zip(w.runtime_dims, dims)))
         arrays = [to_numpy(inputs[t.name]) for t in w.inputs]
         originals = [a.copy() for a in arrays]

@@ -146,7 +146,7 @@ def _main(argv: list[str] | None = None) -> int:
     run = nki.simulate_kernel if a.mode == "simulate" else lambda k, *xs: nki.baremetal(k)(*xs)
     worst = 0.0
     for s, dims in enumerate(correctness_dims(w, a.sets, a.seed)):  # tuned, 1, random KV lengths
-        inputs = factory.inputs(w)
+        inputs = factory.inputs(w, variant=s)
         ref = spec.reference(inputs, w.params, dict(zip(w.runtime_dims, dims)))
         try:
             out = run(kernel, *[to_numpy(inputs[t.name]) for t in w.inputs], *dims)
