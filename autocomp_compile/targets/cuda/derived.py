@@ -4,8 +4,10 @@ A launch line may name derived tensors, e.g. ``"derived": {"w_down_t": ["transpo
 them as ``@w_down_t``: the runtime then hands the kernel a contiguous ``w_down.t()``. Copies are cached by the
 source's storage (a weak reference: a copy is dropped once its weight's memory is freed, and a new tensor at
 the same address never hits a stale entry), its view geometry and its version counter. After an in-place update
-of the weight (a new version) the copy is refreshed in place, so its address never changes while the weight
-lives: a CUDA graph that captured it reads the refreshed values on its next replay.
+of the weight (a new version) the copy is refreshed in place on the kernel's next call from Python, so its
+address never changes while the weight lives. A CUDA graph's replay runs no Python: a graph that captured a
+kernel reading a copy sees a weight update only once the copy is refreshed, by an eager call of that kernel or
+by ``CACHE.refresh()``; call it after updating weights in place and before replaying.
 
 On CUDA, copies are made on a side stream, ordered after the current one. CUDA-graph trees (torch.compile's
 "reduce-overhead") route the current stream's allocations into the graph's private pool while they warm up;
@@ -14,7 +16,9 @@ captured (MadeDuringCapture; the backend's ops then compute that call with PyTor
 first (the graph trees' warm-up does).
 
 What the version counter does not see, the cache does not see either: writes through ``weight.data``, into an
-inference-mode tensor, or from outside PyTorch. Call ``CACHE.clear()`` after such an update.
+inference-mode tensor, or from outside PyTorch. Call ``CACHE.refresh(force=True)`` after such an update (copies
+keep their addresses, so captured graphs stay valid; ``CACHE.clear()`` drops them, which a captured graph that
+still reads them must never see).
 The cost is the copy's memory for as long as the weight lives (the decode MLP's down projection: one more copy
 of it per layer, 32 MB per Llama-3.2-1B layer).
 """
@@ -57,6 +61,12 @@ def _version(t: torch.Tensor) -> int:
         return 0
 
 
+def _key(how: str, source: torch.Tensor) -> tuple:
+    """A copy's cache key: the derivation, the source's storage (weakly), offset, shape, strides and dtype."""
+    return (how, StorageWeakRef(source.untyped_storage()), source.storage_offset(), tuple(source.shape),
+            source.stride(), source.dtype)
+
+
 class DerivedCache:
     """Derived copies keyed by (derivation, source storage, offset, shape, strides, dtype)."""
 
@@ -77,8 +87,7 @@ class DerivedCache:
         version = _version(source)
         if recent is not None and recent[0]() is source and recent[1] == source.data_ptr() and recent[2] == version:
             return recent[3]  # the same tensor object, not updated since: ~5x cheaper than the storage key
-        key = (how, StorageWeakRef(source.untyped_storage()), source.storage_offset(), tuple(source.shape),
-               source.stride(), source.dtype)
+        key = _key(how, source)
         entry = self._entries.get(key)
         if entry is None:
             self._drop_expired()
@@ -116,6 +125,23 @@ class DerivedCache:
             del self._entries[key]
         for key in [k for k, v in self._recent.items() if v[0]() is None]:
             del self._recent[key]
+
+    def refresh(self, force: bool = False) -> int:
+        """Bring every live copy whose weight was updated in place (every live copy, with `force`) up to date now,
+        in place; returns how many were refreshed. For CUDA graphs, whose replays run no Python."""
+        count = 0
+        for (how, _), (ref, _, version, copy) in list(self._recent.items()):
+            source = ref()
+            if source is None or not (force or _version(source) != version):
+                continue
+            self._make(how, source, copy)
+            entry = self._entries.get(_key(how, source))
+            if entry is not None:
+                entry[0] = _version(source)
+            self._recent[(how, id(source))] = (ref, source.data_ptr(), _version(source), copy)
+            count += 1
+        self.refreshed += count
+        return count
 
     def clear(self) -> None:
         """Forget every copy: the next call makes new ones (after a weight update the version counter missed)."""

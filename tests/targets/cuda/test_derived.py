@@ -57,6 +57,22 @@ def test_writes_the_version_counter_misses_need_a_clear():
     assert torch.equal(cache.get("transpose", v), v.t())
 
 
+def test_refresh_updates_copies_in_place_without_a_kernel_call():
+    """A CUDA graph's replay runs no Python: refresh() is what brings a captured copy up to date."""
+    cache = derived.DerivedCache()
+    w, untouched = torch.randn(5, 3), torch.randn(4, 4)
+    copy, other = cache.get("transpose", w), cache.get("transpose", untouched)
+    w.add_(1.0)
+    assert not torch.equal(copy, w.t())  # no call since the update: stale
+    assert cache.refresh() == 1 and torch.equal(copy, w.t())  # in place: the same address
+    assert cache.get("transpose", w) is copy and cache.refreshed == 1  # not refreshed a second time
+    w.data.mul_(3.0)  # missed by the version counter
+    assert cache.refresh() == 0 and not torch.equal(copy, w.t())
+    assert cache.refresh(force=True) == 2 and torch.equal(copy, w.t()) and torch.equal(other, untouched.t())
+    del untouched
+    assert cache.refresh(force=True) == 1  # a freed weight's copy is skipped
+
+
 def test_copies_of_freed_weights_are_dropped_within_a_sweep(monkeypatch):
     monkeypatch.setattr(derived, "SWEEP_EVERY", 4)
     cache = derived.DerivedCache()
