@@ -194,7 +194,9 @@ def run(args: argparse.Namespace) -> dict:
             console.print(f"  round {r + 1}/{rounds}: " + ", ".join(
                 f"{n} {statistics.median(s['decode']):.2f} tok/s" for n, s in samples.items()))
             for name, s in samples.items():
-                row[name] = {"prefill_tok_s": statistics.median(s["prefill"]),
+                # with --eager-prefill every variant's prompt ran through eager: its prefill rate is eager's, not its own
+                own_prefill = name == "eager" or not args.eager_prefill
+                row[name] = {"prefill_tok_s": statistics.median(s["prefill"]) if own_prefill else None,
                              "decode_tok_s": statistics.median(s["decode"]), "decode_samples": len(s["decode"])}
                 if name != "eager" and "eager" in tokens:
                     same = tokens[name] == tokens["eager"]

@@ -34,7 +34,8 @@ def _synchronize(device: torch.device) -> None:
 @torch.no_grad()
 def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, forward: Forward | None = None,
              keep_logits: bool = False, prefill_forward: Forward | None = None) -> Generation:
-    """Greedy decoding of `max_new_tokens` (>= 0) tokens after `prompt` [batch, length].
+    """Greedy decoding of `max_new_tokens` (>= 0) tokens after `prompt` [batch, length]: exactly that many (no
+    end-of-sequence stop), every row of the batch with the same prompt length (no attention mask or padding).
 
     `forward` is the callable to run (e.g. `torch.compile(model, ...)`); it defaults to the model.
     `prefill_forward`, if given, runs the prompt instead (e.g. eager prefill, compiled decode).
