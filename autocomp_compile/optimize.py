@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -14,6 +15,8 @@ from autocomp_compile.search.beam import BeamSearch, ProgressFn, SearchConfig, S
 from autocomp_compile.search.candidate import Candidate
 from autocomp_compile.targets.base import EvalResult, Target, deterministic_variant, get_target, require_available
 from autocomp_compile.workload import Workload
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from autocomp_compile.kernels_cache import CacheEntry, KernelCache
@@ -154,14 +157,21 @@ def schedule_seed(target: Target, workload: Workload, knobs: dict[str, Any], pla
 
 
 def reuse_seeds(target: Target, workload: Workload, entries: "list[CacheEntry]") -> list[Candidate]:
-    """Replay solved workloads' schedules on `workload`: their knobs, re-legalised for the new shape."""
-    return [
-        schedule_seed(target, workload, e.knobs,
-                      f"Schedule reuse: the optimization sequence {e.menu_ids} of cached kernel {e.key} "
-                      f"({e.workload['params']}), re-legalised for this shape.", e.menu_ids, f"reuse:{e.key}")
-        for e in entries
-        if e.knobs is not None  # code without a schedule (LLM-written) cannot be re-targeted to another shape
-    ]
+    """Replay solved workloads' schedules on `workload`: their knobs, re-legalised for the new shape. A schedule
+    this code generator cannot legalise (e.g. imported from another version) is skipped with a warning."""
+    seeds = []
+    for e in entries:
+        if e.knobs is None:  # code without a schedule (LLM-written) cannot be re-targeted to another shape
+            continue
+        try:
+            seeds.append(schedule_seed(
+                target, workload, e.knobs,
+                f"Schedule reuse: the optimization sequence {e.menu_ids} of cached kernel {e.key} "
+                f"({e.workload['params']}), re-legalised for this shape.", e.menu_ids, f"reuse:{e.key}"))
+        except Exception as exc:  # noqa: BLE001 - a bad seed must not stop the search it would only start
+            log.warning("schedule reuse: skipping cached kernel %s: its schedule %s does not apply here (%s: %s)",
+                        e.key, e.knobs, type(exc).__name__, exc)
+    return seeds
 
 
 def _from_cache(entry: "CacheEntry") -> SearchResult:
