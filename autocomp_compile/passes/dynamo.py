@@ -170,8 +170,9 @@ def autocomp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options:
         REPORTS.append(report)
         log(opts.verbose, report.summary())
         if target.name == "cuda" and not opts.cudagraphs and report.replaced:
-            log(opts.verbose, "autocomp: on a GPU, torch.compile(..., mode='reduce-overhead') replays each step as a "
-                              "CUDA graph; without it small-batch decoding is bound by launch overhead")
+            log(opts.verbose, "autocomp: on a GPU, options={..., 'cudagraphs': True} (or mode='reduce-overhead' "
+                              "without options) replays each step as a CUDA graph; without it small-batch decoding "
+                              "is bound by launch overhead")
         return compile_fx_inner(aten_gm, aten_inputs, **kwargs)
 
     # AOTAutogradCache would hand back a compiled graph without calling inner_compile (no rewrite, no report).

@@ -192,10 +192,19 @@ def _elementwise_region(out: fx.Node, leaves: set[fx.Node]) -> tuple[list[fx.Nod
     return region, reached
 
 
-def _region_function(region: list[fx.Node], inputs: list[fx.Node], out: fx.Node, order: dict[fx.Node, int]) -> Callable:
+_CASTS = (prims.convert_element_type.default, aten._to_copy.default)
+
+
+def _region_function(region: list[fx.Node], inputs: list[fx.Node], out: fx.Node, order: dict[fx.Node, int],
+                     without_casts: bool = False) -> Callable:
+    """The region as a function of `inputs`; `without_casts` makes every dtype cast in it the identity (the
+    region's arithmetic alone, in the inputs' precision)."""
     g = fx.Graph()
     env = {n: g.placeholder(f"in{i}") for i, n in enumerate(inputs)}
     for n in sorted(region, key=order.__getitem__):
+        if without_casts and n.target in _CASTS and isinstance(n.args[0], fx.Node):
+            env[n] = env[n.args[0]]
+            continue
         env[n] = g.node_copy(n, lambda a: env[a])
     g.output(env[out])
     return fx.GraphModule(torch.nn.Module(), g)
@@ -211,9 +220,12 @@ def _thresholds(region: list[fx.Node]) -> bool:
     return any(getattr(n.target, "_opname", None) in _THRESHOLDING for n in region)
 
 
-def _swiglu_gate(fn: Callable, shape: tuple[int, ...], dtype: torch.dtype) -> int | None:
+def _swiglu_gate(fn: Callable, shape: tuple[int, ...], dtype: torch.dtype, exact_fn: Callable | None = None
+                 ) -> int | None:
     """Which of the two inputs `fn` treats as the gate of silu(gate) * up, or None if it is not SwiGLU: probed
-    with normal values and with signed values of every magnitude from 1e-3 to 1e3."""
+    with normal values and with signed values of every magnitude from 1e-3 to 1e3, in `dtype` and, with
+    `exact_fn` (the region without its casts), in float64 as well, where a scale or offset that `dtype`'s
+    rounding hides (a product times 1.01 in bf16) shows."""
     with unset_fake_temporarily():  # the inner compiler runs under FakeTensorMode; this needs real values
         gen = torch.Generator().manual_seed(1234)
 
@@ -221,17 +233,19 @@ def _swiglu_gate(fn: Callable, shape: tuple[int, ...], dtype: torch.dtype) -> in
             sign = torch.randint(0, 2, shape, generator=gen) * 2 - 1
             return sign * 10 ** (torch.rand(shape, generator=gen) * 6 - 3)
 
-        probes = [((torch.randn(shape, generator=gen) * 3).to(dtype), (torch.randn(shape, generator=gen) * 3).to(dtype)),
-                  (wide().to(dtype), wide().to(dtype))]
+        pairs = [(torch.randn(shape, generator=gen) * 3, torch.randn(shape, generator=gen) * 3), (wide(), wide())]
         tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
+        probes = [(fn, a.to(dtype), b.to(dtype), tol) for a, b in pairs]
+        if exact_fn is not None:
+            probes += [(exact_fn, a.double(), b.double(), 1e-9) for a, b in pairs]
         gates = set()
-        for a, b in probes:
+        for f, a, b, t in probes:
             try:
-                got = fn(a, b).float().reshape(shape)
+                got = f(a, b).double().reshape(shape)
             except Exception:  # the region is not a function of these two inputs alone
                 return None
             gates.add(next((gate for gate, (g, u) in enumerate(((a, b), (b, a)))
-                            if torch.allclose(got, F.silu(g.float()) * u.float(), rtol=tol, atol=tol)), None))
+                            if torch.allclose(got, F.silu(g.double()) * u.double(), rtol=t, atol=t)), None))
     return gates.pop() if len(gates) == 1 else None
 
 
@@ -254,7 +268,8 @@ def find_mlps(graph: fx.Graph, linears: list[Linear]) -> list[tuple[Linear, Line
         if _thresholds(region):
             continue
         fn = _region_function(region, [p, q], down.x, order)
-        gate = _swiglu_gate(fn, (lp.m, lp.n), _val(p).dtype)
+        exact = _region_function(region, [p, q], down.x, order, without_casts=True)
+        gate = _swiglu_gate(fn, (lp.m, lp.n), _val(p).dtype, exact)
         if gate is None:
             continue
         found.append((lp, lq, down) if gate == 0 else (lq, lp, down))
@@ -294,6 +309,8 @@ def find_rmsnorms(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, fx.Node, floa
             users = list(norm.users)
             if len(users) == 1 and users[0].target in (prims.convert_element_type.default, aten._to_copy.default):
                 casted = users[0]
+                if _val(casted).dtype != _val(_unwrap_cast(xf)).dtype:
+                    continue  # rounded to another precision than x's: the op (which casts back to x's) would not
             for scale in casted.users:
                 if scale.target != aten.mul.Tensor:
                     continue
@@ -429,7 +446,13 @@ def find_subgraphs(gm: fx.GraphModule, kinds: Sequence[str] = ALL_KINDS,
     in_mlp: set[fx.Node] = set()
     for gate, up, down in find_mlps(graph, linears):
         dtype = _dtype(down.mm)
-        w, why = _make("mlp", dtype or "?", batch=gate.m, hidden=gate.k, intermediate=gate.n) if dtype else (None, "dtype")
+        dtypes = {_val(n).dtype for n in (gate.x, gate.weight, up.weight, down.weight, gate.mm, up.mm, down.mm)}
+        if len(dtypes) > 1:  # e.g. a down projection kept in float32: the op computes in one dtype
+            w, why = None, f"mixed dtypes ({', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))})"
+        elif dtype:
+            w, why = _make("mlp", dtype, batch=gate.m, hidden=gate.k, intermediate=gate.n)
+        else:
+            w, why = None, f"dtype {_val(down.mm).dtype} not supported"
         matches.append(Match("mlp", w, down.mm, (gate.x, gate.weight, up.weight, down.weight), ops.MLP, why,
                              [gate.mm, up.mm]))
         if w is not None and "mlp" in kinds and down.mm not in released:

@@ -82,7 +82,11 @@ def check_loaded(kernel: KernelFn, workload: Workload, seed: int = 0, device: st
     host = {k: v.cpu() for k, v in inputs.items()}
     for dims in correctness_dims(workload, 3 if workload.runtime_dims else 1, seed):
         outputs = empty_outputs(workload, device=device)
-        kernel([*inputs.values(), *outputs.values()], dims)
+        try:
+            kernel([*inputs.values(), *outputs.values()], dims)
+        except Exception as exc:  # e.g. a CUDA launch error: the kernel is unusable here, PyTorch computes instead
+            raise KernelUnavailable(f"failed in this process{dims_note(workload, dims)}: "
+                                    f"{type(exc).__name__}: {exc}") from exc
         ref = spec.reference(host, workload.params, dict(zip(workload.runtime_dims, dims)))
         for name, out in outputs.items():
             mismatch = compare(name, out.cpu(), ref[name])

@@ -28,6 +28,8 @@ def _run(key: str, inputs: list[Tensor], out: Tensor, dims: tuple[int, ...] = ()
     if [tuple(t.shape) for t in inputs] != expected or any(t.dtype != out.dtype for t in inputs):
         return False
     inputs = [t.contiguous() for t in inputs]
+    if not out.is_contiguous():
+        return False  # kernels write their output row-major
     if any(t.data_ptr() % kernel.alignment for t in (*inputs, out)):
         return False  # e.g. a view at an odd offset, where the kernel's vector loads need aligned addresses
     try:
@@ -73,7 +75,7 @@ def mlp_fake(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, key: str) 
 def rmsnorm(x: Tensor, weight: Tensor, eps: float, key: str) -> Tensor:
     """weight * (x * rsqrt(mean(x^2) + eps)), normalised in float32, over the last dim."""
     rows = x.reshape(-1, x.shape[-1])
-    out = torch.empty_like(rows)
+    out = rows.new_empty(rows.shape)  # contiguous, as rmsnorm_fake says (empty_like would keep a view's strides)
     if not _run(key, [rows, weight], out):
         xf = rows.float()
         torch.mul((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), weight, out=out)

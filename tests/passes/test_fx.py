@@ -108,6 +108,33 @@ def test_swiglu_is_recognised_and_other_gated_units_are_not():
     assert kinds(trace(Gated(torch.relu), x)) == {"gemm": 3}
 
 
+@pytest.mark.parametrize("change", [lambda h: h * 1.01, lambda h: h + 1e-3])
+def test_a_scaled_or_shifted_swiglu_is_not_taken_for_swiglu_in_bf16(change):
+    """bf16's rounding hides a 1% scale of the product; the float64 probe of the region's arithmetic does not."""
+    class Changed(Gated):
+        def forward(self, x):
+            return self.down(change(F.silu(self.gate(x)) * self.up(x)))
+
+    m = Changed(F.silu).bfloat16()
+    assert kinds(trace(m, torch.randn(4, 32).bfloat16())) == {"gemm": 3}
+    assert kinds(trace(Gated(F.silu).bfloat16(), torch.randn(4, 32).bfloat16())) == {"mlp": 1}
+
+
+def test_a_swiglu_with_a_float32_down_projection_is_listed_with_its_mixed_dtypes():
+    class Mixed(Gated):
+        def forward(self, x):
+            return self.down((F.silu(self.gate(x)) * self.up(x)).float())
+
+    m = Mixed(F.silu)
+    m.gate.bfloat16(), m.up.bfloat16()
+    x = torch.randn(4, 32).bfloat16()
+    found, out = trace(m, x, rewrite=True)
+    (mlp,) = [f for f in found if f.kind == "mlp"]
+    assert mlp.workload is None and "mixed dtypes" in mlp.reason
+    with torch.no_grad():
+        torch.testing.assert_close(out, m(x))
+
+
 class Clamped(Gated):
     """SwiGLU whose product is clamped (or thresholded) before the down projection."""
 
@@ -150,6 +177,16 @@ class NormThenProject(nn.Module):
     def forward(self, x):
         xf = x.float()
         return self.proj(self.w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype))
+
+
+def test_an_rmsnorm_rounded_to_another_dtype_than_its_input_is_not_matched():
+    """fp32 in, normalised, rounded to bf16, scaled by an fp32 weight: the op would round to fp32 (x's dtype)."""
+    class RoundedToBf16(NormThenProject):
+        def forward(self, x):
+            return self.w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+
+    assert "rmsnorm" not in kinds(trace(RoundedToBf16(), torch.randn(2, 64)))
+    assert kinds(trace(NormThenProject().bfloat16(), torch.randn(2, 64).bfloat16()))["rmsnorm"] == 1
 
 
 def test_a_match_whose_input_is_another_match_reads_the_replacement():

@@ -21,3 +21,13 @@ def test_a_decode_kernel_is_checked_at_another_kv_length_too(tmp_path):
     _, baked = _decode_kernel(tmp_path, ("const int64_t L = dims[0];", f"const int64_t L = {w.runtime_dims['kv_len']};"))
     with pytest.raises(KernelUnavailable, match=r"wrong result in this process \(kv_len=64\)"):
         check_loaded(baked, w)
+
+
+def test_a_kernel_that_raises_in_the_check_is_unavailable_not_a_crash(tmp_path):
+    w, _ = _decode_kernel(tmp_path)
+
+    def broken(tensors, dims):
+        raise RuntimeError("launch failed: too many resources requested")
+
+    with pytest.raises(KernelUnavailable, match="too many resources"):
+        check_loaded(broken, w)

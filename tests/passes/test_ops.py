@@ -171,3 +171,22 @@ def test_fake_kernels_give_the_sizes_and_strides_the_ops_return(op, args):
     """Inductor plans buffers from the fake kernels and asserts the real outputs match them."""
     result = torch.library.opcheck(getattr(ops, op), (*args(), "no-such-key"), test_utils=("test_faketensor",))
     assert result == {"test_faketensor": "SUCCESS"}
+
+
+def test_rmsnorm_of_a_non_contiguous_input_is_contiguous_and_a_kernel_is_given_a_contiguous_output():
+    w = make_workload("rmsnorm", "fp32", rows=8, hidden=16)
+    outs = []
+
+    def run(tensors, dims):
+        x, weight, out = tensors
+        outs.append(out.is_contiguous())
+        out.copy_(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight)
+
+    REGISTRY._kernels["norm-key"] = BoundKernel("norm-key", w, run)
+    try:
+        x, weight = torch.randn(16, 8).t(), torch.randn(16)  # [8, 16] with strides (1, 8)
+        got = ops.RMSNORM(x, weight, 1e-5, "norm-key")
+        assert got.is_contiguous() and outs == [True]
+        torch.testing.assert_close(got, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight)
+    finally:
+        REGISTRY._kernels.pop("norm-key", None)
