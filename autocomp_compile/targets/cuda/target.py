@@ -16,6 +16,7 @@ from autocomp_compile.targets.base import ScheduleSpaceTarget
 from autocomp_compile.workload import Workload
 
 LOADER = "autocomp_compile.targets.cuda.runtime:load"
+MIN_COMPUTE_CAPABILITY = (7, 5)  # NVRTC 13 dropped sm_70 and below
 
 
 def default_build_dir() -> Path:
@@ -55,8 +56,11 @@ class CudaEvaluator(RoundEvaluator):
         return Built(b.ok, b.cubin_path, b.seconds, b.log)
 
     def loader(self, candidate: Candidate, artifact: Path) -> tuple[str, tuple[Any, ...]]:
-        names = [t.name for t in self.workload.tensors]
-        return LOADER, (str(artifact), candidate.code, names, list(self.workload.runtime_dims))
+        w = self.workload
+        names = [t.name for t in w.tensors]
+        specs = [(list(t.shape), t.dtype) for t in w.tensors]  # the runtime refuses any other shape or dtype
+        bounds = [w.params.get(f"max_{d}") for d in w.runtime_dims]  # decode's kv_len <= max_kv_len
+        return LOADER, (str(artifact), candidate.code, names, list(w.runtime_dims), specs, bounds)
 
 
 class CudaTarget(ScheduleSpaceTarget):
@@ -89,6 +93,11 @@ class CudaTarget(ScheduleSpaceTarget):
             return False, "torch is not installed"
         if not torch.cuda.is_available():
             return False, "no CUDA GPU visible to torch (torch.cuda.is_available() is False)"
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) < MIN_COMPUTE_CAPABILITY:
+            need = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
+            return False, (f"GPU compute capability {major}.{minor} (sm_{major}{minor}) is below the minimum {need} "
+                           f"(sm_{need.replace('.', '')}) that NVRTC 13 can target")
         if not nvrtc_available():
             return False, "NVRTC bindings missing: pip install 'autocomp-compile[cuda]' (cuda-bindings, nvidia-cuda-nvrtc)"
         return True, ""
