@@ -489,11 +489,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
         versions = {}
         for name in target_names():
             versions[name] = get_target(name).fingerprint().get("codegen", "")
-        imported, refused, seeds_only = cache.import_(args.file, versions)
+        imported, refused, seeds_only, kept = cache.import_(args.file, versions)
         for why in refused:
             print(f"refused {why}", file=sys.stderr)
         older = f" ({seeds_only} from another code-generator version: schedule-reuse seeds, never hits)" if seeds_only else ""
-        print(f"imported {imported} kernel(s){older}, refused {len(refused)}")
+        same = f", {kept} not imported (the cache's kernel for the same key is as fast or faster)" if kept else ""
+        print(f"imported {imported} kernel(s){older}{same}, refused {len(refused)}")
         return 0 if not refused else 1
     elif args.cache_command == "clear":
         print(f"deleted {cache.clear(args.target)} kernel(s)")

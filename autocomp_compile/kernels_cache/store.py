@@ -157,9 +157,31 @@ def _invalid(e: CacheEntry) -> str | None:
     return None
 
 
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    """Whether sqlite says the file is damaged or not a database (not locked, busy or unwritable)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:  # raised by the module itself, e.g. for a file that is not a database at all
+        return "malformed" in str(exc) or "not a database" in str(exc)
+    return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _undecodable(row: tuple) -> bool:
+    """Whether a row holds text that was not UTF-8 (decoded with surrogates by the connection's text factory)."""
+    for value in row:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
+
+
 def _valid_entry(row: sqlite3.Row) -> CacheEntry | None:
     """The entry of `row`, or None (with a warning) when the row cannot be decoded, holds an invalid
     value or its code does not match its hash."""
+    if _undecodable(row):
+        log.warning("kernel cache: skipping undecodable row %s (text that is not UTF-8)", ascii(row[0]))
+        return None
     try:
         entry = _row_to_entry(row)
     except (ValueError, TypeError) as exc:
@@ -217,6 +239,9 @@ class KernelCache:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        # text that is not UTF-8 (a damaged row) decodes with surrogates, which _valid_entry refuses row by row,
+        # instead of failing the whole query
+        conn.text_factory = lambda b: b.decode("utf-8", "surrogateescape")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=60000")
         conn.executescript(_SCHEMA)
@@ -227,13 +252,19 @@ class KernelCache:
         try:
             return self._connect()
         except sqlite3.DatabaseError as exc:
-            broken = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            log.warning("kernel cache %s is unreadable (%s); moved to %s and starting a new one", self.path, exc, broken)
-            for suffix in ("", "-wal", "-shm"):
-                p = Path(str(self.path) + suffix)
-                if p.exists():
-                    os.replace(p, Path(str(broken) + suffix))
+            if not _is_corruption(exc):  # locked, busy, read-only, I/O: the file is fine, leave it where it is
+                raise CacheError(f"kernel cache {self.path}: cannot open it ({exc})") from None
+            self._quarantine(exc)
             return self._connect()
+
+    def _quarantine(self, exc: Exception) -> None:
+        """Move a damaged cache file (and its WAL files) aside, so that a new one starts in its place."""
+        broken = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        log.warning("kernel cache %s is unreadable (%s); moved to %s and starting a new one", self.path, exc, broken)
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(str(self.path) + suffix)
+            if p.exists():
+                os.replace(p, Path(str(broken) + suffix))
 
     def close(self) -> None:
         self._conn.close()
@@ -247,7 +278,17 @@ class KernelCache:
     # ------------------------------------------------------------ reading
 
     def _entries(self, where: str = "", args: tuple = ()) -> Iterator[CacheEntry]:
-        for row in self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM kernels {where}", args):
+        try:
+            rows = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM kernels {where}", args).fetchall()
+        except sqlite3.DatabaseError as exc:
+            if not _is_corruption(exc):
+                raise CacheError(f"kernel cache {self.path}: cannot read it ({exc})") from None
+            # damage the open-time check did not reach: a damaged cache never stops a compilation
+            self._conn.close()
+            self._quarantine(exc)
+            self._conn = self._connect()
+            return
+        for row in rows:
             entry = _valid_entry(row)
             if entry is not None:
                 yield entry
@@ -361,6 +402,10 @@ class KernelCache:
     # ------------------------------------------------------------ moving caches between machines
 
     def export(self, path: str | Path, target: str | None = None) -> int:
+        """Write the entries (of `target`, or all) to the JSON file `path`; returns how many."""
+        own = {Path(str(self.path) + suffix).resolve() for suffix in ("", "-wal", "-shm")}
+        if Path(path).resolve() in own:
+            raise CacheError(f"{path} is the kernel cache itself: export to another file")
         entries = self.entries(target)
         payload = {"format": EXPORT_FORMAT, "entries": [e.__dict__ for e in entries]}
         tmp = Path(str(path) + ".tmp")
@@ -372,8 +417,9 @@ class KernelCache:
         """Import an exported file. Every entry is verified (code hash, key). An entry written by another
         code-generator version than `codegen_versions[target]` can never be a cache hit (the version is part
         of the key); it is kept when it has a schedule (knobs), as a starting point for schedule reuse, and
-        refused otherwise. Returns (imported, refusals, imported as reuse seeds only)."""
-        imported, refused, seeds_only = 0, [], 0
+        refused otherwise. Returns (imported, refusals, imported as reuse seeds only, not imported because the
+        cache holds an entry as fast or faster)."""
+        imported, refused, seeds_only, kept = 0, [], 0, 0
         for d in _read_export(path):
             try:
                 e = CacheEntry(**d)
@@ -394,11 +440,27 @@ class KernelCache:
                 refused.append(f"{e.key}: code does not match its hash")
             elif cache_key(e.fingerprint, e.signature, e.codegen) != e.key:
                 refused.append(f"{e.key}: key does not match its fingerprint and workload")
+            elif (mismatch := _description_mismatch(e)):
+                refused.append(f"{e.key}: {mismatch}")
             else:
                 stored = self._upsert(e)
                 imported += stored
                 seeds_only += stored and e.codegen != want
-        return imported, refused, seeds_only
+                kept += not stored
+        return imported, refused, seeds_only, kept
+
+
+def _description_mismatch(e: CacheEntry) -> str:
+    """Why an entry's readable fields (workload, kind, target) disagree with what its key was made from (its
+    signature and fingerprint), or "" when they agree: `cache ls` and schedule reuse read those fields."""
+    signature = hashlib.sha256(json.dumps(e.workload, sort_keys=True).encode()).hexdigest()[:16]
+    if signature != e.signature:
+        return "its workload description does not match its signature"
+    if e.workload.get("kind") != e.kind:
+        return f"kind {e.kind!r} differs from its workload's {e.workload.get('kind')!r}"
+    if e.fingerprint.get("target") != e.target:
+        return f"target {e.target!r} differs from its fingerprint's {e.fingerprint.get('target')!r}"
+    return ""
 
 
 def _read_export(path: str | Path) -> list[Any]:

@@ -2,6 +2,7 @@
 files, concurrent writers, export/import, nearest-neighbour ranking."""
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import sqlite3
@@ -136,7 +137,7 @@ def test_export_import_round_trip_and_refusals(tmp_path):
     src.put(FakeTarget("cuda", "sm90", "cuda-test"), gemm(n=128), cand("int g_knobs;", 0.1, knobs={"warps": 8}))
     assert src.export(tmp_path / "cache.json") == 4
     dst = KernelCache(tmp_path / "b.sqlite")
-    imported, refused, seeds_only = dst.import_(tmp_path / "cache.json", {"cpu": "cpu-test", "cuda": "cuda-other"})
+    imported, refused, seeds_only, _ = dst.import_(tmp_path / "cache.json", {"cpu": "cpu-test", "cuda": "cuda-other"})
     # another generator's entry: kept when it has a schedule to reuse (never a hit), refused when it has none
     assert (imported, seeds_only) == (3, 1) and len(refused) == 1 and "no schedule to reuse" in refused[0]
     assert {e.code for e in dst.entries()} == {"int a;", "int b;", "int g_knobs;"}
@@ -158,7 +159,7 @@ def test_import_verifies_code_hashes(tmp_path):
     payload = json.loads((tmp_path / "c.json").read_text())
     payload["entries"][0]["code"] = "int tampered;"
     (tmp_path / "c.json").write_text(json.dumps(payload))
-    imported, refused, _ = KernelCache(tmp_path / "b.sqlite").import_(tmp_path / "c.json", {"cpu": "cpu-test"})
+    imported, refused, _, _ = KernelCache(tmp_path / "b.sqlite").import_(tmp_path / "c.json", {"cpu": "cpu-test"})
     assert imported == 0 and "does not match its hash" in refused[0]
 
 
@@ -230,7 +231,7 @@ def _export_one(tmp_path, **changes):
 def test_import_refuses_entries_with_invalid_values(tmp_path, field, value):
     changed, genuine = _export_one(tmp_path, **{field: value})
     with KernelCache(tmp_path / "dst.sqlite") as dst:
-        imported, refused, _ = dst.import_(changed, {"cpu": "cpu-test"})
+        imported, refused, _, _ = dst.import_(changed, {"cpu": "cpu-test"})
         assert imported == 0 and len(refused) == 1 and field in refused[0]
         assert dst.entries() == [] and dst.nearest(FakeTarget(), gemm(n=128)) == []
         # a refused fake (e.g. a negative latency) does not stand in the way of the genuine kernel
@@ -324,3 +325,103 @@ def test_a_cache_in_a_directory_and_the_default_one(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOCOMP_CACHE_DIR", str(tmp_path / "default"))
     assert KernelCache.in_directory(tmp_path / "mine").path == tmp_path / "mine" / "kernels.sqlite"
     assert KernelCache.in_directory(None).path == tmp_path / "default" / "kernels.sqlite"
+
+
+def _filled(path, n=3):
+    with KernelCache(path) as cache:
+        for i in range(n):
+            cache.put(FakeTarget(), gemm(n=64 * (i + 1)), cand(f"int k{i};", 1.0))
+
+
+def test_a_locked_cache_is_an_error_and_stays_where_it_is(tmp_path):
+    """Locked is not damaged: moving the file aside would hand the lock holder's writes to the quarantine."""
+    _filled(tmp_path / "k.sqlite")
+    holder = sqlite3.connect(tmp_path / "k.sqlite", isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        cache = object.__new__(KernelCache)
+        cache.path = tmp_path / "k.sqlite"
+        real_connect = sqlite3.connect
+        with pytest.MonkeyPatch.context() as mp:  # a short timeout: the holder never lets go
+            mp.setattr(sqlite3, "connect", lambda *a, **k: real_connect(*a, **{**k, "timeout": 0.1}))
+            with pytest.raises(CacheError, match="cannot open"):
+                cache._conn = cache._open()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert not list(tmp_path.glob("k.sqlite.corrupt-*"))
+    with KernelCache(tmp_path / "k.sqlite") as cache:
+        assert len(cache.entries()) == 3
+
+
+def test_a_row_with_text_that_is_not_utf8_is_skipped(tmp_path, caplog):
+    _filled(tmp_path / "k.sqlite")
+    with KernelCache(tmp_path / "k.sqlite") as cache:
+        key = cache.entries()[0].key
+    conn = sqlite3.connect(tmp_path / "k.sqlite")
+    conn.execute("UPDATE kernels SET provenance = CAST(x'ff7b7d' AS TEXT) WHERE key = ?", (key,))
+    conn.commit()
+    conn.close()
+    with caplog.at_level(logging.WARNING), KernelCache(tmp_path / "k.sqlite") as cache:
+        assert len(cache.entries()) == 2 and cache.show(key) is None
+    assert "not UTF-8" in caplog.text
+
+
+class _DamagedPages:
+    """A connection whose row reads hit damage (pages that the open-time count did not touch, such as a long
+    kernel's overflow pages): what sqlite raises then."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def execute(self, sql, *args):
+        if sql.startswith("SELECT") and "FROM kernels" in sql:
+            err = sqlite3.DatabaseError("database disk image is malformed")
+            err.sqlite_errorcode = sqlite3.SQLITE_CORRUPT
+            raise err
+        return self.conn.execute(sql, *args)
+
+    def close(self):
+        self.conn.close()
+
+
+def test_damage_found_only_by_a_query_moves_the_cache_aside(tmp_path, caplog):
+    path = tmp_path / "k.sqlite"
+    _filled(path)
+    with caplog.at_level(logging.WARNING), KernelCache(path) as cache:
+        cache._conn = _DamagedPages(cache._conn)
+        assert cache.entries() == []  # no exception: a damaged cache never stops a compilation
+        assert cache.put(FakeTarget(), gemm(), cand("int again;", 1.0)) and len(cache.entries()) == 1
+    assert list(tmp_path.glob("k.sqlite.corrupt-*")) and "moved to" in caplog.text
+
+
+def test_export_onto_the_cache_file_itself_is_refused(tmp_path):
+    _filled(tmp_path / "k.sqlite")
+    with KernelCache(tmp_path / "k.sqlite") as cache:
+        with pytest.raises(CacheError, match="the kernel cache itself"):
+            cache.export(tmp_path / "k.sqlite")
+        assert len(cache.entries()) == 3
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda d: d["workload"]["params"].update(n=4096), "description does not match its signature"),
+    (lambda d: d.update(target="nki"), "differs from its fingerprint"),
+])
+def test_import_refuses_entries_whose_description_does_not_match_their_key(tmp_path, edit, why):
+    _filled(tmp_path / "a.sqlite", n=1)
+    with KernelCache(tmp_path / "a.sqlite") as cache:
+        cache.export(tmp_path / "e.json")
+    payload = json.loads((tmp_path / "e.json").read_text())
+    edit(payload["entries"][0])
+    (tmp_path / "e.json").write_text(json.dumps(payload))
+    with KernelCache(tmp_path / "b.sqlite") as dst:
+        imported, refused, _, _ = dst.import_(tmp_path / "e.json", {"cpu": "cpu-test", "nki": "cpu-test"})
+    assert imported == 0 and len(refused) == 1 and why in refused[0]
+
+
+def test_import_counts_entries_the_cache_already_has_as_fast(tmp_path):
+    _filled(tmp_path / "a.sqlite")
+    with KernelCache(tmp_path / "a.sqlite") as cache:
+        cache.export(tmp_path / "e.json")
+        assert cache.import_(tmp_path / "e.json", {"cpu": "cpu-test"}) == (0, [], 0, 3)
