@@ -266,11 +266,6 @@ def _llm_summary(proposers: list[Any], before: dict[str, Any]) -> dict[str, Any]
             "first_error": errors[0].splitlines()[0] if errors else None}
 
 
-def _all_calls_failed(row: dict[str, Any]) -> bool:
-    llm = row.get("llm")
-    return bool(llm and llm["failures"] and not llm["calls"])
-
-
 def _report_llm(label: str, llm: dict[str, Any]) -> None:
     """One line when model calls failed (`_llm_summary`): all of them, or how many, with the first error."""
     from rich.markup import escape
@@ -301,9 +296,15 @@ def _naive_failure(result: Any) -> str | None:
 
 
 def _status(rows: list[dict[str, Any]]) -> int:
-    """0 when every workload has a correct kernel, except where every model call failed and the best kernel is the
-    naive one: the search the user asked for did not happen."""
-    return 0 if all(r["correct"] and not (_all_calls_failed(r) and r["best_id"] == "root") for r in rows) else 1
+    """0 when every workload has a correct kernel, except where every model call failed and the best kernel is a
+    starting point (the naive kernel or a reuse seed): the search the user asked for did not happen."""
+    from autocomp_compile.optimize import nothing_searched
+
+    def searched(r: dict[str, Any]) -> bool:
+        llm = r.get("llm") or {}
+        return not nothing_searched(llm.get("calls", 0), llm.get("failures", 0), r.get("best_iteration"))
+
+    return 0 if all(r["correct"] and searched(r) for r in rows) else 1
 
 
 def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | None = None) -> list[dict[str, Any]]:

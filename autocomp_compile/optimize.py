@@ -125,12 +125,19 @@ def optimize(
         evaluator.close()
     result.reused = [c.origin.split(":", 1)[1] for c in result.candidates if c.origin.startswith("reuse:")]
     calls, failures = (now - then for now, then in zip(model_calls(proposers), calls_before))
-    unsearched = failures and not calls and result.best is not None and result.best.id == "root"
-    if cache is not None and result.best is not None and not unsearched:  # every model call failed: no search
+    unsearched = nothing_searched(calls, failures, result.best.iteration if result.best else None)
+    if cache is not None and result.best is not None and not unsearched:
         cache.put(tgt, workload, result.best, provenance={"run": name, "reused": result.reused})
         entry = cache.get(tgt, workload)
         result.cache_key = entry.key if entry else None
     return result
+
+
+def nothing_searched(calls: int, failures: int, best_iteration: int | None) -> bool:
+    """Whether every model call failed and the best kernel is a starting point (the naive kernel or a schedule
+    reuse seed, iteration 0): the search the user asked for did not happen, so nothing is cached and the run
+    does not count as a success."""
+    return bool(failures and not calls and best_iteration == 0)
 
 
 def model_calls(proposers: Sequence[Any]) -> tuple[int, int]:

@@ -327,10 +327,13 @@ def test_a_search_whose_model_calls_all_failed_caches_nothing(tmp_path, monkeypa
 
 
 def test_exit_status_fails_only_where_the_models_did_nothing():
-    ok, failed_calls = {"correct": True, "best_id": "root"}, {"calls": 0, "failures": 3, "first_error": "x"}
+    ok = {"correct": True, "best_id": "root", "best_iteration": 0}
+    failed_calls = {"calls": 0, "failures": 3, "first_error": "x"}
     assert cli._status([ok]) == 0
     assert cli._status([{**ok, "llm": failed_calls}]) == 1
-    assert cli._status([{**ok, "best_id": "seed0", "llm": failed_calls}]) == 0  # a reused schedule beat the naive one
+    # a reused schedule beat the naive one: still no search (and nothing cached, or the next run would be a hit)
+    assert cli._status([{**ok, "best_id": "seed0", "llm": failed_calls}]) == 1
+    assert cli._status([{**ok, "best_id": "i2c01", "best_iteration": 2, "llm": failed_calls}]) == 0  # menu proposer
     assert cli._status([{**ok, "llm": {**failed_calls, "calls": 1}}]) == 0  # some calls answered
     assert cli._status([{**ok, "correct": False}]) == 1
 

@@ -23,3 +23,12 @@ def test_a_cached_schedule_that_does_not_legalise_is_skipped_with_a_warning(capl
                                         _entry("llm", None)])
     assert [s.origin for s in seeds] == ["reuse:good"]
     assert "skipping cached kernel bad" in caplog.text
+
+
+def test_a_run_whose_model_calls_all_failed_searched_nothing_even_when_a_reuse_seed_won():
+    from autocomp_compile.optimize import nothing_searched
+
+    assert nothing_searched(calls=0, failures=3, best_iteration=0)  # the naive kernel or a reuse seed
+    assert not nothing_searched(calls=0, failures=3, best_iteration=2)  # a menu proposer in the ensemble searched
+    assert not nothing_searched(calls=1, failures=3, best_iteration=0)  # a model answered
+    assert not nothing_searched(calls=0, failures=0, best_iteration=0)  # offline search, no models

@@ -262,6 +262,7 @@ def summarize(r: SearchResult, w: Workload) -> dict[str, Any]:
         "speedup": r.speedup,
         "correct": best is not None,
         "best_id": best.id if best else None,
+        "best_iteration": best.iteration if best else None,  # 0: a starting point (naive kernel, reuse seed)
         "best_menu_ids": best.menu_ids if best else [],
         "best_knobs": best.knobs if best else None,
         "candidates_evaluated": r.candidates_evaluated,
