@@ -322,8 +322,9 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
     if read_gbps:
         console.print(f"{target.describe()}: measured memory read bandwidth {read_gbps:.1f} GB/s")
     rows = []
+    short = [f"{w.kind}" + (f" ({w.params['phase']})" if "phase" in w.params else "") for w in workloads]
     for i, w in enumerate(workloads):
-        label = f"{w.kind}" + (f" ({w.params['phase']})" if "phase" in w.params else "")
+        label = short[i] if short.count(short[i]) == 1 else w.name  # workloads of one kind: their shapes tell apart
         if len(workloads) > 1:
             label = f"[{i + 1}/{len(workloads)}] {label}"
         cached = cache is not None and cache.get(target, w) is not None
@@ -473,8 +474,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
         entries = cache.entries(args.target)
         for e in entries:
             speed = f"{e.speedup:.2f}x" if e.speedup else "-"
-            print(f"{e.key}  {e.target:5s} {e.kind:10s} {e.workload['dtype']:5s} {e.latency_ms:9.4f} ms  {speed:>7s}  "
-                  f"{json.dumps(e.workload['params'], sort_keys=True)}")
+            measured = "SIMULATED" if e.fingerprint.get("simulated") else "measured"  # an emulator's cost model
+            print(f"{e.key}  {e.target:5s} {e.kind:10s} {e.workload['dtype']:5s} {e.latency_ms:9.4f} ms {measured:9s} "
+                  f"{speed:>7s}  {json.dumps(e.workload['params'], sort_keys=True)}")
         print(f"{len(entries)} kernel(s) in {cache.path}", file=sys.stderr)
     elif args.cache_command == "show":
         e = cache.show(args.key)

@@ -375,3 +375,18 @@ def test_wandb_missing_fails_before_the_search(tmp_path, capsys, monkeypatch, no
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     assert cli.main(TINY + ["--output-dir", str(tmp_path / "out"), "--wandb"]) == 2
     assert "--wandb needs wandb: pip install wandb" in _one_line_error(capsys)
+
+
+def test_cache_ls_marks_simulated_latencies(tmp_path, monkeypatch, capsys):
+    from autocomp_compile.kernels_cache.store import KernelCache
+    from tests.kernels_cache.test_store import FakeTarget, cand, gemm
+
+    monkeypatch.setenv("AUTOCOMP_CACHE_DIR", str(tmp_path))
+    emulated = FakeTarget("nki")
+    emulated._fp["simulated"] = True
+    with KernelCache(tmp_path / "kernels.sqlite") as cache:
+        cache.put(FakeTarget(), gemm(n=64), cand("int a;", 1.0))
+        cache.put(emulated, gemm(n=128), cand("int b;", 1.0))
+    assert cli.main(["cache", "ls"]) == 0
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()}
+    assert "SIMULATED" in lines["nki"] and "measured" in lines["cpu"]
