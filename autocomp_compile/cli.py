@@ -308,7 +308,7 @@ def _status(rows: list[dict[str, Any]]) -> int:
 
 
 def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | None = None) -> list[dict[str, Any]]:
-    from autocomp_compile.optimize import optimize
+    from autocomp_compile.optimize import cache_hit, optimize
     from autocomp_compile.report import console, results_table, search_progress
     from autocomp_compile.targets.base import require_available
     from autocomp_compile.targets.cpu.bandwidth import measure_read_bandwidth
@@ -327,7 +327,7 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
         label = short[i] if short.count(short[i]) == 1 else w.name  # workloads of one kind: their shapes tell apart
         if len(workloads) > 1:
             label = f"[{i + 1}/{len(workloads)}] {label}"
-        cached = cache is not None and cache.get(target, w) is not None
+        cached = cache is not None and cache_hit(cache, target, w, settings) is not None
         logger = None
         if getattr(args, "wandb", False) and not cached:
             from autocomp_compile.tracking import WandbLogger

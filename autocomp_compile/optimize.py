@@ -85,18 +85,14 @@ def optimize(
     """
     tgt = get_target(target) if isinstance(target, str) else target
     config = config or SearchConfig()
-    settings = settings or EvalSettings(seed=config.seed)
-    if settings.deterministic:  # deterministic kernels are searched and cached by the target's variant
-        tgt = deterministic_variant(tgt)
-    elif getattr(tgt, "deterministic", False):
-        settings = dataclasses.replace(settings, deterministic=True)
+    tgt, settings = _deterministic_as_asked(tgt, settings or EvalSettings(seed=config.seed))
     require_available(tgt)
     check_supported(tgt, workload)
     if reuse < 0:
         raise ValueError(f"reuse must be >= 0, got {reuse}")
     if cache is not None:
-        hit = cache.get(tgt, workload)
-        if hit is not None and (hit.reproducible or not settings.deterministic):
+        hit = cache_hit(cache, tgt, workload, settings)
+        if hit is not None:
             return _from_cache(hit)
         reused = reuse_seeds(tgt, workload, cache.nearest(tgt, workload, reuse)) if reuse else []
         seeds = list(seeds or []) + reused
@@ -131,6 +127,25 @@ def optimize(
         entry = cache.get(tgt, workload)
         result.cache_key = entry.key if entry else None
     return result
+
+
+def _deterministic_as_asked(tgt: Target, settings: EvalSettings) -> tuple[Target, EvalSettings]:
+    """Deterministic kernels are searched and cached by the target's deterministic variant, whichever of the
+    settings or the target asked for them."""
+    if settings.deterministic:
+        return deterministic_variant(tgt), settings
+    if getattr(tgt, "deterministic", False):
+        return tgt, dataclasses.replace(settings, deterministic=True)
+    return tgt, settings
+
+
+def cache_hit(cache: "KernelCache", target: Target, workload: Workload, settings: EvalSettings
+              ) -> "CacheEntry | None":
+    """The cached kernel `optimize` would return for `workload` without searching, or None (in deterministic
+    mode, an entry whose reproducibility was not checked does not count)."""
+    tgt, settings = _deterministic_as_asked(target, settings)
+    hit = cache.get(tgt, workload)
+    return hit if hit is not None and (hit.reproducible or not settings.deterministic) else None
 
 
 def nothing_searched(calls: int, failures: int, best_iteration: int | None) -> bool:

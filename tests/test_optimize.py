@@ -32,3 +32,21 @@ def test_a_run_whose_model_calls_all_failed_searched_nothing_even_when_a_reuse_s
     assert not nothing_searched(calls=0, failures=3, best_iteration=2)  # a menu proposer in the ensemble searched
     assert not nothing_searched(calls=1, failures=3, best_iteration=0)  # a model answered
     assert not nothing_searched(calls=0, failures=0, best_iteration=0)  # offline search, no models
+
+
+def test_cache_hit_in_deterministic_mode_needs_a_reproducible_entry(tmp_path):
+    """What the CLI shows as cached must be what optimize() returns without searching."""
+    from autocomp_compile.evaluation.job import EvalSettings
+    from autocomp_compile.kernels_cache import KernelCache
+    from autocomp_compile.optimize import cache_hit
+    from tests.kernels_cache.test_store import FakeTarget as StoreTarget, cand, gemm
+
+    target, w = StoreTarget(), gemm()
+    llm_written = cand("int a;", 1.0)
+    llm_written.knobs = None  # no schedule, no repeat check: not known to be reproducible
+    with KernelCache(tmp_path / "k.sqlite") as cache:
+        cache.put(target, w, llm_written)
+        assert cache_hit(cache, target, w, EvalSettings()) is not None
+        assert cache_hit(cache, target, w, EvalSettings(deterministic=True)) is None
+        cache.put(target, w, cand("int b;", 0.5))  # a generated schedule: reproducible
+        assert cache_hit(cache, target, w, EvalSettings(deterministic=True)).code == "int b;"
