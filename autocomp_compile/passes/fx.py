@@ -315,8 +315,10 @@ def find_rmsnorms(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, fx.Node, floa
                 if scale.target != aten.mul.Tensor:
                     continue
                 other = scale.args[0] if scale.args[1] is casted else scale.args[1]
-                ws, xs = _static_shape(other), _static_shape(xf)
-                if _is_weight(other) and ws is not None and xs is not None and ws == (xs[-1],):
+                ws, xv = _static_shape(other), _val(xf)
+                # x's leading dims may be symbolic (dynamic shapes): listed then, with that reason
+                if _is_weight(other) and ws is not None and isinstance(xv, torch.Tensor) and xv.dim() >= 1 \
+                        and ws == (xv.shape[-1],):
                     found.append((scale, _unwrap_cast(xf), other, float(add.args[1])))
     return found
 
