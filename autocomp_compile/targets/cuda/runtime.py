@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from autocomp_compile.targets.cuda import derived as derived_tensors
+from autocomp_compile.workload import DTYPES
 
 LAUNCH_PREFIX = "// autocomp-launch: "
 _SCRATCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "u32": torch.int32}  # u32: same bits
@@ -213,20 +214,13 @@ def launch_config(k: dict[str, Any], attrs: list[Any]) -> Any:
     return cfg
 
 
-_DTYPE_NAMES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "u32": torch.int32,
-                "i32": torch.int32, "i64": torch.int64}
-
-
 def _torch_dtype(dtype: Any) -> torch.dtype:
+    """A tensor spec's dtype: a torch dtype or a workload dtype name ("bf16", "fp32")."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if isinstance(dtype, str):
-        if dtype in _DTYPE_NAMES:
-            return _DTYPE_NAMES[dtype]
-        found = getattr(torch, dtype, None)
-        if isinstance(found, torch.dtype):
-            return found
-    raise ValueError(f"unknown dtype {dtype!r} in a tensor spec")
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unknown dtype {dtype!r} in a tensor spec (expected one of {sorted(DTYPES)} or a torch dtype)")
 
 
 class CudaKernel:
