@@ -171,13 +171,31 @@ def test_writing_past_the_output_only_on_timed_calls(tmp_path):
     assert out["stage"] == "out_of_bounds" and "during timing" in out["message"]
 
 
+def thread_setting_loader(so_path: str, n: int):
+    """A kernel that computes correctly, then sets the process's OpenMP thread count to 1 through libgomp (a
+    compiled kernel calling omp_set_num_threads is refused at build, targets/cpu/linkage.py)."""
+    import ctypes
+
+    from autocomp_compile.targets.cpu.runtime import CpuKernel
+
+    real, gomp = CpuKernel(so_path, n), ctypes.CDLL("libgomp.so.1")
+
+    def kernel(tensors, dims):
+        real(tensors, dims)
+        gomp.omp_set_num_threads(1)
+    return kernel
+
+
 def test_changing_the_openmp_thread_count(tmp_path):
     """Torch and the kernels share one libgomp: a candidate's omp_set_num_threads(1) would leave every later
     candidate (and the baseline) timed on one thread."""
+    w = hand_gemm_workload()
+    so = build_ok(hand_gemm(), "scalar", tmp_path).so_path
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        out = _run("#include <omp.h>\n" + hand_gemm(after="omp_set_num_threads(1);"), tmp_path)
+        out = check_and_time({}, w, "tests.evaluation.test_guards:thread_setting_loader", (str(so), len(w.tensors)),
+                             SETTINGS)
         assert out["stage"] == "harness_modified" and "(2 -> 1)" in out["message"]
         assert torch.get_num_threads() == 2  # restored
     finally:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autocomp_compile.targets.cpu.isa import ISA_CFLAGS
+from autocomp_compile.targets.cpu.linkage import forbidden_linkage
 
 
 @dataclass
@@ -86,5 +87,9 @@ def build(code: str, isa: str, build_dir: Path, timeout_s: float = 60.0) -> Buil
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         return BuildResult(False, None, seconds, _log(proc.stderr or proc.stdout))
+    forbidden = forbidden_linkage(tmp)
+    if forbidden:  # never stored under the code's hash: the same code is refused again on every build
+        tmp.unlink(missing_ok=True)
+        return BuildResult(False, None, seconds, forbidden)
     os.replace(tmp, so_path)  # atomic: concurrent builders of the same code never see a partial file
     return BuildResult(True, so_path, seconds, _log(proc.stderr, 2000))
