@@ -118,7 +118,8 @@ def time_interleaved_cuda(
     (triton's do_bench does): the timed call then also pays for writing back up to an L2 of dirty lines, which
     no decode step has; on an H100 that added 4 us to a 100 MB GEMV (37 -> 41 us) and 10 us to cuBLAS's MLP.
 
-    `prepare[name]`, where given, runs before each call's flush and start event, outside the timed region.
+    `prepare[name]`, where given, runs after each call's flush and before its start event: outside the timed
+    region, and what it writes (fresh activations) is in L2, as the kernel before it in a decode step leaves them.
 
     A ~100 us spin kernel is queued before each start event so the host can enqueue the whole call
     while the GPU is busy: the events then time GPU execution, not Python launch gaps (which would
@@ -148,8 +149,8 @@ def time_interleaved_cuda(
     names = list(fns)
     for i in range(runs):
         for name in names if i % 2 == 0 else names[::-1]:
-            before[name]()  # queued before the flush and the start event: not timed
             flush_l2()
+            before[name]()  # after the flush (fresh activations sit in L2, as a previous kernel leaves them), untimed
             torch.cuda._sleep(spin_cycles)
             start, end = events[name][i]
             start.record()
