@@ -199,13 +199,18 @@ def _importable(name: str) -> bool:
 def _check_run_options(args: argparse.Namespace, workloads: Sequence[Workload] = ()) -> None:
     """Everything in a search command's options that can fail, checked before any work: numbers, the target
     and `workloads` on it, then folders and files (created only once the rest passed)."""
+    from autocomp_compile.agents.llm import LLM_LANGUAGES
     from autocomp_compile.targets.base import require_available
 
     _settings(args)
     if args.reuse < 0:
         raise UsageError(f"--reuse must be >= 0, got {args.reuse}")
-    require_available(get_target(args.target, deterministic=args.deterministic))
+    target = get_target(args.target, deterministic=args.deterministic)
+    require_available(target)
     _check_workloads(args, workloads)
+    if getattr(args, "models", "") and target.language not in LLM_LANGUAGES:
+        raise UsageError(f"--models: the LLM proposer writes {' and '.join(sorted(LLM_LANGUAGES))} kernels, not "
+                         f"{target.language!r} ones; search --target {args.target} without --models (menu proposer)")
     if args.prompts:
         _check_prompts(args.prompts, args.target)
     if args.wandb and not _importable("wandb"):
@@ -423,7 +428,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
 def _run_on_ray(workloads: list[Workload], args: argparse.Namespace) -> list[dict[str, Any]]:
     """warm --executor ray: one Ray task per workload the cache lacks; winners cached as tasks finish."""
     from autocomp_compile.executors import NodeTarget, RayExecutor, SearchJob
-    from autocomp_compile.optimize import optimize, reuse_seeds
+    from autocomp_compile.optimize import cache_hit, optimize, reuse_seeds
     from autocomp_compile.report import console, results_table
     from autocomp_compile.search.candidate import Candidate
 
@@ -435,7 +440,7 @@ def _run_on_ray(workloads: list[Workload], args: argparse.Namespace) -> list[dic
     rows: list[dict[str, Any] | None] = [None] * len(workloads)
     jobs, job_index = [], []
     for i, w in enumerate(workloads):
-        if cache.get(target, w) is not None:
+        if cache_hit(cache, target, w, settings) is not None:
             rows[i] = summarize(optimize(w, target, config, settings, args.output_dir, cache=cache), w)
             rows[i]["label"] = f"{w.kind} (cached)"
             continue

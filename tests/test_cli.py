@@ -390,3 +390,11 @@ def test_cache_ls_marks_simulated_latencies(tmp_path, monkeypatch, capsys):
     assert cli.main(["cache", "ls"]) == 0
     lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()}
     assert "SIMULATED" in lines["nki"] and "measured" in lines["cpu"]
+
+
+def test_models_with_a_target_the_llm_proposer_does_not_write_for_is_a_usage_error(tmp_path, capsys):
+    argv = TINY + ["--n", "128", "--k", "128", "--target", "nki", "--output-dir", str(tmp_path), "--no-cache"]
+    argv += _unreachable_models()
+    assert cli.main(argv) == 2
+    assert "the LLM proposer writes c and cuda kernels, not 'nki' ones" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before any work

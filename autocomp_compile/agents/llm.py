@@ -231,7 +231,10 @@ def reference_source(workload: Workload) -> str:
 # ---------------------------------------------------------------- responses
 
 _BLOCK = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.S)
-_ENTRY_C = re.compile(r"\bvoid\s+autocomp_kernel\s*\(\s*void\s*\*\s*\*\s*\w*\s*,\s*const\s+int64_t\s*\*\s*\w*\s*\)")
+# The entry point's definition (not a prototype), its two parameters in any spelling the compiler takes
+# (`restrict`, `__restrict__`, `int64_t const *`, array form); the compiler checks the types.
+_ENTRY_C = re.compile(r"\bvoid\s+autocomp_kernel\s*\(\s*void\b[^,;{}()]*,\s*[^,;{}()]*\bint64_t\b[^,;{}()]*\)\s*\{")
+LLM_LANGUAGES = frozenset({"c", "cuda"})  # what extract_code takes and the built-in prompts cover
 # Names of calls outside the kernel (processes, libraries, files, sockets, threads, the Python C API), matched
 # as identifiers anywhere in the code so that an alias (`#define RUN system`, `(system)(...)`) is caught too.
 _FORBIDDEN = re.compile(r"\b(system|popen|fork|vfork|clone|exec[lv]\w*|fexecve|posix_spawn\w*|dlopen|dlsym|dlvsym|dlmopen"
@@ -275,6 +278,8 @@ def extract_code(response: str, language: str = "c") -> str:
     blocks = [(lang.lower(), body.strip()) for lang, body in _BLOCK.findall(response)]
     if not blocks:
         raise ResponseRejected("no code block in the response")
+    if response.count("```") % 2:  # a block opened and never closed: the answer was cut off
+        raise ResponseRejected("the response ends inside an unclosed code block (truncated answer?)")
     langs = ("", "cuda", "cu", "cpp", "c++") if language == "cuda" else ("", "c", "cpp", "c++")
     usable = [b for lang, b in blocks if lang in langs]
     if not usable:

@@ -68,3 +68,28 @@ def test_every_generated_kernel_passes_the_guard():
         assert extract_code("```c\n" + code + "```", "c"), name
     for name, code in _cuda_corpus():
         assert extract_code("```cuda\n" + code + "```", "cuda"), name
+
+
+KERNEL = "void autocomp_kernel(void **t, const int64_t *dims) {\n  float *out = (float *)t[2];\n  out[0] = 1.0f;\n}"
+
+
+@pytest.mark.parametrize("signature", [
+    "void autocomp_kernel(void ** restrict t, const int64_t * restrict dims)",
+    "void autocomp_kernel(void **__restrict__ t, const int64_t *__restrict__ dims)",
+    "void autocomp_kernel(void *t[], const int64_t dims[])",
+    "void autocomp_kernel(void **t, int64_t const *dims)",
+])
+def test_entry_points_in_any_spelling_the_compiler_takes_are_found(signature):
+    code = KERNEL.replace("void autocomp_kernel(void **t, const int64_t *dims)", signature)
+    assert extract_code(f"```c\n{code}\n```").startswith(signature)
+
+
+def test_a_prototype_after_the_kernel_is_not_taken_for_it():
+    answer = f"```c\n{KERNEL}\n```\nIts signature:\n```c\nvoid autocomp_kernel(void **t, const int64_t *dims);\n```"
+    assert extract_code(answer).strip() == KERNEL
+
+
+def test_a_truncated_answer_is_refused_instead_of_returning_the_quoted_kernel():
+    answer = f"The current kernel:\n```c\n{KERNEL}\n```\nThe new one:\n```c\n{KERNEL[:40]}"
+    with pytest.raises(ResponseRejected, match="unclosed code block"):
+        extract_code(answer)
