@@ -229,6 +229,8 @@ class Llama(nn.Module):
         if tokens.dim() != 2 or tokens.shape[0] != self.batch_size:
             raise ValueError(f"tokens must be [batch={self.batch_size}, seq], got {tuple(tokens.shape)}; "
                              "call setup_caches(batch) first")
+        if not torch.compiler.is_compiling():
+            self._check_positions(input_pos, tokens.shape[1])
         x = self.model.embed_tokens(tokens)
         cos = self.rope_cos[input_pos].to(x.dtype)
         sin = self.rope_sin[input_pos].to(x.dtype)
@@ -238,6 +240,20 @@ class Llama(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
+
+    def _check_positions(self, input_pos: torch.Tensor, seq: int) -> None:
+        """Refuse positions the static cache cannot take; eager only (a compiled graph traces no checks).
+        Values are checked on the CPU only: on a GPU that would stall the launch queue at every step."""
+        if input_pos.dim() != 1 or input_pos.numel() != seq or input_pos.dtype != torch.int64:
+            raise ValueError(f"input_pos must be a 1-D int64 tensor of {seq} positions (one per token), got "
+                             f"{input_pos.dtype} of shape {tuple(input_pos.shape)}")
+        if input_pos.device.type != "cpu":
+            return
+        limit = self.config.max_seq_len
+        if int(input_pos.min()) < 0 or int(input_pos.max()) >= limit:
+            raise ValueError(f"input_pos {input_pos.tolist()} must lie in [0, max_seq_len={limit})")
+        if seq > 1 and not bool((input_pos[1:] > input_pos[:-1]).all()):
+            raise ValueError(f"input_pos {input_pos.tolist()} must be strictly increasing")
 
 
 def build_llama(config: LlamaConfig | str, dtype: str | torch.dtype = "bf16", seed: int = 0) -> Llama:

@@ -26,7 +26,7 @@ def _check_llama(hf: dict[str, Any]) -> None:
     elif hf.get("architectures") not in (None, ["LlamaForCausalLM"]):
         raise WorkloadError(f"not a Llama checkpoint: architectures {hf['architectures']!r}")
     act = hf.get("hidden_act") or "silu"
-    if act != "silu":
+    if act not in ("silu", "swish"):  # transformers maps both names to SiLU
         raise WorkloadError(f"hidden_act {act!r} is not supported (silu is)")
     biased = [k for k in ("attention_bias", "mlp_bias") if hf.get(k)]
     if biased:
@@ -74,7 +74,7 @@ def config_from_hf(hf: dict[str, Any], max_seq_len: int | None = None) -> LlamaC
         vocab=hf["vocab_size"], layers=hf["num_hidden_layers"], eps=_field(hf, "rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta), rope_scaling=rope_scaling,
         tie_embeddings=hf.get("tie_word_embeddings", False),
-        max_seq_len=min(hf.get("max_position_embeddings", 2048), 2048) if max_seq_len is None else max_seq_len,
+        max_seq_len=min(_field(hf, "max_position_embeddings", 2048), 2048) if max_seq_len is None else max_seq_len,
     )
 
 

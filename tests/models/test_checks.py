@@ -60,6 +60,22 @@ def test_config_defaults_silu_mha_and_llama_architecture():
     hf = {k: v for k, v in HF.items() if k not in ("model_type", "hidden_act")}
     assert config_from_hf({**hf, "num_key_value_heads": None}).kv_heads == 4  # null is absent: MHA
     assert config_from_hf(hf).kv_heads == 2
+    assert config_from_hf({**hf, "max_position_embeddings": None}).max_seq_len == 2048  # transformers' default
+    assert config_from_hf({**hf, "hidden_act": "swish"}) == config_from_hf(hf)  # transformers' SiLU too
+
+
+@pytest.mark.parametrize("positions, match", [
+    ([126, 127, 128], "must lie in \\[0, max_seq_len=128\\)"),
+    ([-3, -2, -1], "must lie in"),
+    ([2, 0, 1], "strictly increasing"),  # attended to 2 cached positions for the query at 2
+    ([0, 1], "1-D int64 tensor of 3 positions"),
+    ([0.0, 1.0, 2.0], "1-D int64 tensor"),
+])
+def test_positions_the_static_cache_cannot_take_are_refused(positions, match):
+    model = build_llama("tiny-llama", "fp32")
+    model.setup_caches(1)
+    with pytest.raises(ValueError, match=match):
+        model(torch.zeros(1, 3, dtype=torch.long), torch.tensor(positions))
 
 
 def test_unknown_dtype_is_a_clear_error(tmp_path):

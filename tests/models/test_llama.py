@@ -88,16 +88,16 @@ def test_llama3_rope_scaling_keeps_high_frequencies_and_scales_low_ones():
     torch.testing.assert_close(scaled[-1], plain[-1] / 32)  # longest wavelengths divided by the factor
 
 
-def _hf_tiny(tmp_path, tie: bool = False):
+def _hf_tiny(tmp_path, tie: bool = False, **overrides):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=2, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=128,
-        tie_word_embeddings=tie,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 32},
-        attn_implementation="sdpa",
-    )
+    cfg = transformers.LlamaConfig(**{
+        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_hidden_layers": 2, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "max_position_embeddings": 128, "tie_word_embeddings": tie,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32},
+        "attn_implementation": "sdpa", **overrides,
+    })
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path)
@@ -113,6 +113,21 @@ def test_hugging_face_weights_give_hugging_face_logits(tmp_path, tie):
     ours.setup_caches(1)
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens, torch.arange(40)), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_incremental_decode_matches_hugging_face_full_forward(tmp_path):
+    """Batch 2, a head_dim other than hidden/heads, a one-token prompt, then decode steps up to the last
+    cache position: each step's logits equal those of Hugging Face's forward over the whole sequence."""
+    hf = _hf_tiny(tmp_path, head_dim=24, max_position_embeddings=48)
+    ours = load_pretrained(tmp_path, "fp32")
+    assert ours.config.head_dim == 24 and ours.config.max_seq_len == 48
+    tokens = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        ours.setup_caches(2)
+        steps = [ours(tokens[:, :1], torch.arange(1))]
+        steps += [ours(tokens[:, p:p + 1], torch.tensor([p])) for p in range(1, 48)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_load_pretrained_errors(tmp_path):
