@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from autocomp_compile.agents.llm_client import LLMCallError, LLMClient
+from autocomp_compile.agents.llm_client import LLMCallError, LLMClient, usage_sum
 from autocomp_compile.agents.menu import apply_dropout
 from autocomp_compile.search.candidate import Candidate
 from autocomp_compile.workload import Workload
@@ -327,6 +327,15 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _read_usage(path: Path) -> dict[str, Any]:
+    """An earlier run's usage record, or {} when there is none or it is not one (it is then replaced)."""
+    try:
+        usage = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return usage if isinstance(usage, dict) else {}
+
+
 def _read_transcript(path: Path | None) -> str | None:
     """A saved response, or None when there is none or it cannot be read whole (then the call is made again)."""
     if path is None:
@@ -361,11 +370,23 @@ class LLMProposer:
         self._fixed_transcripts = self.transcript_dir is not None  # else each run keeps its own under run_dir/llm
         self.rejected: list[dict[str, Any]] = []
         self._docs: dict[str, PromptDocs] = {}
+        self._start_usage_record()
 
     def attach_run_dir(self, run_dir: Path) -> None:
         """Save prompts and responses under the search's run directory (and reuse them on a re-run)."""
         if not self._fixed_transcripts:
             self.transcript_dir = Path(run_dir) / "llm"
+        self._start_usage_record()
+
+    def _start_usage_record(self) -> None:
+        """`usage.json` counts its directory's calls: what an earlier run recorded there plus the client's calls
+        from now on (the client may have served other runs before, as in `warm`)."""
+        self._usage_base = self.client.usage.to_dict()
+        self._usage_earlier = _read_usage(self.transcript_dir / "usage.json") if self.transcript_dir else {}
+
+    def _write_usage(self) -> None:
+        since = usage_sum(self.client.usage.to_dict(), self._usage_base, sign=-1)
+        _write_atomic(self.transcript_dir / "usage.json", json.dumps(usage_sum(self._usage_earlier, since), indent=1))
 
     def docs(self, target: Any) -> PromptDocs:
         if target.name not in self._docs:
@@ -390,7 +411,7 @@ class LLMProposer:
             if path is not None and isinstance(answer, str):
                 _write_atomic(path, json.dumps({"model": model, "prompt": prompt, "response": answer}, indent=1))
         if todo and self.transcript_dir is not None:  # the run's record of calls, tokens and cost so far
-            _write_atomic(self.transcript_dir / "usage.json", json.dumps(self.client.usage.to_dict(), indent=1))
+            self._write_usage()
         return out  # type: ignore[return-value]
 
     def _path(self, model: str, prompt: str, key: str) -> Path | None:
@@ -406,12 +427,14 @@ class LLMProposer:
             with open(self.transcript_dir / "rejected.jsonl", "a") as f:
                 f.write(json.dumps(self.rejected[-1]) + "\n")
 
-    def _code_candidates(self, answers: Sequence[str | LLMCallError], models: Sequence[str], parent: Candidate | None,
-                         stage: str, make: Any, language: str = "c") -> list[Candidate]:
-        """Candidates from code-bearing answers; failures and unusable answers are recorded as rejections."""
+    def _code_candidates(self, answers: Sequence[str | LLMCallError], models: Sequence[str],
+                         parents: Sequence[Candidate | None], stage: str, make: Any,
+                         language: str = "c") -> list[Candidate]:
+        """Candidates from code-bearing answers; failures and unusable answers are recorded as rejections
+        against the answer's parent (None: the workload's reference, as for translations)."""
         out = []
-        for k, (model, answer) in enumerate(zip(models, answers)):
-            owner = parent or Candidate(id="root", parent_id=None, iteration=0, language="", code="", plan="")
+        for k, (model, answer, parent) in enumerate(zip(models, answers, parents)):
+            owner = parent or Candidate(id="reference", parent_id=None, iteration=0, language="", code="", plan="")
             if isinstance(answer, LLMCallError):
                 self._reject(owner, model, stage, str(answer))
                 continue
@@ -429,7 +452,7 @@ class LLMProposer:
             return []
         prompt = translate_prompt(self.docs(target), workload, reference_source(workload))
         answers = self._ask([(m, prompt, "translate") for m in self.models])
-        return self._code_candidates(answers, self.models, None, "translate", lambda k, model, code, text: Candidate(
+        return self._code_candidates(answers, self.models, [None] * len(answers), "translate", lambda k, model, code, text: Candidate(
             id=f"translate-{k}", parent_id=None, iteration=0, language=target.language, code=code,
             plan=f"Translation of the PyTorch reference by {model}.", models=[model], origin=f"llm:{model}"),
             target.language)
@@ -441,10 +464,10 @@ class LLMProposer:
         models = [c.origin.split(":", 1)[1] if c.origin.split(":", 1)[1] in self.models else self.models[0] for c in todo]
         answers = self._ask([(m, repair_prompt(docs, workload, c), f"repair-{iteration}-{c.code_hash}")
                              for m, c in zip(models, todo)])
-        return [c for c in self._code_candidates(answers, models, None, "repair", lambda k, model, code, text: Candidate(
+        return self._code_candidates(answers, models, todo, "repair", lambda k, model, code, text: Candidate(
             id=f"{todo[k].id}-fix", parent_id=todo[k].parent_id, iteration=iteration, language=target.language,
             code=code, plan=todo[k].plan + "\n\nRepaired after: " + (todo[k].result.message or todo[k].result.stage),
-            menu_ids=list(todo[k].menu_ids), models=[model], origin=f"llm:{model}"), target.language)]
+            menu_ids=list(todo[k].menu_ids), models=[model], origin=f"llm:{model}"), target.language)
 
     def _extra_menu(self, docs: PromptDocs, workload: Workload, parent: Candidate, items: Sequence[Any],
                     iteration: int) -> list[str]:
@@ -476,7 +499,7 @@ class LLMProposer:
                 reqs.append((model, one_call_prompt(docs, workload, parent, feedback, menu_text()),
                              f"code-{iteration}-{parent.id}-{p}"))
             answers = self._ask(reqs)
-            return self._code_candidates(answers, [m for m, _, _ in reqs], parent, "code", lambda k, model, code, text:
+            return self._code_candidates(answers, [m for m, _, _ in reqs], [parent] * len(reqs), "code", lambda k, model, code, text:
                                          Candidate(id=f"i{iteration}-{parent.id}-c{k}", parent_id=parent.id,
                                                    iteration=iteration, language=target.language, code=code, plan=text,
                                                    menu_ids=parent.menu_ids + [i for i in [menu_item_of(text, ids)] if i],

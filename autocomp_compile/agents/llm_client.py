@@ -93,7 +93,27 @@ class Usage:
     per_model: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        d["per_model"] = {m: dict(counts) for m, counts in self.per_model.items()}
+        return d
+
+
+def usage_sum(a: dict[str, Any], b: dict[str, Any], sign: int = 1) -> dict[str, Any]:
+    """`a + sign * b` field by field over `Usage.to_dict()` records (numbers, and `per_model` counts)."""
+    out = {k: v for k, v in a.items() if k != "per_model"}
+    for key, value in b.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            base = out.get(key, 0)
+            out[key] = (base if isinstance(base, (int, float)) else 0) + sign * value
+    models: dict[str, dict[str, Any]] = {}
+    for source, factor in ((a.get("per_model"), 1), (b.get("per_model"), sign)):
+        for model, counts in (source if isinstance(source, dict) else {}).items():
+            mine = models.setdefault(model, {})
+            for key, value in (counts if isinstance(counts, dict) else {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    mine[key] = mine.get(key, 0) + factor * value
+    out["per_model"] = {m: c for m, c in models.items() if any(c.values())}
+    return out
 
 
 def reply_text(response: Any) -> str:
