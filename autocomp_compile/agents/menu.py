@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from autocomp_compile.targets.cpu.codegen import KNOB_CHOICES, family, isa_applies
+from autocomp_compile.targets.cpu.isa import VECTOR_WIDTH
 from autocomp_compile.workload import Workload
 
 Knobs = dict[str, Any]
@@ -145,6 +146,15 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                 lambda k, r: {**k, "gqa_share": True},
             ),
         ]
+        if w.params["phase"] == "decode" and simd:
+            items.append(MenuItem(
+                "vec_softmax", "Vectorised online softmax",
+                "Score every query row of the task per key row read, take the block's exponentials a vector at a "
+                "time (polynomial exp), and accumulate the output rows in registers per value row read.",
+                lambda k: (not k["vec_softmax"] and k["isa"] != "scalar"
+                           and w.params["head_dim"] % VECTOR_WIDTH[k["isa"]] == 0),
+                lambda k, r: {**k, "vec_softmax": True, "online": True},
+            ))
         if w.params["phase"] == "prefill":
             items.append(MenuItem(
                 "q_block", "Block query rows",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from autocomp_compile.targets.cpu.isa import prelude
+from autocomp_compile.targets.cpu.isa import VECTOR_EXP, VECTOR_WIDTH, prelude
 from autocomp_compile.workload import Workload
 
 CODEGEN_VERSION = "cpu-2"
@@ -21,7 +21,8 @@ GEMV_KINDS = ("gemm", "lm_head", "mlp")
 NAIVE_KNOBS: dict[str, dict[str, Any]] = {
     "gemv": dict(isa="scalar", rows=1, unroll=1, prefetch=0, prefetch_hint="t0", threads="serial", chunk=0, fuse=False,
                  bf16_split=False),
-    "attention": dict(isa="scalar", online=False, kv_block=64, gqa_share=False, q_block=1, threads="serial", chunk=0),
+    "attention": dict(isa="scalar", online=False, kv_block=64, gqa_share=False, q_block=1, threads="serial", chunk=0,
+                      vec_softmax=False),
     "rmsnorm": dict(isa="scalar", unroll=1, threads="serial", chunk=0),
 }
 
@@ -73,6 +74,11 @@ def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, A
         out["gqa_share"] = bool(out["gqa_share"])
         if w.params["phase"] == "decode":
             out["q_block"] = 1
+        # The vectorised online softmax: decode rows (one length per task), whole vectors per head row.
+        out["vec_softmax"] = (bool(out["vec_softmax"]) and w.params["phase"] == "decode"
+                              and w.params["head_dim"] % VECTOR_WIDTH[out["isa"]] == 0)
+        if out["vec_softmax"]:
+            out["online"] = True
     return out
 
 
@@ -370,6 +376,64 @@ static void attend(const float *qf, int nq, const int64_t *lens, const elem_t *k
 """
 
 
+# Decode: the nq (= HPT) rows of a task attend to the same L keys. Per key row read, the scores of every row
+# (K converted once); per block, exponentials VW at a time; per value row read, every row's output accumulates
+# in registers (V converted once). Online softmax across blocks.
+_ATTEND_VECTOR = r"""
+#define DV (D / VW)
+#define KV_PAD ((KV_BLOCK + VW - 1) / VW * VW)
+static void attend(const float *qf, int nq, const int64_t *lens, const elem_t *k, const elem_t *v, float *o) {
+  (void)nq;
+  const int64_t L = lens[0];
+  vf acc[HPT][DV];
+  float m[HPT], l[HPT], s[HPT][KV_PAD] __attribute__((aligned(64)));
+  for (int r = 0; r < HPT; ++r) { m[r] = -INFINITY; l[r] = 0.0f; for (int d = 0; d < DV; ++d) acc[r][d] = v_zero(); }
+  for (int64_t j0 = 0; j0 < L; j0 += KV_BLOCK) {
+    const int64_t jn = L - j0 < KV_BLOCK ? L - j0 : KV_BLOCK;
+    for (int64_t jj = 0; jj < jn; ++jj) {
+      vf kv[DV];
+      for (int d = 0; d < DV; ++d) kv[d] = v_load_elem(k + (j0 + jj) * D + d * VW);
+      for (int r = 0; r < HPT; ++r) {
+        vf a = v_mul(v_load_f32(qf + r * D), kv[0]);
+        for (int d = 1; d < DV; ++d) a = v_fma(v_load_f32(qf + r * D + d * VW), kv[d], a);
+        s[r][jj] = v_hsum(a);
+      }
+    }
+    const int64_t jp = (jn + VW - 1) / VW * VW;
+    for (int r = 0; r < HPT; ++r) {
+      for (int64_t jj = jn; jj < jp; ++jj) s[r][jj] = -INFINITY;
+      float bm = -INFINITY;
+      for (int64_t jj = 0; jj < jn; ++jj) bm = s[r][jj] > bm ? s[r][jj] : bm;
+      const float mn = bm > m[r] ? bm : m[r];
+      const float corr = expf(m[r] - mn);
+      const vf vc = v_set1(corr), neg = v_set1(-mn);
+      for (int d = 0; d < DV; ++d) acc[r][d] = v_mul(acc[r][d], vc);
+      vf sum = v_zero();
+      for (int64_t jj = 0; jj < jp; jj += VW) {
+        const vf e = v_exp(v_add(v_load_f32(&s[r][jj]), neg));
+        v_store_f32(&s[r][jj], e);
+        sum = v_add(sum, e);
+      }
+      l[r] = l[r] * corr + v_hsum(sum);
+      m[r] = mn;
+    }
+    for (int64_t jj = 0; jj < jn; ++jj) {
+      vf vv[DV];
+      for (int d = 0; d < DV; ++d) vv[d] = v_load_elem(v + (j0 + jj) * D + d * VW);
+      for (int r = 0; r < HPT; ++r) {
+        const vf p = v_set1(s[r][jj]);
+        for (int d = 0; d < DV; ++d) acc[r][d] = v_fma(p, vv[d], acc[r][d]);
+      }
+    }
+  }
+  for (int r = 0; r < HPT; ++r) {
+    const vf inv = v_set1(1.0f / l[r]);
+    for (int d = 0; d < DV; ++d) v_store_f32(o + r * D + d * VW, v_mul(acc[r][d], inv));
+  }
+}
+"""
+
+
 def _attention_kernel(w: Workload, knobs: dict[str, Any]) -> str:
     p = w.params
     B, HQ, HK, D = p["batch"], p["heads"], p["kv_heads"], p["head_dim"]
@@ -382,7 +446,10 @@ def _attention_kernel(w: Workload, knobs: dict[str, Any]) -> str:
         f"#define B {B}\n#define HQ {HQ}\n#define HK {HK}\n#define D {D}\n#define G {G}\n"
         f"#define S {S}\n#define HPT {heads_per_task}\n#define QB {QB}\n#define KV_BLOCK {knobs['kv_block']}\n"
     )
-    core = _ATTEND_COMMON + (_ATTEND_ONLINE if knobs["online"] else _ATTEND_TWO_PASS)
+    if knobs["vec_softmax"]:
+        core = VECTOR_EXP[knobs["isa"]] + _ATTEND_VECTOR
+    else:
+        core = _ATTEND_COMMON + (_ATTEND_ONLINE if knobs["online"] else _ATTEND_TWO_PASS)
     n_qblocks = 1 if decode else "((S + QB - 1) / QB)"
     # A task: batch b, a run of HPT query heads starting at hq0 (all in KV head hq0 / G), QB query rows.
     q_row = "q + ((int64_t)(b * HQ + hq) * D)" if decode else "q + (((int64_t)(b * HQ + hq) * S + i) * D)"

@@ -147,6 +147,40 @@ _AVX512_LOAD = {
     "fp32": "static inline vf v_load_elem(const elem_t *p) { return _mm512_loadu_ps(p); }\n",
 }
 
+# exp over a vector, for softmaxes (included by kernels that use it): exp(x) = 2^n e^r with n = round(x log2 e),
+# r = x - n ln 2 in two steps (Cody-Waite: ln 2 split in a high part exact in float and a low part), and e^r
+# (|r| <= ln2/2) from its degree-7 Taylor polynomial: relative error ~1e-7. Far below the softmax range (and at
+# -inf, a masked score) the result is 0, as from expf; NaN stays NaN.
+_EXP_POLY = r"""
+static inline vf v_exp_reduced(vf x, vf n) {
+  const vf r = v_fma(n, v_set1(-1.42860677e-6f), v_fma(n, v_set1(-0.693145752f), x));
+  vf p = v_set1(1.98412698e-4f);
+  p = v_fma(p, r, v_set1(1.38888889e-3f)); p = v_fma(p, r, v_set1(8.33333333e-3f));
+  p = v_fma(p, r, v_set1(4.16666667e-2f)); p = v_fma(p, r, v_set1(1.66666667e-1f));
+  p = v_fma(p, r, v_set1(0.5f)); p = v_fma(p, r, v_set1(1.0f)); return v_fma(p, r, v_set1(1.0f));
+}
+"""
+VECTOR_EXP = {
+    "scalar": "static inline vf v_exp(vf x) { return expf(x); }\n",
+    "avx2": _EXP_POLY + r"""static inline vf v_exp(vf x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_NLT_UQ);  /* NaN stays NaN */
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 p = v_exp_reduced(x, n);
+  const __m256i bits = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
+  return _mm256_and_ps(_mm256_castsi256_ps(bits), live);
+}
+""",
+    "avx512": _EXP_POLY + r"""static inline vf v_exp(vf x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);  /* NaN stays NaN */
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_scalef_ps(v_exp_reduced(x, n), n);
+}
+""",
+}
+VECTOR_EXP["avx512bf16"] = VECTOR_EXP["avx512"]
+
+
 # The dot-product step of GEMV-like kernels: VK elements of a weight row times the activation.
 # With AVX512-BF16 the activation is kept in bf16 and vdpbf16ps does 32 products per step.
 _DOT_FMA = r"""

@@ -17,7 +17,9 @@ from autocomp_compile.references import InputFactory, get_kind
 from autocomp_compile.targets.cpu import codegen
 from autocomp_compile.targets.cpu import compiler as compiler_mod
 from autocomp_compile.targets.cpu.compiler import build
-from autocomp_compile.targets.cpu.isa import ISA_ORDER, VECTOR_WIDTH, best_isa, cpu_flags, prelude, supported_isas
+from autocomp_compile.targets.cpu.isa import (
+    ISA_ORDER, VECTOR_EXP, VECTOR_WIDTH, best_isa, cpu_flags, prelude, supported_isas,
+)
 from autocomp_compile.targets.cpu.runtime import CpuKernel, KernelLoadError
 from autocomp_compile.targets.cpu.target import CpuTarget
 from autocomp_compile.workload import make_workload
@@ -48,6 +50,8 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "two_pass_gqa_qblock4_dynamic": dict(gqa_share=True, q_block=4, threads="dynamic", chunk=2),
         "online_kv16_qblock8_gqa": dict(online=True, kv_block=16, q_block=8, gqa_share=True),
         "online_kv256_noshare_qblock2": dict(online=True, kv_block=256, q_block=2, threads="static", chunk=1),
+        "vec_softmax_kv16_gqa_static": dict(vec_softmax=True, kv_block=16, gqa_share=True, threads="static"),
+        "vec_softmax_kv256_noshare": dict(vec_softmax=True, kv_block=256),
     },
 }
 WORKLOADS = ["gemm", "gemm_m3_odd", "lm_head_small", "mlp", "mlp_b2_odd", "rmsnorm", "decode", "prefill"]
@@ -58,6 +62,8 @@ def _skip_variant(wname: str, variant: str) -> bool:
         return True  # fuse is an MLP-only knob (legalize drops it elsewhere: same code as another variant)
     if "qblock" in variant and wname == "decode":
         return True  # decode forces q_block=1
+    if "vec_softmax" in variant and wname == "prefill":
+        return True  # a decode-only knob
     return False
 
 
@@ -257,6 +263,37 @@ def test_legalize_kind_specific_knobs():
     assert codegen.legalize(pre, {"online": 1, "gqa_share": 0}, HOST_ISAS) == {
         **codegen.legalize(pre, {}, HOST_ISAS), "online": True, "gqa_share": False,
     }
+
+
+def test_legalize_vec_softmax_only_for_decode_rows_of_whole_vectors():
+    dec, pre = small("decode"), small("prefill")
+    on = codegen.legalize(dec, {"vec_softmax": 1, "online": False}, HOST_ISAS)
+    assert on["vec_softmax"] is True and on["online"] is True  # an online softmax, whatever the knob said
+    assert codegen.legalize(pre, {"vec_softmax": True}, HOST_ISAS)["vec_softmax"] is False
+    odd = make_workload("attention", "bf16", phase="decode", heads=4, kv_heads=2, head_dim=24, kv_len=5, max_kv_len=8)
+    assert codegen.legalize(odd, {"vec_softmax": True, "isa": "avx2"}, ["scalar", "avx2"])["vec_softmax"] is True
+    assert codegen.legalize(odd, {"vec_softmax": True, "isa": "avx512"}, list(ISA_ORDER))["vec_softmax"] is False
+
+
+@pytest.mark.parametrize("isa", HOST_ISAS)
+def test_vector_exp_matches_expf(tmp_path, isa):
+    """`v_exp` (the vectorised softmax's exp): relative error ~1e-7 over a softmax's range, 0 far below it and
+    for -inf (a masked score), NaN stays NaN."""
+    code = prelude(isa, "bf16") + VECTOR_EXP[isa] + r"""
+void autocomp_kernel(void **t, const int64_t *dims) {
+  const float *x = (const float *)t[0]; float *y = (float *)t[1];
+  for (int64_t i = 0; i + VW <= dims[0]; i += VW) v_store_f32(y + i, v_exp(v_load_f32(x + i)));
+}
+"""
+    res = build(code, isa, tmp_path)
+    assert res.ok, res.log
+    x = torch.cat([torch.linspace(-90, 0, 4096), torch.tensor([-1e4, -float("inf"), float("nan"), -104.5, 0.0, -1e-7]
+                                                              + [0.0] * 10)])
+    y = torch.empty_like(x)
+    CpuKernel(res.so_path, 2)([x, y], [x.numel()])
+    ref = torch.exp(x.double())
+    torch.testing.assert_close(y[:4096].double(), ref[:4096], rtol=3e-7, atol=1e-37)
+    assert y[4096:4098].tolist() == [0.0, 0.0] and y[4098].isnan() and y[4099] == 0 and y[4100] == 1.0
 
 
 def test_legalize_drops_isas_the_host_lacks():
