@@ -382,8 +382,13 @@ def check_attention(m: dict[str, relax.Expr], func: relax.Function) -> Region:
     scale = math.prod(constant_value(m[c]) or float("nan") if c in m else 1.0 for c in ("q_scale", "k_scale"))
     if not math.isclose(scale, 1 / math.sqrt(d), rel_tol=1e-5):
         return Region("attention", out, reason=f"scale {scale} is not 1/sqrt(head_dim)")
-    if getattr(m["probs"].attrs, "axis", -1) not in (-1, 3):
-        return Region("attention", out, reason="softmax is not over the keys")
+    ps, axis = shape_of(m["probs"]), int(getattr(m["probs"].attrs, "axis", -1))
+    if ps not in ((b, h, s, lk), (b * h, s, lk)) or axis % len(ps) != len(ps) - 1:
+        return Region("attention", out, reason=f"softmax over axis {axis} of {ps} is not over the {lk} keys of "
+                                               "each query row")
+    if shape_of(m["pv"]) not in ((b, h, s, d), (b * h, s, d)):
+        return Region("attention", out, reason=f"probabilities x values gives {shape_of(m['pv'])}, not one "
+                                               "row per query head")
     dtype = dtype_of(m["q"])
     if dtype is None or dtype_of(m["k"]) != dtype or dtype_of(m["v"]) != dtype or dtype_of(out) != dtype:
         return Region("attention", out, reason="mixed or unsupported dtypes")

@@ -143,7 +143,9 @@ class _RegionReplacer(PyExprMutator):
         own_shape = shape_of(binding.var)
         if own_shape != tuple(region.kernel_shape):
             value = relax.op.reshape(self.builder_.emit(call), own_shape)
-        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
+        # An output of a dataflow block leaves it through emit_output; a plain binding block has no outputs.
+        dataflow_output = self.builder_.current_block_is_dataflow() and not isinstance(binding.var, relax.DataflowVar)
+        emit = self.builder_.emit_output if dataflow_output else self.builder_.emit
         self.set_var_remap(binding.var, emit(value, name_hint=binding.var.name))
 
 

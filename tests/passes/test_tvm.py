@@ -46,18 +46,21 @@ def run(mod, inputs):
     return [o.numpy() for o in out] if isinstance(out, (list, tuple)) or hasattr(out, "__len__") else [out.numpy()]
 
 
-def linear_module(with_weight_param: bool = True, axes=(1, 0), n: int = 32):
+def linear_module(with_weight_param: bool = True, axes=(1, 0), n: int = 32, dataflow: bool = True):
     """x [1, 64] @ permute_dims(W[n, 64], axes), W a parameter after num_input (a weight) or a second input
-    (an activation)."""
+    (an activation); in a dataflow block or a plain binding block."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 64), "float32"))
     w = relax.Var("w", relax.TensorType((n, 64), "float32"))
     attrs = {"num_input": 1} if with_weight_param else {"num_input": 2}
     with bb.function("main", [x, w], attrs=attrs):
-        with bb.dataflow():
-            wt = bb.emit(relax.op.permute_dims(w, list(axes)))
-            y = bb.emit(relax.op.matmul(x, wt))
-            out = bb.emit_output(y)
+        if dataflow:
+            with bb.dataflow():
+                wt = bb.emit(relax.op.permute_dims(w, list(axes)))
+                y = bb.emit(relax.op.matmul(x, wt))
+                out = bb.emit_output(y)
+        else:
+            out = bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w, list(axes)))))
         bb.emit_func_output(out)
     return bb.get()
 
@@ -88,6 +91,16 @@ def test_linear_becomes_kernel_call(cache_dir):
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     tvm.ir.assert_structural_equal(after, bb.get())
+    xs, ws = torch.randn(1, 64), torch.randn(32, 64)
+    np.testing.assert_allclose(run(after, [tvm_tensor(xs), tvm_tensor(ws)])[0], (xs @ ws.T).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_region_in_a_plain_binding_block_is_replaced(cache_dir):
+    """Functions without R.dataflow() (hand-written, or after ToNonDataflow): the crash was 'EmitOutput has to
+    be called inside dataflow block'."""
+    p = partition(cache_dir)
+    after = p(linear_module(dataflow=False))
+    assert [d.replaced for d in p.report.decisions] == [True]
     xs, ws = torch.randn(1, 64), torch.randn(32, 64)
     np.testing.assert_allclose(run(after, [tvm_tensor(xs), tvm_tensor(ws)])[0], (xs @ ws.T).numpy(), rtol=1e-5, atol=1e-5)
 
@@ -188,6 +201,34 @@ def test_only_a_per_group_kv_repeat_is_gqa(tiled):
         assert region.workload is None and "repeated per query group" in region.reason
     else:
         assert region.workload is not None and region.workload.params["kv_heads"] == 2, region.reason
+
+
+def _attention_with_reshaped_scores(view, axis):
+    """q k^T / sqrt(d), reshaped to `view`, softmax over `axis`, reshaped back, times v (Relax, decode shapes)."""
+    bb = relax.BlockBuilder()
+    q = relax.Var("q", relax.TensorType((1, 4, 1, 16), "float32"))
+    k, v = (relax.Var(n, relax.TensorType((1, 4, 8, 16), "float32")) for n in ("k", "v"))
+    with bb.function("main", [q, k, v], attrs={"num_input": 3}):
+        with bb.dataflow():
+            kt = bb.emit(relax.op.permute_dims(k, [0, 1, 3, 2]))
+            scores = bb.emit(relax.op.matmul(bb.emit(relax.op.multiply(q, relax.const(0.25, "float32"))), kt))
+            probs = bb.emit(relax.op.nn.softmax(bb.emit(relax.op.reshape(scores, view)), axis=axis))
+            out = bb.emit_output(bb.emit(relax.op.matmul(bb.emit(relax.op.reshape(probs, (1, 4, 1, 8))), v)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("view, axis, replaced", [
+    ((1, 4, 1, 8), -1, True),
+    ((1, 4, 1, 8), 3, True),
+    ((1, 4, 2, 4), -1, False),  # a softmax over each half of the keys
+    ((1, 4, 1, 1, 8), 3, False),  # over a size-1 axis: every probability 1
+])
+def test_attention_softmax_must_run_over_all_keys_of_a_row(view, axis, replaced):
+    [region] = find_regions(_attention_with_reshaped_scores(view, axis)["main"])
+    assert (region.workload is not None) == replaced, region.reason
+    if not replaced:
+        assert "is not over the 8 keys" in region.reason
 
 
 def tiny(dtype="fp32"):
