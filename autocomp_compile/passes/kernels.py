@@ -99,7 +99,7 @@ class KernelRegistry:
 
     def __init__(self) -> None:
         self._kernels: dict[str, BoundKernel] = {}
-        self._failed: dict[str, str] = {}
+        self._failed: dict[tuple[str, str], str] = {}  # (key, cache directory asked) -> why it did not load
         self._lock = threading.Lock()
 
     def add(self, key: str, target: Target, workload: Workload, candidate: Candidate, check: bool = True) -> BoundKernel:
@@ -117,14 +117,20 @@ class KernelRegistry:
         """The kernel for `key`, loading it from the kernel cache (`cache_dir`, default the user's) when this
         process has not yet."""
         bound = self._kernels.get(key)
-        if bound is not None or key in self._failed:
+        if bound is not None or self.failure(key, cache_dir) is not None:
             return bound
         try:
             return self._load_from_cache(key, cache_dir)
         except (KernelUnavailable, LookupError) as exc:
-            self._failed[key] = str(exc)
-            log.warning("autocomp: kernel %s unavailable (%s); running PyTorch instead", key, exc)
+            where = f"kernel cache {cache_dir}" if cache_dir else "the default kernel cache"
+            self._failed[(key, str(cache_dir or ""))] = f"{exc} ({where})"
+            log.warning("autocomp: kernel %s unavailable: %s", key, self._failed[(key, str(cache_dir or ""))])
             return None
+
+    def failure(self, key: str, cache_dir: str | Path | None = None) -> str | None:
+        """Why `key` did not load from `cache_dir` in this process (None: it did, or was never asked). Asking
+        with another cache directory tries again."""
+        return self._failed.get((key, str(cache_dir or "")))
 
     def _load_from_cache(self, key: str, cache_dir: str | Path | None) -> BoundKernel:
         from autocomp_compile.kernels_cache.store import KernelCache

@@ -56,7 +56,9 @@ def _kernel_function(key: str, cache_dir: str | None):
         if kernel is None:
             kernel = REGISTRY.get(key, cache_dir)
             if kernel is None:
-                raise RuntimeError(f"autocomp kernel {key} is unavailable in this process (see the log)")
+                raise RuntimeError(f"autocomp kernel {key} is unavailable in this process: "
+                                   f"{REGISTRY.failure(key, cache_dir)}; register_kernels(mod, cache_dir) with "
+                                   "the cache the module was partitioned with")
             state["kernel"] = kernel
         tensors = [torch.from_dlpack(a) for a in args if not isinstance(a, int)]
         kernel.run(tensors, [a for a in args if isinstance(a, int)])
@@ -64,12 +66,18 @@ def _kernel_function(key: str, cache_dir: str | None):
     return run
 
 
+_REGISTERED: dict[str, str | None] = {}  # global function name -> the cache directory it loads from
+
+
 def register_kernel_function(key: str, cache_dir: str | None = None) -> str:
-    """Register `autocomp.kernel.<key>` (idempotent), loading from the kernel cache in `cache_dir` (default the
-    user's) on first call; returns the name."""
+    """Register `autocomp.kernel.<key>`, loading from the kernel cache in `cache_dir` (default the user's) on
+    first call; returns the name. Registering again with another cache directory replaces the function (a
+    VirtualMachine made afterwards calls the new one)."""
     name = KERNEL_PREFIX + key
-    if tvm.get_global_func(name, allow_missing=True) is None:
-        tvm.register_global_func(name, _kernel_function(key, cache_dir))
+    known = name in _REGISTERED or tvm.get_global_func(name, allow_missing=True) is not None
+    if not known or _REGISTERED.get(name) != cache_dir:
+        tvm.register_global_func(name, _kernel_function(key, cache_dir), override=known)
+        _REGISTERED[name] = cache_dir
     return name
 
 

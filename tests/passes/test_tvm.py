@@ -105,6 +105,21 @@ def test_a_region_in_a_plain_binding_block_is_replaced(cache_dir):
     np.testing.assert_allclose(run(after, [tvm_tensor(xs), tvm_tensor(ws)])[0], (xs @ ws.T).numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_registering_with_the_right_cache_after_a_miss_runs_the_kernel(cache_dir, tmp_path):
+    from autocomp_compile.passes.kernels import REGISTRY
+    from autocomp_compile.passes.tvm import register_kernels
+
+    after = partition(cache_dir)(linear_module(n=48))
+    xs, ws = torch.randn(1, 64), torch.randn(48, 64)
+    [key] = kernel_keys(after)
+    REGISTRY._kernels.pop(key)  # as in a fresh process: the search loaded it into this one
+    register_kernels(after, str(tmp_path / "empty"))  # the wrong cache first
+    with pytest.raises(Exception, match="not in the kernel cache \\(kernel cache .*empty\\)"):
+        run(after, [tvm_tensor(xs), tvm_tensor(ws)])
+    register_kernels(after, cache_dir)  # used to keep the first function, and the miss for the process
+    np.testing.assert_allclose(run(after, [tvm_tensor(xs), tvm_tensor(ws)])[0], (xs @ ws.T).numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_activation_matmul_is_left_alone(cache_dir):
     before = linear_module(with_weight_param=False)  # w is a runtime input: q @ k^T, not a layer
     assert find_regions(before["main"]) == []
@@ -139,7 +154,8 @@ def test_identity_permute_is_not_a_transposed_weight():
 
 
 def rmsnorm_module(numerator=None, keepdims=True, rows=4):
-    """w * (x * rsqrt(mean(x^2) + eps)), or `numerator / sqrt(...)` as the ONNX frontend writes it."""
+    """w * (x * rsqrt(mean(x^2) + eps)), or `numerator / sqrt(...)` as the ONNX frontend writes it; `rows` may
+    be a symbolic size (a tir.Var)."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((rows, 64), "float32"))
     w = relax.Var("w", relax.TensorType((64,), "float32"))
@@ -174,6 +190,11 @@ def test_rmsnorm_mean_must_keep_its_axis():
     """Without keepdims a square input's [64] mean scales columns, not rows."""
     [region] = find_regions(rmsnorm_module(keepdims=False, rows=64)["main"])
     assert region.workload is None and "keep" in region.reason
+
+
+def test_rmsnorm_with_symbolic_rows_says_so():
+    [region] = find_regions(rmsnorm_module(rows=tvm.tirx.Var("n", "int64"))["main"])
+    assert region.workload is None and "symbolic" in region.reason
 
 
 class _RepeatedKVAttention(torch.nn.Module):
