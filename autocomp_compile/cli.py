@@ -275,7 +275,7 @@ def _report_llm(label: str, llm: dict[str, Any]) -> None:
     """One line when model calls failed (`_llm_summary`): all of them, or how many, with the first error."""
     from rich.markup import escape
 
-    from autocomp_compile.report import console
+    from autocomp_compile.report import console, results_table
 
     if not llm["failures"]:
         return
@@ -426,39 +426,54 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
 
 def _run_on_ray(workloads: list[Workload], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """warm --executor ray: one Ray task per workload the cache lacks; winners cached as tasks finish."""
+    """warm --executor ray: one Ray task per workload the cache lacks; winners cached as tasks finish.
+
+    "Cached" and the schedule-reuse donors are decided for the fingerprints of the cluster's nodes (which
+    measure and are cached under their own), not the driver's: the driver may be another machine."""
     from autocomp_compile.executors import NodeTarget, RayExecutor, SearchJob
-    from autocomp_compile.optimize import cache_hit, optimize, reuse_seeds
+    from autocomp_compile.optimize import cache_hit, result_from_cache
     from autocomp_compile.report import console, results_table
     from autocomp_compile.search.candidate import Candidate
 
-    target = get_target(args.target, deterministic=args.deterministic)
     config, settings = _settings(args)
     cache = _cache(args)
     if args.models:
         raise UsageError("--executor ray runs the offline proposer only; LLM proposers run with --executor local")
+    executor = RayExecutor(args.ray_address)
+    node_fps = executor.node_fingerprints(args.target, args.deterministic)
+    node_targets = {node: NodeTarget(args.target, fp) for node, fp in node_fps.items()}
     rows: list[dict[str, Any] | None] = [None] * len(workloads)
     jobs, job_index = [], []
     for i, w in enumerate(workloads):
-        if cache_hit(cache, target, w, settings) is not None:
-            rows[i] = summarize(optimize(w, target, config, settings, args.output_dir, cache=cache), w)
+        hit = next((h for t in node_targets.values() if (h := cache_hit(cache, t, w, settings)) is not None), None)
+        if hit is not None:
+            rows[i] = summarize(result_from_cache(hit), w)
             rows[i]["label"] = f"{w.kind} (cached)"
             continue
-        seeds = reuse_seeds(target, w, cache.nearest(target, w, args.reuse)) if args.reuse else []
-        jobs.append(SearchJob.make(w, target.name, config, settings, args.output_dir, seeds))
+
+        def make_job(node: str, w: Workload = w) -> SearchJob:
+            donors = cache.nearest(node_targets[node], w, args.reuse) if args.reuse else []
+            return SearchJob.make(w, args.target, config, settings, args.output_dir, donors)
+
+        jobs.append(make_job)
         job_index.append(i)
     if jobs:
-        executor = RayExecutor(args.ray_address)
         console.print(f"{executor.describe()}: {len(jobs)} search(es), {len(workloads) - len(jobs)} already cached")
         for done, (j, out) in enumerate(executor.map(jobs), 1):
             i = job_index[j]
             w = workloads[i]
+            if "error" in out:
+                rows[i] = {"workload": w.describe(), "label": f"{w.kind} (failed)", "correct": False,
+                           "error": out["error"], "bytes_moved": w.bytes_moved()}
+                console.print(f"[red][{done}/{len(jobs)}] {w.name}: the search failed: {out['error']}", soft_wrap=True)
+                continue
             row = out["row"]
             row["label"] = f"{w.kind} on {out['host']}"
             row["target"] = out["fingerprint"]
             if out["best"] is not None:
-                cache.put(NodeTarget(target.name, out["fingerprint"]), w, Candidate.from_dict(out["best"]),
-                          provenance={"executor": "ray", "host": out["host"]})
+                cache.put(NodeTarget(args.target, out["fingerprint"]), w, Candidate.from_dict(out["best"]),
+                          provenance={"executor": "ray", "host": out["host"], "run": out.get("run"),
+                                      "reused": row.get("reused", [])})
             rows[i] = row
             speed = f"{row['speedup']:.2f}x eager" if row.get("speedup") else "no correct kernel"
             console.print(f"[{done}/{len(jobs)}] {w.name}: {speed} ({out['host']})")

@@ -4,7 +4,9 @@ With Ray, each workload missing from the cache becomes one task that runs a whol
 cluster node and returns the winner; the driver stores it in its own cache as soon as the task ends
 (so an interrupted warm keeps every finished workload, and each node resumes its own run directories).
 A task asks for every CPU of a node: two searches timing kernels on the same cores would corrupt each
-other's measurements. Kernels are cached under the fingerprint of the node that measured them.
+other's measurements. Kernels are cached under the fingerprint of the node that measured them, and a job
+is made when a node frees up: its schedule-reuse donors are ranked for that node and include the winners
+of the tasks finished so far, and the node legalises their schedules for its own ISA.
 """
 from __future__ import annotations
 
@@ -13,11 +15,11 @@ import socket
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from autocomp_compile.evaluation.job import EvalSettings
+from autocomp_compile.kernels_cache.store import CacheEntry
 from autocomp_compile.search.beam import SearchConfig
-from autocomp_compile.search.candidate import Candidate
 from autocomp_compile.workload import Workload
 
 EXECUTORS = ("local", "ray")
@@ -29,34 +31,48 @@ class ExecutorError(RuntimeError):
 
 @dataclass(frozen=True)
 class SearchJob:
-    """One workload's search, as plain data that pickles to a cluster node."""
+    """One workload's search, as plain data that pickles to a cluster node. `donors` are cache entries whose
+    schedules seed the search (schedule reuse), legalised on the node."""
 
     workload: dict[str, Any]
     target: str
     config: dict[str, Any]
     settings: dict[str, Any]
     output_dir: str
-    seeds: list[dict[str, Any]]
+    donors: list[dict[str, Any]]
 
     @classmethod
     def make(cls, workload: Workload, target: str, config: SearchConfig, settings: EvalSettings,
-             output_dir: str | Path, seeds: list[Candidate]) -> "SearchJob":
+             output_dir: str | Path, donors: Sequence[CacheEntry] = ()) -> "SearchJob":
         return cls(workload.describe(), target, dataclasses.asdict(config), dataclasses.asdict(settings),
-                   str(Path(output_dir).resolve()), [s.to_dict() for s in seeds])
+                   str(Path(output_dir).resolve()), [dataclasses.asdict(e) for e in donors])
+
+
+def node_target(target: str, deterministic: bool) -> Any:
+    from autocomp_compile.targets.base import get_target
+
+    return get_target(target, deterministic=deterministic)
+
+
+def node_fingerprint(target: str, deterministic: bool) -> dict[str, Any]:
+    """The fingerprint kernels measured where this function runs are cached under."""
+    return node_target(target, deterministic).fingerprint()
 
 
 def run_search_job(job: SearchJob) -> dict[str, Any]:
     """Run one search where this function is called; returns the summary row, the winner and the node."""
-    from autocomp_compile.optimize import optimize
+    from autocomp_compile.optimize import optimize, reuse_seeds, run_name
     from autocomp_compile.search.beam import summarize
-    from autocomp_compile.targets.base import get_target
     from autocomp_compile.workload import workload_from_dict
 
     workload = workload_from_dict(job.workload)
-    target = get_target(job.target, deterministic=job.settings.get("deterministic", False))
-    result = optimize(workload, target, SearchConfig(**job.config), EvalSettings(**job.settings), job.output_dir,
-                      seeds=[Candidate.from_dict(s) for s in job.seeds])
+    target = node_target(job.target, job.settings.get("deterministic", False))
+    config, settings = SearchConfig(**job.config), EvalSettings(**job.settings)
+    seeds = reuse_seeds(target, workload, [CacheEntry(**d) for d in job.donors])
+    name = run_name(workload, target, config, settings)
+    result = optimize(workload, target, config, settings, job.output_dir, name, seeds=seeds)
     return {
+        "run": name,
         "row": summarize(result, workload),
         "best": result.best.to_dict() if result.best else None,
         "fingerprint": target.fingerprint(),
@@ -88,6 +104,13 @@ def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
         raise ExecutorError(f"cannot reach the Ray cluster at {address}: {exc}") from None
 
 
+def task_error(exc: BaseException) -> str:
+    """One line for a failed Ray task: the exception raised on the node, not Ray's wrapped traceback."""
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"[:400]
+
+
 class RayExecutor:
     """Runs search jobs as Ray tasks, one per node at a time; yields (index, result) as tasks finish."""
 
@@ -110,19 +133,34 @@ class RayExecutor:
             raise ExecutorError("the Ray cluster has no node with a CPU")
         self._search = ray.remote(max_retries=1)(run_search_job)
 
-    def map(self, jobs: list[SearchJob]) -> Iterator[tuple[int, dict[str, Any]]]:
-        """One search per node at a time, pinned to the node with all of its CPUs (a task asking for the smallest
-        node's CPUs would share a larger node with another search); a node takes the next job when it is free."""
+    def _on(self, node: str) -> Any:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        return NodeAffinitySchedulingStrategy(node, soft=False)
+
+    def node_fingerprints(self, target: str, deterministic: bool = False) -> dict[str, dict[str, Any]]:
+        """Each CPU node's fingerprint of `target`, asked on the node: the driver may be another machine."""
+        ask = self.ray.remote(num_cpus=0)(node_fingerprint)
+        refs = {node: ask.options(scheduling_strategy=self._on(node)).remote(target, deterministic)
+                for node in self.node_cpus}
+        try:
+            return {node: self.ray.get(ref) for node, ref in refs.items()}
+        except self.ray.exceptions.RayError as exc:
+            raise ExecutorError(f"a Ray node cannot use target {target!r}: {task_error(exc)}") from None
+
+    def map(self, jobs: Sequence[Callable[[str], SearchJob]]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """One search per node at a time, pinned to the node with all of its CPUs (a task asking for the smallest
+        node's CPUs would share a larger node with another search); a node takes the next job when it is free.
+        Each job is made, for the node that will run it, only then (`jobs[i](node_id)`), after the caller has
+        taken the results yielded so far. A failed task yields `{"error": "..."}`; the others go on."""
         queue = deque(enumerate(jobs))
         pending: dict[Any, tuple[int, str]] = {}
 
         def submit(node: str) -> None:
             if queue:
-                index, job = queue.popleft()
-                strategy = NodeAffinitySchedulingStrategy(node, soft=False)
-                ref = self._search.options(num_cpus=self.node_cpus[node], scheduling_strategy=strategy).remote(job)
+                index, make_job = queue.popleft()
+                ref = self._search.options(num_cpus=self.node_cpus[node],
+                                           scheduling_strategy=self._on(node)).remote(make_job(node))
                 pending[ref] = (index, node)
 
         for node in self.node_cpus:
@@ -130,8 +168,12 @@ class RayExecutor:
         while pending:
             done, _ = self.ray.wait(list(pending), num_returns=1)
             index, node = pending.pop(done[0])
+            try:
+                result = self.ray.get(done[0])
+            except self.ray.exceptions.RayError as exc:
+                result = {"error": task_error(exc)}
+            yield index, result
             submit(node)
-            yield index, self.ray.get(done[0])
 
     def describe(self) -> str:
         return f"Ray cluster: {len(self.node_cpus)} node(s) with CPUs, one search per node at a time"

@@ -93,7 +93,7 @@ def optimize(
     if cache is not None:
         hit = cache_hit(cache, tgt, workload, settings)
         if hit is not None:
-            return _from_cache(hit)
+            return result_from_cache(hit)
         reused = reuse_seeds(tgt, workload, cache.nearest(tgt, workload, reuse)) if reuse else []
         seeds = list(seeds or []) + reused
     name = name or run_name(workload, tgt, config, settings, proposer_names(proposers))
@@ -196,7 +196,8 @@ def reuse_seeds(target: Target, workload: Workload, entries: "list[CacheEntry]")
     return seeds
 
 
-def _from_cache(entry: "CacheEntry") -> SearchResult:
+def result_from_cache(entry: "CacheEntry") -> SearchResult:
+    """What `optimize` returns for a cache hit: the cached kernel as the best candidate, nothing searched."""
     cand = entry.candidate()
     cand.result = EvalResult(correct=True, stage="ok", latency_ms=entry.latency_ms, baseline_ms=entry.baseline_ms,
                              latency_p99_ms=entry.evidence.get("p99_ms"),

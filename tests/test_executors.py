@@ -38,24 +38,33 @@ def test_ray_executor_without_ray_is_a_clear_error(monkeypatch, capsys):
     assert "pip install 'autocomp-compile[ray]'" in capsys.readouterr().err
 
 
-def test_warm_on_a_local_ray_cluster_is_idempotent(tmp_path, capsys):
+def test_warm_on_a_local_ray_cluster_is_idempotent(tmp_path, capsys, monkeypatch):
+    """Also where the driver is another machine than the nodes (its fingerprint differs: the second warm
+    re-searched everything), and later searches start from earlier winners of the same warm."""
     ray = pytest.importorskip("ray")
+    from autocomp_compile.targets.cpu.target import CpuTarget
+
+    node_fingerprint = CpuTarget.fingerprint
+    monkeypatch.setattr(CpuTarget, "fingerprint", lambda self: {**node_fingerprint(self), "cpu": "the driver's CPU"})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 1024 * 1024)
     try:
-        argv = ["warm", "--model", "tiny-llama", "--kinds", "mlp,lm_head", "--budget", "3", "--timing-ms", "20",
+        argv = ["warm", "--model", "tiny-llama", "--kinds", "lm_head,gemm", "--budget", "3", "--timing-ms", "20",
                 "--executor", "ray", "--output-dir", str(tmp_path / "o"), "--quiet", "--json", str(tmp_path / "a.json")]
         assert cli.main(argv) == 0
         printed = capsys.readouterr()
-        assert "2 search(es)" in printed.out + printed.err
+        assert "3 search(es)" in printed.out + printed.err
         first = json.loads((tmp_path / "a.json").read_text())
-        assert len(first) == 2 and all(r["correct"] and not r["from_cache"] for r in first)
+        assert len(first) == 3 and all(r["correct"] and not r["from_cache"] for r in first)
+        gemms = [r for r in first if r["workload"]["kind"] == "gemm"]
+        assert [bool(r["reused"]) for r in gemms] == [False, True]  # the 2nd GEMM from the 1st's winner
         entries = KernelCache().entries()
-        assert {e.kind for e in entries} == {"mlp", "lm_head"}
-        assert all(e.provenance["executor"] == "ray" for e in entries)
+        assert {e.kind for e in entries} == {"gemm", "lm_head"}
+        assert all(e.provenance["executor"] == "ray" and e.provenance["run"] for e in entries)
+        assert all(e.fingerprint["cpu"] != "the driver's CPU" for e in entries)  # the nodes' own
         argv[-1] = str(tmp_path / "b.json")
         assert cli.main(argv) == 0
         second = json.loads((tmp_path / "b.json").read_text())
-        assert [r["from_cache"] for r in second] == [True, True]
+        assert [r["from_cache"] for r in second] == [True, True, True]
         printed = capsys.readouterr()
         assert "search(es)" not in printed.out + printed.err  # nothing was submitted the second time
     finally:
@@ -102,7 +111,7 @@ def test_ray_runs_one_search_per_node_at_a_time_and_skips_cpu_less_nodes(monkeyp
         monkeypatch.setattr(executors, "run_search_job", _timed_stand_in)
         executor = executors.RayExecutor(cluster.address)
         assert "2 node(s)" in executor.describe()
-        results = [r for _, r in executor.map([None] * 4)]
+        results = [r for _, r in executor.map([lambda node: None] * 4)]
         assert len({r["node"] for r in results}) == 2
         for node in {r["node"] for r in results}:
             spans = sorted((r["start"], r["end"]) for r in results if r["node"] == node)
@@ -110,3 +119,26 @@ def test_ray_runs_one_search_per_node_at_a_time_and_skips_cpu_less_nodes(monkeyp
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _failing_stand_in(job):
+    if job == "fails":
+        raise ValueError("conflicting run directory")
+    return {"ran": job}
+
+
+def test_a_failed_ray_task_is_one_error_row_and_the_others_finish(monkeypatch):
+    pytest.importorskip("ray")
+    import ray
+
+    from autocomp_compile import executors
+
+    monkeypatch.setattr(executors, "run_search_job", _failing_stand_in)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 1024 * 1024)
+    try:
+        executor = executors.RayExecutor()
+        out = dict(executor.map([lambda node: "a", lambda node: "fails", lambda node: "b"]))
+    finally:
+        ray.shutdown()
+    assert out[0] == {"ran": "a"} and out[2] == {"ran": "b"}
+    assert out[1] == {"error": "ValueError: conflicting run directory"}
