@@ -47,11 +47,16 @@ def fix_scalar_unsqueeze_axes(model: Any) -> int:
 
 
 def from_onnx(model: Any, keep_params_in_input: bool = False) -> tvm.IRModule:
-    """`relax.frontend.onnx.from_onnx` of an ONNX model or file, after `fix_scalar_unsqueeze_axes`."""
+    """`relax.frontend.onnx.from_onnx` of an ONNX model or file, after `fix_scalar_unsqueeze_axes` (on a copy of
+    a model passed in)."""
     import onnx
     from tvm.relax.frontend.onnx import from_onnx as _from_onnx
 
     if isinstance(model, (str, Path)):
         model = onnx.load(str(model))
+    else:  # the caller's model stays as it was
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
     fix_scalar_unsqueeze_axes(model)
     return _from_onnx(model, keep_params_in_input=keep_params_in_input)

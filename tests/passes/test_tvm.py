@@ -252,6 +252,26 @@ def test_attention_softmax_must_run_over_all_keys_of_a_row(view, axis, replaced)
         assert "is not over the 8 keys" in region.reason
 
 
+def test_from_onnx_leaves_the_callers_model_unchanged():
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from autocomp_compile.passes.tvm_import import fix_scalar_unsqueeze_axes
+
+    axes = numpy_helper.from_array(np.array(1, dtype=np.int64), "axes")  # 0-d, as torch's exporter writes it
+    graph = helper.make_graph([helper.make_node("Unsqueeze", ["x", "axes"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1, 3])], [axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    before = model.SerializeToString()
+    mod = from_onnx(model)
+    assert model.SerializeToString() == before  # the fix went to a copy
+    assert [int(d) for d in mod["main"].ret_struct_info.shape] == [2, 1, 3]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    assert fix_scalar_unsqueeze_axes(copy) == 1  # there was something to fix
+
+
 def tiny(dtype="fp32"):
     model = build_llama("tiny-llama", dtype=dtype).eval()
     return model, decode_step_inputs(model, batch=1, past_len=7)
