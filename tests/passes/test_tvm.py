@@ -266,7 +266,7 @@ def test_from_onnx_leaves_the_callers_model_unchanged():
     before = model.SerializeToString()
     mod = from_onnx(model)
     assert model.SerializeToString() == before  # the fix went to a copy
-    assert [int(d) for d in mod["main"].ret_struct_info.shape] == [2, 1, 3]
+    assert [int(d) for d in mod["main"].ret_ty.shape] == [2, 1, 3]
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     assert fix_scalar_unsqueeze_axes(copy) == 1  # there was something to fix
