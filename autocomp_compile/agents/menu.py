@@ -155,6 +155,12 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                            and w.params["head_dim"] % VECTOR_WIDTH[k["isa"]] == 0),
                 lambda k, r: {**k, "vec_softmax": True, "online": True},
             ))
+            items.append(MenuItem(
+                "prefetch", "Software prefetch of the KV cache",
+                "Prefetch K and V rows a distance ahead of the key being scored (the cache streams from memory).",
+                lambda k: k["vec_softmax"] and k["isa"] != "scalar",
+                lambda k, r: {**k, "prefetch": _pick_other(choices["prefetch"], k["prefetch"], r)},
+            ))
         if w.params["phase"] == "prefill":
             items.append(MenuItem(
                 "q_block", "Block query rows",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -124,11 +124,17 @@ def _check_and_time(
     outs = GuardedOutputs(w, device=dev)
     args = [inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs]
     refresh = ActivationRefresher(w, inputs, settings.seed)
+    cold = ColdInputs(w, inputs, exclude=refresh.names) if dev == "cpu" else None
     fns: dict[str, Callable[[], None]] = {"candidate": lambda: kernel(args, dims)}
+    prepare = {"candidate": _then(refresh, cold.bind(args) if cold else None)}
     if settings.time_baseline:
         base_outs = empty_outputs(w, device=dev)
-        fns["baseline"] = lambda: spec.eager(inputs, base_outs, w.params, w.runtime_dims)
-    timing = _timer(dev)(fns, budget_ms=settings.timing_budget_ms, prepare={name: refresh for name in fns})
+        base_inputs = dict(inputs)
+        fns["baseline"] = lambda: spec.eager(base_inputs, base_outs, w.params, w.runtime_dims)
+        prepare["baseline"] = _then(refresh, cold.bind(base_inputs) if cold else None)
+    timing = _timer(dev)(fns, budget_ms=settings.timing_budget_ms, prepare=prepare)
+    if cold:
+        cold.restore(args)
     if time.perf_counter is not _PERF_COUNTER or time.perf_counter_ns is not _PERF_COUNTER_NS:
         return dict(correct=False, stage="harness_modified", message="the candidate replaced the harness's timer")
     cand = timing["candidate"]
@@ -243,6 +249,58 @@ def _beyond_roofline(state: dict[str, Any], w: Workload, latency_ms: float, sett
             f"the measured read bandwidth ({state['read_gbps']:.1f} GB/s): not trusted")
 
 
+def _then(first: Callable[[], None], second: Callable[[], None] | None) -> Callable[[], None]:
+    if second is None:
+        return first
+
+    def both() -> None:
+        first()
+        second()
+
+    return both
+
+
+class ColdInputs:
+    """Copies of the inputs a decode step streams from memory (weights, KV caches), handed out in turn before
+    every timed call (CPU), so that each call finds its copy evicted from the last-level cache.
+
+    In a model, one decode step reads gigabytes of weights, so no layer finds its weights in cache; timed alone in
+    a loop, a weight that fits the LLC (300 MB on some servers) would be served from it, and a search would tune
+    for a cache the model never has. The copies together hold at least twice the LLC (at most MAX_COPIES), and
+    every timed call, candidate or baseline, takes the next one. Activations stay hot, as a decode step leaves
+    them."""
+
+    MAX_COPIES = 256
+
+    def __init__(self, w: Workload, inputs: dict[str, torch.Tensor], exclude: Sequence[str] = (),
+                 llc_bytes: int | None = None):
+        from autocomp_compile.targets.cpu.isa import last_level_cache_bytes
+
+        self.names = [s.name for s in w.inputs if s.name not in exclude
+                      and (s.role == "weight" or s.name.endswith("_cache"))]
+        self.positions = {s.name: i for i, s in enumerate(w.inputs)}
+        nbytes = sum(inputs[n].numel() * inputs[n].element_size() for n in self.names)
+        llc = last_level_cache_bytes() if llc_bytes is None else llc_bytes
+        copies = min(self.MAX_COPIES, -(-2 * llc // nbytes)) if nbytes else 1
+        self.originals = {n: inputs[n] for n in self.names}
+        self.sets = [self.originals] + [{n: t.clone() for n, t in self.originals.items()} for _ in range(copies - 1)]
+        self.calls = 0
+
+    def bind(self, args: list[torch.Tensor] | dict[str, torch.Tensor]) -> Callable[[], None]:
+        """A function that puts the next copy into `args`: a kernel's argument list (inputs in the workload's
+        order first) or an inputs dict."""
+        def swap() -> None:
+            chosen = self.sets[self.calls % len(self.sets)]
+            self.calls += 1
+            for name, t in chosen.items():
+                args[self.positions[name] if isinstance(args, list) else name] = t  # type: ignore[index]
+        return swap
+
+    def restore(self, args: list[torch.Tensor] | dict[str, torch.Tensor]) -> None:
+        for name, t in self.originals.items():
+            args[self.positions[name] if isinstance(args, list) else name] = t  # type: ignore[index]
+
+
 class ActivationRefresher:
     """Writes new values into the activation inputs (not the weights) before every timed call, outside the timed
     region, so that no two timed calls see the same inputs at the same addresses: every activation of up to
@@ -265,6 +323,7 @@ class ActivationRefresher:
             pool = torch.randn(spec.numel + slack, generator=gen).to(t.dtype).to(t.device)
             offsets = torch.randint(0, slack + 1, (self.WINDOWS,), generator=gen).tolist()
             self.targets.append((spec.name, spec.shape, t.view(-1), pool, offsets))
+        self.names = [spec.name for spec in chosen]
         self.calls = 0
 
     def snapshot(self) -> dict[str, torch.Tensor]:
@@ -292,14 +351,21 @@ def time_functions(
     inputs = {k: v.to(device) for k, v in factory.inputs(w).items()}
     dims = [w.runtime_dims[k] for k in w.runtime_dims]
     fns: dict[str, Callable[[], None]] = {}
+    prepare: dict[str, Callable[[], None]] = {}
+    cold = ColdInputs(w, inputs) if device == "cpu" else None  # as the search timed them
     for name, (loader, args) in kernels.items():
         kern = _load(loader, args)
         outs = empty_outputs(w, device=device)
         targs = [inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs]
         fns[name] = lambda kern=kern, targs=targs: kern(targs, dims)
+        if cold:
+            prepare[name] = cold.bind(targs)
     if with_eager:
         eo = empty_outputs(w, device=device)
-        fns["eager"] = lambda: spec.eager(inputs, eo, w.params, w.runtime_dims)
+        eager_inputs = dict(inputs)
+        fns["eager"] = lambda: spec.eager(eager_inputs, eo, w.params, w.runtime_dims)
+        if cold:
+            prepare["eager"] = cold.bind(eager_inputs)
     if compiled_eager:
 
         def eager_fn(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -310,10 +376,13 @@ def time_functions(
         compiled = torch.compile(eager_fn, dynamic=False)
         for _ in range(3):  # compile before anything is timed
             compiled(inputs)
-        fns["inductor"] = lambda: compiled(inputs)
+        compiled_inputs = dict(inputs)
+        fns["inductor"] = lambda: compiled(compiled_inputs)
+        if cold:
+            prepare["inductor"] = cold.bind(compiled_inputs)
     if read_probe_mb:
         from autocomp_compile.targets.cpu.bandwidth import ReadProbe
 
         fns["read_probe"] = ReadProbe(read_probe_mb)
-    timing = _timer(device)(fns, budget_ms=budget_ms)
+    timing = _timer(device)(fns, budget_ms=budget_ms, prepare=prepare)
     return {name: dict(median_ms=t.median_ms, p99_ms=t.p99_ms, runs=t.runs) for name, t in timing.items()}

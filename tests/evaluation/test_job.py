@@ -45,6 +45,45 @@ def test_a_generated_decode_kernel_passes_at_every_checked_kv_length(tmp_path):
     assert _check(w, code, isa, tmp_path)["stage"] == "ok"
 
 
+def test_cold_inputs_hold_twice_the_llc_in_copies_handed_out_in_turn():
+    import torch
+
+    from autocomp_compile.evaluation.job import ColdInputs
+    from autocomp_compile.references import InputFactory
+
+    w = small("decode")  # q, k_cache, v_cache: the caches stream from memory in a model, q is hot
+    inputs = InputFactory(0).inputs(w)
+    cache_bytes = 2 * inputs["k_cache"].numel() * inputs["k_cache"].element_size()
+    cold = ColdInputs(w, inputs, llc_bytes=3 * cache_bytes)
+    assert cold.names == ["k_cache", "v_cache"] and len(cold.sets) == 6  # 2 x LLC / bytes per call
+    args = [inputs[t.name] for t in w.inputs] + [torch.empty(0)]
+    feed = dict(inputs)
+    swap, other = cold.bind(args), cold.bind(feed)
+    seen = []
+    for _ in range(6):  # the two bindings share one turn: candidate and baseline never read the same copy
+        swap()
+        other()
+        seen += [args[1].data_ptr(), feed["k_cache"].data_ptr()]
+    assert len(set(seen)) == 6 and seen[:6] == seen[6:]
+    assert all(torch.equal(s["v_cache"], inputs["v_cache"]) for s in cold.sets)
+    cold.restore(args)
+    assert args[1] is inputs["k_cache"] and args[0] is inputs["q"]
+    assert ColdInputs(w, inputs, exclude=["k_cache"], llc_bytes=1).names == ["v_cache"]
+    assert len(ColdInputs(w, inputs, llc_bytes=1 << 40).sets) == ColdInputs.MAX_COPIES
+
+
+def test_timed_calls_read_a_weight_copy_the_last_call_did_not(tmp_path):
+    w = hand_gemm_workload()
+    log = tmp_path / "weights.log"
+    settings = EvalSettings(correctness_sets=1, timing_budget_ms=20, time_baseline=True)
+    out = check_and_time({}, w, "tests.helpers_worker:recording_gemm", (str(log),), settings)
+    assert out["stage"] == "ok", out
+    addresses = [int(a) for a in log.read_text().split()]
+    timed = addresses[1:-1]  # the correctness call first, the check after timing last (on the original)
+    assert addresses[0] == addresses[-1] and len(set(timed)) > 1
+    assert all(a != b for a, b in zip(timed, timed[1:]))
+
+
 def test_correctness_dims_start_at_the_tuned_value_then_cover_the_maximum_one_and_random_lengths():
     w = small("decode")  # kv_len 37, max_kv_len 64
     sets = correctness_dims(w, 6, seed=3)

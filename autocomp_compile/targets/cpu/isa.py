@@ -50,6 +50,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=1)
+def last_level_cache_bytes(default: int = 64 << 20) -> int:
+    """The largest CPU cache's size (sysfs), or `default` where the system does not say."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (entry / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes, default=default)
+
+
 def supported_isas(flags: frozenset[str] | None = None) -> list[str]:
     """ISAs this host can run, scalar first. Non-x86 hosts get scalar only."""
     flags = cpu_flags() if flags is None else flags

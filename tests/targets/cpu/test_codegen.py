@@ -51,6 +51,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "online_kv16_qblock8_gqa": dict(online=True, kv_block=16, q_block=8, gqa_share=True),
         "online_kv256_noshare_qblock2": dict(online=True, kv_block=256, q_block=2, threads="static", chunk=1),
         "vec_softmax_kv16_gqa_static": dict(vec_softmax=True, kv_block=16, gqa_share=True, threads="static"),
+        "vec_softmax_kv32_prefetch": dict(vec_softmax=True, kv_block=32, prefetch=1024, threads="dynamic", chunk=1),
         "vec_softmax_kv256_noshare": dict(vec_softmax=True, kv_block=256),
     },
 }
@@ -270,6 +271,10 @@ def test_legalize_vec_softmax_only_for_decode_rows_of_whole_vectors():
     on = codegen.legalize(dec, {"vec_softmax": 1, "online": False}, HOST_ISAS)
     assert on["vec_softmax"] is True and on["online"] is True  # an online softmax, whatever the knob said
     assert codegen.legalize(pre, {"vec_softmax": True}, HOST_ISAS)["vec_softmax"] is False
+    assert codegen.legalize(dec, {"prefetch": 2048, "online": True}, HOST_ISAS)["prefetch"] == 0  # vec_softmax's only
+    if "avx2" in HOST_ISAS:
+        knobs = codegen.legalize(dec, {"prefetch": 2000, "vec_softmax": True, "isa": "avx2"}, HOST_ISAS)
+        assert knobs["prefetch"] == 2048 and "+ 2048 + b, _MM_HINT_T0" in codegen.generate(dec, knobs)
     odd = make_workload("attention", "bf16", phase="decode", heads=4, kv_heads=2, head_dim=24, kv_len=5, max_kv_len=8)
     assert codegen.legalize(odd, {"vec_softmax": True, "isa": "avx2"}, ["scalar", "avx2"])["vec_softmax"] is True
     assert codegen.legalize(odd, {"vec_softmax": True, "isa": "avx512"}, list(ISA_ORDER))["vec_softmax"] is False
