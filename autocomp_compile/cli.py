@@ -275,7 +275,7 @@ def _report_llm(label: str, llm: dict[str, Any]) -> None:
     """One line when model calls failed (`_llm_summary`): all of them, or how many, with the first error."""
     from rich.markup import escape
 
-    from autocomp_compile.report import console, results_table
+    from autocomp_compile.report import console
 
     if not llm["failures"]:
         return

@@ -19,7 +19,7 @@ STREAMS = 8
 _READ_KERNEL = r"""
 #include <stdint.h>
 #include <immintrin.h>
-#define STREAMS 8
+#define STREAMS @STREAMS@
 /* Sum n floats (a multiple of STREAMS * 4096) with all OpenMP threads; the result keeps the loads alive. */
 float read_all(const float *p, int64_t n) {
   const int64_t per = n / STREAMS;
@@ -45,7 +45,7 @@ float read_all(const float *p, int64_t n) {
   }
   return total;
 }
-"""
+""".replace("@STREAMS@", str(STREAMS))
 
 
 class ReadProbe:
