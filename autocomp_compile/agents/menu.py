@@ -153,7 +153,7 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                 "time (polynomial exp), and accumulate the output rows in registers per value row read.",
                 lambda k: (not k["vec_softmax"] and k["isa"] != "scalar"
                            and w.params["head_dim"] % VECTOR_WIDTH[k["isa"]] == 0),
-                lambda k, r: {**k, "vec_softmax": True, "online": True},
+                lambda k, r: {**k, "vec_softmax": True, "online": True, "prefetch": r.choice(choices["prefetch"])},
             ))
             items.append(MenuItem(
                 "prefetch", "Software prefetch of the KV cache",
