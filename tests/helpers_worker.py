@@ -64,3 +64,21 @@ def recording_gemm(log_path):
         torch.matmul(x, w.t(), out=out)
 
     return run
+
+
+def pointer_trusting_gemm(checked_calls):
+    """A GEMM 'kernel' that computes only for weight buffers seen in its first `checked_calls` calls (the
+    correctness sets) and returns at once for any other (the timed calls' weight copies)."""
+    import torch
+
+    trusted, calls = set(), [0]
+
+    def run(tensors, dims):
+        x, w, out = tensors
+        calls[0] += 1
+        if calls[0] <= checked_calls:
+            trusted.add(w.data_ptr())
+        if w.data_ptr() in trusted:
+            torch.matmul(x, w.t(), out=out)
+
+    return run

@@ -66,7 +66,7 @@ def test_cold_inputs_hold_twice_the_llc_in_copies_handed_out_in_turn():
         seen += [args[1].data_ptr(), feed["k_cache"].data_ptr()]
     assert len(set(seen)) == 6 and seen[:6] == seen[6:]
     assert all(torch.equal(s["v_cache"], inputs["v_cache"]) for s in cold.sets)
-    cold.restore(args)
+    cold.use(args)
     assert args[1] is inputs["k_cache"] and args[0] is inputs["q"]
     assert ColdInputs(w, inputs, exclude=["k_cache"], llc_bytes=1).names == ["v_cache"]
     assert len(ColdInputs(w, inputs, llc_bytes=1 << 40).sets) == ColdInputs.MAX_COPIES
@@ -79,9 +79,18 @@ def test_timed_calls_read_a_weight_copy_the_last_call_did_not(tmp_path):
     out = check_and_time({}, w, "tests.helpers_worker:recording_gemm", (str(log),), settings)
     assert out["stage"] == "ok", out
     addresses = [int(a) for a in log.read_text().split()]
-    timed = addresses[1:-1]  # the correctness call first, the check after timing last (on the original)
-    assert addresses[0] == addresses[-1] and len(set(timed)) > 1
+    timed = addresses[1:-1]  # the correctness call first, the check after timing last (on a copy)
+    assert addresses[0] != addresses[-1] and len(set(timed)) > 1
     assert all(a != b for a, b in zip(timed, timed[1:]))
+
+
+def test_a_kernel_that_works_only_for_buffers_it_was_checked_on_fails(tmp_path):
+    """The timed calls read weight copies at other addresses; the check after timing runs on one of them, not on
+    the originals the correctness calls used (a kernel skipping every unseen buffer passed at ~800x before)."""
+    w = hand_gemm_workload()
+    settings = EvalSettings(correctness_sets=3, timing_budget_ms=20, time_baseline=False)
+    out = check_and_time({}, w, "tests.helpers_worker:pointer_trusting_gemm", (3,), settings)
+    assert out["stage"] == "correctness" and out["message"].startswith("after timing"), out
 
 
 def test_correctness_dims_start_at_the_tuned_value_then_cover_the_maximum_one_and_random_lengths():
