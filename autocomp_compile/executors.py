@@ -152,28 +152,40 @@ class RayExecutor:
         """One search per node at a time, pinned to the node with all of its CPUs (a task asking for the smallest
         node's CPUs would share a larger node with another search); a node takes the next job when it is free.
         Each job is made, for the node that will run it, only then (`jobs[i](node_id)`), after the caller has
-        taken the results yielded so far. A failed task yields `{"error": "..."}`; the others go on."""
+        taken the results yielded so far. A failed task yields `{"error": "..."}`; the others go on. A node that
+        leaves the cluster takes no more jobs, and the job it was running goes back to the queue."""
         queue = deque(enumerate(jobs))
-        pending: dict[Any, tuple[int, str]] = {}
+        pending: dict[Any, tuple[int, str, Callable[[str], SearchJob]]] = {}
 
-        def submit(node: str) -> None:
-            if queue:
-                index, make_job = queue.popleft()
-                ref = self._search.options(num_cpus=self.node_cpus[node],
-                                           scheduling_strategy=self._on(node)).remote(make_job(node))
-                pending[ref] = (index, node)
+        def fill() -> None:
+            busy = {node for _, node, _ in pending.values()}
+            for node in list(self.node_cpus):
+                if queue and node not in busy:
+                    index, make_job = queue.popleft()
+                    ref = self._search.options(num_cpus=self.node_cpus[node],
+                                               scheduling_strategy=self._on(node)).remote(make_job(node))
+                    pending[ref] = (index, node, make_job)
 
-        for node in self.node_cpus:
-            submit(node)
+        fill()
         while pending:
             done, _ = self.ray.wait(list(pending), num_returns=1)
-            index, node = pending.pop(done[0])
+            index, node, make_job = pending.pop(done[0])
             try:
                 result = self.ray.get(done[0])
             except self.ray.exceptions.RayError as exc:
+                if not self._alive(node):
+                    del self.node_cpus[node]
+                    queue.appendleft((index, make_job))
+                    if not self.node_cpus:
+                        raise ExecutorError("every Ray node with CPUs has left the cluster") from None
+                    fill()
+                    continue
                 result = {"error": task_error(exc)}
             yield index, result
-            submit(node)
+            fill()
+
+    def _alive(self, node: str) -> bool:
+        return any(n["NodeID"] == node and n.get("Alive") for n in self.ray.nodes())
 
     def describe(self) -> str:
         return f"Ray cluster: {len(self.node_cpus)} node(s) with CPUs, one search per node at a time"

@@ -82,3 +82,19 @@ def pointer_trusting_gemm(checked_calls):
             torch.matmul(x, w.t(), out=out)
 
     return run
+
+
+def nan_checking_gemm(log_path):
+    """A GEMM 'kernel' that computes only when its output starts poisoned (NaN), as before a checked call, and
+    logs 'real' or 'skip' for each call to `log_path`."""
+    import torch
+
+    def run(tensors, dims):
+        x, w, out = tensors
+        fresh = bool(out.view(-1)[0].isnan())
+        with open(log_path, "a") as f:
+            f.write("real\n" if fresh else "skip\n")
+        if fresh:
+            torch.matmul(x, w.t(), out=out)
+
+    return run

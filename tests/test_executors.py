@@ -142,3 +142,39 @@ def test_a_failed_ray_task_is_one_error_row_and_the_others_finish(monkeypatch):
         ray.shutdown()
     assert out[0] == {"ran": "a"} and out[2] == {"ran": "b"}
     assert out[1] == {"error": "ValueError: conflicting run directory"}
+
+
+def _sleeping_stand_in(job):
+    import time
+
+    import ray
+
+    time.sleep(job)
+    return {"node": ray.get_runtime_context().get_node_id()}
+
+
+def test_jobs_of_a_node_that_leaves_the_cluster_run_on_the_others(monkeypatch):
+    """The job a dead node was running goes back to the queue; the jobs behind it were pinned to the dead node
+    and failed at once before."""
+    pytest.importorskip("ray")
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from autocomp_compile import executors
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        leaving = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        monkeypatch.setattr(executors, "run_search_job", _sleeping_stand_in)
+        executor = executors.RayExecutor(cluster.address)
+        assert len(executor.node_cpus) == 2
+        threading.Timer(0.5, lambda: cluster.remove_node(leaving, allow_graceful=False)).start()
+        out = dict(executor.map([lambda node: 2.0] * 4))
+        assert sorted(out) == [0, 1, 2, 3] and not [r for r in out.values() if "error" in r]
+        assert {r["node"] for r in out.values()} == set(executor.node_cpus) and leaving.node_id not in executor.node_cpus
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -124,14 +124,18 @@ def _check_and_time(
     outs = GuardedOutputs(w, device=dev)
     args = [inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs]
     refresh = ActivationRefresher(w, inputs, settings.seed)
-    cold = ColdInputs(w, inputs, exclude=refresh.names) if dev == "cpu" else None
+    cold = ColdInputs(w, inputs, exclude=refresh.names, reuse=state.setdefault("cold_inputs", {})) \
+        if dev == "cpu" else None
     fns: dict[str, Callable[[], None]] = {"candidate": lambda: kernel(args, dims)}
-    prepare = {"candidate": _then(refresh, cold.bind(args) if cold else None)}
+    # Before every call, outside the timed region: fresh activations, the next cold copy, and outputs poisoned as
+    # for the checked calls (a kernel that computed only when it found NaN in its output passed at ~30x).
+    prepare = {"candidate": _calls(refresh, cold.bind(args) if cold else None, outs.fill_nan)}
     if settings.time_baseline:
         base_outs = empty_outputs(w, device=dev)
         base_inputs = dict(inputs)
         fns["baseline"] = lambda: spec.eager(base_inputs, base_outs, w.params, w.runtime_dims)
-        prepare["baseline"] = _then(refresh, cold.bind(base_inputs) if cold else None)
+        prepare["baseline"] = _calls(refresh, cold.bind(base_inputs) if cold else None,
+                                     lambda: [t.fill_(float("nan")) for t in base_outs.values()])
     timing = _timer(dev)(fns, budget_ms=settings.timing_budget_ms, prepare=prepare)
     if cold:  # checked below on one of the copies the timed calls read, picked at random: like any timed call
         cold.use(args, cold.random_copy(settings.seed))
@@ -249,15 +253,15 @@ def _beyond_roofline(state: dict[str, Any], w: Workload, latency_ms: float, sett
             f"the measured read bandwidth ({state['read_gbps']:.1f} GB/s): not trusted")
 
 
-def _then(first: Callable[[], None], second: Callable[[], None] | None) -> Callable[[], None]:
-    if second is None:
-        return first
+def _calls(*fns: Callable[[], Any] | None) -> Callable[[], None]:
+    """One function calling `fns` in order (None entries left out)."""
+    chosen = [f for f in fns if f is not None]
 
-    def both() -> None:
-        first()
-        second()
+    def run() -> None:
+        for f in chosen:
+            f()
 
-    return both
+    return run
 
 
 class ColdInputs:
@@ -273,7 +277,9 @@ class ColdInputs:
     MAX_COPIES = 256
 
     def __init__(self, w: Workload, inputs: dict[str, torch.Tensor], exclude: Sequence[str] = (),
-                 llc_bytes: int | None = None):
+                 llc_bytes: int | None = None, reuse: dict[str, Any] | None = None):
+        """`reuse`: a dict kept across candidates of one workload (the worker's state), whose buffers are
+        refilled instead of allocated again (first-touch page faults made a 600 MB set of copies cost 0.6 s)."""
         from autocomp_compile.targets.cpu.isa import last_level_cache_bytes
 
         self.names = [s.name for s in w.inputs if s.name not in exclude
@@ -283,7 +289,17 @@ class ColdInputs:
         llc = last_level_cache_bytes() if llc_bytes is None else llc_bytes
         copies = min(self.MAX_COPIES, -(-2 * llc // nbytes)) if nbytes else 1
         self.originals = {n: inputs[n] for n in self.names}
-        self.sets = [self.originals] + [{n: t.clone() for n, t in self.originals.items()} for _ in range(copies - 1)]
+        key = (w.signature(), tuple(self.names), copies)
+        buffers = reuse.get("sets") if reuse is not None and reuse.get("key") == key else None
+        if buffers is None:
+            buffers = [{n: torch.empty_like(t) for n, t in self.originals.items()} for _ in range(copies - 1)]
+            if reuse is not None:
+                reuse.clear()  # another workload's buffers go
+                reuse.update(key=key, sets=buffers)
+        for copy in buffers:
+            for n, t in copy.items():
+                t.copy_(self.originals[n])
+        self.sets = [self.originals] + buffers
         self.calls = 0
 
     def bind(self, args: list[torch.Tensor] | dict[str, torch.Tensor]) -> Callable[[], None]:

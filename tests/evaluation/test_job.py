@@ -93,6 +93,16 @@ def test_a_kernel_that_works_only_for_buffers_it_was_checked_on_fails(tmp_path):
     assert out["stage"] == "correctness" and out["message"].startswith("after timing"), out
 
 
+def test_every_timed_call_finds_its_output_poisoned(tmp_path):
+    """Checked calls start from a NaN output; so must timed ones, or a kernel computing only on NaN is timed
+    doing nothing (~30x at 2048x2048 before)."""
+    log = tmp_path / "calls.log"
+    settings = EvalSettings(correctness_sets=3, timing_budget_ms=20, time_baseline=True)
+    out = check_and_time({}, hand_gemm_workload(), "tests.helpers_worker:nan_checking_gemm", (str(log),), settings)
+    calls = log.read_text().split()
+    assert out["stage"] == "ok" and len(calls) > 10 and set(calls) == {"real"}
+
+
 def test_correctness_dims_start_at_the_tuned_value_then_cover_the_maximum_one_and_random_lengths():
     w = small("decode")  # kv_len 37, max_kv_len 64
     sets = correctness_dims(w, 6, seed=3)

@@ -167,7 +167,7 @@ _AVX512_LOAD = {
 # exp over a vector, for softmaxes (included by kernels that use it): exp(x) = 2^n e^r with n = round(x log2 e),
 # r = x - n ln 2 in two steps (Cody-Waite: ln 2 split in a high part exact in float and a low part), and e^r
 # (|r| <= ln2/2) from its degree-7 Taylor polynomial: relative error ~1e-7. Far below the softmax range (and at
-# -inf, a masked score) the result is 0, as from expf; NaN stays NaN.
+# -inf, a masked score) the result is 0, above float's range +inf, as from expf; NaN stays NaN.
 _EXP_POLY = r"""
 static inline vf v_exp_reduced(vf x, vf n) {
   const vf r = v_fma(n, v_set1(-1.42860677e-6f), v_fma(n, v_set1(-0.693145752f), x));
@@ -181,11 +181,12 @@ VECTOR_EXP = {
     "scalar": "static inline vf v_exp(vf x) { return expf(x); }\n",
     "avx2": _EXP_POLY + r"""static inline vf v_exp(vf x) {
   const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_NLT_UQ);  /* NaN stays NaN */
-  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
+  const __m256 over = _mm256_cmp_ps(x, _mm256_set1_ps(88.72f), _CMP_GT_OQ);
+  x = _mm256_min_ps(_mm256_set1_ps(88.72f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 p = v_exp_reduced(x, n);
   const __m256i bits = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
-  return _mm256_and_ps(_mm256_castsi256_ps(bits), live);
+  return _mm256_blendv_ps(_mm256_and_ps(_mm256_castsi256_ps(bits), live), _mm256_set1_ps(INFINITY), over);
 }
 """,
     "avx512": _EXP_POLY + r"""static inline vf v_exp(vf x) {

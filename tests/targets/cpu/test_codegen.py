@@ -282,8 +282,8 @@ def test_legalize_vec_softmax_only_for_decode_rows_of_whole_vectors():
 
 @pytest.mark.parametrize("isa", HOST_ISAS)
 def test_vector_exp_matches_expf(tmp_path, isa):
-    """`v_exp` (the vectorised softmax's exp): relative error ~1e-7 over a softmax's range, 0 far below it and
-    for -inf (a masked score), NaN stays NaN."""
+    """`v_exp` (the vectorised softmax's exp): relative error ~1e-7 over float's range, 0 far below it and for
+    -inf (a masked score), +inf above it, NaN stays NaN."""
     code = prelude(isa, "bf16") + VECTOR_EXP[isa] + r"""
 void autocomp_kernel(void **t, const int64_t *dims) {
   const float *x = (const float *)t[0]; float *y = (float *)t[1];
@@ -292,13 +292,14 @@ void autocomp_kernel(void **t, const int64_t *dims) {
 """
     res = build(code, isa, tmp_path)
     assert res.ok, res.log
-    x = torch.cat([torch.linspace(-90, 0, 4096), torch.tensor([-1e4, -float("inf"), float("nan"), -104.5, 0.0, -1e-7]
-                                                              + [0.0] * 10)])
+    x = torch.cat([torch.linspace(-90, 88.7, 4096), torch.tensor([-1e4, -float("inf"), float("nan"), -104.5, 0.0,
+                                                                   89.0, 100.0, float("inf")] + [0.0] * 8)])
     y = torch.empty_like(x)
     CpuKernel(res.so_path, 2)([x, y], [x.numel()])
     ref = torch.exp(x.double())
     torch.testing.assert_close(y[:4096].double(), ref[:4096], rtol=3e-7, atol=1e-37)
     assert y[4096:4098].tolist() == [0.0, 0.0] and y[4098].isnan() and y[4099] == 0 and y[4100] == 1.0
+    assert y[4101:4104].tolist() == [float("inf")] * 3  # above float's range, as expf
 
 
 def test_legalize_drops_isas_the_host_lacks():
