@@ -146,7 +146,7 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                 lambda k, r: {**k, "gqa_share": True},
             ),
         ]
-        if w.params["phase"] == "decode" and simd:
+        if simd:
             items.append(MenuItem(
                 "vec_softmax", "Vectorised online softmax",
                 "Score every query row of the task per key row read, take the block's exponentials a vector at a "

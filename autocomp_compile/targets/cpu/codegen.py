@@ -14,7 +14,7 @@ from typing import Any
 from autocomp_compile.targets.cpu.isa import VECTOR_EXP, VECTOR_WIDTH, prelude
 from autocomp_compile.workload import Workload
 
-# cpu-3: decode attention gains vec_softmax and KV prefetch; kernels are timed with cold weights (ColdInputs), so
+# cpu-3: attention gains vec_softmax (and KV prefetch); kernels are timed with cold weights (ColdInputs), so
 # latencies cached by cpu-2 (weights hot in the LLC) are not compared with them (cpu-2 entries stay reuse donors).
 CODEGEN_VERSION = "cpu-3"
 
@@ -77,9 +77,8 @@ def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, A
         out["gqa_share"] = bool(out["gqa_share"])
         if w.params["phase"] == "decode":
             out["q_block"] = 1
-        # The vectorised online softmax: decode rows (one length per task), whole vectors per head row.
-        out["vec_softmax"] = (bool(out["vec_softmax"]) and w.params["phase"] == "decode"
-                              and w.params["head_dim"] % VECTOR_WIDTH[out["isa"]] == 0)
+        # The vectorised online softmax: whole vectors per head row.
+        out["vec_softmax"] = bool(out["vec_softmax"]) and w.params["head_dim"] % VECTOR_WIDTH[out["isa"]] == 0
         if out["vec_softmax"]:
             out["online"] = True
         if not out["vec_softmax"] or out["isa"] == "scalar":
@@ -381,32 +380,40 @@ static void attend(const float *qf, int nq, const int64_t *lens, const elem_t *k
 """
 
 
-# Decode: the nq (= HPT) rows of a task attend to the same L keys. Per key row read, the scores of every row
-# (K converted once); per block, exponentials VW at a time; per value row read, every row's output accumulates
-# in registers (V converted once). Online softmax across blocks.
+# The task's rows (HPT heads x QB query rows; fewer in a prefill's last query block) attend to their first lens[r]
+# keys. Per key row read, the scores of every row that sees it (K widened once); per block, exponentials VW at a
+# time; per value row read, every row's output accumulates in registers (V widened once). Online softmax
+# across blocks; a row with no key in a block skips it (causal prefill), masked keys never touch its output.
 _ATTEND_VECTOR = r"""
 #define DV (D / VW)
+#define NQ (HPT * QB)
 #define KV_PAD ((KV_BLOCK + VW - 1) / VW * VW)
 static void attend(const float *qf, int nq, const int64_t *lens, const elem_t *k, const elem_t *v, float *o) {
-  (void)nq;
-  const int64_t L = lens[0];
-  vf acc[HPT][DV];
-  float m[HPT], l[HPT], s[HPT][KV_PAD] __attribute__((aligned(64)));
-  for (int r = 0; r < HPT; ++r) { m[r] = -INFINITY; l[r] = 0.0f; for (int d = 0; d < DV; ++d) acc[r][d] = v_zero(); }
+  int64_t len[NQ], L = 0;
+  vf acc[NQ][DV];
+  float m[NQ], l[NQ], s[NQ][KV_PAD] __attribute__((aligned(64)));
+  for (int r = 0; r < NQ; ++r) {
+    len[r] = r < nq ? lens[r] : 0;
+    L = len[r] > L ? len[r] : L;
+    m[r] = -INFINITY; l[r] = 0.0f;
+    for (int d = 0; d < DV; ++d) acc[r][d] = v_zero();
+  }
   for (int64_t j0 = 0; j0 < L; j0 += KV_BLOCK) {
     const int64_t jn = L - j0 < KV_BLOCK ? L - j0 : KV_BLOCK;
     for (int64_t jj = 0; jj < jn; ++jj) {
       vf kv[DV];
       /*PREFETCH*/
       for (int d = 0; d < DV; ++d) kv[d] = v_load_elem(k + (j0 + jj) * D + d * VW);
-      for (int r = 0; r < HPT; ++r) {
+      for (int r = 0; r < NQ; ++r) {
+        if (j0 + jj >= len[r]) { s[r][jj] = -INFINITY; continue; }
         vf a = v_mul(v_load_f32(qf + r * D), kv[0]);
         for (int d = 1; d < DV; ++d) a = v_fma(v_load_f32(qf + r * D + d * VW), kv[d], a);
         s[r][jj] = v_hsum(a);
       }
     }
     const int64_t jp = (jn + VW - 1) / VW * VW;
-    for (int r = 0; r < HPT; ++r) {
+    for (int r = 0; r < NQ; ++r) {
+      if (len[r] <= j0) continue;  /* no key of this block: the value loop skips the row too */
       for (int64_t jj = jn; jj < jp; ++jj) s[r][jj] = -INFINITY;
       float bm = -INFINITY;
       for (int64_t jj = 0; jj < jn; ++jj) bm = s[r][jj] > bm ? s[r][jj] : bm;
@@ -426,13 +433,14 @@ static void attend(const float *qf, int nq, const int64_t *lens, const elem_t *k
     for (int64_t jj = 0; jj < jn; ++jj) {
       vf vv[DV];
       for (int d = 0; d < DV; ++d) vv[d] = v_load_elem(v + (j0 + jj) * D + d * VW);
-      for (int r = 0; r < HPT; ++r) {
+      for (int r = 0; r < NQ; ++r) {
+        if (j0 + jj >= len[r]) continue;
         const vf p = v_set1(s[r][jj]);
         for (int d = 0; d < DV; ++d) acc[r][d] = v_fma(p, vv[d], acc[r][d]);
       }
     }
   }
-  for (int r = 0; r < HPT; ++r) {
+  for (int r = 0; r < nq; ++r) {
     const vf inv = v_set1(1.0f / l[r]);
     for (int d = 0; d < DV; ++d) v_store_f32(o + r * D + d * VW, v_mul(acc[r][d], inv));
   }

@@ -52,6 +52,8 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "online_kv256_noshare_qblock2": dict(online=True, kv_block=256, q_block=2, threads="static", chunk=1),
         "vec_softmax_kv16_gqa_static": dict(vec_softmax=True, kv_block=16, gqa_share=True, threads="static"),
         "vec_softmax_kv32_prefetch": dict(vec_softmax=True, kv_block=32, prefetch=1024, threads="dynamic", chunk=1),
+        "vec_softmax_kv16_qblock4_gqa": dict(vec_softmax=True, kv_block=16, q_block=4, gqa_share=True, threads="static"),
+        "vec_softmax_kv64_qblock8": dict(vec_softmax=True, q_block=8),
         "vec_softmax_kv256_noshare": dict(vec_softmax=True, kv_block=256),
     },
 }
@@ -63,8 +65,6 @@ def _skip_variant(wname: str, variant: str) -> bool:
         return True  # fuse is an MLP-only knob (legalize drops it elsewhere: same code as another variant)
     if "qblock" in variant and wname == "decode":
         return True  # decode forces q_block=1
-    if "vec_softmax" in variant and wname == "prefill":
-        return True  # a decode-only knob
     return False
 
 
@@ -266,11 +266,11 @@ def test_legalize_kind_specific_knobs():
     }
 
 
-def test_legalize_vec_softmax_only_for_decode_rows_of_whole_vectors():
+def test_legalize_vec_softmax_only_for_rows_of_whole_vectors():
     dec, pre = small("decode"), small("prefill")
     on = codegen.legalize(dec, {"vec_softmax": 1, "online": False}, HOST_ISAS)
     assert on["vec_softmax"] is True and on["online"] is True  # an online softmax, whatever the knob said
-    assert codegen.legalize(pre, {"vec_softmax": True}, HOST_ISAS)["vec_softmax"] is False
+    assert codegen.legalize(pre, {"vec_softmax": True}, HOST_ISAS)["vec_softmax"] is True  # causal rows too
     assert codegen.legalize(dec, {"prefetch": 2048, "online": True}, HOST_ISAS)["prefetch"] == 0  # vec_softmax's only
     if "avx2" in HOST_ISAS:
         knobs = codegen.legalize(dec, {"prefetch": 2000, "vec_softmax": True, "isa": "avx2"}, HOST_ISAS)
