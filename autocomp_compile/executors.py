@@ -48,7 +48,8 @@ class SearchJob:
                    str(Path(output_dir).resolve()), [dataclasses.asdict(e) for e in donors])
 
 
-def node_target(target: str, deterministic: bool) -> Any:
+def target_here(target: str, deterministic: bool) -> Any:
+    """The target `target` of the machine this function runs on (a cluster node, in a Ray task)."""
     from autocomp_compile.targets.base import get_target
 
     return get_target(target, deterministic=deterministic)
@@ -56,7 +57,7 @@ def node_target(target: str, deterministic: bool) -> Any:
 
 def node_fingerprint(target: str, deterministic: bool) -> dict[str, Any]:
     """The fingerprint kernels measured where this function runs are cached under."""
-    return node_target(target, deterministic).fingerprint()
+    return target_here(target, deterministic).fingerprint()
 
 
 def run_search_job(job: SearchJob) -> dict[str, Any]:
@@ -66,7 +67,7 @@ def run_search_job(job: SearchJob) -> dict[str, Any]:
     from autocomp_compile.workload import workload_from_dict
 
     workload = workload_from_dict(job.workload)
-    target = node_target(job.target, job.settings.get("deterministic", False))
+    target = target_here(job.target, job.settings.get("deterministic", False))
     config, settings = SearchConfig(**job.config), EvalSettings(**job.settings)
     seeds = reuse_seeds(target, workload, [CacheEntry(**d) for d in job.donors])
     name = run_name(workload, target, config, settings)
@@ -152,10 +153,15 @@ class RayExecutor:
         """One search per node at a time, pinned to the node with all of its CPUs (a task asking for the smallest
         node's CPUs would share a larger node with another search); a node takes the next job when it is free.
         Each job is made, for the node that will run it, only then (`jobs[i](node_id)`), after the caller has
-        taken the results yielded so far. A failed task yields `{"error": "..."}`; the others go on. A node that
-        leaves the cluster takes no more jobs, and the job it was running goes back to the queue."""
+        taken the results yielded so far. A failed task yields `{"error": "..."}`; the others go on. A node whose
+        task failed as a node does (it left the cluster, its worker or raylet died) takes no more jobs, and the
+        job goes back to the queue once (a job that loses a second node is an error row)."""
         queue = deque(enumerate(jobs))
         pending: dict[Any, tuple[int, str, Callable[[str], SearchJob]]] = {}
+        errors = self.ray.exceptions
+        node_failures = (errors.NodeDiedError, errors.TaskUnschedulableError, errors.WorkerCrashedError,
+                         errors.LocalRayletDiedError)
+        requeued: set[int] = set()
 
         def fill() -> None:
             busy = {node for _, node, _ in pending.values()}
@@ -172,12 +178,15 @@ class RayExecutor:
             index, node, make_job = pending.pop(done[0])
             try:
                 result = self.ray.get(done[0])
-            except self.ray.exceptions.RayError as exc:
-                if not self._alive(node):
-                    del self.node_cpus[node]
-                    queue.appendleft((index, make_job))
+            except errors.RayError as exc:
+                lost = isinstance(exc, node_failures) or not self._alive(node)
+                if lost:
+                    self.node_cpus.pop(node, None)
                     if not self.node_cpus:
-                        raise ExecutorError("every Ray node with CPUs has left the cluster") from None
+                        raise ExecutorError("every Ray node with CPUs has left the cluster or failed") from None
+                if lost and index not in requeued:
+                    requeued.add(index)
+                    queue.appendleft((index, make_job))
                     fill()
                     continue
                 result = {"error": task_error(exc)}

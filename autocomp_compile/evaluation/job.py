@@ -4,6 +4,7 @@ Runs inside `IsolatedWorker`; `state` persists between jobs in that process.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import time
 from dataclasses import dataclass
@@ -135,7 +136,7 @@ def _check_and_time(
         base_inputs = dict(inputs)
         fns["baseline"] = lambda: spec.eager(base_inputs, base_outs, w.params, w.runtime_dims)
         prepare["baseline"] = _calls(refresh, cold.bind(base_inputs) if cold else None,
-                                     lambda: [t.fill_(float("nan")) for t in base_outs.values()])
+                                     *(functools.partial(t.fill_, float("nan")) for t in base_outs.values()))
     timing = _timer(dev)(fns, budget_ms=settings.timing_budget_ms, prepare=prepare)
     if cold:  # checked below on one of the copies the timed calls read, picked at random: like any timed call
         cold.use(args, cold.random_copy(settings.seed))
