@@ -307,10 +307,8 @@ class ColdInputs:
         """A function that puts the next copy into `args`: a kernel's argument list (inputs in the workload's
         order first) or an inputs dict."""
         def swap() -> None:
-            chosen = self.sets[self.calls % len(self.sets)]
+            self.use(args, self.calls % len(self.sets))
             self.calls += 1
-            for name, t in chosen.items():
-                args[self.positions[name] if isinstance(args, list) else name] = t  # type: ignore[index]
         return swap
 
     def use(self, args: list[torch.Tensor] | dict[str, torch.Tensor], index: int = 0) -> None:

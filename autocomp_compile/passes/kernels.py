@@ -123,14 +123,18 @@ class KernelRegistry:
             return self._load_from_cache(key, cache_dir)
         except (KernelUnavailable, LookupError) as exc:
             where = f"kernel cache {cache_dir}" if cache_dir else "the default kernel cache"
-            self._failed[(key, str(cache_dir or ""))] = f"{exc} ({where})"
-            log.warning("autocomp: kernel %s unavailable: %s", key, self._failed[(key, str(cache_dir or ""))])
+            why = self._failed[self._failure_key(key, cache_dir)] = f"{exc} ({where})"
+            log.warning("autocomp: kernel %s unavailable: %s", key, why)
             return None
 
     def failure(self, key: str, cache_dir: str | Path | None = None) -> str | None:
         """Why `key` did not load from `cache_dir` in this process (None: it did, or was never asked). Asking
         with another cache directory tries again."""
-        return self._failed.get((key, str(cache_dir or "")))
+        return self._failed.get(self._failure_key(key, cache_dir))
+
+    @staticmethod
+    def _failure_key(key: str, cache_dir: str | Path | None) -> tuple[str, str]:
+        return key, str(cache_dir or "")
 
     def _load_from_cache(self, key: str, cache_dir: str | Path | None) -> BoundKernel:
         from autocomp_compile.kernels_cache.store import KernelCache
