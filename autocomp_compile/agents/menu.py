@@ -158,8 +158,17 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
             items.append(MenuItem(
                 "prefetch", "Software prefetch of the KV cache",
                 "Prefetch K and V rows a distance ahead of the key being scored (the cache streams from memory).",
-                lambda k: k["vec_softmax"] and k["isa"] != "scalar",
+                lambda k: k["vec_softmax"] and not k["mm_tiles"] and k["isa"] != "scalar",
                 lambda k, r: {**k, "prefetch": _pick_other(choices["prefetch"], k["prefetch"], r)},
+            ))
+        if w.params["phase"] == "prefill" and simd:
+            items.append(MenuItem(
+                "mm_tiles", "Register-tiled score and output products",
+                "Transpose K to fp32 once per call, then compute each block's scores as a tile of query rows x two "
+                "key vectors accumulated over the head dimension (no horizontal sums), and the outputs as a tile of "
+                "query rows x the head dimension accumulated over the block's keys, all in registers.",
+                lambda k: k["vec_softmax"] and not k["mm_tiles"] and k["isa"] != "scalar",
+                lambda k, r: {**k, "mm_tiles": True, "q_block": max(k["q_block"], r.choice((4, 8)))},
             ))
         if w.params["phase"] == "prefill":
             items.append(MenuItem(

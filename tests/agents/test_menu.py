@@ -94,6 +94,7 @@ def test_menu_contents_depend_on_kind_dtype_and_isas():
     decode, prefill = ids(small("decode"), all_isas), ids(small("prefill"), all_isas)
     assert {"online_softmax", "kv_block", "gqa_share", "vec_softmax", "prefetch"} <= decode and "q_block" not in decode
     assert {"q_block", "vec_softmax"} <= prefill and "vec_softmax" not in ids(small("decode"), ["scalar"])
+    assert "mm_tiles" in prefill and "mm_tiles" not in decode and "mm_tiles" not in ids(small("prefill"), ["scalar"])
     assert ids(small("rmsnorm"), ["scalar", "avx2"]) == {"vectorize", "parallelize", "dynamic_schedule", "unroll_k"}
 
 
@@ -135,3 +136,17 @@ def test_menu_text_lists_every_item():
     assert len(text.splitlines()) == len(items)
     for m in items:
         assert f"[{m.id}] {m.title}:" in text
+
+
+def test_mm_tiles_follows_the_vectorised_softmax_and_ends_kv_prefetch():
+    w = small("prefill")
+    isas = supported_isas()
+    items = {m.id: m for m in cpu_menu(w, isas)}
+    if "mm_tiles" not in items:
+        pytest.skip("no SIMD ISA on this host")
+    vec = codegen.legalize(w, {"isa": isas[-1], "vec_softmax": True, "prefetch": 1024}, isas)
+    assert items["mm_tiles"].applies(vec) and items["prefetch"].applies(vec)
+    assert not items["mm_tiles"].applies({**vec, "vec_softmax": False})
+    tiled = codegen.legalize(w, items["mm_tiles"].apply(dict(vec), random.Random(0)), isas)
+    assert tiled["mm_tiles"] and tiled["q_block"] >= 4 and tiled["prefetch"] == 0
+    assert not items["mm_tiles"].applies(tiled) and not items["prefetch"].applies(tiled)

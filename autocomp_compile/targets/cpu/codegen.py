@@ -24,7 +24,7 @@ NAIVE_KNOBS: dict[str, dict[str, Any]] = {
     "gemv": dict(isa="scalar", rows=1, unroll=1, prefetch=0, prefetch_hint="t0", threads="serial", chunk=0, fuse=False,
                  bf16_split=False),
     "attention": dict(isa="scalar", online=False, kv_block=64, gqa_share=False, q_block=1, threads="serial", chunk=0,
-                      vec_softmax=False, prefetch=0),
+                      vec_softmax=False, prefetch=0, mm_tiles=False),
     "rmsnorm": dict(isa="scalar", unroll=1, threads="serial", chunk=0),
 }
 
@@ -81,7 +81,9 @@ def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, A
         out["vec_softmax"] = bool(out["vec_softmax"]) and w.params["head_dim"] % VECTOR_WIDTH[out["isa"]] == 0
         if out["vec_softmax"]:
             out["online"] = True
-        if not out["vec_softmax"] or out["isa"] == "scalar":
+        # Register-tiled products need a vectorised softmax and a prefill's many rows (K transposed per call).
+        out["mm_tiles"] = bool(out["mm_tiles"]) and out["vec_softmax"] and w.params["phase"] == "prefill"
+        if not out["vec_softmax"] or out["isa"] == "scalar" or out["mm_tiles"]:
             out["prefetch"] = 0  # prefetches K and V rows ahead in the vectorised kernel's key loop only
     return out
 
@@ -448,6 +450,125 @@ static void attend(const float *qf, int nq, const int64_t *lens, const elem_t *k
 """
 
 
+# mm_tiles (causal prefill): the scores and the outputs as register-tiled products. K is transposed to fp32 once
+# per call (kt: [D][S_PAD] per KV head) so that a tile of RT query rows x two key vectors accumulates over d with
+# one load per key vector and one broadcast per row (no horizontal sums); the output tile (RT rows x D) accumulates
+# over the block's keys in registers, one V row load per key. Softmax as in _ATTEND_VECTOR; a row with no key in
+# a block gets zero weights there, and a tile stops at the last key any of its rows sees.
+_ATTEND_TILED = r"""
+#define DV (D / VW)
+#define NQ (HPT * QB)
+#define NQ_PAD ((NQ + RT - 1) / RT * RT)
+#define KV_PAD ((KV_BLOCK + VW - 1) / VW * VW)
+#define S_PAD ((S + KV_BLOCK - 1) / KV_BLOCK * KV_BLOCK + KV_PAD)
+static void transpose_k(const elem_t *k, float *kt) {
+  for (int64_t j0 = 0; j0 < S; j0 += 16) {
+    const int64_t jn = S - j0 < 16 ? S - j0 : 16;
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t jj = 0; jj < jn; ++jj) kt[d * S_PAD + j0 + jj] = elem_to_f32(k[(j0 + jj) * D + d]);
+  }
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = S; j < S_PAD; ++j) kt[d * S_PAD + j] = 0.0f;
+}
+static inline int64_t tile_len(const int64_t *len, int r0) {
+  int64_t n = 0;
+  for (int rr = 0; rr < RT; ++rr) n = len[r0 + rr] > n ? len[r0 + rr] : n;
+  return n;
+}
+/* qf: NQ_PAD rows (rows from nq on are zero). */
+static void attend(const float *qf, int nq, const int64_t *lens, const float *kt, const elem_t *v, float *o) {
+  int64_t len[NQ_PAD], L = 0;
+  float m[NQ_PAD], l[NQ_PAD];
+  float s[NQ_PAD][KV_PAD] __attribute__((aligned(64)));
+  float acc[NQ_PAD][D] __attribute__((aligned(64)));
+  for (int r = 0; r < NQ_PAD; ++r) {
+    len[r] = r < nq ? lens[r] : 0;
+    L = len[r] > L ? len[r] : L;
+    m[r] = -INFINITY; l[r] = 0.0f;
+    for (int d = 0; d < D; ++d) acc[r][d] = 0.0f;
+  }
+  for (int64_t j0 = 0; j0 < L; j0 += KV_BLOCK) {
+    const int64_t jn = L - j0 < KV_BLOCK ? L - j0 : KV_BLOCK;
+    const int64_t jp = (jn + VW - 1) / VW * VW;
+    for (int r0 = 0; r0 < NQ_PAD; r0 += RT) {
+      const int64_t tl = tile_len(len, r0);
+      if (tl <= j0) continue;
+      const int64_t kn = tl - j0 < jn ? tl - j0 : jn, kp = (kn + VW - 1) / VW * VW;
+      int64_t jj = 0;
+      for (; jj + 2 * VW <= kp; jj += 2 * VW) {
+        vf a0[RT], a1[RT];
+        for (int rr = 0; rr < RT; ++rr) { a0[rr] = v_zero(); a1[rr] = v_zero(); }
+        const float *kp0 = kt + j0 + jj;
+        for (int d = 0; d < D; ++d) {
+          const vf k0 = v_load_f32(kp0 + d * S_PAD), k1 = v_load_f32(kp0 + d * S_PAD + VW);
+          for (int rr = 0; rr < RT; ++rr) {
+            const vf qv = v_set1(qf[(r0 + rr) * D + d]);
+            a0[rr] = v_fma(qv, k0, a0[rr]);
+            a1[rr] = v_fma(qv, k1, a1[rr]);
+          }
+        }
+        for (int rr = 0; rr < RT; ++rr) { v_store_f32(&s[r0 + rr][jj], a0[rr]); v_store_f32(&s[r0 + rr][jj + VW], a1[rr]); }
+      }
+      for (; jj < kp; jj += VW) {
+        vf a0[RT];
+        for (int rr = 0; rr < RT; ++rr) a0[rr] = v_zero();
+        const float *kp0 = kt + j0 + jj;
+        for (int d = 0; d < D; ++d) {
+          const vf k0 = v_load_f32(kp0 + d * S_PAD);
+          for (int rr = 0; rr < RT; ++rr) a0[rr] = v_fma(v_set1(qf[(r0 + rr) * D + d]), k0, a0[rr]);
+        }
+        for (int rr = 0; rr < RT; ++rr) v_store_f32(&s[r0 + rr][jj], a0[rr]);
+      }
+      for (int rr = 0; rr < RT; ++rr)  /* keys past a row's length (causal diagonal, block end) */
+        for (int64_t j = len[r0 + rr] - j0 > 0 ? len[r0 + rr] - j0 : 0; j < KV_PAD; ++j) s[r0 + rr][j] = -INFINITY;
+    }
+    for (int r = 0; r < NQ_PAD; ++r) {
+      if (len[r] <= j0) {  /* no key of this block: zero weights (its tile may still run over the block) */
+        for (int64_t jj = 0; jj < KV_PAD; ++jj) s[r][jj] = 0.0f;
+        continue;
+      }
+      float bm = -INFINITY;
+      for (int64_t jj = 0; jj < jn; ++jj) bm = s[r][jj] > bm ? s[r][jj] : bm;
+      const float mn = bm > m[r] ? bm : m[r];
+      const float corr = expf(m[r] - mn);
+      const vf vc = v_set1(corr), neg = v_set1(-mn);
+      for (int d = 0; d < DV; ++d) v_store_f32(&acc[r][d * VW], v_mul(v_load_f32(&acc[r][d * VW]), vc));
+      vf sum = v_zero();
+      for (int64_t jj = 0; jj < jp; jj += VW) {
+        const vf e = v_exp(v_add(v_load_f32(&s[r][jj]), neg));
+        v_store_f32(&s[r][jj], e);
+        sum = v_add(sum, e);
+      }
+      l[r] = l[r] * corr + v_hsum(sum);
+      m[r] = mn;
+    }
+    for (int r0 = 0; r0 < NQ_PAD; r0 += RT) {
+      const int64_t tl = tile_len(len, r0);
+      if (tl <= j0) continue;
+      const int64_t kn = tl - j0 < jn ? tl - j0 : jn;
+      vf a[RT][DV];
+      for (int rr = 0; rr < RT; ++rr)
+        for (int d = 0; d < DV; ++d) a[rr][d] = v_load_f32(&acc[r0 + rr][d * VW]);
+      for (int64_t jj = 0; jj < kn; ++jj) {
+        vf vv[DV];
+        for (int d = 0; d < DV; ++d) vv[d] = v_load_elem(v + (j0 + jj) * D + d * VW);
+        for (int rr = 0; rr < RT; ++rr) {
+          const vf p = v_set1(s[r0 + rr][jj]);
+          for (int d = 0; d < DV; ++d) a[rr][d] = v_fma(p, vv[d], a[rr][d]);
+        }
+      }
+      for (int rr = 0; rr < RT; ++rr)
+        for (int d = 0; d < DV; ++d) v_store_f32(&acc[r0 + rr][d * VW], a[rr][d]);
+    }
+  }
+  for (int r = 0; r < nq; ++r) {
+    const vf inv = v_set1(1.0f / l[r]);
+    for (int d = 0; d < DV; ++d) v_store_f32(o + r * D + d * VW, v_mul(v_load_f32(&acc[r][d * VW]), inv));
+  }
+}
+"""
+
+
 def _kv_prefetch(distance: int) -> str:
     """Prefetch the K and V bytes `distance` past the current key row (every 64-byte line of a row)."""
     if not distance:
@@ -466,11 +587,16 @@ def _attention_kernel(w: Workload, knobs: dict[str, Any]) -> str:
     decode = p["phase"] == "decode"
     QB = 1 if decode else knobs["q_block"]
     S = p["max_kv_len"] if decode else p["seq_len"]
+    tiled = knobs["mm_tiles"]
     consts = (
         f"#define B {B}\n#define HQ {HQ}\n#define HK {HK}\n#define D {D}\n#define G {G}\n"
         f"#define S {S}\n#define HPT {heads_per_task}\n#define QB {QB}\n#define KV_BLOCK {knobs['kv_block']}\n"
     )
-    if knobs["vec_softmax"]:
+    if tiled:
+        # Rows per register tile: the output tile (RT x D/VW vectors) stays within 16 registers.
+        consts += f"#define RT {max(1, min(4, 16 // (D // VECTOR_WIDTH[knobs['isa']])))}\n"
+        core = VECTOR_EXP[knobs["isa"]] + _ATTEND_TILED
+    elif knobs["vec_softmax"]:
         core = VECTOR_EXP[knobs["isa"]] + _ATTEND_VECTOR.replace("/*PREFETCH*/", _kv_prefetch(knobs["prefetch"]))
     else:
         core = _ATTEND_COMMON + (_ATTEND_ONLINE if knobs["online"] else _ATTEND_TWO_PASS)
@@ -479,6 +605,18 @@ def _attention_kernel(w: Workload, knobs: dict[str, Any]) -> str:
     q_row = "q + ((int64_t)(b * HQ + hq) * D)" if decode else "q + (((int64_t)(b * HQ + hq) * S + i) * D)"
     o_row = "out + ((int64_t)(b * HQ + hq) * D)" if decode else "out + (((int64_t)(b * HQ + hq) * S + i) * D)"
     length = "L" if decode else "i + 1"
+    if tiled:
+        keys = "kt + (int64_t)(b * HK + hk) * D * S_PAD"
+        q_rows = "float qf[NQ_PAD * D];\n    memset(qf, 0, sizeof qf);"
+        # K^T for every KV head, before any task reads it (the loop's end is a barrier).
+        setup = ("float *kt = (float *)malloc(sizeof(float) * B * HK * D * S_PAD);\n  if (!kt) abort();")
+        prepass = (f"{_omp_for(knobs)}\n  for (int64_t bh = 0; bh < B * HK; ++bh) "
+                   "transpose_k(kc + bh * S * D, kt + bh * D * S_PAD);")
+        teardown = "free(kt);"
+    else:
+        keys = "kc + (int64_t)(b * HK + hk) * S * D"
+        q_rows = "float qf[nq * D];"
+        setup = prepass = teardown = ""
     return consts + core + f"""
 void autocomp_kernel(void **t, const int64_t *dims) {{
   const elem_t *q = (const elem_t *)t[0];
@@ -489,8 +627,10 @@ void autocomp_kernel(void **t, const int64_t *dims) {{
   (void)dims; (void)L;
   const float scale = 1.0f / sqrtf((float)D);
   const int64_t n_tasks = (int64_t)B * (HQ / HPT) * {n_qblocks};
+  {setup}
   {_omp_parallel(knobs)}
   {{
+  {prepass}
   {_omp_for(knobs)}
   for (int64_t task = 0; task < n_tasks; ++task) {{
     const int64_t qblk = task % {n_qblocks};
@@ -500,7 +640,8 @@ void autocomp_kernel(void **t, const int64_t *dims) {{
     const int64_t i0 = qblk * QB;
     const int64_t i_end = i0 + QB < {1 if decode else "S"} ? i0 + QB : {1 if decode else "S"};
     const int nq = (int)(HPT * (i_end - i0));
-    float qf[nq * D], of[nq * D];
+    {q_rows}
+    float of[nq * D];
     int64_t lens[nq];
     int r = 0;
     for (int64_t hq = hq0; hq < hq0 + HPT; ++hq)
@@ -510,7 +651,7 @@ void autocomp_kernel(void **t, const int64_t *dims) {{
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = elem_to_f32(qr[d]) * scale;
         lens[r] = {length};
       }}
-    attend(qf, nq, lens, kc + (int64_t)(b * HK + hk) * S * D, vc + (int64_t)(b * HK + hk) * S * D, of);
+    attend(qf, nq, lens, {keys}, vc + (int64_t)(b * HK + hk) * S * D, of);
     r = 0;
     for (int64_t hq = hq0; hq < hq0 + HPT; ++hq)
       for (int64_t i = i0; i < i_end; ++i, ++r) {{
@@ -520,5 +661,6 @@ void autocomp_kernel(void **t, const int64_t *dims) {{
       }}
   }}
   }}
+  {teardown}
 }}
 """

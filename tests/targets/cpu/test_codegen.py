@@ -55,6 +55,11 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "vec_softmax_kv16_qblock4_gqa": dict(vec_softmax=True, kv_block=16, q_block=4, gqa_share=True, threads="static"),
         "vec_softmax_kv64_qblock8": dict(vec_softmax=True, q_block=8),
         "vec_softmax_kv256_noshare": dict(vec_softmax=True, kv_block=256),
+        "mm_tiles_kv16_qblock4_gqa": dict(vec_softmax=True, mm_tiles=True, kv_block=16, q_block=4, gqa_share=True,
+                                          threads="static"),
+        "mm_tiles_kv32_qblock8_dynamic": dict(vec_softmax=True, mm_tiles=True, kv_block=32, q_block=8,
+                                              threads="dynamic", chunk=1),
+        "mm_tiles_kv256_qblock2": dict(vec_softmax=True, mm_tiles=True, kv_block=256, q_block=2),
     },
 }
 WORKLOADS = ["gemm", "gemm_m3_odd", "lm_head_small", "mlp", "mlp_b2_odd", "rmsnorm", "decode", "prefill"]
@@ -63,8 +68,8 @@ WORKLOADS = ["gemm", "gemm_m3_odd", "lm_head_small", "mlp", "mlp_b2_odd", "rmsno
 def _skip_variant(wname: str, variant: str) -> bool:
     if "fused" in variant and small(wname).kind != "mlp":
         return True  # fuse is an MLP-only knob (legalize drops it elsewhere: same code as another variant)
-    if "qblock" in variant and wname == "decode":
-        return True  # decode forces q_block=1
+    if ("qblock" in variant or "mm_tiles" in variant) and wname == "decode":
+        return True  # decode forces q_block=1; mm_tiles is a prefill schedule
     return False
 
 
@@ -278,6 +283,16 @@ def test_legalize_vec_softmax_only_for_rows_of_whole_vectors():
     odd = make_workload("attention", "bf16", phase="decode", heads=4, kv_heads=2, head_dim=24, kv_len=5, max_kv_len=8)
     assert codegen.legalize(odd, {"vec_softmax": True, "isa": "avx2"}, ["scalar", "avx2"])["vec_softmax"] is True
     assert codegen.legalize(odd, {"vec_softmax": True, "isa": "avx512"}, list(ISA_ORDER))["vec_softmax"] is False
+
+
+def test_legalize_mm_tiles_only_for_a_vectorised_prefill():
+    dec, pre = small("decode"), small("prefill")
+    assert codegen.legalize(pre, {"mm_tiles": True}, HOST_ISAS)["mm_tiles"] is False  # needs vec_softmax
+    assert codegen.legalize(dec, {"mm_tiles": True, "vec_softmax": True}, HOST_ISAS)["mm_tiles"] is False
+    tiled = codegen.legalize(pre, {"mm_tiles": 1, "vec_softmax": True, "prefetch": 1024}, HOST_ISAS)
+    assert tiled["mm_tiles"] is True and tiled["prefetch"] == 0  # K is transposed up front: no KV prefetch
+    code = codegen.generate(pre, tiled)
+    assert "transpose_k(" in code and "free(kt);" in code
 
 
 @pytest.mark.parametrize("isa", HOST_ISAS)
