@@ -134,6 +134,17 @@ def main() -> None:
     # in the same time window (this machine's bandwidth moves by 15% from one minute to the next).
     probe_mb = 512 if device == "cpu" else 0
 
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(complete: bool) -> None:
+        """The JSON after every workload, so that a run stopped half-way keeps what it measured."""
+        out.write_text(json.dumps({
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "target": target.fingerprint(),
+            "read_gbps": read_gbps, "hbm_read_gbps": hbm_read_gbps, "budget": args.budget, "complete": complete,
+            "results": results,
+        }, indent=2, default=str))
+
     for label, w, r in searches:
         if r.best is None:
             console.print(f"[red]{label}: no correct kernel ({r.stop_reason})")
@@ -171,6 +182,9 @@ def main() -> None:
             "candidates_evaluated": r.candidates_evaluated, "best_menu_ids": r.best.menu_ids, "best_knobs": r.best.knobs,
             "seed_knobs": json.loads(args.seed_knobs) if args.seed_knobs else None,
         })
+        console.print(f"{label}: autocomp {best_ms:.3f} ms, eager {eager_ms:.3f} ms ({eager_ms / best_ms:.2f}x), "
+                      f"{gbps:.1f} GB/s")
+        write(complete=False)
 
     table = Table(title=f"{target.name} kernels, {args.dtype}, Llama-3.2-1B shapes (median ms; each kernel interleaved with eager in its own process; autocomp: median of {args.rounds} such runs)")
     for col in ("workload", "eager", "inductor", "naive", "autocomp", "vs eager", "vs inductor", "GB/s", "probe GB/s", "% of BW",
@@ -186,12 +200,7 @@ def main() -> None:
             f"{x['autocomp_tflops']:.2f} (eager {x['eager_tflops']:.2f})" if x["autocomp_tflops"] else "-",
         )
     console.print(table)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "target": target.fingerprint(),
-        "read_gbps": read_gbps, "hbm_read_gbps": hbm_read_gbps, "budget": args.budget, "results": results,
-    }, indent=2, default=str))
+    write(complete=True)
     console.print(f"wrote {out}")
 
 

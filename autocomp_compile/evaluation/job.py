@@ -30,7 +30,7 @@ class EvalSettings:
     time_baseline: bool = True
     device: str = "cpu"  # where kernels run; inputs are drawn on the CPU and copied there
     # A workload moving at least roofline_min_mb (too much for any cache) that a candidate finishes faster
-    # than roofline_factor x the measured memory read bandwidth allows is not trusted (CPU).
+    # than roofline_factor x the measured memory read bandwidth allows is not trusted (CPU DRAM, GPU HBM).
     roofline_min_mb: float = 64.0
     roofline_factor: float = 2.5  # generous: the bandwidth probe moves 29-41 GB/s within an hour here
     # Only bit-reproducible kernels pass: none that declares float atomics (a launch line's "order_dependent"),
@@ -238,20 +238,30 @@ def _repeat_differs(kernel: Callable[[list[torch.Tensor], list[int]], None], w: 
 
 
 def _beyond_roofline(state: dict[str, Any], w: Workload, latency_ms: float, settings: EvalSettings) -> str:
-    """Why a latency is physically implausible for this workload on this machine, or "" when it is not."""
-    moved = w.bytes_moved()
-    if settings.device != "cpu" or moved < settings.roofline_min_mb * 1e6 or latency_ms <= 0:
-        return ""
-    if "read_gbps" not in state:
-        from autocomp_compile.targets.cpu.bandwidth import measure_read_bandwidth
+    """Why a latency is physically implausible for this workload on this machine, or "" when it is not.
 
-        state["read_gbps"] = measure_read_bandwidth()
+    The roofline is the memory read bandwidth measured in this worker: DRAM on the CPU, HBM on a GPU (timed
+    with the L2 flushed, so a workload this large streams from HBM)."""
+    moved = w.bytes_moved()
+    gpu = settings.device.startswith("cuda")
+    if (settings.device != "cpu" and not gpu) or moved < settings.roofline_min_mb * 1e6 or latency_ms <= 0:
+        return ""
+    key = "hbm_read_gbps" if gpu else "read_gbps"
+    if key not in state:
+        if not gpu:
+            from autocomp_compile.targets.cpu.bandwidth import measure_read_bandwidth
+
+            state[key] = measure_read_bandwidth()
+        else:
+            from autocomp_compile.targets.cuda.bandwidth import measure_hbm_read_bandwidth
+
+            state[key] = measure_hbm_read_bandwidth(gigabytes=1.0, repeats=10)
     implied = moved / (latency_ms * 1e6)
-    limit = settings.roofline_factor * state["read_gbps"]
+    limit = settings.roofline_factor * state[key]
     if implied <= limit:
         return ""
     return (f"{latency_ms:.4f} ms implies {implied:.1f} GB/s for {moved / 1e6:.0f} MB, above {settings.roofline_factor}x "
-            f"the measured read bandwidth ({state['read_gbps']:.1f} GB/s): not trusted")
+            f"the measured read bandwidth ({state[key]:.1f} GB/s): not trusted")
 
 
 def _calls(*fns: Callable[[], Any] | None) -> Callable[[], None]:

@@ -18,7 +18,7 @@
 # $RESULTS, and after every stage all of $RESULTS is packed into $OUT/gpu_results.tar.gz (one file to bring back).
 # Usage: OUT=/some/dir bash benchmarks/device/cuda_check.sh     (defaults: OUT=benchmarks/results/gpu)
 # Budgets and limits: BUDGET_MLP=32 BUDGET_LM_HEAD=12 BUDGET_PREFILL=12 BUDGET_WARM=12 LIMIT_SCALE=1 (multiplies
-# every limit); DEADLINE_S=N: the script ends within N seconds of its start (each stage's limit is cut to what is
+# every limit; 1.5 works); DEADLINE_S=N: the script ends within N seconds of its start (each stage's limit is cut to what is
 # left, a stage with under 20 s left is skipped), so that a caller's own time limit never kills a stage
 # half-way and loses its output.
 # STAGES="env kernels_mlp ..." runs a subset; CACHE_IMPORT=file.json imports a cache export first (entries are
@@ -43,8 +43,10 @@ KOPTS="--target cuda --cache --sets 1 --search-timing-ms 100 --timing-ms 1000 --
 #   cache_cuda.json, copied into the working tree> DEADLINE_S=<seconds left - 60>. A fresh machine starts with an
 #   empty kernel cache: without the import, e2e's autocomp rows would be the model without our kernels.
 STAGES=${STAGES:-env import cuda_tests mlp_sweep kernels_mlp mlp_breakdown kernels_lm_head kernels_prefill warm e2e cache}
+case $SCALE in ''|*[!0-9.]*|*.*.*) echo "LIMIT_SCALE must be a number, got '$SCALE'" >&2; exit 2 ;; esac
+touch "$RESULTS/.started"  # what this call writes is newer
 stage() {  # stage NAME LIMIT_S COMMAND...
-  local name=$1 limit=$(( $2 * SCALE )); shift 2
+  local name=$1 limit; limit=$(awk -v a="$2" -v s="$SCALE" 'BEGIN { printf "%d", a * s }'); shift 2
   case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
   local left=$(( DEADLINE - $(date +%s) - 15 ))  # timeout's --kill-after and the packing
   if [ "$left" -lt 20 ]; then
@@ -65,9 +67,13 @@ stage env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,cl
 [ -n "${CACHE_IMPORT:-}" ] && stage import 60 python3 -m autocomp_compile.cli cache import "$CACHE_IMPORT"
 stage cuda_tests 120 python3 -m pytest -q tests/targets/cuda -p no:cacheprovider -k "not emulator"  # emulator: CPU-side
 stage mlp_sweep 200 python3 benchmarks/device/mlp_sweep.py --json "$RESULTS/mlp_sweep.json"
-if [ "${MLP_SEED-auto}" = auto ]; then
-  MLP_SEED=$(python3 benchmarks/device/mlp_sweep.py --best-of "$RESULTS/mlp_sweep.json" 2>/dev/null) || MLP_SEED=
-  echo "== MLP search seed: ${MLP_SEED:-none}" | tee -a "$RESULTS/stages.txt"
+if [ "${MLP_SEED-auto}" = auto ]; then  # only a sweep of this call seeds the search (not one left in $RESULTS)
+  MLP_SEED=
+  if [ "$RESULTS/mlp_sweep.json" -nt "$RESULTS/.started" ]; then
+    MLP_SEED=$(timeout 60 python3 benchmarks/device/mlp_sweep.py --best-of "$RESULTS/mlp_sweep.json" 2>/dev/null) || MLP_SEED=
+  fi
+  if [ -n "$MLP_SEED" ]; then seed_note="$MLP_SEED (the best schedule of the mlp_sweep of this call)"; else seed_note=none; fi
+  echo "== MLP search seed: $seed_note" | tee -a "$RESULTS/stages.txt"
 fi
 stage kernels_mlp 80 python3 benchmarks/kernels.py $KOPTS --budget "$BUDGET_MLP" --only "mlp decode" --json "$RESULTS/kernels_cuda_mlp.json" \
   ${MLP_SEED:+--seed-knobs "$MLP_SEED"}

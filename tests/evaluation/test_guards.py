@@ -124,6 +124,21 @@ def test_a_speedup_beyond_the_roofline_is_not_trusted(tmp_path):
     assert fine["stage"] == "ok"
 
 
+def test_the_roofline_on_a_gpu_is_its_measured_hbm_read_bandwidth():
+    """On CUDA the check uses the HBM read probe (cached per worker like the CPU's DRAM probe)."""
+    from autocomp_compile.evaluation.job import _beyond_roofline
+    from autocomp_compile.workload import make_workload
+
+    w = make_workload("mlp", "bf16")  # 100 MB of weights
+    cuda = EvalSettings(device="cuda:0")
+    assert "above 2.5x the measured read bandwidth (3000.0 GB/s)" in _beyond_roofline(
+        {"hbm_read_gbps": 3000.0}, w, 0.01, cuda)  # 10 TB/s
+    assert _beyond_roofline({"hbm_read_gbps": 3000.0}, w, 0.05, cuda) == ""  # 2 TB/s: plausible
+    both = {"read_gbps": 30.0, "hbm_read_gbps": 3000.0}  # each device consults its own probe
+    assert _beyond_roofline(both, w, 0.05, cuda) == ""
+    assert "(30.0 GB/s)" in _beyond_roofline(both, w, 0.5, EvalSettings())  # 200 GB/s from DRAM
+
+
 @pytest.mark.parametrize("launch", ["child<<<1, 32, 0, cudaStreamFireAndForget>>>(out);",
                                     "cudaStream_t s; cudaStreamCreateWithFlags(&s, 1);",
                                     "cudaGraphLaunch(g, 0);"])

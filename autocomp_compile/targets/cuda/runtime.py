@@ -173,7 +173,8 @@ def _check_coresident(fn: Any, k: dict[str, Any], sms: int) -> None:
     """A kernel with a grid barrier deadlocks unless every block is resident at once: refuse it here."""
     from cuda.bindings import driver
 
-    per_sm = _check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, k["block"][0], k.get("smem", 0)),
+    threads = k["block"][0] * k["block"][1] * k["block"][2]
+    per_sm = _check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, threads, k.get("smem", 0)),
                     f"cuOccupancyMaxActiveBlocksPerMultiprocessor({k['name']})")
     blocks = k["grid"][0] * k["grid"][1] * k["grid"][2]
     if blocks > int(per_sm) * sms:
