@@ -14,7 +14,9 @@ from typing import Any
 from autocomp_compile.targets.nki.emulator import MOVING_FMAX, SBUF_BYTES_PER_PARTITION
 from autocomp_compile.workload import Workload, WorkloadError
 
-CODEGEN_VERSION = "nki-3"  # nki-3: attention scores leave PSUM on VectorE before affine_select (GpSimd)
+# nki-3: attention scores leave PSUM on VectorE before affine_select (GpSimd); nki-4: affine_select gets one
+# comparison (NKI refuses `&`), inner loops are nl.static_range (a bare `range` is a sequential_range in NKI).
+CODEGEN_VERSION = "nki-4"
 P = 128
 
 HEADER = """import neuronxcc.nki as nki
@@ -183,9 +185,9 @@ def _matvec(k: dict[str, Any], w_name: str, acc: str, n_expr: str, kdim: int, x_
         lines.append(f"{acc} = nl.zeros((128, B), nl.float32, buffer=nl.sbuf)")
     lines.append(f"for kc in {loop}({kdim // lk}):")
     lines.append(f"    w_sb = nl.load({w_name}[{n_expr} * 128 + i_p, kc * {lk} + i_lk])")
-    lines.append(f"    for g in range({groups}):")
+    lines.append(f"    for g in nl.static_range({groups}):")
     lines.append(f"        tp = nl.ndarray((128, {tb * P}), nl.float32, buffer=nl.psum)")
-    lines.append(f"        for t in range({tb}):")
+    lines.append(f"        for t in nl.static_range({tb}):")
     lines.append(f"            tp[i_p, t * 128 + i_t] = nisa.nc_transpose(w_sb[i_p, (g * {tb} + t) * 128 + i_t])")
     if k["evac"] == "split":
         lines.append("        if g % 2 == 0:")
@@ -194,7 +196,7 @@ def _matvec(k: dict[str, Any], w_name: str, acc: str, n_expr: str, kdim: int, x_
         lines.append(f"            wT = nisa.activation(op=nl.copy, data=tp, dtype={w_name}.dtype)")
     else:
         lines.append(f"        wT = nisa.tensor_copy(tp, dtype={w_name}.dtype)")
-    lines.append(f"        for t in range({tb}):")
+    lines.append(f"        for t in nl.static_range({tb}):")
     lines.append(f"            kt = kc * {lk // P} + g * {tb} + t")
     mm = f"nisa.nc_matmul(wT[i_p, t * 128 + i_t], {x_src})"
     if k["psum_acc"]:
@@ -358,8 +360,9 @@ def _attention(w: Workload, k: dict[str, Any]) -> str:
         sig = "def kernel(q, k, v):"
         out_decl = f"    out = nl.ndarray(({p['batch']}, {hq}, {p['seq_len']}, {d}), dtype=q.dtype, buffer=nl.shared_hbm)"
         length = str(p["seq_len"])
-        # With causal_skip the query-block loop is unrolled (range): its index bounds the KV loops statically.
-        qloop = "range" if k["causal_skip"] else loop
+        # With causal_skip the query-block loop is unrolled at tracing (static_range): its index, a Python int,
+        # bounds the KV loops.
+        qloop = "nl.static_range" if k["causal_skip"] else loop
         head_loops = [f"for b in {loop}({p['batch']}):", f"for h in {loop}({hq}):",
                       f"for qb in {qloop}({-(-p['seq_len'] // P)}):"]
         setup = [
@@ -371,7 +374,9 @@ def _attention(w: Workload, k: dict[str, Any]) -> str:
             "qT = nl.copy(nisa.nc_transpose(q_sb), dtype=q.dtype)  # [d, 128 q]",
         ]
         k_src, v_src = "k[b, kvh, k0 + i_kv, i_dd]", "v[b, kvh, k0 + i_kv, i_dd]"
-        mask_pred = f"(k0 + i_sf <= q0 + i_m) & (k0 + i_sf < {p['seq_len']})"
+        # One comparison (NKI's affine_select takes no `&`): keys past seq_len are past the diagonal of every
+        # query row that is stored (K rows past seq_len load as zeros).
+        mask_pred = "k0 + i_sf <= q0 + i_m"
     skip = bool(k["causal_skip"]) and not decode
     nb = f"min(NB, (q0 + {128 + kt - 1}) // {kt})" if skip else "NB"
     body = list(setup)
@@ -381,7 +386,7 @@ def _attention(w: Workload, k: dict[str, Any]) -> str:
         f"for c in {loop}({nb}):",
         f"    k0 = c * {kt}",
         f"    kT_ps = nl.ndarray(({d}, {kt}), nl.float32, buffer=nl.psum)",
-        f"    for t in range({kt // P}):",
+        f"    for t in nl.static_range({kt // P}):",
         "        kb = nl.zeros((128, " + str(d) + "), k_dtype, buffer=nl.sbuf)",
         f"        kb[i_kv, i_dd] = nl.load({k_src.replace('k0 +', 'k0 + t * 128 +')}, mask=k0 + t * 128 + i_kv < {length})",
         "        kT_ps[i_dT, t * 128 + i_kt] = nisa.nc_transpose(kb)",
@@ -420,7 +425,7 @@ def _attention(w: Workload, k: dict[str, Any]) -> str:
     pv_range = nb
     body += [
         f"for c in {loop}({pv_range}):",
-        f"    for t in range({kt // P}):",
+        f"    for t in nl.static_range({kt // P}):",
         f"        k0 = c * {kt} + t * 128",
         f"        vb = nl.zeros((128, {d}), {'k_dtype' if decode else 'nl.float32'}, buffer=nl.sbuf)",
         f"        vb[i_kv, i_dd] = nl.load({v_src}, mask=k0 + i_kv < {length}, dtype=vb.dtype)",

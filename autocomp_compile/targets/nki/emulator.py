@@ -22,13 +22,22 @@ Rules (a kernel that breaks one raises `NkiRuleError` whose `rule` names it):
   shape-mismatch    PSUM accumulation and nisa.tensor_tensor need operands of the same shape (tensor_tensor:
                     same partitions and elements per partition)
   reduce-axes       reductions run along the trailing free axes of a tile
+  psum-operands     nisa.tensor_tensor cannot read both of its operands from PSUM
+  affine-select-pred  nisa.affine_select's predicate is one comparison of affine expressions (not `a & b`, `a | b`,
+                    `~a`, `a and b`: NKI refuses those; found in the kernel's source)
+Semantics followed: a bare Python `range` in a kernel is a `sequential_range` (neuronx-cc replaces it);
+`static_range` is unrolled at tracing (its index is a Python int). `mask=` on a compute instruction limits the
+elements it computes: assigned to a tile, the result writes only those (a `mask=False` instruction writes nothing);
+the other elements of the result are undefined (NaN here).
 New buffers (`nl.ndarray`, load results, HBM outputs) start filled with NaN; bf16 values are rounded
 through `ml_dtypes.bfloat16` whenever they are written.
 """
 from __future__ import annotations
 
+import ast
 import builtins
 import contextlib
+import functools
 import itertools
 import sys
 import types
@@ -520,7 +529,9 @@ def affine_range(*args: int) -> Iterator[int]:
     return iter(range(*args))
 
 
-static_range = affine_range
+def static_range(*args: int) -> Iterator[int]:
+    """Unrolled at tracing: its index is a Python int, the unrolled iterations overlap as straight-line code."""
+    return iter(range(*args))
 
 
 def sequential_range(*args: int) -> Iterator[int]:
@@ -780,7 +791,7 @@ def _activation(op: Any, data: Any, bias: Any = None, scale: Any = 1.0, dtype: A
 def _activation_reduce(op: Any, data: Any, reduce_op: Any, reduce_res: Tensor, bias: Any = None, scale: Any = 1.0,
                        dtype: Any = None, **_: Any) -> Tensor:
     """As activation, and also writes the sum along the free axis into `reduce_res` [P, 1]."""
-    if reduce_op is not add:
+    if getattr(reduce_op, "__wrapped__", reduce_op) is not add:
         raise NkiUnsupported("activation_reduce with a reduce_op other than nl.add")
     x = _f32(data)
     sc = _f32(scale) if isinstance(scale, (Tensor, Access)) else np.float32(scale)
@@ -789,7 +800,8 @@ def _activation_reduce(op: Any, data: Any, reduce_op: Any, reduce_res: Tensor, b
         vals = _np_of(op)(x * sc + b)
     out = _unary_result(vals, np.dtype(dtype) if dtype is not None else _dtype_of(data), [data, scale, bias],
                         "scalar", "activation")
-    reduce_res.data[...] = vals.sum(axis=1, keepdims=True).astype(reduce_res.dtype)  # reduced before the cast
+    # over every free axis, before the cast
+    reduce_res.data[...] = vals.reshape(vals.shape[0], -1).sum(axis=1, keepdims=True).astype(reduce_res.dtype)
     out.producer.writes.append(reduce_res.buf)  # type: ignore[union-attr]
     return out
 
@@ -800,6 +812,8 @@ def _tensor_tensor(data1: Any, data2: Any, op: Any, dtype: Any = None, engine: A
     if not s1 or not s2 or s1[0] != s2[0] or _free(s1) != _free(s2):
         raise NkiRuleError("shape-mismatch", f"nisa.tensor_tensor of {s1 or 'a scalar'} and {s2 or 'a scalar'}: both "
                            "operands are tiles with the same partitions and elements per partition")
+    if all(getattr(_tensor_of(x), "buffer", "") == "psum" for x in (data1, data2)):
+        raise NkiRuleError("psum-operands", "nisa.tensor_tensor with both operands in PSUM: copy one to SBUF first")
     fn = _np_of(op)
     with np.errstate(all="ignore"):
         vals = fn(_f32(data1), _f32(data2).reshape(s1))
@@ -885,15 +899,56 @@ _NL_NAMES = ("PMAX", "arange", "par_dim", "ds", "affine_range", "static_range", 
              "shared_hbm", "private_hbm", "bfloat16", "float32", "float16", "int32")
 
 
+# Compute instructions that take `mask=` (loads, stores and DMA copies handle their own masks).
+_MASKABLE_NL = ("copy", "exp", "log", "tanh", "sqrt", "rsqrt", "square", "reciprocal", "sigmoid", "silu", "negative",
+                "abs", "relu", "add", "subtract", "multiply", "divide", "maximum", "minimum", "sum", "max", "min", "mean",
+                "where")
+
+
+def _masked(op: Callable[..., Any]) -> Callable[..., Any]:
+    """`op` with NKI's `mask=`: only the elements where the mask holds are computed. Assigned to a tile, the
+    result writes only those (as a masked load's does); the others are undefined (NaN)."""
+
+    @functools.wraps(op)
+    def run(*args: Any, mask: Any = None, **kwargs: Any) -> Any:
+        out = op(*args, **kwargs)
+        if mask is None or not isinstance(out, Tensor):
+            return out
+        m = np.broadcast_to(np.asarray(mask, dtype=bool), out.shape)
+        if out.data.dtype.kind == "f" or out.data.dtype == bfloat16:
+            out.data = np.where(m, out.data, np.float32(np.nan)).astype(out.data.dtype)
+        out.load_mask = m
+        return out
+
+    for attr in ("_np",):  # nl.exp etc. also serve as activation functions
+        if hasattr(op, attr):
+            setattr(run, attr, getattr(op, attr))
+    return run
+
+
+def _unmaskable(op: Callable[..., Any], name: str) -> Callable[..., Any]:
+    @functools.wraps(op)
+    def run(*args: Any, mask: Any = None, **kwargs: Any) -> Any:
+        if mask is not None:
+            raise NkiUnsupported(f"{name} with mask= (mask the tiles it reads or the tile its result goes to)")
+        return op(*args, **kwargs)
+
+    return run
+
+
 def shim_modules() -> dict[str, types.ModuleType]:
     """`neuronxcc`, `neuronxcc.nki`, `.language`, `.isa` as the emulator provides them."""
     g = globals()
-    nl = _module("neuronxcc.nki.language", **{n: g[n] for n in _NL_NAMES}, tile_size=_TileSize, mgrid=_MGrid())
+    nl_attrs = {n: _masked(g[n]) if n in _MASKABLE_NL else g[n] for n in _NL_NAMES}
+    nl_attrs.update(matmul=_unmaskable(matmul, "nl.matmul"), transpose=_unmaskable(transpose, "nl.transpose"))
+    nl = _module("neuronxcc.nki.language", **nl_attrs, tile_size=_TileSize, mgrid=_MGrid())
     nisa = _module(
-        "neuronxcc.nki.isa", nc_matmul=_nc_matmul, nc_transpose=_isa_transpose, activation=_activation,
-        activation_reduce=_activation_reduce, tensor_tensor=_tensor_tensor, tensor_scalar=_tensor_scalar,
-        tensor_reduce=_tensor_reduce, tensor_copy=_tensor_copy, affine_select=_affine_select, dma_copy=_dma_copy,
-        tensor_partition_reduce=_partition_all_reduce,
+        "neuronxcc.nki.isa", nc_matmul=_unmaskable(_nc_matmul, "nisa.nc_matmul"),
+        nc_transpose=_unmaskable(_isa_transpose, "nisa.nc_transpose"), activation=_masked(_activation),
+        activation_reduce=_unmaskable(_activation_reduce, "nisa.activation_reduce"),
+        tensor_tensor=_masked(_tensor_tensor), tensor_scalar=_masked(_tensor_scalar),
+        tensor_reduce=_masked(_tensor_reduce), tensor_copy=_masked(_tensor_copy), affine_select=_masked(_affine_select),
+        dma_copy=_dma_copy, tensor_partition_reduce=_partition_all_reduce,
     )
     nki = _module("neuronxcc.nki", language=nl, isa=nisa, jit=_jit, baremetal=_jit, benchmark=_benchmark)
     root = _module("neuronxcc", nki=nki, EMULATED=True)
@@ -917,11 +972,32 @@ def _shims() -> Iterator[None]:
 KERNEL_NAME = "kernel"
 
 
+def _check_source_rules(tree: ast.AST) -> None:
+    """Rules the emulator sees only in the source: NumPy evaluates `a & b` of two index comparisons as well as
+    one comparison, NKI's affine_select refuses it."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        if name != "affine_select":
+            continue
+        pred = next((kw.value for kw in node.keywords if kw.arg == "pred"), node.args[0] if node.args else None)
+        compound = isinstance(pred, ast.BoolOp) or (isinstance(pred, ast.BinOp) and isinstance(pred.op, (ast.BitAnd, ast.BitOr))) \
+            or (isinstance(pred, ast.UnaryOp) and isinstance(pred.op, (ast.Invert, ast.Not)))
+        if compound:
+            raise NkiRuleError("affine-select-pred", f"line {node.lineno}: nisa.affine_select(pred={ast.unparse(pred)}) "
+                               "combines conditions; its predicate is one comparison (use two affine_selects, or "
+                               "nl.where)")
+
+
 def load_source(code: str) -> Callable:
     """Execute kernel source with the emulator's modules; returns its function called `kernel`."""
-    namespace: dict[str, Any] = {"__name__": "nki_kernel"}
+    tree = ast.parse(code, "<nki kernel>")
+    _check_source_rules(tree)
+    # neuronx-cc makes a bare `range` in a kernel a sequential_range
+    namespace: dict[str, Any] = {"__name__": "nki_kernel", "range": sequential_range}
     with _shims():
-        exec(compile(code, "<nki kernel>", "exec"), namespace)  # noqa: S102 - kernels are our own or the user's model's
+        exec(compile(tree, "<nki kernel>", "exec"), namespace)  # noqa: S102 - kernels are our own or the user's model's
     fn = namespace.get(KERNEL_NAME)
     if not callable(fn):
         raise ValueError(f"the NKI source defines no function called {KERNEL_NAME!r}")

@@ -73,6 +73,18 @@ BROKEN = {
         "    acc = nl.zeros((8, 512), nl.float32, buffer=nl.psum)\n"
         "    acc += nisa.nc_matmul(t, t)  # [8, 8] into [8, 512]: no broadcasting\n"
         "    return a\n", (128, 8)),
+    "psum-operands": (
+        "    t = nl.load(a)\n"
+        "    p1 = nisa.nc_matmul(t, t)\n"
+        "    p2 = nisa.nc_matmul(t, t)\n"
+        "    s = nisa.tensor_tensor(p1, p2, op=nl.add)  # both in PSUM\n"
+        "    return a\n", (128, 8)),
+    "affine-select-pred": (
+        "    t = nl.load(a)\n"
+        "    i_p = nl.arange(128)[:, None]\n"
+        "    i_f = nl.arange(8)[None, :]\n"
+        "    s = nisa.affine_select(pred=(i_f <= i_p) & (i_f < 4), on_true_tile=t, on_false_value=0.0)\n"
+        "    return a\n", (128, 8)),
     "reduce-axes": (
         "    t = nl.load(a)\n"
         "    s = nl.sum(t, axis=1)  # [128, 4, 8]: not the trailing free axes\n"
@@ -156,6 +168,47 @@ def test_sequential_loops_serialise_and_affine_loops_overlap():
     assert seq.busy_us == aff.busy_us and seq.dma_bytes == aff.dma_bytes == 2 * a.nbytes
     assert aff.latency_us < 0.6 * seq.latency_us
     assert seq.simulated and aff.simulated
+    # neuronx-cc turns a bare `range` into a sequential_range; static_range is unrolled (straight-line code)
+    bare = estimate(run(body("sequential_range").replace("nl.sequential_range(4)", "range(4)"), a).ops)
+    assert bare.latency_us == seq.latency_us
+    assert estimate(run(body("static_range"), a).ops).latency_us == aff.latency_us
+
+
+def test_a_masked_compute_instruction_writes_only_where_its_mask_holds():
+    """On Trainium a masked instruction leaves the other elements of the tile it writes alone, and
+    `mask=False` skips the instruction."""
+    body = (
+        "    out = nl.ndarray((128, 8), dtype=nl.float32, buffer=nl.shared_hbm)\n"
+        "    i_p = nl.arange(128)[:, None]\n"
+        "    t = nl.load(a)\n"
+        "    acc = nl.zeros((128, 8), nl.float32, buffer=nl.sbuf)\n"
+        "    acc[...] = nl.add(t, 1.0, mask=(i_p < 64))\n"
+        "    acc[...] = nl.exp(t, mask=False)\n"
+        "    loose = nl.multiply(t, 2.0, mask=(i_p < 1))\n"
+        "    acc[...] = nisa.tensor_scalar(acc, op0=nl.add, operand0=loose[0:1, 0:1] * 0.0, mask=(i_p >= 120))\n"
+        "    nl.store(out, value=acc)\n"
+        "    return out\n")
+    a = np.full((128, 8), 2.0, dtype=np.float32)
+    got = run(body, a).outputs[0]
+    assert (got[:64] == 3.0).all() and (got[64:] == 0.0).all()
+
+
+def test_matmuls_refuse_masks_the_emulator_does_not_model():
+    body = "    t = nl.load(a)\n    p = nisa.nc_matmul(t, t, mask=True)\n    return a\n"
+    with pytest.raises(NkiUnsupported, match="nisa.nc_matmul with mask="):
+        run(body, bf16(128, 8))
+
+
+def test_activation_reduce_sums_every_free_axis():
+    body = (
+        "    out = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.shared_hbm)\n"
+        "    t = nl.load(a)\n"
+        "    rs = nl.ndarray((128, 1), nl.float32, buffer=nl.sbuf)\n"
+        "    e = nisa.activation_reduce(op=nl.copy, data=t, reduce_op=nl.add, reduce_res=rs)\n"
+        "    nl.store(out, value=rs)\n"
+        "    return out\n")
+    a = np.random.default_rng(0).standard_normal((128, 4, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(body, a).outputs[0][:, 0], a.reshape(128, -1).sum(axis=1), rtol=1e-5)
 
 
 def test_dma_descriptor_size_is_recorded():

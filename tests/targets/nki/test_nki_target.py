@@ -4,6 +4,7 @@ kept apart from real trn1 results in the cache."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -159,4 +160,15 @@ def test_attention_scores_leave_psum_before_the_gpsimd_mask():
         code = codegen.generate(w, codegen.legalize(w, {}))
         assert "on_true_tile=s_ps" not in code and "= nl.copy(s_ps)" in code
         assert check(w, {})["correct"]
-    assert codegen.CODEGEN_VERSION == "nki-3"
+    assert codegen.CODEGEN_VERSION == "nki-4"
+
+
+@pytest.mark.parametrize("knobs", [{}, {"causal_skip": True}, {"causal_skip": True, "loop": "sequential"}])
+def test_prefill_attention_masks_with_one_comparison_and_unrolls_what_bounds_loops(knobs):
+    """NKI's affine_select refuses `a & b`; a bare `range` is a sequential_range there, whose index cannot bound
+    another loop or pick a branch: loops over a Python int are nl.static_range."""
+    w = make_workload("attention", "bf16", phase="prefill", heads=2, kv_heads=1, head_dim=64, seq_len=200)
+    code = codegen.generate(w, codegen.legalize(w, knobs))
+    assert "pred=k0 + i_sf <= q0 + i_m," in code and " & " not in code
+    assert re.search(r"\bin range\(", code) is None
+    assert check(w, knobs)["correct"]
