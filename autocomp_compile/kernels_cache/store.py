@@ -259,7 +259,8 @@ class KernelCache:
 
     def _quarantine(self, exc: Exception) -> None:
         """Move a damaged cache file (and its WAL files) aside, so that a new one starts in its place."""
-        broken = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        broken = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-"
+                                     f"{time.time_ns() % 1_000_000_000:09d}")
         log.warning("kernel cache %s is unreadable (%s); moved to %s and starting a new one", self.path, exc, broken)
         for suffix in ("", "-wal", "-shm"):
             p = Path(str(self.path) + suffix)
@@ -356,12 +357,16 @@ class KernelCache:
             codegen=fp.get("codegen", ""), signature=workload.signature(), kind=workload.kind,
             shape_class=workload.shape_class(), workload=workload.describe(), language=candidate.language,
             code=candidate.code, code_hash=candidate.code_hash, menu_ids=candidate.menu_ids, knobs=candidate.knobs,
-            models=candidate.models, latency_ms=r.latency_ms, baseline_ms=r.baseline_ms,
+            models=candidate.models, latency_ms=r.latency_ms,
+            baseline_ms=r.baseline_ms if _is_positive(r.baseline_ms) else None,  # an unusable baseline: no speedup
             evidence={"stage": r.stage, "max_abs_error": r.max_abs_error, "runs": r.runs, "p99_ms": r.latency_p99_ms,
                       **({"repeatable": True} if r.extra.get("repeatable") else {})},
             provenance={"candidate": candidate.id, "origin": candidate.origin, **(provenance or {})},
             created=now, updated=now,
         )
+        problem = _invalid(entry)
+        if problem is not None:  # e.g. a latency of 0 or NaN: it would replace a good entry by an unusable one
+            raise ValueError(f"not cached: {problem}")
         return self._upsert(entry)
 
     def _upsert(self, e: CacheEntry) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,16 @@ class RunConflict(RuntimeError):
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)  # an interrupted write never leaves half a file
+    # A temporary file of this writer's own: two searches sharing a run directory never rename each other's
+    # half-written file, and an interrupted write never leaves half a file.
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class RunDirectory:
@@ -72,8 +80,8 @@ class RunDirectory:
         for path in sorted(self.root.glob("iter-*/*/candidate.json")):
             try:
                 d = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue  # a candidate interrupted mid-write is simply evaluated again
-            if d.get("result"):
-                memo[d["code_hash"]] = EvalResult.from_dict(d["result"])
+                if d.get("result"):
+                    memo[d["code_hash"]] = EvalResult.from_dict(d["result"])
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue  # a damaged candidate file: that candidate is simply evaluated again
         return memo

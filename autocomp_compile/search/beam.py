@@ -72,6 +72,12 @@ class SearchResult:
 ProgressFn = Callable[[int, int, Candidate | None, float | None], None]
 
 
+def _rankable(c: Candidate) -> bool:
+    """Correct, with a latency a kernel can have (a NaN or zero from a damaged record or a remote worker is
+    neither best nor a parent)."""
+    return c.correct and c.latency_ms != float("inf")
+
+
 class BeamSearch:
     def __init__(
         self,
@@ -156,7 +162,7 @@ class BeamSearch:
             c.id, c.iteration, c.parent_id = f"seed{i}", 0, None
         self._evaluate(first)
         every = list(first)
-        beam = sorted((c for c in first if c.correct), key=lambda c: c.latency_ms)[: cfg.beam_size]
+        beam = sorted((c for c in first if _rankable(c)), key=lambda c: c.latency_ms)[: cfg.beam_size]
         history = [self._snapshot(0, beam, every)]
         if self.run_dir:
             self.run_dir.save_beam(0, beam)
@@ -200,7 +206,7 @@ class BeamSearch:
             every += fixes
             children += fixes
             best_before = beam[0].latency_ms
-            pool = {c.code_hash: c for c in beam + [c for c in children if c.correct]}
+            pool = {c.code_hash: c for c in beam + [c for c in children if _rankable(c)]}
             beam = sorted(pool.values(), key=lambda c: c.latency_ms)[: cfg.beam_size]
             history.append(self._snapshot(iteration, beam, children))
             if self.run_dir:

@@ -1,6 +1,8 @@
 """A candidate kernel: its code, how it was derived, and how it fared."""
 from __future__ import annotations
 
+import math
+
 import hashlib
 import io
 import re
@@ -57,9 +59,10 @@ class Candidate:
 
     @property
     def latency_ms(self) -> float:
-        if self.result is None or not self.result.correct or self.result.latency_ms is None:
-            return float("inf")
-        return self.result.latency_ms
+        r = self.result
+        if r is None or not r.correct or r.latency_ms is None or not math.isfinite(r.latency_ms) or r.latency_ms <= 0:
+            return float("inf")  # a latency no kernel can have (NaN, 0, negative) never ranks a candidate first
+        return r.latency_ms
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -425,3 +425,23 @@ def test_import_counts_entries_the_cache_already_has_as_fast(tmp_path):
     with KernelCache(tmp_path / "a.sqlite") as cache:
         cache.export(tmp_path / "e.json")
         assert cache.import_(tmp_path / "e.json", {"cpu": "cpu-test"}) == (0, [], 0, 3)
+
+
+@pytest.mark.parametrize("latency", [float("nan"), 0.0, -1.0, float("inf")])
+def test_an_impossible_latency_is_refused_and_keeps_the_cached_kernel(tmp_path, latency):
+    with KernelCache(tmp_path / "k.sqlite") as cache:
+        t, w = FakeTarget(), gemm()
+        assert cache.put(t, w, cand("int good;", 1.0))
+        with pytest.raises(ValueError, match="latency_ms is not a positive number"):
+            cache.put(t, w, cand("int bad;", latency))
+        assert cache.get(t, w).code == "int good;"
+
+
+def test_an_unusable_baseline_is_stored_as_none(tmp_path):
+    with KernelCache(tmp_path / "k.sqlite") as cache:
+        t, w = FakeTarget(), gemm()
+        c = cand("int k;", 1.0)
+        c.result.baseline_ms = float("nan")
+        assert cache.put(t, w, c)
+        e = cache.get(t, w)
+        assert e.baseline_ms is None and e.speedup is None

@@ -368,10 +368,38 @@ def test_load_results_skips_corrupt_files(tmp_path):
     bad = tmp_path / "r" / "iter-000" / "y"
     bad.mkdir()
     (bad / "candidate.json").write_text('{"id": "y", "code_ha')  # interrupted mid-write
+    for name, text in {"z": '{"result": {"correct": true}}', "w": '[1, 2]', "v": b"\xff\xfe".decode("latin-1")}.items():
+        (tmp_path / "r" / "iter-000" / name).mkdir()  # valid JSON of the wrong shape, bytes that are not UTF-8
+        (tmp_path / "r" / "iter-000" / name / "candidate.json").write_text(text, encoding="latin-1")
     memo = rd.load_results()
     assert set(memo) == {c.code_hash} and memo[c.code_hash].latency_ms == 2.0
     with pytest.raises(RunConflict):
         RunDirectory(tmp_path / "r", {"a": 2})
+
+
+def test_two_writers_of_one_run_directory_never_share_a_temporary_file(tmp_path):
+    """Two searches with the same settings (two warms, ranks of one job) write the same files: each write goes
+    through a temporary file of its own, so neither renames the other's away (FileNotFoundError before)."""
+    import threading
+
+    rd = RunDirectory(tmp_path / "r", {"a": 1})
+    errors: list[BaseException] = []
+
+    def write(n: int) -> None:
+        try:
+            for i in range(200):
+                rd.save_result({"writer": n, "i": i, "pad": "x" * 2000})
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert json.loads((tmp_path / "r" / "result.json").read_text())["i"] == 199
+    assert not list((tmp_path / "r").glob("*.tmp"))
 
 
 # ---------------------------------------------------------------- real end to end
@@ -433,3 +461,16 @@ def test_optimize_searches_deterministic_kernels_with_the_targets_variant(tmp_pa
     assert config["eval"]["deterministic"]
     optimize(w, plain, SearchConfig(budget=3), SETTINGS, tmp_path / "c")
     assert not plain.settings_seen[-1].deterministic
+
+
+def test_a_correct_result_with_an_impossible_latency_is_never_best():
+    """NaN (a damaged run record, a remote worker), 0 or a negative latency: such a candidate never heads the beam,
+    whatever sorting NaN would do."""
+    def latency(k):
+        return float("nan") if k["rows"] == 2 else 0.0 if k["rows"] == 4 else fake_latency(k)
+
+    r = _search(small("gemm"), FakeEvaluator(latency=latency), SearchConfig(budget=40, iterations=20, patience=20))
+    odd = [c for c in r.candidates if c.correct and c.knobs["rows"] in (2, 4)]
+    assert odd, "the search never reached rows=2 or rows=4"
+    usable = [c for c in r.candidates if c.correct and c.knobs["rows"] not in (2, 4)]
+    assert r.best is min(usable, key=lambda c: c.latency_ms)

@@ -1,4 +1,7 @@
+import pytest
+
 from autocomp_compile.search.candidate import Candidate, normalized_code_hash
+from autocomp_compile.targets.base import EvalResult
 
 
 def _nki(code: str) -> Candidate:
@@ -21,3 +24,10 @@ def test_python_code_that_does_not_tokenize_still_hashes():
     broken = "def f(:\n  x = (\n"
     assert normalized_code_hash(broken, "nki") == normalized_code_hash(broken + "\n\n", "nki")
     assert normalized_code_hash(broken, "nki") != normalized_code_hash(broken.replace("x", "y"), "nki")
+
+
+@pytest.mark.parametrize("latency", [float("nan"), 0.0, -2.0, None])
+def test_a_latency_no_kernel_can_have_ranks_last(latency):
+    c = Candidate(id="c", parent_id=None, iteration=0, language="c", code="x")
+    c.result = EvalResult(correct=True, stage="ok", latency_ms=latency)
+    assert c.latency_ms == float("inf")
