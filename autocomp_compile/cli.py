@@ -445,7 +445,10 @@ def _run_on_ray(workloads: list[Workload], args: argparse.Namespace) -> list[dic
     rows: list[dict[str, Any] | None] = [None] * len(workloads)
     jobs, job_index = [], []
     for i, w in enumerate(workloads):
-        hit = next((h for t in node_targets.values() if (h := cache_hit(cache, t, w, settings)) is not None), None)
+        # An imported entry not yet checked cannot be evaluated here for a node: it is no hit, but a reuse donor
+        # (the node evaluates it as a seed).
+        hit = next((h for t in node_targets.values() if (h := cache_hit(cache, t, w, settings, check=False)) is not None),
+                   None)
         if hit is not None:
             rows[i] = summarize(result_from_cache(hit), w)
             rows[i]["label"] = f"{w.kind} (cached)"
@@ -495,6 +498,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         for e in entries:
             speed = f"{e.speedup:.2f}x" if e.speedup else "-"
             measured = "SIMULATED" if e.fingerprint.get("simulated") else "measured"  # an emulator's cost model
+            if e.unchecked:
+                measured = "unchecked"  # imported: the file's latency until its first use here evaluates it
             print(f"{e.key}  {e.target:5s} {e.kind:10s} {e.workload['dtype']:5s} {e.latency_ms:9.4f} ms {measured:9s} "
                   f"{speed:>7s}  {json.dumps(e.workload['params'], sort_keys=True)}")
         print(f"{len(entries)} kernel(s) in {cache.path}", file=sys.stderr)
@@ -517,7 +522,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"refused {why}", file=sys.stderr)
         older = f" ({seeds_only} from another code-generator version: schedule-reuse seeds, never hits)" if seeds_only else ""
         same = f", {kept} not imported (the cache's kernel for the same key is as fast or faster)" if kept else ""
-        print(f"imported {imported} kernel(s){older}{same}, refused {len(refused)}")
+        print(f"imported {imported} kernel(s){older}{same}, refused {len(refused)}; an imported kernel is "
+              "checked (run against the reference and timed) on this machine before its first use")
         return 0 if not refused else 1
     elif args.cache_command == "clear":
         print(f"deleted {cache.clear(args.target)} kernel(s)")

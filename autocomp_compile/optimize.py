@@ -139,13 +139,39 @@ def _deterministic_as_asked(tgt: Target, settings: EvalSettings) -> tuple[Target
     return tgt, settings
 
 
-def cache_hit(cache: "KernelCache", target: Target, workload: Workload, settings: EvalSettings
+def cache_hit(cache: "KernelCache", target: Target, workload: Workload, settings: EvalSettings, check: bool = True,
               ) -> "CacheEntry | None":
     """The cached kernel `optimize` would return for `workload` without searching, or None (in deterministic
-    mode, an entry whose reproducibility was not checked does not count)."""
+    mode, an entry whose reproducibility was not checked does not count). An imported entry not yet evaluated on
+    this machine is evaluated first (`check_imported`); with `check=False` (a target that cannot run here, e.g.
+    a remote node's) it does not count."""
     tgt, settings = _deterministic_as_asked(target, settings)
     hit = cache.get(tgt, workload)
+    if hit is not None and hit.unchecked:
+        hit = check_imported(cache, tgt, workload, hit, settings) if check else None
     return hit if hit is not None and (hit.reproducible or not settings.deterministic) else None
+
+
+def check_imported(cache: "KernelCache", target: Target, workload: Workload, entry: "CacheEntry",
+                   settings: EvalSettings) -> "CacheEntry | None":
+    """Evaluate an imported entry here as a search evaluates a candidate (correctness on fresh inputs, then
+    timing against eager on this machine). It passes: the record of what was measured here replaces the file's;
+    it fails: the entry is removed (a wrong kernel is never served). Returns the entry now cached, or None."""
+    log.info("checking imported kernel %s (%s) on this machine", entry.key, workload.name)
+    cand = entry.candidate()
+    evaluator = target.make_evaluator(workload, settings=settings)
+    try:
+        [cand.result] = evaluator.evaluate([cand])
+    finally:
+        evaluator.close()
+    if cand.latency_ms == float("inf"):
+        cache.remove(entry.key)
+        why = cand.result.message if cand.result is not None else "no result"
+        log.warning("imported kernel %s failed its check here and was removed: %s", entry.key, why)
+        return None
+    provenance = {k: v for k, v in entry.provenance.items() if k != "unchecked"}
+    cache.put(target, workload, cand, provenance={**provenance, "checked_here": True})
+    return cache.get(target, workload)
 
 
 def nothing_searched(calls: int, failures: int, best_iteration: int | None) -> bool:

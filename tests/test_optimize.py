@@ -1,10 +1,14 @@
 """optimize.py: schedule reuse seeds."""
 from __future__ import annotations
 
+import json
 import logging
 from types import SimpleNamespace
 
-from autocomp_compile.optimize import reuse_seeds
+from autocomp_compile import EvalSettings, SearchConfig, optimize
+from autocomp_compile.kernels_cache import KernelCache
+from autocomp_compile.optimize import cache_hit, reuse_seeds
+from autocomp_compile.targets.base import get_target
 from tests.conftest import FakeEvaluator, FakeTarget
 from tests.helpers import small
 
@@ -50,3 +54,47 @@ def test_cache_hit_in_deterministic_mode_needs_a_reproducible_entry(tmp_path):
         assert cache_hit(cache, target, w, EvalSettings(deterministic=True)) is None
         cache.put(target, w, cand("int b;", 0.5))  # a generated schedule: reproducible
         assert cache_hit(cache, target, w, EvalSettings(deterministic=True)).code == "int b;"
+
+
+def _export_with_code(tmp_path, code_edit=None, latency=None):
+    """A real CPU kernel cached for a tiny GEMM, exported; optionally with its code edited (hash recomputed, as
+    anyone writing the file can) and its latency claimed."""
+    from autocomp_compile.search.candidate import normalized_code_hash
+
+    w = small("gemm", "fp32")
+    src = KernelCache(tmp_path / "src.sqlite")
+    r = optimize(w, "cpu", SearchConfig(budget=3, seed=0), EvalSettings(correctness_sets=1, timing_budget_ms=5),
+                 output_dir=tmp_path / "runs", cache=src)
+    assert r.best is not None
+    src.export(tmp_path / "e.json")
+    data = json.loads((tmp_path / "e.json").read_text())
+    e = data["entries"][0]
+    if code_edit:
+        e["code"] = e["code"].replace(*code_edit)
+        e["code_hash"] = normalized_code_hash(e["code"])
+    if latency:
+        e["latency_ms"] = latency
+    (tmp_path / "e.json").write_text(json.dumps(data))
+    dst = KernelCache(tmp_path / "dst.sqlite")
+    assert dst.import_(tmp_path / "e.json", {"cpu": get_target("cpu").fingerprint()["codegen"]})[0] == 1
+    return w, dst
+
+
+def test_an_imported_wrong_kernel_is_checked_before_its_first_use_and_removed(tmp_path):
+    """`cache import` cannot run code; the first use here does, and a wrong kernel is never served (it was a
+    cache hit before, used without any check, and its claimed latency kept every search from replacing it)."""
+    w, dst = _export_with_code(tmp_path, code_edit=("void autocomp_kernel(", "void unused_kernel("), latency=1e-6)
+    assert "void autocomp_kernel(" not in dst.entries()[0].code  # the edit broke the kernel (no entry point)
+    settings = EvalSettings(correctness_sets=1, timing_budget_ms=5)
+    assert cache_hit(dst, get_target("cpu"), w, settings, check=False) is None  # not checkable: no hit
+    assert cache_hit(dst, get_target("cpu"), w, settings) is None
+    assert dst.entries() == []
+    r = optimize(w, "cpu", SearchConfig(budget=2, seed=0), settings, output_dir=tmp_path / "runs2", cache=dst)
+    assert r.stop_reason != "cache hit" and r.best is not None and not dst.entries()[0].unchecked
+
+
+def test_an_imported_right_kernel_is_served_with_the_latency_measured_here(tmp_path):
+    w, dst = _export_with_code(tmp_path, latency=1e-6)
+    hit = cache_hit(dst, get_target("cpu"), w, EvalSettings(correctness_sets=1, timing_budget_ms=5))
+    assert hit is not None and not hit.unchecked and hit.provenance["checked_here"]
+    assert hit.latency_ms > 1e-6  # the file's claim is gone

@@ -101,6 +101,12 @@ class CacheEntry:
         return self.baseline_ms / self.latency_ms if self.baseline_ms else None
 
     @property
+    def unchecked(self) -> bool:
+        """Imported from a file and not yet run on this machine: its code passed the integrity checks, but its
+        correctness and latency are only the file's word until `optimize.check_imported` evaluates it here."""
+        return bool(self.provenance.get("unchecked"))
+
+    @property
     def reproducible(self) -> bool:
         """Whether the kernel may serve deterministic mode: cached by a deterministic target variant, a generated
         schedule (knobs) of a target that is its own variant (every generated CPU and NKI kernel fixes its
@@ -378,8 +384,12 @@ class KernelCache:
             row = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM kernels WHERE key = ?", (e.key,)).fetchone()
             old = _valid_entry(row) if row is not None else None  # a damaged row is replaced, whatever it claims
             # A kernel checked for reproducibility takes the place of a faster unchecked one: deterministic mode
-            # asked for it, and the unchecked one could not serve that mode.
-            if old is not None and old.latency_ms <= e.latency_ms and not (e.reproducible and not old.reproducible):
+            # asked for it, and the unchecked one could not serve that mode. A kernel evaluated here takes the
+            # place of an imported one not yet evaluated here (whose latency is the file's word), never the reverse.
+            if old is not None and e.unchecked and not old.unchecked:
+                return False
+            if old is not None and old.latency_ms <= e.latency_ms and not (e.reproducible and not old.reproducible) \
+                    and not (old.unchecked and not e.unchecked):
                 return False
             if old is not None:
                 values["created"] = old.created
@@ -398,6 +408,11 @@ class KernelCache:
             self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
+
+    def remove(self, key: str) -> bool:
+        """Delete one entry; returns whether it was there."""
+        with self._transaction() as conn:
+            return conn.execute("DELETE FROM kernels WHERE key = ?", (key,)).rowcount > 0
 
     def clear(self, target: str | None = None) -> int:
         with self._transaction() as conn:
@@ -418,12 +433,14 @@ class KernelCache:
         os.replace(tmp, path)
         return len(entries)
 
-    def import_(self, path: str | Path, codegen_versions: dict[str, str]) -> tuple[int, list[str], int]:
-        """Import an exported file. Every entry is verified (code hash, key). An entry written by another
-        code-generator version than `codegen_versions[target]` can never be a cache hit (the version is part
-        of the key); it is kept when it has a schedule (knobs), as a starting point for schedule reuse, and
-        refused otherwise. Returns (imported, refusals, imported as reuse seeds only, not imported because the
-        cache holds an entry as fast or faster)."""
+    def import_(self, path: str | Path, codegen_versions: dict[str, str]) -> tuple[int, list[str], int, int]:
+        """Import an exported file. Every entry's integrity is verified (code hash, key, description); its
+        correctness and latency cannot be, by reading a file: entries are stored `unchecked`, and the first use
+        on a machine whose fingerprint they match evaluates them there (`optimize.check_imported`) before they
+        count as a cache hit. An entry written by another code-generator version than `codegen_versions[target]`
+        can never be a cache hit (the version is part of the key); it is kept when it has a schedule (knobs), as a
+        starting point for schedule reuse, and refused otherwise. Returns (imported, refusals, imported as reuse
+        seeds only, not imported because the cache holds an entry as fast or faster, or one evaluated here)."""
         imported, refused, seeds_only, kept = 0, [], 0, 0
         for d in _read_export(path):
             try:
@@ -448,6 +465,7 @@ class KernelCache:
             elif (mismatch := _description_mismatch(e)):
                 refused.append(f"{e.key}: {mismatch}")
             else:
+                e.provenance = {**e.provenance, "unchecked": True, "imported_from": str(path)}
                 stored = self._upsert(e)
                 imported += stored
                 seeds_only += stored and e.codegen != want

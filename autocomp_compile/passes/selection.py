@@ -106,11 +106,15 @@ class KernelSelector:
 
     def decide(self, workload: "Workload") -> Decision:
         from autocomp_compile.evaluation.job import EvalSettings
-        from autocomp_compile.optimize import optimize
+        from autocomp_compile.optimize import check_imported, optimize
         from autocomp_compile.search.beam import SearchConfig
 
         kind, name = workload.kind, workload.name
         entry = self.cache.get(self.target, workload)
+        if entry is not None and entry.unchecked:  # imported: evaluated here once before it may replace anything
+            log(self.verbose, f"autocomp: checking the imported kernel for {name} on this machine ...")
+            entry = check_imported(self.cache, self.target, workload, entry,
+                                   EvalSettings(seed=self.seed, deterministic=self.deterministic))
         source = "cache"
         unusable = entry is None or (self.deterministic and not entry.reproducible)
         if unusable and self.mode == "search":

@@ -445,3 +445,20 @@ def test_an_unusable_baseline_is_stored_as_none(tmp_path):
         assert cache.put(t, w, c)
         e = cache.get(t, w)
         assert e.baseline_ms is None and e.speedup is None
+
+
+def test_imported_entries_are_unchecked_and_never_displace_a_kernel_measured_here(tmp_path):
+    src = KernelCache(tmp_path / "a.sqlite")
+    src.put(FakeTarget(), gemm(), cand("int fast;", 0.001))  # the file's word
+    src.export(tmp_path / "e.json")
+    dst = KernelCache(tmp_path / "b.sqlite")
+    dst.put(FakeTarget(), gemm(), cand("int here;", 1.0))
+    assert dst.import_(tmp_path / "e.json", {"cpu": "cpu-test"})[3] == 1  # kept: the one measured here stays
+    assert dst.get(FakeTarget(), gemm()).code == "int here;"
+    empty = KernelCache(tmp_path / "c.sqlite")
+    assert empty.import_(tmp_path / "e.json", {"cpu": "cpu-test"})[0] == 1
+    e = empty.get(FakeTarget(), gemm())
+    assert e.unchecked and e.provenance["imported_from"] == str(tmp_path / "e.json")
+    assert empty.put(FakeTarget(), gemm(), cand("int checked;", 5.0))  # measured here, slower: still replaces it
+    assert not empty.get(FakeTarget(), gemm()).unchecked
+    assert empty.remove(empty.get(FakeTarget(), gemm()).key) and empty.get(FakeTarget(), gemm()) is None

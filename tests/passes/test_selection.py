@@ -57,3 +57,37 @@ def test_deterministic_search_replaces_an_unchecked_kernel_however_fast(tmp_path
     assert d.replaced and d.source == "search", d.reason
     with KernelCache(tmp_path / "kernels.sqlite") as cache:
         assert cache.get(get_target("cpu"), W).reproducible
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_an_imported_kernel_is_checked_here_before_it_replaces_a_subgraph(tmp_path, wrong):
+    """Its latency (and min_speedup's verdict) is what was measured here, not the file's; a wrong one is removed."""
+    _cache_llm_written(tmp_path / "a", latency_ms=1e-6)
+    with KernelCache(tmp_path / "a" / "kernels.sqlite") as src:
+        src.export(tmp_path / "e.json")
+    if wrong:
+        import json
+
+        from autocomp_compile.search.candidate import normalized_code_hash
+
+        data = json.loads((tmp_path / "e.json").read_text())
+        e = data["entries"][0]
+        e["code"] = e["code"].replace("void autocomp_kernel(", "void not_the_entry_point(")
+        e["code_hash"] = normalized_code_hash(e["code"])
+        (tmp_path / "e.json").write_text(json.dumps(data))
+    (tmp_path / "b").mkdir()
+    with KernelCache(tmp_path / "b" / "kernels.sqlite") as dst:
+        dst.import_(tmp_path / "e.json", {"cpu": get_target("cpu").fingerprint()["codegen"]})
+    sel = KernelSelector(get_target("cpu"), cache_dir=str(tmp_path / "b"), verbose=False)
+    try:
+        d = sel.decide(W)
+    finally:
+        sel.close()
+        REGISTRY.clear()
+    with KernelCache(tmp_path / "b" / "kernels.sqlite") as dst:
+        left = dst.entries()
+    if wrong:
+        assert not d.replaced and left == []
+    else:
+        assert len(left) == 1 and not left[0].unchecked and left[0].latency_ms > 1e-6
+        assert d.speedup == pytest.approx(left[0].speedup)
