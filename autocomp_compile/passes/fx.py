@@ -292,7 +292,8 @@ def find_rmsnorms(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, fx.Node, floa
         if rs.target != aten.rsqrt.default:
             continue
         add = rs.args[0]
-        if getattr(add, "target", None) != aten.add.Tensor or not isinstance(add.args[1], float):
+        if getattr(add, "target", None) != aten.add.Tensor or not isinstance(add.args[1], float) \
+                or add.kwargs.get("alpha", 1) != 1:  # add(mean, eps, alpha=a) adds a * eps
             continue
         mean = add.args[0]
         if getattr(mean, "target", None) != aten.mean.dim or list(mean.args[1]) not in ([-1],) or not (
@@ -339,8 +340,11 @@ def _unrepeat_kv(n: fx.Node) -> fx.Node:
     if getattr(src, "target", None) != aten.unsqueeze.default or src.args[1] != 2:
         return n
     base = src.args[0]
-    bs, es = _static_shape(base), _static_shape(m)
+    bs, es, ns = _static_shape(base), _static_shape(m), _static_shape(n)
     if bs is None or es is None or len(bs) != 4 or len(es) != 5 or (es[0], es[1], es[3], es[4]) != bs:
+        return n
+    # the copies must become heads ([B, Hkv * n, L, D]), not keys ([B, Hkv, n * L, D] tiles the sequence)
+    if ns is None or tuple(ns) != (es[0], es[1] * es[2], es[3], es[4]):
         return n
     return base
 

@@ -137,10 +137,13 @@ class KernelRegistry:
         return key, str(cache_dir or "")
 
     def _load_from_cache(self, key: str, cache_dir: str | Path | None) -> BoundKernel:
-        from autocomp_compile.kernels_cache.store import KernelCache
+        from autocomp_compile.kernels_cache.store import CacheError, KernelCache
 
-        with KernelCache.in_directory(cache_dir) as cache:
-            entry = cache.show(key)
+        try:
+            with KernelCache.in_directory(cache_dir) as cache:
+                entry = cache.show(key)
+        except (CacheError, OSError) as exc:  # read-only, missing under a read-only path, locked: PyTorch runs it
+            raise KernelUnavailable(f"cannot open the kernel cache: {exc}") from None
         if entry is None:
             raise LookupError("not in the kernel cache")
         target = get_target(entry.target)

@@ -83,7 +83,7 @@ class KernelSelector:
                  deterministic: bool | None = None):
         import torch
 
-        from autocomp_compile.kernels_cache.store import KernelCache
+        from autocomp_compile.kernels_cache.store import CacheError, KernelCache
         from autocomp_compile.targets.base import deterministic_variant
 
         if deterministic is None:
@@ -96,7 +96,15 @@ class KernelSelector:
         self.output_dir = output_dir
         self.seed = seed
         self.verbose = verbose
-        self.cache = KernelCache.in_directory(cache_dir)
+        # A cache that cannot be opened (read-only, under a read-only path) leaves every subgraph to PyTorch:
+        # a compiled graph is correct whatever the state of the cache.
+        self.cache: KernelCache | None = None
+        self.cache_problem = ""
+        try:
+            self.cache = KernelCache.in_directory(cache_dir)
+        except (CacheError, OSError) as exc:
+            self.cache_problem = f"the kernel cache cannot be opened ({exc})"
+            log(verbose, f"autocomp: {self.cache_problem}; every subgraph stays with PyTorch")
         self.proposers = None
         if models and mode == "search":
             from autocomp_compile.agents.llm import LLMProposer
@@ -110,6 +118,8 @@ class KernelSelector:
         from autocomp_compile.search.beam import SearchConfig
 
         kind, name = workload.kind, workload.name
+        if self.cache is None:
+            return Decision(kind, name, 0, False, reason=self.cache_problem)
         entry = self.cache.get(self.target, workload)
         if entry is not None and entry.unchecked:  # imported: evaluated here once before it may replace anything
             log(self.verbose, f"autocomp: checking the imported kernel for {name} on this machine ...")
@@ -147,7 +157,8 @@ class KernelSelector:
         return Decision(kind, name, 0, True, source, speedup, key=entry.key)
 
     def close(self) -> None:
-        self.cache.close()
+        if self.cache is not None:
+            self.cache.close()
 
 
 def decide_region(selector: KernelSelector, decisions: dict[str, Decision], kind: str, workload: "Workload | None",

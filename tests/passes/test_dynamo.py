@@ -207,3 +207,21 @@ def test_an_mlp_left_to_pytorch_releases_its_projections(tmp_path):
     report = reports()[-1]
     [mlp] = [d for d in report.decisions if d.kind == "mlp"]
     assert "not in the kernel cache" in mlp.reason and report.replaced == 3, report.summary()
+
+
+def test_a_cache_that_cannot_be_opened_leaves_the_graph_to_pytorch(tmp_path):
+    """A cache directory under a file (as under a read-only mount: it cannot be created): eager's output, every
+    subgraph with that reason; the compile used to raise."""
+    (tmp_path / "a-file").write_text("")
+    torch._dynamo.reset()
+    model = SwiGLU().eval()
+    x = torch.randn(2, 64)
+    compiled = torch.compile(model, backend="autocomp", dynamic=False,
+                             options={"mode": "cache-only", "verbose": False,
+                                      "cache_dir": str(tmp_path / "a-file" / "cache")})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    last = reports()[-1]
+    assert last.decisions and all(not d.replaced and "cannot be opened" in d.reason for d in last.decisions)
+    assert REGISTRY.get("0" * 16, str(tmp_path / "a-file" / "cache")) is None
+    assert "cannot open the kernel cache" in REGISTRY.failure("0" * 16, str(tmp_path / "a-file" / "cache"))

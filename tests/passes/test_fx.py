@@ -274,6 +274,33 @@ def test_attention_variants():
     assert m.workload is None and "non-causal" in m.reason
 
 
+def test_keys_tiled_along_the_sequence_are_not_taken_for_repeated_heads():
+    """expand + reshape that makes n copies of the keys along the sequence ([B, H, n*L, D]) is not repeat_kv: the
+    attention sees n*L keys (the kernel was given L: wrong causal output, a crash with a decode mask)."""
+    q, k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16)
+
+    def tiled(q, k, v):
+        k = k[:, :, None].expand(1, 2, 2, 4, 16).reshape(1, 2, 8, 16)
+        v = v[:, :, None].expand(1, 2, 2, 4, 16).reshape(1, 2, 8, 16)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    matches, out = trace(tiled, q, k, v, rewrite=True)
+    (m,) = matches
+    assert m.workload is not None and m.workload.params["seq_len"] == 8 and m.workload.params["kv_heads"] == 2
+    torch.testing.assert_close(out, tiled(q, k, v))
+
+
+def test_an_rmsnorm_whose_eps_is_scaled_by_alpha_is_not_matched():
+    w = torch.randn(16)
+
+    def norm(x, alpha):
+        return w * (x * torch.rsqrt(torch.add(x.pow(2).mean(-1, keepdim=True), 1e-6, alpha=alpha)))
+
+    assert trace(norm, torch.randn(3, 16), 4.0) == []
+    (m,) = trace(norm, torch.randn(3, 16), 1)
+    assert m.kind == "rmsnorm"
+
+
 def test_cudnn_attention_of_hopper_gpus_is_recognised_with_its_boolean_mask():
     """On an H100, SDPA with a mask lowers to `_scaled_dot_product_cudnn_attention` with an additive bias
     `where(mask, 0, -inf)` and the 8 KV heads unrepeated (read off the backend's graph there). Traced on the
