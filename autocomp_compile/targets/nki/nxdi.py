@@ -21,12 +21,18 @@ across ranks with `reduce_from_tensor_model_parallel_region`, as RowParallelLine
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
+import os
 import re
+import tempfile
 import types
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+log = logging.getLogger(__name__)
 UNVERIFIED = True  # flips to False only after a run on a trn1 confirms tokens match NXDI's own modules
 MLP_CLASSES = ("NeuronLlamaMLP",)
 ATTENTION_CLASSES = ("NeuronLlamaAttention",)
@@ -35,17 +41,22 @@ KernelRunner = Callable[[str, list[torch.Tensor], list[int]], torch.Tensor]
 
 
 def neuron_runner(code: str, inputs: list[torch.Tensor], dims: list[int]) -> torch.Tensor:
-    """Run NKI source on XLA tensors through torch-neuronx (the NKI kernel is traced into the graph)."""
-    import neuronxcc.nki as nki
-
-    fn = _kernel_of(code)
-    return nki.jit(fn)(*inputs, *dims)
+    """Run NKI source on XLA tensors through torch-neuronx (the NKI kernel is traced into the graph). The source
+    defines `kernel` already decorated with `@nki.jit`: it is called as it is."""
+    return _kernel_of(code)(*inputs, *dims)
 
 
 @functools.lru_cache(maxsize=32)
 def _kernel_of(code: str) -> Callable:
-    namespace: dict[str, Any] = {"__name__": "nki_kernel"}
-    exec(compile(code, "<nki kernel>", "exec"), namespace)  # noqa: S102 - our generated kernels
+    # NKI's front end reads the kernel's source (inspect.getsource): it must come from a file.
+    path = Path(tempfile.gettempdir()) / "autocomp_nki" / f"{hashlib.sha256(code.encode()).hexdigest()[:16]}.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != code:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(code)
+        os.replace(tmp, path)
+    namespace: dict[str, Any] = {"__name__": "nki_kernel", "__file__": str(path)}
+    exec(compile(code, str(path), "exec"), namespace)  # noqa: S102 - our generated kernels
     return namespace["kernel"]
 
 
@@ -58,6 +69,18 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     if not parallel_state.model_parallel_is_initialized() or parallel_state.get_tensor_model_parallel_size() == 1:
         return x
     return reduce_from_tensor_model_parallel_region(x)
+
+
+def mlp_unsupported(module: torch.nn.Module) -> str:
+    """Why our MLP kernel cannot stand in for this NXDI MLP module, or "": it takes PyTorch's [out, in] weights
+    without biases, and the input and output of a plain tensor-parallel MLP."""
+    if getattr(module, "mlp_kernel_enabled", False) or getattr(module, "quantized_mlp_kernel_enabled", False):
+        return "NXDI's own MLP kernel is enabled (its weights are transposed to [in, out])"
+    if getattr(module, "sequence_parallel_enabled", False):
+        return "sequence parallelism (NXDI gathers the input and reduce-scatters the output)"
+    if any(getattr(getattr(module, name, None), "bias", None) is not None for name in ("gate_proj", "up_proj", "down_proj")):
+        return "a projection has a bias"
+    return ""
 
 
 def _mlp_forward(module: torch.nn.Module, original: Callable, code: str, run: KernelRunner, rows: int,
@@ -93,7 +116,11 @@ def _prefill_forward(module: torch.nn.Module, original: Callable, code: str, run
                      Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, q_len: int, bsz: int, attention_mask: Any = None,
                      *args: Any, **kwargs: Any) -> Any:
     batch, heads, kv_heads, _ = prefill_shape(code)
-    if q_len != seq_len or Q.dim() != 4 or (bsz, Q.shape[0], Q.shape[1], K.shape[1]) != (batch, batch, heads, kv_heads):
+    # The kernel is causal only: right padding (keys past a sequence's end come after its queries) or one
+    # sequence, as NXDI's own attention kernel requires.
+    left_padded = bsz > 1 and getattr(module, "padding_side", "right") != "right"
+    if q_len != seq_len or Q.dim() != 4 or (bsz, Q.shape[0], Q.shape[1], K.shape[1]) != (batch, batch, heads, kv_heads) \
+            or left_padded:
         return original(Q, K, V, q_len, bsz, attention_mask, *args, **kwargs)
     out = run(code, [Q.contiguous(), K.contiguous(), V.contiguous()], [])  # [b, heads, s, d], causal
     return out, _no_flash_strategy()  # perform_prefill returns (attn_output, flash_attn_strategy)
@@ -121,6 +148,10 @@ def substitute_kernels(model: torch.nn.Module, mlp_code: str | None = None, mlp_
     for module in model.modules():
         name = type(module).__name__
         if mlp_code and name in MLP_CLASSES:
+            why = mlp_unsupported(module)
+            if why:
+                log.warning("autocomp: %s keeps NXDI's MLP: %s", name, why)
+                continue
             original = module.forward
             module.forward = types.MethodType(
                 lambda self, x, *a, _o=original, **k: _mlp_forward(self, _o, mlp_code, run, mlp_rows, x, *a, **k), module)

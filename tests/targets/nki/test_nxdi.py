@@ -85,3 +85,52 @@ def test_attention_prefill_falls_back_for_another_batch_or_head_count():
         out, strategy = attn.perform_prefill(q, k, v, 128, b, None)
         assert out.shape == (b, hq, 128, 64) and strategy == "NONE"
     assert calls == []
+
+
+def test_mlps_our_kernel_cannot_stand_in_for_keep_nxdis_forward():
+    """NXDI's MLP kernel transposes the weights to [in, out]; sequence parallelism gathers and reduce-scatters;
+    our kernel has no bias: those modules are left alone (it computed with transposed weights before)."""
+    w = make_workload("mlp", hidden=256, intermediate=512)
+    code = codegen.generate(w, codegen.legalize(w, {}))
+    flagged = [NeuronLlamaMLP(256, 512) for _ in range(4)]
+    flagged[0].mlp_kernel_enabled = True
+    flagged[1].quantized_mlp_kernel_enabled = True
+    flagged[2].sequence_parallel_enabled = True
+    flagged[3].up_proj = torch.nn.Linear(256, 512, bias=True, dtype=torch.bfloat16)
+    plain = NeuronLlamaMLP(256, 512)
+    plain.mlp_kernel_enabled = False
+    calls = []
+    assert nxdi.substitute_kernels(torch.nn.Sequential(*flagged, plain), mlp_code=code,
+                                   run=lambda *a: calls.append(a)) == 1
+    assert [nxdi.mlp_unsupported(m) != "" for m in flagged + [plain]] == [True] * 4 + [False]
+    for m in flagged:
+        m(torch.randn(1, 1, 256, dtype=torch.bfloat16))
+    assert calls == []
+
+
+def test_left_padded_batches_keep_nxdis_attention():
+    w = make_workload("attention", phase="prefill", batch=2, heads=2, kv_heads=1, head_dim=64, seq_len=128)
+    code = codegen.generate(w, codegen.legalize(w, {}))
+    attn = NeuronLlamaAttention()
+    attn.padding_side = "left"
+    calls = []
+    nxdi.substitute_kernels(torch.nn.Sequential(attn), attention_prefill_code=code, prefill_seq_len=128,
+                            run=lambda *a: calls.append(a))
+    q = torch.randn(2, 2, 128, 64, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 1, 128, 64, dtype=torch.bfloat16) for _ in range(2))
+    out, strategy = attn.perform_prefill(q, k, v, 128, 2, None)
+    assert strategy == "NONE" and calls == []
+    attn.padding_side = "right"
+    attn.perform_prefill(q, k, v, 128, 2, None)
+    assert len(calls) == 1
+
+
+def test_the_neuron_runner_compiles_a_kernel_from_a_file_and_calls_it_as_defined(tmp_path):
+    """NKI's front end reads a kernel's source, so it is compiled from a file; the source's `kernel` is already
+    an `@nki.jit` kernel and is not wrapped again."""
+    code = "def kernel(*args):\n    return ('called', args)\n"
+    fn = nxdi._kernel_of(code)
+    import inspect
+
+    assert inspect.getsource(fn).startswith("def kernel(*args):")
+    assert nxdi.neuron_runner(code, [1, 2], [3]) == ("called", (1, 2, 3))
