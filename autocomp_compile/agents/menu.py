@@ -142,7 +142,7 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                 "gqa_share", "Share K/V across the GQA group",
                 "Process all query heads that share one KV head together, so each K and V row is read once "
                 "per group instead of once per query head.",
-                lambda k: not k["gqa_share"],
+                lambda k: not k["gqa_share"] and k["isa"] != "amx",  # the AMX kernel: one head per task
                 lambda k, r: {**k, "gqa_share": True},
             ),
         ]
@@ -158,7 +158,7 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
             items.append(MenuItem(
                 "prefetch", "Software prefetch of the KV cache",
                 "Prefetch K and V rows a distance ahead of the key being scored (the cache streams from memory).",
-                lambda k: k["vec_softmax"] and not k["mm_tiles"] and k["isa"] != "scalar",
+                lambda k: k["vec_softmax"] and not k["mm_tiles"] and k["isa"] not in ("scalar", "amx"),
                 lambda k, r: {**k, "prefetch": _pick_other(choices["prefetch"], k["prefetch"], r)},
             ))
         if w.params["phase"] == "prefill" and simd:
@@ -167,14 +167,22 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                 "Transpose K to fp32 once per call, then compute each block's scores as a tile of query rows x two "
                 "key vectors accumulated over the head dimension (no horizontal sums), and the outputs as a tile of "
                 "query rows x the head dimension accumulated over the block's keys, all in registers.",
-                lambda k: k["vec_softmax"] and not k["mm_tiles"] and k["isa"] != "scalar",
+                lambda k: k["vec_softmax"] and not k["mm_tiles"] and k["isa"] not in ("scalar", "amx"),
                 lambda k, r: {**k, "mm_tiles": True, "q_block": max(k["q_block"], r.choice((4, 8)))},
+            ))
+        if w.params["phase"] == "prefill" and "amx" in simd:
+            items.append(MenuItem(
+                "amx_tiles", "AMX tile products",
+                "Compute the scores and the outputs of 16 query rows on the AMX tile unit (bf16 in, fp32 out), "
+                "transposed so that the online softmax runs over keys with one vector of 16 queries per key.",
+                lambda k: k["isa"] != "amx",
+                lambda k, r: {**k, "isa": "amx", "kv_block": r.choice((32, 64, 128))},
             ))
         if w.params["phase"] == "prefill":
             items.append(MenuItem(
                 "q_block", "Block query rows",
                 "Attend several consecutive query rows per pass over K/V so that each key row is reused from cache.",
-                lambda k: True,
+                lambda k: k["isa"] != "amx",  # the AMX kernel takes 16 rows
                 lambda k, r: {**k, "q_block": _pick_other(choices["q_block"], k["q_block"], r)},
             ))
     elif fam == "rmsnorm":

@@ -8,6 +8,7 @@ import pytest
 from autocomp_compile.agents.menu import MenuItem, apply_dropout, cpu_menu, menu_text
 from autocomp_compile.targets.cpu import codegen
 from autocomp_compile.targets.cpu.isa import ISA_ORDER, supported_isas
+from autocomp_compile.workload import make_workload
 from tests.helpers import SMALL, small
 
 
@@ -150,3 +151,20 @@ def test_mm_tiles_follows_the_vectorised_softmax_and_ends_kv_prefetch():
     tiled = codegen.legalize(w, items["mm_tiles"].apply(dict(vec), random.Random(0)), isas)
     assert tiled["mm_tiles"] and tiled["q_block"] >= 4 and tiled["prefetch"] == 0
     assert not items["mm_tiles"].applies(tiled) and not items["prefetch"].applies(tiled)
+
+
+def test_amx_tiles_are_offered_for_a_bf16_prefill_on_an_amx_host_only():
+    def ids(w, isas):
+        return {m.id for m in cpu_menu(w, isas)}
+
+    pre = make_workload("attention", "bf16", phase="prefill", heads=4, kv_heads=2, head_dim=64, seq_len=40)
+    full = list(ISA_ORDER)
+    items = {m.id: m for m in cpu_menu(pre, full)}
+    assert "amx_tiles" in items and "amx_tiles" not in ids(pre, full[:-1])
+    assert "amx_tiles" not in ids(make_workload("attention", "fp32", phase="prefill", heads=4, kv_heads=2,
+                                                head_dim=64, seq_len=40), full)
+    amx = codegen.legalize(pre, items["amx_tiles"].apply(codegen.legalize(pre, {}, full), random.Random(0)), full)
+    assert amx["isa"] == "amx"
+    # what the AMX kernel fixes is not offered again (each would be a draw that changes nothing)
+    assert [m.id for m in items.values() if m.applies(amx) and codegen.legalize(pre, m.apply(dict(amx), random.Random(1)),
+                                                                                  full) == amx] == []

@@ -30,7 +30,7 @@ NAIVE_KNOBS: dict[str, dict[str, Any]] = {
 
 KNOB_CHOICES: dict[str, dict[str, tuple]] = {
     "gemv": dict(rows=(1, 2, 4, 8), unroll=(1, 2, 4), prefetch=(0, 256, 512, 1024, 2048, 4096, 8192), chunk=(0, 1, 4, 16, 64)),
-    "attention": dict(kv_block=(16, 32, 64, 128, 256), q_block=(1, 2, 4, 8), chunk=(0, 1, 2, 4),
+    "attention": dict(kv_block=(16, 32, 64, 128, 256), q_block=(1, 2, 4, 8, 16), chunk=(0, 1, 2, 4),
                       prefetch=(0, 512, 1024, 2048, 4096, 8192)),
     "rmsnorm": dict(unroll=(1, 2, 4), chunk=(0, 1, 4, 16)),
 }
@@ -48,7 +48,11 @@ def naive_knobs(w: Workload) -> dict[str, Any]:
 
 def isa_applies(isa: str, w: Workload) -> bool:
     """Whether `isa` can change `w`'s kernel: AVX512-BF16 adds only the bf16 dot products of the GEMV family
-    (for attention or RMSNorm it would be the AVX-512 kernel again under another name)."""
+    (for attention or RMSNorm it would be the AVX-512 kernel again under another name); AMX serves the tile
+    products of a bf16 causal prefill whose head_dim is a multiple of 32."""
+    if isa == "amx":
+        return (w.dtype == "bf16" and w.kind == "attention" and w.params.get("phase") == "prefill"
+                and w.params["head_dim"] % 32 == 0)
     return isa != "avx512bf16" or (w.dtype == "bf16" and family(w.kind) == "gemv")
 
 
@@ -83,6 +87,9 @@ def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, A
             out["online"] = True
         # Register-tiled products need a vectorised softmax and a prefill's many rows (K transposed per call).
         out["mm_tiles"] = bool(out["mm_tiles"]) and out["vec_softmax"] and w.params["phase"] == "prefill"
+        if out["isa"] == "amx":  # one kernel: 16 query rows of one head per task, AMX products, vector softmax
+            out.update(vec_softmax=True, online=True, mm_tiles=False, gqa_share=False, q_block=16,
+                       kv_block=max(32, out["kv_block"]))
         if not out["vec_softmax"] or out["isa"] == "scalar" or out["mm_tiles"]:
             out["prefetch"] = 0  # prefetches K and V rows ahead in the vectorised kernel's key loop only
     return out
@@ -92,7 +99,9 @@ def generate(w: Workload, knobs: dict[str, Any]) -> str:
     """Full C source for workload `w` under schedule `knobs` (assumed legal)."""
     fam = family(w.kind)
     header = f"/* autocomp-compile {CODEGEN_VERSION}: {w.name}\n   schedule: {sorted(knobs.items())} */\n"
-    body = {"gemv": _gemv_kernel, "attention": _attention_kernel, "rmsnorm": _rmsnorm_kernel}[fam](w, knobs)
+    kernel = _attention_amx_kernel if knobs["isa"] == "amx" else \
+        {"gemv": _gemv_kernel, "attention": _attention_kernel, "rmsnorm": _rmsnorm_kernel}[fam]
+    body = kernel(w, knobs)
     return header + prelude(knobs["isa"], w.dtype, knobs.get("bf16_split", False)) + body
 
 
@@ -461,6 +470,9 @@ _ATTEND_TILED = r"""
 #define NQ_PAD ((NQ + RT - 1) / RT * RT)
 #define KV_PAD ((KV_BLOCK + VW - 1) / VW * VW)
 #define S_PAD ((S + KV_BLOCK - 1) / KV_BLOCK * KV_BLOCK + KV_PAD)
+static void widen_v(const elem_t *v, float *vw) {
+  for (int64_t i = 0; i < (int64_t)S * D; i += VW) v_store_f32(vw + i, v_load_elem(v + i));
+}
 static void transpose_k(const elem_t *k, float *kt) {
   for (int64_t j0 = 0; j0 < S; j0 += 16) {
     const int64_t jn = S - j0 < 16 ? S - j0 : 16;
@@ -476,7 +488,7 @@ static inline int64_t tile_len(const int64_t *len, int r0) {
   return n;
 }
 /* qf: NQ_PAD rows (rows from nq on are zero). */
-static void attend(const float *qf, int nq, const int64_t *lens, const float *kt, const elem_t *v, float *o) {
+static void attend(const float *qf, int nq, const int64_t *lens, const float *kt, const float *v, float *o) {
   int64_t len[NQ_PAD], L = 0;
   float m[NQ_PAD], l[NQ_PAD];
   float s[NQ_PAD][KV_PAD] __attribute__((aligned(64)));
@@ -527,8 +539,9 @@ static void attend(const float *qf, int nq, const int64_t *lens, const float *kt
         for (int64_t jj = 0; jj < KV_PAD; ++jj) s[r][jj] = 0.0f;
         continue;
       }
-      float bm = -INFINITY;
-      for (int64_t jj = 0; jj < jn; ++jj) bm = s[r][jj] > bm ? s[r][jj] : bm;
+      vf vm = v_set1(-INFINITY);  /* keys jn..jp are masked (-inf) */
+      for (int64_t jj = 0; jj < jp; jj += VW) vm = v_max(vm, v_load_f32(&s[r][jj]));
+      const float bm = v_hmax(vm);
       const float mn = bm > m[r] ? bm : m[r];
       const float corr = expf(m[r] - mn);
       const vf vc = v_set1(corr), neg = v_set1(-mn);
@@ -551,7 +564,7 @@ static void attend(const float *qf, int nq, const int64_t *lens, const float *kt
         for (int d = 0; d < DV; ++d) a[rr][d] = v_load_f32(&acc[r0 + rr][d * VW]);
       for (int64_t jj = 0; jj < kn; ++jj) {
         vf vv[DV];
-        for (int d = 0; d < DV; ++d) vv[d] = v_load_elem(v + (j0 + jj) * D + d * VW);
+        for (int d = 0; d < DV; ++d) vv[d] = v_load_f32(v + (j0 + jj) * D + d * VW);
         for (int rr = 0; rr < RT; ++rr) {
           const vf p = v_set1(s[r0 + rr][jj]);
           for (int d = 0; d < DV; ++d) a[rr][d] = v_fma(p, vv[d], a[rr][d]);
@@ -609,12 +622,17 @@ def _attention_kernel(w: Workload, knobs: dict[str, Any]) -> str:
         keys = "kt + (int64_t)(b * HK + hk) * D * S_PAD"
         q_rows = "float qf[NQ_PAD * D];\n    memset(qf, 0, sizeof qf);"
         # K^T for every KV head, before any task reads it (the loop's end is a barrier).
-        setup = ("float *kt = (float *)malloc(sizeof(float) * B * HK * D * S_PAD);\n  if (!kt) abort();")
-        prepass = (f"{_omp_for(knobs)}\n  for (int64_t bh = 0; bh < B * HK; ++bh) "
-                   "transpose_k(kc + bh * S * D, kt + bh * D * S_PAD);")
-        teardown = "free(kt);"
+        # K^T and V in fp32 for every KV head, before any task reads them (the loop's end is a barrier).
+        setup = ("float *kt = (float *)malloc(sizeof(float) * B * HK * D * S_PAD);\n"
+                 "  float *vw = (float *)malloc(sizeof(float) * B * HK * S * D);\n  if (!kt || !vw) abort();")
+        prepass = (f"{_omp_for(knobs)}\n  for (int64_t bh = 0; bh < B * HK; ++bh) {{\n"
+                   "    transpose_k(kc + bh * S * D, kt + bh * D * S_PAD);\n"
+                   "    widen_v(vc + bh * S * D, vw + bh * S * D);\n  }")
+        teardown = "free(kt); free(vw);"
+        values = "vw + (int64_t)(b * HK + hk) * S * D"
     else:
         keys = "kc + (int64_t)(b * HK + hk) * S * D"
+        values = "vc + (int64_t)(b * HK + hk) * S * D"
         q_rows = "float qf[nq * D];"
         setup = prepass = teardown = ""
     return consts + core + f"""
@@ -651,7 +669,7 @@ void autocomp_kernel(void **t, const int64_t *dims) {{
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = elem_to_f32(qr[d]) * scale;
         lens[r] = {length};
       }}
-    attend(qf, nq, lens, {keys}, vc + (int64_t)(b * HK + hk) * S * D, of);
+    attend(qf, nq, lens, {keys}, {values}, of);
     r = 0;
     for (int64_t hq = hq0; hq < hq0 + HPT; ++hq)
       for (int64_t i = i0; i < i_end; ++i, ++r) {{
@@ -662,5 +680,152 @@ void autocomp_kernel(void **t, const int64_t *dims) {{
   }}
   }}
   {teardown}
+}}
+"""
+
+
+# ---------------------------------------------------------------- causal prefill attention on AMX tiles
+
+# A task: 16 query rows of one head, kept as the 16 lanes of a vector. Per KV block the AMX tiles compute the
+# transposed scores S^T = K Q^T (A: 16 key rows x 32 d of K, B: Q's d-pairs x 16 queries) and the transposed
+# output O^T += V^T P^T (A: 16 d x 32 keys of V^T, B: key pairs x 16 queries of P^T, bf16), so that the online
+# softmax runs down the keys a vector of 16 queries at a time: no horizontal max or sum, one exp per key.
+# Per call, K is copied zero-padded to the block size and V transposed (vt[D][S_PAD]). Tiles: C 0-3, A 4, B 5.
+_AMX_COMMON = r"""
+#define QT 16
+#define S_PAD ((S + KV_BLOCK - 1) / KV_BLOCK * KV_BLOCK)
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } amx_config;
+static void amx_configure(void) {
+  amx_config c;
+  memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int i = 0; i < 6; ++i) { c.rows[i] = 16; c.colsb[i] = 64; }
+  _tile_loadconfig(&c);
+}
+static void pack_kv(const elem_t *k, const elem_t *v, elem_t *kpad, elem_t *vt) {
+  memcpy(kpad, k, sizeof(elem_t) * S * D);
+  memset(kpad + (int64_t)S * D, 0, sizeof(elem_t) * (S_PAD - S) * D);
+  for (int64_t j0 = 0; j0 < S_PAD; j0 += 16)
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t j = j0; j < j0 + 16; ++j) vt[d * S_PAD + j] = j < S ? v[j * D + d] : 0;
+}
+"""
+
+
+def _attention_amx_kernel(w: Workload, knobs: dict[str, Any]) -> str:
+    p = w.params
+    B, HQ, HK, D, S = p["batch"], p["heads"], p["kv_heads"], p["head_dim"], p["seq_len"]
+    KV = knobs["kv_block"]
+
+    def scores(c0: int, n: int) -> list[str]:  # key tiles c0..c0+n of the block into st
+        lines = [f"    if (nk > {c0}) {{"] + [f"      _tile_zero({t});" for t in range(n)]
+        lines.append("      for (int ks = 0; ks < D / 32; ++ks) {")
+        lines.append("        _tile_loadd(5, &qp[ks * 16][0], 64);")
+        for t in range(n):
+            lines.append(f"        if (nk > {c0 + t}) {{ _tile_loadd(4, kpad + (j0 + {(c0 + t) * 16}) * D + ks * 32, D * 2); "
+                         f"_tile_dpbf16ps({t}, 4, 5); }}")
+        lines.append("      }")
+        lines += [f"      if (nk > {c0 + t}) _tile_stored({t}, &st[{(c0 + t) * 16}][0], 64);" for t in range(n)]
+        return lines + ["    }"]
+
+    def outputs(g: int, n: int) -> list[str]:  # output tiles (16 d each) g..g+n: acc^T += V^T P^T
+        lines = [f"    _tile_loadd({t}, &acc[{(g + t) * 16}][0], 64);" for t in range(n)]
+        lines.append("    for (int ks = 0; ks < (nk + 1) / 2; ++ks) {")
+        lines.append("      _tile_loadd(5, &pb[ks * 16][0], 64);")
+        for t in range(n):
+            lines.append(f"      _tile_loadd(4, vt + (int64_t){(g + t) * 16} * S_PAD + j0 + ks * 32, S_PAD * 2); "
+                         f"_tile_dpbf16ps({t}, 4, 5);")
+        lines.append("    }")
+        lines += [f"    _tile_stored({t}, &acc[{(g + t) * 16}][0], 64);" for t in range(n)]
+        return lines
+
+    score_code = "\n".join(line for c0 in range(0, KV // 16, 4) for line in scores(c0, min(4, KV // 16 - c0)))
+    output_code = "\n".join(line for g in range(0, D // 16, 4) for line in outputs(g, min(4, D // 16 - g)))
+    return (f"#define B {B}\n#define HQ {HQ}\n#define HK {HK}\n#define D {D}\n#define G {HQ // HK}\n#define S {S}\n"
+            f"#define KV_BLOCK {KV}\n") + VECTOR_EXP["amx"] + _AMX_COMMON + f"""
+static void attend_rows(const elem_t *q, int64_t i0, int nrow, const elem_t *kpad, const elem_t *vt, elem_t *out,
+                        float scale) {{
+  uint32_t qp[D / 2][QT] __attribute__((aligned(64)));          /* B: Q's d-pairs x queries */
+  float st[KV_BLOCK][QT] __attribute__((aligned(64)));          /* scores, then probabilities: key x queries */
+  uint16_t pb[KV_BLOCK / 2][2 * QT] __attribute__((aligned(64)));  /* B: key pairs x queries (bf16 pairs) */
+  float acc[D][QT] __attribute__((aligned(64)));                /* O^T */
+  const uint32_t *q32 = (const uint32_t *)q;
+  for (int dp = 0; dp < D / 2; ++dp)
+    for (int r = 0; r < QT; ++r) qp[dp][r] = r < nrow ? q32[(i0 + r) * (D / 2) + dp] : 0u;
+  memset(acc, 0, sizeof acc);
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  vf m = v_set1(-INFINITY), l = v_zero();
+  const vf vscale = v_set1(scale), ninf = v_set1(-INFINITY);
+  const int64_t L = i0 + nrow;  /* query i0 + r sees keys [0, i0 + r] */
+  for (int64_t j0 = 0; j0 < L; j0 += KV_BLOCK) {{
+    const int64_t jn = L - j0 < KV_BLOCK ? L - j0 : KV_BLOCK;
+    const int nk = (int)((jn + 15) / 16), np = 16 * nk;  /* key tiles and keys computed */
+{score_code}
+    vf bm0 = ninf, bm1 = ninf;
+    for (int jj = 0; jj < np; jj += 2) {{
+      const __mmask16 see0 = _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32((int)(j0 + jj - i0)), _MM_CMPINT_NLT);
+      const __mmask16 see1 = _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32((int)(j0 + jj + 1 - i0)), _MM_CMPINT_NLT);
+      const vf x0 = _mm512_mask_blend_ps(see0, ninf, v_mul(v_load_f32(st[jj]), vscale));
+      const vf x1 = _mm512_mask_blend_ps(see1, ninf, v_mul(v_load_f32(st[jj + 1]), vscale));
+      v_store_f32(st[jj], x0); v_store_f32(st[jj + 1], x1);
+      bm0 = v_max(bm0, x0); bm1 = v_max(bm1, x1);
+    }}
+    const vf mn = v_max(m, v_max(bm0, bm1));
+    /* a query's first block: no earlier sum to correct (and -inf - -inf would be NaN) */
+    const vf corr = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m, ninf, _CMP_EQ_OQ), v_exp(v_add(m, v_mul(mn, v_set1(-1.0f)))), v_zero());
+    const vf neg = v_mul(mn, v_set1(-1.0f));
+    vf sum0 = v_zero(), sum1 = v_zero();
+    for (int jj = 0; jj < np; jj += 2) {{
+      const vf p0 = v_exp(v_add(v_load_f32(st[jj]), neg)), p1 = v_exp(v_add(v_load_f32(st[jj + 1]), neg));
+      sum0 = v_add(sum0, p0); sum1 = v_add(sum1, p1);
+      const __m512i two = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  /* p0's 16 then p1's 16 */
+      _mm512_store_si512((__m512i *)pb[jj / 2], _mm512_permutexvar_epi16(pairs, two));
+    }}
+    if (np % 32) memset(pb[np / 2], 0, sizeof pb[0] * 8);  /* the last A tile's half without keys */
+    l = v_add(v_mul(l, corr), v_add(sum0, sum1));
+    m = mn;
+    for (int d = 0; d < D; ++d) v_store_f32(acc[d], v_mul(v_load_f32(acc[d]), corr));
+{output_code}
+  }}
+  const vf inv = _mm512_div_ps(v_set1(1.0f), l);
+  for (int d = 0; d < D; ++d) {{
+    float o[QT] __attribute__((aligned(64)));
+    v_store_f32(o, v_mul(v_load_f32(acc[d]), inv));
+    for (int r = 0; r < nrow; ++r) out[(i0 + r) * D + d] = f32_to_elem(o[r]);
+  }}
+}}
+
+void autocomp_kernel(void **t, const int64_t *dims) {{
+  const elem_t *q = (const elem_t *)t[0];
+  const elem_t *kc = (const elem_t *)t[1];
+  const elem_t *vc = (const elem_t *)t[2];
+  elem_t *out = (elem_t *)t[3];
+  (void)dims;
+  const float scale = 1.0f / sqrtf((float)D);
+  elem_t *kpad = (elem_t *)malloc(sizeof(elem_t) * B * HK * S_PAD * D);
+  elem_t *vt = (elem_t *)malloc(sizeof(elem_t) * B * HK * D * S_PAD);
+  if (!kpad || !vt) abort();
+  const int64_t n_qblocks = (S + QT - 1) / QT, n_tasks = (int64_t)B * HQ * n_qblocks;
+  {_omp_parallel(knobs)}
+  {{
+  {_omp_for(knobs)}
+  for (int64_t bh = 0; bh < B * HK; ++bh)
+    pack_kv(kc + bh * S * D, vc + bh * S * D, kpad + bh * S_PAD * D, vt + bh * D * S_PAD);
+  amx_configure();
+  {_omp_for(knobs)}
+  for (int64_t task = 0; task < n_tasks; ++task) {{
+    /* the longest rows first: causal rows late in the sequence see the most keys */
+    const int64_t qblk = n_qblocks - 1 - task % n_qblocks, bhq = task / n_qblocks;
+    const int64_t b = bhq / HQ, hq = bhq % HQ, hk = hq / G;
+    const int64_t i0 = qblk * QT;
+    const int nrow = S - i0 < QT ? (int)(S - i0) : QT;
+    attend_rows(q + (b * HQ + hq) * S * D, i0, nrow, kpad + (b * HK + hk) * S_PAD * D,
+                vt + (b * HK + hk) * D * S_PAD, out + (b * HQ + hq) * S * D, scale);
+  }}
+  _tile_release();
+  }}
+  free(kpad); free(vt);
 }}
 """

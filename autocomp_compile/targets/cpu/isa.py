@@ -5,17 +5,20 @@ Kernels are written once against a small set of inline functions (`v_zero`, `v_f
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import platform
 from pathlib import Path
 
 # Ordered from least to most capable; a schedule may use any ISA the host supports.
-ISA_ORDER = ("scalar", "avx2", "avx512", "avx512bf16")
+# "amx": AVX512-BF16 plus the AMX tile unit (bf16 tile matrix products), used by causal prefill attention.
+ISA_ORDER = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
 ISA_FLAGS = {
     "scalar": set(),
     "avx2": {"avx2", "fma"},
     "avx512": {"avx512f", "avx512bw", "avx512vl"},
     "avx512bf16": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
+    "amx": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"},
 }
 # Compiler flags that enable an ISA even when the host lacks it (for compile-only tests).
 ISA_CFLAGS = {
@@ -23,8 +26,9 @@ ISA_CFLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl"],
     "avx512bf16": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
+    "amx": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"],
 }
-VECTOR_WIDTH = {"scalar": 1, "avx2": 8, "avx512": 16, "avx512bf16": 16}
+VECTOR_WIDTH = {"scalar": 1, "avx2": 8, "avx512": 16, "avx512bf16": 16, "amx": 16}
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,12 +71,28 @@ def last_level_cache_bytes(default: int = 64 << 20) -> int:
     return max(sizes, default=default)
 
 
+@functools.lru_cache(maxsize=1)
+def amx_permitted() -> bool:
+    """Ask Linux for this process's AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): a
+    process that has not asked faults on its first tile instruction. Kernels make no system calls (linkage.py),
+    so the process loading them asks, once; the grant covers all its threads."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    except (OSError, AttributeError):
+        return False
+
+
 def supported_isas(flags: frozenset[str] | None = None) -> list[str]:
-    """ISAs this host can run, scalar first. Non-x86 hosts get scalar only."""
+    """ISAs this host can run, scalar first. Non-x86 hosts get scalar only; AMX only where Linux grants the
+    tile state (asked here, for this process)."""
+    host = flags is None
     flags = cpu_flags() if flags is None else flags
     if platform.machine() not in ("x86_64", "AMD64"):
         return ["scalar"]
-    return [isa for isa in ISA_ORDER if ISA_FLAGS[isa] <= flags]
+    return [isa for isa in ISA_ORDER if ISA_FLAGS[isa] <= flags and (isa != "amx" or not host or amx_permitted())]
 
 
 def best_isa(flags: frozenset[str] | None = None) -> str:
@@ -119,6 +139,7 @@ static inline vf v_load_f32(const float *p) { return *p; }
 static inline void v_store_f32(float *p, vf v) { *p = v; }
 static inline vf v_load_elem(const elem_t *p) { return elem_to_f32(*p); }
 static inline float v_hsum(vf v) { return v; }
+static inline float v_hmax(vf v) { return v; }
 """
 
 _AVX2 = r"""
@@ -136,6 +157,10 @@ static inline void v_store_f32(float *p, vf v) { _mm256_storeu_ps(p, v); }
 static inline float v_hsum(vf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s); return _mm_cvtss_f32(s);
+}
+static inline float v_hmax(vf v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s)); s = _mm_max_ss(s, _mm_movehdup_ps(s)); return _mm_cvtss_f32(s);
 }
 """
 _AVX2_LOAD = {
@@ -157,6 +182,7 @@ static inline vf v_max(vf a, vf b) { return _mm512_max_ps(a, b); }
 static inline vf v_load_f32(const float *p) { return _mm512_loadu_ps(p); }
 static inline void v_store_f32(float *p, vf v) { _mm512_storeu_ps(p, v); }
 static inline float v_hsum(vf v) { return _mm512_reduce_add_ps(v); }
+static inline float v_hmax(vf v) { return _mm512_reduce_max_ps(v); }
 """
 _AVX512_LOAD = {
     "bf16": "static inline vf v_load_elem(const elem_t *p) {\n"
@@ -196,7 +222,7 @@ VECTOR_EXP = {
 }
 """,
 }
-VECTOR_EXP["avx512bf16"] = VECTOR_EXP["avx512"]
+VECTOR_EXP["avx512bf16"] = VECTOR_EXP["amx"] = VECTOR_EXP["avx512"]
 
 
 # The dot-product step of GEMV-like kernels: VK elements of a weight row times the activation.
@@ -263,8 +289,8 @@ def prelude(isa: str, dtype: str, bf16_split: bool = False) -> str:
     """
     if isa not in ISA_ORDER:
         raise ValueError(f"unknown ISA {isa!r}; choose one of {ISA_ORDER}")
-    if isa == "avx512bf16" and dtype != "bf16":
-        raise ValueError("the avx512bf16 dot product needs bf16 operands")
+    if isa in ("avx512bf16", "amx") and dtype != "bf16":
+        raise ValueError(f"the {isa} products need bf16 operands")
     parts = [_COMMON, _ELEM[dtype]]
     if isa == "scalar":
         parts.append(_SCALAR)
@@ -272,7 +298,7 @@ def prelude(isa: str, dtype: str, bf16_split: bool = False) -> str:
         parts += [_AVX2, _AVX2_LOAD[dtype]]
     else:
         parts += [_AVX512, _AVX512_LOAD[dtype]]
-    if isa == "avx512bf16":
+    if isa in ("avx512bf16", "amx"):
         parts.append(_DOT_BF16)
     elif bf16_split and dtype == "bf16" and isa in ("avx2", "avx512"):
         parts.append(_DOT_SPLIT_AVX2 if isa == "avx2" else _DOT_SPLIT_AVX512)

@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 
+from autocomp_compile.targets.cpu.isa import supported_isas
+
 ENTRY_POINT = "autocomp_kernel"
 
 
@@ -18,6 +20,7 @@ class CpuKernel:
     """A loaded kernel: `kernel(tensors, dims)` runs it on contiguous CPU tensors (inputs, then outputs)."""
 
     def __init__(self, so_path: Path | str, n_tensors: int):
+        supported_isas()  # on an AMX host: asks Linux for this process's tile state, which AMX kernels need
         try:
             self._lib = ctypes.CDLL(str(so_path))
             self._fn = getattr(self._lib, ENTRY_POINT)

@@ -87,7 +87,7 @@ CASES = [
     for dtype in ("bf16", "fp32")
     for isa in HOST_ISAS
     for variant in VARIANTS[codegen.family(small(wname).kind)]
-    if not _skip_variant(wname, variant)
+    if not _skip_variant(wname, variant) and isa != "amx"  # AMX: its own tests (head_dim a multiple of 32)
 ]
 
 
@@ -376,8 +376,10 @@ def test_supported_isas_from_flags():
     assert supported_isas(frozenset({"avx2", "fma"})) == ["scalar", "avx2"]
     assert supported_isas(frozenset({"avx2"})) == ["scalar"]  # FMA is required too
     full = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
-    assert supported_isas(full) == list(ISA_ORDER)
+    assert supported_isas(full) == list(ISA_ORDER[:-1])
     assert best_isa(full) == "avx512bf16"
+    assert supported_isas(full | {"amx_tile", "amx_bf16"}) == list(ISA_ORDER)  # given flags: no OS question
+    assert supported_isas(full | {"amx_tile"})[-1] == "avx512bf16"  # tiles without their bf16 products
     assert supported_isas(full - {"avx512_bf16"})[-1] == "avx512"
     host = supported_isas()
     assert host[0] == "scalar"
@@ -459,3 +461,38 @@ def test_header_names_schedule():
     code = codegen.generate(w, knobs)
     assert code.startswith(f"/* autocomp-compile {codegen.CODEGEN_VERSION}: {w.name}")
     assert re.search(r"\('fuse', True\)", code)
+
+
+AMX_CASES = [  # (batch, heads, kv_heads, head_dim, seq_len, kv_block, threads)
+    (1, 4, 2, 64, 19, 32, "static"), (2, 2, 1, 32, 70, 64, "dynamic"), (1, 3, 1, 96, 33, 128, "serial"),
+    (1, 2, 2, 128, 16, 256, "dynamic"), (1, 8, 2, 64, 1, 32, "static"),
+]
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, head_dim, seq_len, kv_block, threads", AMX_CASES)
+def test_amx_prefill_attention_matches_reference(tmp_path, batch, heads, kv_heads, head_dim, seq_len, kv_block,
+                                                 threads):
+    w = make_workload("attention", "bf16", phase="prefill", batch=batch, heads=heads, kv_heads=kv_heads,
+                      head_dim=head_dim, seq_len=seq_len)
+    knobs = codegen.legalize(w, {"isa": "amx", "kv_block": kv_block, "threads": threads}, list(ISA_ORDER))
+    assert knobs["isa"] == "amx" and knobs["q_block"] == 16 and not knobs["gqa_share"]
+    res = build_ok(codegen.generate(w, knobs), "amx", tmp_path)  # compiles wherever gcc knows -mamx-tile
+    if "amx" not in HOST_ISAS:
+        pytest.skip("this host has no AMX (or Linux does not grant its tile state): compiled, not run")
+    check_against_reference(res.so_path, w, seed=seq_len, sets=2)
+
+
+def test_amx_is_legal_only_for_a_bf16_causal_prefill_with_head_dim_a_multiple_of_32():
+    full = list(ISA_ORDER)
+    pre = make_workload("attention", "bf16", phase="prefill", heads=4, kv_heads=2, head_dim=64, seq_len=40)
+    others = [make_workload("attention", "fp32", phase="prefill", heads=4, kv_heads=2, head_dim=64, seq_len=40),
+              make_workload("attention", "bf16", phase="decode", heads=4, kv_heads=2, head_dim=64, kv_len=9,
+                            max_kv_len=16),
+              make_workload("attention", "bf16", phase="prefill", heads=4, kv_heads=2, head_dim=48, seq_len=40),
+              small("mlp"), small("gemm"), small("rmsnorm")]
+    assert codegen.isa_applies("amx", pre) and not any(codegen.isa_applies("amx", w) for w in others)
+    knobs = codegen.legalize(pre, {"isa": "amx", "kv_block": 16, "gqa_share": True, "q_block": 2}, full)
+    assert (knobs["kv_block"], knobs["q_block"], knobs["gqa_share"], knobs["vec_softmax"]) == (32, 16, False, True)
+    assert codegen.legalize(pre, {"isa": "amx"}, full[:-1])["isa"] == "avx512"  # no AMX here: the best other ISA
+    for w in others:
+        assert codegen.legalize(w, {"isa": "amx"}, full)["isa"] != "amx"
