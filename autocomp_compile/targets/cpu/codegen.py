@@ -391,6 +391,26 @@ static void attend(const float *qf, int nq, const int64_t *lens, const elem_t *k
 """
 
 
+# One row's block of scores in the vectorised softmaxes: its max, then exp(s - max) in place and their sum.
+_ROW_SOFTMAX = r"""
+static inline float block_max(const float *s, int64_t n) {
+  vf vm = v_set1(-INFINITY);
+  for (int64_t j = 0; j < n; j += VW) vm = v_max(vm, v_load_f32(s + j));
+  return v_hmax(vm);
+}
+static inline float exp_sum(float *s, int64_t n, float mx) {
+  const vf neg = v_set1(-mx);
+  vf sum = v_zero();
+  for (int64_t j = 0; j < n; j += VW) {
+    const vf e = v_exp(v_add(v_load_f32(s + j), neg));
+    v_store_f32(s + j, e);
+    sum = v_add(sum, e);
+  }
+  return v_hsum(sum);
+}
+"""
+
+
 # The task's rows (HPT heads x QB query rows; fewer in a prefill's last query block) attend to their first lens[r]
 # keys. Per key row read, the scores of every row that sees it (K widened once); per block, exponentials VW at a
 # time; per value row read, every row's output accumulates in registers (V widened once). Online softmax
@@ -426,19 +446,11 @@ static void attend(const float *qf, int nq, const int64_t *lens, const elem_t *k
     for (int r = 0; r < NQ; ++r) {
       if (len[r] <= j0) continue;  /* no key of this block: the value loop skips the row too */
       for (int64_t jj = jn; jj < jp; ++jj) s[r][jj] = -INFINITY;
-      float bm = -INFINITY;
-      for (int64_t jj = 0; jj < jn; ++jj) bm = s[r][jj] > bm ? s[r][jj] : bm;
-      const float mn = bm > m[r] ? bm : m[r];
+      const float bm = block_max(s[r], jp), mn = bm > m[r] ? bm : m[r];
       const float corr = expf(m[r] - mn);
-      const vf vc = v_set1(corr), neg = v_set1(-mn);
+      const vf vc = v_set1(corr);
       for (int d = 0; d < DV; ++d) acc[r][d] = v_mul(acc[r][d], vc);
-      vf sum = v_zero();
-      for (int64_t jj = 0; jj < jp; jj += VW) {
-        const vf e = v_exp(v_add(v_load_f32(&s[r][jj]), neg));
-        v_store_f32(&s[r][jj], e);
-        sum = v_add(sum, e);
-      }
-      l[r] = l[r] * corr + v_hsum(sum);
+      l[r] = l[r] * corr + exp_sum(s[r], jp, mn);
       m[r] = mn;
     }
     for (int64_t jj = 0; jj < jn; ++jj) {
@@ -539,20 +551,11 @@ static void attend(const float *qf, int nq, const int64_t *lens, const float *kt
         for (int64_t jj = 0; jj < KV_PAD; ++jj) s[r][jj] = 0.0f;
         continue;
       }
-      vf vm = v_set1(-INFINITY);  /* keys jn..jp are masked (-inf) */
-      for (int64_t jj = 0; jj < jp; jj += VW) vm = v_max(vm, v_load_f32(&s[r][jj]));
-      const float bm = v_hmax(vm);
-      const float mn = bm > m[r] ? bm : m[r];
+      const float bm = block_max(s[r], jp), mn = bm > m[r] ? bm : m[r];  /* keys jn..jp are masked (-inf) */
       const float corr = expf(m[r] - mn);
-      const vf vc = v_set1(corr), neg = v_set1(-mn);
+      const vf vc = v_set1(corr);
       for (int d = 0; d < DV; ++d) v_store_f32(&acc[r][d * VW], v_mul(v_load_f32(&acc[r][d * VW]), vc));
-      vf sum = v_zero();
-      for (int64_t jj = 0; jj < jp; jj += VW) {
-        const vf e = v_exp(v_add(v_load_f32(&s[r][jj]), neg));
-        v_store_f32(&s[r][jj], e);
-        sum = v_add(sum, e);
-      }
-      l[r] = l[r] * corr + v_hsum(sum);
+      l[r] = l[r] * corr + exp_sum(s[r], jp, mn);
       m[r] = mn;
     }
     for (int r0 = 0; r0 < NQ_PAD; r0 += RT) {
@@ -608,9 +611,10 @@ def _attention_kernel(w: Workload, knobs: dict[str, Any]) -> str:
     if tiled:
         # Rows per register tile: the output tile (RT x D/VW vectors) stays within 16 registers.
         consts += f"#define RT {max(1, min(4, 16 // (D // VECTOR_WIDTH[knobs['isa']])))}\n"
-        core = VECTOR_EXP[knobs["isa"]] + _ATTEND_TILED
+        core = VECTOR_EXP[knobs["isa"]] + _ROW_SOFTMAX + _ATTEND_TILED
     elif knobs["vec_softmax"]:
-        core = VECTOR_EXP[knobs["isa"]] + _ATTEND_VECTOR.replace("/*PREFETCH*/", _kv_prefetch(knobs["prefetch"]))
+        core = VECTOR_EXP[knobs["isa"]] + _ROW_SOFTMAX + _ATTEND_VECTOR.replace("/*PREFETCH*/",
+                                                                                 _kv_prefetch(knobs["prefetch"]))
     else:
         core = _ATTEND_COMMON + (_ATTEND_ONLINE if knobs["online"] else _ATTEND_TWO_PASS)
     n_qblocks = 1 if decode else "((S + QB - 1) / QB)"
