@@ -9,7 +9,7 @@ PyTorch reference. The menu (agents/menu.py) moves knobs; `legalize` keeps them 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from autocomp_compile.targets.cpu.isa import VECTOR_EXP, VECTOR_WIDTH, prelude
 from autocomp_compile.workload import Workload
@@ -716,32 +716,34 @@ static void pack_kv(const elem_t *k, const elem_t *v, elem_t *kpad, elem_t *vt) 
 """
 
 
+def _tile_products(n: int, init: Callable[[int], str], steps: str, b: str, a: Callable[[int], str],
+                   store: Callable[[int], str], guard: Callable[[int], str]) -> list[str]:
+    """C lines: C tiles 0..n-1 start as `init(t)`; for ks < `steps`, B (tile 5, at `b`) is loaded once and each
+    A (tile 4, at `a(t)`) multiplied into C tile t; then each C is stored at `store(t)`. `guard(t)`: whether C
+    tile t takes part (a C condition)."""
+    lines = [f"      {init(t)};" for t in range(n)]
+    lines += [f"      for (int ks = 0; ks < {steps}; ++ks) {{", f"        _tile_loadd(5, {b});"]
+    lines += [f"        if ({guard(t)}) {{ _tile_loadd(4, {a(t)}); _tile_dpbf16ps({t}, 4, 5); }}" for t in range(n)]
+    lines.append("      }")
+    return lines + [f"      if ({guard(t)}) _tile_stored({t}, {store(t)});" for t in range(n)]
+
+
 def _attention_amx_kernel(w: Workload, knobs: dict[str, Any]) -> str:
     p = w.params
     B, HQ, HK, D, S = p["batch"], p["heads"], p["kv_heads"], p["head_dim"], p["seq_len"]
     KV = knobs["kv_block"]
 
     def scores(c0: int, n: int) -> list[str]:  # key tiles c0..c0+n of the block into st
-        lines = [f"    if (nk > {c0}) {{"] + [f"      _tile_zero({t});" for t in range(n)]
-        lines.append("      for (int ks = 0; ks < D / 32; ++ks) {")
-        lines.append("        _tile_loadd(5, &qp[ks * 16][0], 64);")
-        for t in range(n):
-            lines.append(f"        if (nk > {c0 + t}) {{ _tile_loadd(4, kpad + (j0 + {(c0 + t) * 16}) * D + ks * 32, D * 2); "
-                         f"_tile_dpbf16ps({t}, 4, 5); }}")
-        lines.append("      }")
-        lines += [f"      if (nk > {c0 + t}) _tile_stored({t}, &st[{(c0 + t) * 16}][0], 64);" for t in range(n)]
-        return lines + ["    }"]
+        return [f"    if (nk > {c0}) {{"] + _tile_products(
+            n, init=lambda t: f"_tile_zero({t})", steps="D / 32", b="&qp[ks * 16][0], 64",
+            a=lambda t: f"kpad + (j0 + {(c0 + t) * 16}) * D + ks * 32, D * 2",
+            store=lambda t: f"&st[{(c0 + t) * 16}][0], 64", guard=lambda t: f"nk > {c0 + t}") + ["    }"]
 
     def outputs(g: int, n: int) -> list[str]:  # output tiles (16 d each) g..g+n: acc^T += V^T P^T
-        lines = [f"    _tile_loadd({t}, &acc[{(g + t) * 16}][0], 64);" for t in range(n)]
-        lines.append("    for (int ks = 0; ks < (nk + 1) / 2; ++ks) {")
-        lines.append("      _tile_loadd(5, &pb[ks * 16][0], 64);")
-        for t in range(n):
-            lines.append(f"      _tile_loadd(4, vt + (int64_t){(g + t) * 16} * S_PAD + j0 + ks * 32, S_PAD * 2); "
-                         f"_tile_dpbf16ps({t}, 4, 5);")
-        lines.append("    }")
-        lines += [f"    _tile_stored({t}, &acc[{(g + t) * 16}][0], 64);" for t in range(n)]
-        return lines
+        return _tile_products(
+            n, init=lambda t: f"_tile_loadd({t}, &acc[{(g + t) * 16}][0], 64)", steps="(nk + 1) / 2",
+            b="&pb[ks * 16][0], 64", a=lambda t: f"vt + (int64_t){(g + t) * 16} * S_PAD + j0 + ks * 32, S_PAD * 2",
+            store=lambda t: f"&acc[{(g + t) * 16}][0], 64", guard=lambda t: "1")
 
     score_code = "\n".join(line for c0 in range(0, KV // 16, 4) for line in scores(c0, min(4, KV // 16 - c0)))
     output_code = "\n".join(line for g in range(0, D // 16, 4) for line in outputs(g, min(4, D // 16 - g)))
