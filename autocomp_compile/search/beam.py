@@ -52,7 +52,9 @@ class SearchResult:
     evaluated_now: int  # evaluated in this process (the rest came from the run directory)
     history: list[dict[str, Any]] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)  # cache keys whose schedules seeded the search
-    cache_key: str | None = None  # set when the result came from, or was stored in, the kernel cache
+    # The workload's key in the kernel cache, set when the result came from it or was offered to it: the entry
+    # there is `best`, or a faster kernel cached before (a slower one never replaces it).
+    cache_key: str | None = None
 
     @property
     def from_cache(self) -> bool:
