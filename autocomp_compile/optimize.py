@@ -152,22 +152,35 @@ def cache_hit(cache: "KernelCache", target: Target, workload: Workload, settings
     return hit if hit is not None and (hit.reproducible or not settings.deterministic) else None
 
 
+# Evaluation stages that condemn a kernel (rather than the moment: a timeout under load, a roofline doubt).
+KERNEL_FAULTS = frozenset({"compile", "load", "runtime", "crash", "correctness", "out_of_bounds", "inputs_modified",
+                           "harness_modified", "nondeterministic"})
+
+
 def check_imported(cache: "KernelCache", target: Target, workload: Workload, entry: "CacheEntry",
                    settings: EvalSettings) -> "CacheEntry | None":
     """Evaluate an imported entry here as a search evaluates a candidate (correctness on fresh inputs, then
-    timing against eager on this machine). It passes: the record of what was measured here replaces the file's;
-    it fails: the entry is removed (a wrong kernel is never served). Returns the entry now cached, or None."""
+    timing against eager on this machine), in the evaluator's isolated worker. It passes: the record of what was
+    measured here replaces the file's; the kernel is at fault (KERNEL_FAULTS): the entry is removed, a wrong
+    kernel is never served; otherwise (a timeout, say) it stays unchecked for its next use. Returns the entry now
+    cached, or None. The check is the normal one (a repeat check would condemn a correct kernel that normal
+    mode may use): deterministic mode then decides by the entry's `reproducible`, as for any entry."""
     log.info("checking imported kernel %s (%s) on this machine", entry.key, workload.name)
     cand = entry.candidate()
-    evaluator = target.make_evaluator(workload, settings=settings)
+    evaluator = target.make_evaluator(workload, settings=dataclasses.replace(settings, deterministic=False))
     try:
         [cand.result] = evaluator.evaluate([cand])
     finally:
         evaluator.close()
     if cand.latency_ms == float("inf"):
-        cache.remove(entry.key)
-        why = cand.result.message if cand.result is not None else "no result"
-        log.warning("imported kernel %s failed its check here and was removed: %s", entry.key, why)
+        r = cand.result
+        why = f"{r.stage}: {r.message}" if r is not None else "no result"
+        if r is not None and r.stage in KERNEL_FAULTS:
+            cache.remove(entry.key)
+            log.warning("imported kernel %s failed its check here and was removed (%s)", entry.key, why)
+        else:
+            log.warning("imported kernel %s could not be checked now (%s); not used, checked again at its next use",
+                        entry.key, why)
         return None
     provenance = {k: v for k, v in entry.provenance.items() if k != "unchecked"}
     cache.put(target, workload, cand, provenance={**provenance, "checked_here": True})

@@ -119,3 +119,33 @@ class SwiGLU(torch.nn.Module):
 
     def forward(self, x):
         return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def exported_cpu_kernel(tmp_path, code_edit=None, latency=None):
+    """A real CPU kernel cached for a tiny GEMM and exported, optionally with its code edited (hash recomputed, as
+    anyone writing the file can) and its latency claimed; then imported into the cache in `tmp_path / "dst"`.
+    Returns (the workload, that cache)."""
+    import json
+
+    from autocomp_compile import EvalSettings, SearchConfig, get_target, optimize
+    from autocomp_compile.kernels_cache import KernelCache
+    from autocomp_compile.search.candidate import normalized_code_hash
+
+    w = small("gemm", "fp32")
+    src = KernelCache(tmp_path / "src.sqlite")
+    r = optimize(w, "cpu", SearchConfig(budget=3, seed=0), EvalSettings(correctness_sets=1, timing_budget_ms=5),
+                 output_dir=tmp_path / "runs", cache=src)
+    assert r.best is not None
+    src.export(tmp_path / "e.json")
+    data = json.loads((tmp_path / "e.json").read_text())
+    e = data["entries"][0]
+    if code_edit:
+        e["code"] = e["code"].replace(*code_edit)
+        e["code_hash"] = normalized_code_hash(e["code"])
+    if latency:
+        e["latency_ms"] = latency
+    (tmp_path / "e.json").write_text(json.dumps(data))
+    (tmp_path / "dst").mkdir()
+    dst = KernelCache(tmp_path / "dst" / "kernels.sqlite")
+    assert dst.import_(tmp_path / "e.json", {"cpu": get_target("cpu").fingerprint()["codegen"]})[0] == 1
+    return w, dst

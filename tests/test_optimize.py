@@ -5,12 +5,14 @@ import json
 import logging
 from types import SimpleNamespace
 
+import pytest
+
 from autocomp_compile import EvalSettings, SearchConfig, optimize
 from autocomp_compile.kernels_cache import KernelCache
 from autocomp_compile.optimize import cache_hit, reuse_seeds
 from autocomp_compile.targets.base import get_target
 from tests.conftest import FakeEvaluator, FakeTarget
-from tests.helpers import small
+from tests.helpers import exported_cpu_kernel, small
 
 
 def _entry(key, knobs):
@@ -56,34 +58,10 @@ def test_cache_hit_in_deterministic_mode_needs_a_reproducible_entry(tmp_path):
         assert cache_hit(cache, target, w, EvalSettings(deterministic=True)).code == "int b;"
 
 
-def _export_with_code(tmp_path, code_edit=None, latency=None):
-    """A real CPU kernel cached for a tiny GEMM, exported; optionally with its code edited (hash recomputed, as
-    anyone writing the file can) and its latency claimed."""
-    from autocomp_compile.search.candidate import normalized_code_hash
-
-    w = small("gemm", "fp32")
-    src = KernelCache(tmp_path / "src.sqlite")
-    r = optimize(w, "cpu", SearchConfig(budget=3, seed=0), EvalSettings(correctness_sets=1, timing_budget_ms=5),
-                 output_dir=tmp_path / "runs", cache=src)
-    assert r.best is not None
-    src.export(tmp_path / "e.json")
-    data = json.loads((tmp_path / "e.json").read_text())
-    e = data["entries"][0]
-    if code_edit:
-        e["code"] = e["code"].replace(*code_edit)
-        e["code_hash"] = normalized_code_hash(e["code"])
-    if latency:
-        e["latency_ms"] = latency
-    (tmp_path / "e.json").write_text(json.dumps(data))
-    dst = KernelCache(tmp_path / "dst.sqlite")
-    assert dst.import_(tmp_path / "e.json", {"cpu": get_target("cpu").fingerprint()["codegen"]})[0] == 1
-    return w, dst
-
-
 def test_an_imported_wrong_kernel_is_checked_before_its_first_use_and_removed(tmp_path):
     """`cache import` cannot run code; the first use here does, and a wrong kernel is never served (it was a
     cache hit before, used without any check, and its claimed latency kept every search from replacing it)."""
-    w, dst = _export_with_code(tmp_path, code_edit=("void autocomp_kernel(", "void unused_kernel("), latency=1e-6)
+    w, dst = exported_cpu_kernel(tmp_path, code_edit=("void autocomp_kernel(", "void unused_kernel("), latency=1e-6)
     assert "void autocomp_kernel(" not in dst.entries()[0].code  # the edit broke the kernel (no entry point)
     settings = EvalSettings(correctness_sets=1, timing_budget_ms=5)
     assert cache_hit(dst, get_target("cpu"), w, settings, check=False) is None  # not checkable: no hit
@@ -94,7 +72,52 @@ def test_an_imported_wrong_kernel_is_checked_before_its_first_use_and_removed(tm
 
 
 def test_an_imported_right_kernel_is_served_with_the_latency_measured_here(tmp_path):
-    w, dst = _export_with_code(tmp_path, latency=1e-6)
+    w, dst = exported_cpu_kernel(tmp_path, latency=1e-6)
     hit = cache_hit(dst, get_target("cpu"), w, EvalSettings(correctness_sets=1, timing_budget_ms=5))
     assert hit is not None and not hit.unchecked and hit.provenance["checked_here"]
     assert hit.latency_ms > 1e-6  # the file's claim is gone
+
+
+class _Failing(FakeEvaluator):
+    def __init__(self, stage):
+        super().__init__()
+        self.stage = stage
+
+    def evaluate(self, candidates, on_result=None):
+        from autocomp_compile.targets.base import EvalResult
+
+        return [EvalResult.failure(self.stage, f"fake {self.stage}") for _ in candidates]
+
+
+@pytest.mark.parametrize("stage, removed", [("timeout", False), ("beyond_roofline", False), ("correctness", True),
+                                            ("crash", True), ("compile", True)])
+def test_an_imported_kernel_is_removed_only_when_the_kernel_is_at_fault(tmp_path, stage, removed):
+    from autocomp_compile.optimize import check_imported
+
+    src = KernelCache(tmp_path / "a.sqlite")
+    target, w = FakeTarget(FakeEvaluator()), small("gemm")
+    cand = target.lower(w)
+    cand.result = FakeEvaluator().evaluate([cand])[0]
+    assert src.put(target, w, cand)
+    src.export(tmp_path / "e.json")
+    dst = KernelCache(tmp_path / "b.sqlite")
+    dst.import_(tmp_path / "e.json", {"cpu": target.fingerprint()["codegen"]})
+    failing = FakeTarget(_Failing(stage))
+    assert check_imported(dst, failing, w, dst.get(failing, w), EvalSettings()) is None
+    left = dst.entries()
+    assert (left == []) == removed and all(e.unchecked for e in left)
+
+
+def test_deterministic_mode_does_not_condemn_a_correct_imported_kernel(tmp_path):
+    """The check is the normal one: a correct LLM-written kernel (never checked for reproducibility) stays cached
+    for normal mode; deterministic mode just does not take it."""
+    w, dst = exported_cpu_kernel(tmp_path)
+    e = dst.entries()[0]
+    dst.remove(e.key)
+    e.knobs = None  # as an LLM-written kernel: not known to be reproducible
+    dst._upsert(e)
+    det = EvalSettings(correctness_sets=1, timing_budget_ms=5, deterministic=True)
+    assert cache_hit(dst, get_target("cpu"), w, det) is None
+    (left,) = dst.entries()
+    assert not left.unchecked and not left.reproducible
+    assert cache_hit(dst, get_target("cpu"), w, EvalSettings(correctness_sets=1, timing_budget_ms=5)) is not None

@@ -137,17 +137,23 @@ class KernelRegistry:
         return key, str(cache_dir or "")
 
     def _load_from_cache(self, key: str, cache_dir: str | Path | None) -> BoundKernel:
+        from autocomp_compile.evaluation.job import EvalSettings
         from autocomp_compile.kernels_cache.store import CacheError, KernelCache
+        from autocomp_compile.optimize import check_imported
 
         try:
             with KernelCache.in_directory(cache_dir) as cache:
                 entry = cache.show(key)
+                if entry is None:
+                    raise LookupError("not in the kernel cache")
+                target, workload = get_target(entry.target), workload_from_dict(entry.workload)
+                if entry.unchecked:  # imported: evaluated in an isolated worker before it runs in this process
+                    entry = check_imported(cache, target, workload, entry, EvalSettings())
+                    if entry is None:
+                        raise KernelUnavailable("an imported kernel that did not pass its check on this machine")
         except (CacheError, OSError) as exc:  # read-only, missing under a read-only path, locked: PyTorch runs it
             raise KernelUnavailable(f"cannot open the kernel cache: {exc}") from None
-        if entry is None:
-            raise LookupError("not in the kernel cache")
-        target = get_target(entry.target)
-        return self.add(key, target, workload_from_dict(entry.workload), entry.candidate())
+        return self.add(key, target, workload, entry.candidate())
 
     def keys(self) -> list[str]:
         return list(self._kernels)

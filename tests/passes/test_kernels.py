@@ -31,3 +31,26 @@ def test_a_kernel_that_raises_in_the_check_is_unavailable_not_a_crash(tmp_path):
 
     with pytest.raises(KernelUnavailable, match="too many resources"):
         check_loaded(broken, w)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_the_run_time_loader_checks_an_imported_kernel_in_a_worker_before_running_it(tmp_path, broken):
+    """A module or graph built elsewhere loads its kernels by key: an imported kernel is evaluated in the isolated
+    worker first (it ran in this process before, where a crashing one took the process down)."""
+    from autocomp_compile.passes.kernels import REGISTRY
+    from tests.helpers import exported_cpu_kernel
+
+    edit = ("for (", "*(volatile int *)t[-100000] = 0; for (") if broken else None
+    w, dst = exported_cpu_kernel(tmp_path, code_edit=edit)
+    key = dst.entries()[0].key
+    cache_dir = str(tmp_path / "dst")
+    REGISTRY.clear()
+    try:
+        kernel = REGISTRY.get(key, cache_dir)
+        if broken:
+            assert kernel is None and "did not pass its check" in REGISTRY.failure(key, cache_dir)
+            assert dst.entries() == []
+        else:
+            assert kernel is not None and not dst.entries()[0].unchecked
+    finally:
+        REGISTRY.clear()

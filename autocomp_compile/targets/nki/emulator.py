@@ -975,6 +975,17 @@ KERNEL_NAME = "kernel"
 def _check_source_rules(tree: ast.AST) -> None:
     """Rules the emulator sees only in the source: NumPy evaluates `a & b` of two index comparisons as well as
     one comparison, NKI's affine_select refuses it."""
+    def compound(e: Any) -> bool:
+        return isinstance(e, ast.BoolOp) or (isinstance(e, ast.BinOp) and isinstance(e.op, (ast.BitAnd, ast.BitOr))) \
+            or (isinstance(e, ast.UnaryOp) and isinstance(e.op, (ast.Invert, ast.Not)))
+
+    # what each name is assigned anywhere in the source: a predicate built first and passed by name counts too
+    assigned: dict[str, list[Any]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Name):
+                    assigned.setdefault(t.id, []).append(node.value)
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
@@ -982,9 +993,8 @@ def _check_source_rules(tree: ast.AST) -> None:
         if name != "affine_select":
             continue
         pred = next((kw.value for kw in node.keywords if kw.arg == "pred"), node.args[0] if node.args else None)
-        compound = isinstance(pred, ast.BoolOp) or (isinstance(pred, ast.BinOp) and isinstance(pred.op, (ast.BitAnd, ast.BitOr))) \
-            or (isinstance(pred, ast.UnaryOp) and isinstance(pred.op, (ast.Invert, ast.Not)))
-        if compound:
+        values = assigned.get(pred.id, []) if isinstance(pred, ast.Name) else [pred]
+        if any(compound(v) for v in values):
             raise NkiRuleError("affine-select-pred", f"line {node.lineno}: nisa.affine_select(pred={ast.unparse(pred)}) "
                                "combines conditions; its predicate is one comparison (use two affine_selects, or "
                                "nl.where)")

@@ -337,3 +337,16 @@ def test_storing_a_psum_tile_costs_a_vector_copy(value):
     f = a.astype(np.float32)
     np.testing.assert_allclose(res.outputs[0], f.T @ f, rtol=1e-4, atol=1e-3)
     assert [op.engine for op in res.ops][-2:] == ["vector", "dma"]
+
+
+def test_a_compound_affine_select_predicate_built_first_is_refused_too():
+    body = (
+        "    t = nl.load(a)\n"
+        "    i_p = nl.arange(128)[:, None]\n"
+        "    i_f = nl.arange(8)[None, :]\n"
+        "    keep = (i_f <= i_p) & (i_f < 4)\n"
+        "    s = nisa.affine_select(keep, t, 0.0)\n"
+        "    return a\n")
+    with pytest.raises(NkiRuleError) as info:
+        run(body, bf16(128, 8))
+    assert info.value.rule == "affine-select-pred" and "keep" in str(info.value)
