@@ -1,6 +1,7 @@
 """Correctness comparison with dtype-aware tolerances, and interleaved timing."""
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -61,16 +62,30 @@ def _summary(samples: list[float]) -> Timing:
     return Timing(float(t.median()), float(torch.quantile(t, 0.99)), len(samples))
 
 
+# Spot checks and warm-up lengths are drawn from the OS's randomness, not a seed: a kernel that counts its calls
+# cannot know which ones are checked (they change no result of an honest kernel).
+_UNPREDICTABLE = random.SystemRandom()
+SPOT_CHECKS = 2
+
+
+def _spot_positions(runs: int, checks: dict[str, Callable[[], None]] | None) -> set[int]:
+    """Which timed runs are followed by their function's check (`SPOT_CHECKS` of them, at random)."""
+    return set(_UNPREDICTABLE.sample(range(runs), min(SPOT_CHECKS, runs))) if checks else set()
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], None]], budget_ms: float = 1500.0, min_runs: int = 5, max_runs: int = 200, warmup: int = 2,
-    prepare: dict[str, Callable[[], None]] | None = None,
+    prepare: dict[str, Callable[[], None]] | None = None, checks: dict[str, Callable[[], None]] | None = None,
 ) -> dict[str, Timing]:
     """Time several functions in alternation (a, b, a, b, ...), so machine noise hits all alike.
 
     The number of runs comes from a time budget, as in triton's do_bench. `prepare[name]`, where given, runs
-    before each call of `fns[name]`, outside the timed region (e.g. writing fresh activations).
+    before each call of `fns[name]`, outside the timed region (e.g. writing fresh activations); `checks[name]`
+    after a few timed calls of it picked at random, outside the timed region (checking that call's output).
+    The warm-up takes 0-2 calls more than `warmup`, at random.
     """
     before = _preparers(fns, prepare)
+    warmup += _UNPREDICTABLE.randrange(3)
     for name, fn in fns.items():
         for _ in range(warmup):
             before[name]()
@@ -81,6 +96,7 @@ def time_interleaved(
         fn()
     estimate_ms = (time.perf_counter() - start) * 1e3
     runs = int(min(max_runs, max(min_runs, budget_ms / max(estimate_ms, 1e-3))))
+    spot = _spot_positions(runs, checks)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for i in range(runs):
@@ -90,6 +106,8 @@ def time_interleaved(
             t0 = time.perf_counter()
             fns[name]()
             samples[name].append(time.perf_counter() - t0)
+            if i in spot and name in checks:
+                checks[name]()
     return {name: _summary(s) for name, s in samples.items()}
 
 
@@ -109,6 +127,7 @@ def _preparers(fns: dict[str, Callable[[], None]], prepare: dict[str, Callable[[
 def time_interleaved_cuda(
     fns: dict[str, Callable[[], None]], budget_ms: float = 1000.0, min_runs: int = 10, max_runs: int = 500, warmup: int = 3,
     flush: str = "read", prepare: dict[str, Callable[[], None]] | None = None,
+    checks: dict[str, Callable[[], None]] | None = None,
 ) -> dict[str, Timing]:
     """As `time_interleaved`, on the GPU: CUDA events around each call, and the L2 cache flushed
     before each one (decode weights would otherwise be served from a 50-60 MB L2).
@@ -133,6 +152,7 @@ def time_interleaved_cuda(
     sink = torch.zeros((), dtype=torch.float32, device="cuda")
     flush_l2 = (lambda: torch.sum(buffer, out=sink)) if flush == "read" else buffer.zero_
     spin_cycles = 200_000  # ~100 us at the ~2 GHz SM clock of an H100/H200
+    warmup += _UNPREDICTABLE.randrange(3)
     for name, fn in fns.items():
         for _ in range(warmup):
             before[name]()
@@ -146,6 +166,7 @@ def time_interleaved_cuda(
     estimate_ms = (time.perf_counter() - t0) * 1e3
     runs = int(min(max_runs, max(min_runs, budget_ms / max(estimate_ms, 1e-3))))
     events = {name: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)] for name in fns}
+    spot = _spot_positions(runs, checks)
     names = list(fns)
     for i in range(runs):
         for name in names if i % 2 == 0 else names[::-1]:
@@ -156,5 +177,8 @@ def time_interleaved_cuda(
             start.record()
             fns[name]()
             end.record()
+            if i in spot and name in checks:
+                torch.cuda.synchronize()  # outside the events: the next call's flush and spin precede its start
+                checks[name]()
     torch.cuda.synchronize()
     return {name: _summary([s.elapsed_time(e) / 1e3 for s, e in events[name]]) for name in fns}

@@ -4,6 +4,8 @@ Runs inside `IsolatedWorker`; `state` persists between jobs in that process.
 """
 from __future__ import annotations
 
+import ctypes
+
 import functools
 import importlib
 import time
@@ -53,12 +55,26 @@ def _load(loader: str, args: tuple) -> Callable[[list[torch.Tensor], list[int]],
     return getattr(importlib.import_module(module), name)(*args)
 
 
+def _openmp_level() -> int:
+    """omp_get_level() of the calling thread in the process's libgomp (torch's, which the kernels share), or 0
+    when there is none."""
+    try:
+        return int(ctypes.CDLL("libgomp.so.1").omp_get_level())
+    except (OSError, AttributeError):
+        return 0
+
+
 def check_and_time(
     state: dict[str, Any], w: Workload, loader: str, loader_args: tuple, settings: EvalSettings
 ) -> dict[str, Any]:
     """Returns a dict of EvalResult fields."""
     threads = torch.get_num_threads()
     result = _check_and_time(state, w, loader, loader_args, settings)
+    if _openmp_level() != 0:
+        # a parallel region left open (GOMP_parallel_start without its end): torch would run on one thread from
+        # here on while reporting two; the evaluator replaces this worker
+        return dict(correct=False, stage="harness_modified",
+                    message="the candidate left an OpenMP parallel region open after it returned")
     if torch.get_num_threads() != threads:
         # torch and the kernels share one libgomp: a candidate's omp_set_num_threads would time every later
         # candidate (and the baseline) on fewer threads
@@ -88,12 +104,15 @@ def _check_and_time(
     last_dims: list[int] = []
     snapshot: dict[str, torch.Tensor] = {}
     dev = settings.device
+    stale = torch.Generator().manual_seed(settings.seed + 31337)
     for s, set_dims in enumerate(correctness_dims(w, settings.correctness_sets, settings.seed)):
         host_inputs = factory.inputs(w, variant=s)
         snapshot = factory.snapshot(host_inputs)
         ref = spec.reference(host_inputs, w.params, dict(zip(w.runtime_dims, set_dims)))
         inputs = host_inputs if dev == "cpu" else {k: v.to(dev) for k, v in host_inputs.items()}
         outs = GuardedOutputs(w, device=dev)  # NaN-poisoned: an output the kernel never writes fails the check
+        if s == 1:
+            outs.fill_stale(stale)  # finite values, as a model's reused buffer: the kernel must write them anyway
         try:
             kernel([inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs], set_dims)
             _sync(dev)
@@ -137,7 +156,36 @@ def _check_and_time(
         fns["baseline"] = lambda: spec.eager(base_inputs, base_outs, w.params, w.runtime_dims)
         prepare["baseline"] = _calls(refresh, cold.bind(base_inputs) if cold else None,
                                      *(functools.partial(t.fill_, float("nan")) for t in base_outs.values()))
-    timing = _timer(dev)(fns, budget_ms=settings.timing_budget_ms, prepare=prepare)
+    out_name = w.outputs[0].name
+
+    def check_call(where: str) -> dict[str, Any] | None:
+        """The last call's output against the reference of the inputs it should have read (the values written
+        before it, the weights' originals), its guard margins, its inputs; None when all is right."""
+        expected = {**snapshot, **refresh.written()}
+        overrun = outs.overrun()
+        if overrun:
+            return dict(correct=False, stage="out_of_bounds", message=f"{where}: {overrun}")
+        modified = modified_input({t.name: args[i] for i, t in enumerate(w.inputs)}, expected)
+        if modified:
+            return dict(correct=False, stage="inputs_modified", message=f"{where}: {modified}")
+        got = compare("out(timed)", outs[out_name].cpu(), spec.reference(expected, w.params, w.runtime_dims)[out_name])
+        if not got.ok:
+            return dict(correct=False, stage="correctness", message=f"{where}: {got.message}")
+        return None
+
+    spot_failures: list[dict[str, Any]] = []
+
+    def spot_check() -> None:
+        """A timed call picked at random, checked outside the timed region: a kernel counting its calls cannot
+        know which (it passed at ~27x doing only the checked calls' work before)."""
+        if not spot_failures:
+            failure = check_call("a timed call")
+            if failure:
+                spot_failures.append(failure)
+
+    timing = _timer(dev)(fns, budget_ms=settings.timing_budget_ms, prepare=prepare, checks={"candidate": spot_check})
+    if spot_failures:
+        return spot_failures[0]
     if cold:  # checked below on one of the copies the timed calls read, picked at random: like any timed call
         cold.use(args, cold.random_copy(settings.seed))
     if time.perf_counter is not _PERF_COUNTER or time.perf_counter_ns is not _PERF_COUNTER_NS:
@@ -148,25 +196,17 @@ def _check_and_time(
         return dict(correct=False, stage="beyond_roofline", message=beyond, latency_ms=cand.median_ms)
     # The timed calls' own output must be right for the inputs of the last call: with activations that
     # change before every call, a kernel that caches results (by pointer or by value) is caught here, and
-    # with the output poisoned again, so is one that skips the work when it has seen these buffers before.
+    # with the output holding stale finite values, so is one that skips the work when it finds no NaN there.
     overrun = outs.overrun()
     if overrun:
         return dict(correct=False, stage="out_of_bounds", message=f"during timing: {overrun}")
     refresh()
-    expected = {**snapshot, **refresh.snapshot()}
-    outs.fill_nan()
+    outs.fill_stale(stale)
     kernel(args, dims)
     _sync(dev)
-    overrun = outs.overrun()
-    if overrun:
-        return dict(correct=False, stage="out_of_bounds", message=f"after timing: {overrun}")
-    modified = modified_input({t.name: args[i] for i, t in enumerate(w.inputs)}, expected)
-    if modified:
-        return dict(correct=False, stage="inputs_modified", message=f"after timing: {modified}")
-    out_name = w.outputs[0].name
-    final = compare("out(timed)", outs[out_name].cpu(), spec.reference(expected, w.params, w.runtime_dims)[out_name])
-    if not final.ok:
-        return dict(correct=False, stage="correctness", message=f"after timing: {final.message}")
+    failure = check_call("after timing")
+    if failure:
+        return failure
     return dict(
         correct=True,
         stage="ok",
@@ -370,6 +410,12 @@ class ActivationRefresher:
         for _, _, flat, pool, offsets in self.targets:
             flat.copy_(pool[offsets[i] : offsets[i] + flat.numel()])
 
+    def written(self) -> dict[str, torch.Tensor]:
+        """Host copies of the values the last call wrote (what the inputs hold unless something changed them)."""
+        i = (self.calls - 1) % self.WINDOWS
+        return {name: pool[offsets[i] : offsets[i] + flat.numel()].view(shape).cpu().clone()
+                for name, shape, flat, pool, offsets in self.targets}
+
 
 def time_functions(
     state: dict[str, Any], w: Workload, kernels: dict[str, tuple[str, tuple]], budget_ms: float, with_eager: bool,
@@ -382,24 +428,30 @@ def time_functions(
     """
     spec = get_kind(w.kind)
     factory: InputFactory = state.setdefault("inputs", InputFactory(0))
-    inputs = {k: v.to(device) for k, v in factory.inputs(w).items()}
+    host_inputs = factory.inputs(w)
+    snapshot = factory.snapshot(host_inputs)
+    inputs = {k: v.to(device) for k, v in host_inputs.items()}
     dims = [w.runtime_dims[k] for k in w.runtime_dims]
     fns: dict[str, Callable[[], None]] = {}
     prepare: dict[str, Callable[[], None]] = {}
-    cold = ColdInputs(w, inputs) if device == "cpu" else None  # as the search timed them
+    # As the search timed them: before every call of every variant, fresh activations, the next cold copy (CPU)
+    # and outputs poisoned, so that no variant is timed on inputs or outputs it has seen.
+    refresh = ActivationRefresher(w, inputs, seed=0)
+    cold = ColdInputs(w, inputs, exclude=refresh.names) if device == "cpu" else None
+    ours: dict[str, tuple[Callable[[], None], dict[str, torch.Tensor], list[torch.Tensor]]] = {}
     for name, (loader, args) in kernels.items():
         kern = _load(loader, args)
         outs = empty_outputs(w, device=device)
         targs = [inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs]
         fns[name] = lambda kern=kern, targs=targs: kern(targs, dims)
-        if cold:
-            prepare[name] = cold.bind(targs)
+        prepare[name] = _calls(refresh, cold.bind(targs) if cold else None,
+                               *(functools.partial(t.fill_, float("nan")) for t in outs.values()))
+        ours[name] = (fns[name], outs, targs)
     if with_eager:
         eo = empty_outputs(w, device=device)
         eager_inputs = dict(inputs)
         fns["eager"] = lambda: spec.eager(eager_inputs, eo, w.params, w.runtime_dims)
-        if cold:
-            prepare["eager"] = cold.bind(eager_inputs)
+        prepare["eager"] = _calls(refresh, cold.bind(eager_inputs) if cold else None)
     if compiled_eager:
 
         def eager_fn(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -412,11 +464,25 @@ def time_functions(
             compiled(inputs)
         compiled_inputs = dict(inputs)
         fns["inductor"] = lambda: compiled(compiled_inputs)
-        if cold:
-            prepare["inductor"] = cold.bind(compiled_inputs)
+        prepare["inductor"] = _calls(refresh, cold.bind(compiled_inputs) if cold else None)
     if read_probe_mb:
         from autocomp_compile.targets.cpu.bandwidth import ReadProbe
 
         fns["read_probe"] = ReadProbe(read_probe_mb)
     timing = _timer(device)(fns, budget_ms=budget_ms, prepare=prepare)
+    # Each kernel's output once more, on fresh activations into stale outputs: a benchmark never reports a
+    # kernel that stopped computing.
+    out_name = w.outputs[0].name
+    for name, (fn, outs, targs) in ours.items():
+        refresh()
+        if cold:
+            cold.use(targs, cold.random_copy(0))
+        for t in outs.values():
+            t.copy_(torch.randn(t.shape).mul_(3.0).to(t.dtype))
+        fn()
+        _sync(device)
+        expected = {**snapshot, **refresh.written()}
+        got = compare(name, outs[out_name].cpu(), spec.reference(expected, w.params, w.runtime_dims)[out_name])
+        if not got.ok:
+            raise RuntimeError(f"{name} computed a wrong result in the benchmark: {got.message}")
     return {name: dict(median_ms=t.median_ms, p99_ms=t.p99_ms, runs=t.runs) for name, t in timing.items()}

@@ -88,9 +88,22 @@ def test_time_interleaved_alternates_and_respects_budget():
     t = time_interleaved(fns, budget_ms=5, min_runs=3, max_runs=7, warmup=1)
     assert set(t) == {"a", "b"}
     assert t["a"].runs == t["b"].runs == 7  # functions this fast hit max_runs
-    assert calls.count("a") == calls.count("b") == 1 + 1 + 7  # warmup + estimate + runs
-    timed = calls[4:]
+    warm = calls.count("a") - 1 - 7  # warmup (1 plus 0-2 drawn at random) + estimate + runs
+    assert calls.count("a") == calls.count("b") and 1 <= warm <= 3
+    timed = calls[2 * warm + 2:]
     assert timed[:4] == ["a", "b", "b", "a"]  # alternating order: a b, b a, ...
+
+
+def test_spot_checks_follow_timed_calls_picked_at_random():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    positions = set()
+    for _ in range(20):
+        calls.clear()
+        time_interleaved(fns, budget_ms=5, min_runs=3, max_runs=50, warmup=1, checks={"a": lambda: calls.append("check")})
+        assert calls.count("check") == 2 and all(calls[i - 1] == "a" for i, c in enumerate(calls) if c == "check")
+        positions.add(tuple(i for i, c in enumerate(calls) if c == "check"))
+    assert len(positions) > 1  # not the same calls every time
 
 
 def test_time_interleaved_measures_and_bounds_runs():

@@ -16,6 +16,8 @@ def _isa_of(c: Candidate) -> str:
 
 
 class CpuEvaluator(RoundEvaluator):
+    restart_after = ("harness_modified",)  # a thread count, timer or open parallel region it left behind
+
     def build(self, candidate: Candidate) -> Built:
         b = build(candidate.code, _isa_of(candidate), self.build_dir)
         return Built(b.ok, b.so_path, b.seconds, b.log)

@@ -26,6 +26,10 @@ _MATH = {f"{name}{suffix}" for suffix in ("", "f") for name in (
 # OpenMP: parallel regions, loops, barriers, reductions, thread ids (not omp_set_*: the process's thread count
 # is the harness's, see evaluation/job.py).
 _OPENMP = re.compile(r"GOMP_\w+|omp_get_\w+|omp_in_parallel")
+# The old split entry points open a thread team in one call and close it in another: a kernel could return with
+# the team open (torch then runs on one thread) or keep it computing after it returned. `#pragma omp parallel`
+# compiles to GOMP_parallel, which returns only when the region is done.
+_OPENMP_SPLIT = re.compile(r"GOMP_parallel(_loop_\w+|_sections)?_start|GOMP_parallel_end")
 _SYSCALL = re.compile(r"\t(syscall|sysenter|int\s+\$0x80)\b")
 
 
@@ -43,7 +47,8 @@ def forbidden_linkage(so_path: Path) -> str:
     """Why the kernel in `so_path` may not run in the harness (it calls outside the allowed runtime functions or
     makes system calls itself), or "" when it may. Unchecked parts (no `nm`, no `objdump`, not x86) pass."""
     symbols = undefined_symbols(so_path)
-    disallowed = [s for s in symbols or [] if s not in _RUNTIME | _MEMORY | _MATH and not _OPENMP.fullmatch(s)]
+    disallowed = [s for s in symbols or [] if (s not in _RUNTIME | _MEMORY | _MATH and not _OPENMP.fullmatch(s))
+                  or _OPENMP_SPLIT.fullmatch(s)]
     if disallowed:
         return (f"the compiled kernel calls {', '.join(disallowed)}: kernels may call only math, memory and OpenMP "
                 f"runtime functions (rules)")
