@@ -93,10 +93,11 @@ def test_missing_entry_point_is_a_load_failure(bad_results):
 
 
 def test_output_checked_again_after_timing(bad_results):
-    """Correct on the checked calls, then stops writing: the timed calls' output is checked too."""
+    """Correct on the checked calls, then stops writing: the timed calls' output is checked too (a timed call
+    picked at random, or the call after timing)."""
     r = bad_results["stops_after_two_calls"]
     assert not r.correct and r.stage == "correctness"
-    assert "after timing" in r.message
+    assert r.message.startswith(("after timing", "a timed call"))
 
 
 def test_compile_error(bad_results):
