@@ -425,11 +425,12 @@ class GuardedOutputs(dict):
         for out in self.values():
             out.fill_(float("nan"))
 
-    def fill_stale(self, gen: torch.Generator) -> None:
-        """Fill the outputs with finite values, as a model's reused buffers hold a previous call's results: a
-        kernel must write them whatever they held (one that works only when it finds NaN there fails)."""
-        for out in self.values():
-            out.copy_(torch.randn(out.shape, generator=gen).mul_(3.0).to(out.dtype))
+
+def fill_stale(outputs: dict[str, torch.Tensor], gen: torch.Generator) -> None:
+    """Fill the outputs with finite values, as a model's reused buffers hold a previous call's results: a kernel
+    must write them whatever they held (one that works only when it finds NaN there fails)."""
+    for out in outputs.values():
+        out.copy_(torch.randn(out.shape, generator=gen).mul_(3.0).to(out.dtype))
 
 
 _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

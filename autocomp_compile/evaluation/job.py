@@ -5,7 +5,6 @@ Runs inside `IsolatedWorker`; `state` persists between jobs in that process.
 from __future__ import annotations
 
 import ctypes
-
 import functools
 import importlib
 import time
@@ -15,7 +14,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from autocomp_compile.evaluation.checks import compare, time_interleaved, time_interleaved_cuda
-from autocomp_compile.references import GuardedOutputs, InputFactory, as_bits, empty_outputs, get_kind
+from autocomp_compile.references import (
+    GuardedOutputs, InputFactory, as_bits, empty_outputs, fill_stale, get_kind,
+)
 from autocomp_compile.workload import Workload
 
 
@@ -112,7 +113,7 @@ def _check_and_time(
         inputs = host_inputs if dev == "cpu" else {k: v.to(dev) for k, v in host_inputs.items()}
         outs = GuardedOutputs(w, device=dev)  # NaN-poisoned: an output the kernel never writes fails the check
         if s == 1:
-            outs.fill_stale(stale)  # finite values, as a model's reused buffer: the kernel must write them anyway
+            fill_stale(outs, stale)  # finite values, as a model's reused buffer: the kernel must write them anyway
         try:
             kernel([inputs[t.name] for t in w.inputs] + [outs[t.name] for t in w.outputs], set_dims)
             _sync(dev)
@@ -201,7 +202,7 @@ def _check_and_time(
     if overrun:
         return dict(correct=False, stage="out_of_bounds", message=f"during timing: {overrun}")
     refresh()
-    outs.fill_stale(stale)
+    fill_stale(outs, stale)
     kernel(args, dims)
     _sync(dev)
     failure = check_call("after timing")
@@ -400,10 +401,6 @@ class ActivationRefresher:
         self.names = [spec.name for spec in chosen]
         self.calls = 0
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """Host copies of the refreshed inputs' current values."""
-        return {name: flat.view(shape).cpu().clone() for name, shape, flat, _, _ in self.targets}
-
     def __call__(self) -> None:
         i = self.calls % self.WINDOWS
         self.calls += 1
@@ -477,8 +474,7 @@ def time_functions(
         refresh()
         if cold:
             cold.use(targs, cold.random_copy(0))
-        for t in outs.values():
-            t.copy_(torch.randn(t.shape).mul_(3.0).to(t.dtype))
+        fill_stale(outs, torch.Generator().manual_seed(0))
         fn()
         _sync(device)
         expected = {**snapshot, **refresh.written()}

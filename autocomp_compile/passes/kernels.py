@@ -19,7 +19,7 @@ from autocomp_compile.evaluation.checks import compare
 from autocomp_compile.evaluation.job import correctness_dims, dims_note
 from autocomp_compile.references import InputFactory, empty_outputs, get_kind
 from autocomp_compile.search.candidate import Candidate
-from autocomp_compile.targets.base import Target, get_target
+from autocomp_compile.targets.base import Target, deterministic_variant, get_target
 from autocomp_compile.workload import Workload, workload_from_dict
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,8 @@ class KernelRegistry:
                 if entry is None:
                     raise LookupError("not in the kernel cache")
                 target, workload = get_target(entry.target), workload_from_dict(entry.workload)
+                if entry.fingerprint.get("deterministic"):  # stored by the target's deterministic variant
+                    target = deterministic_variant(target)
                 if entry.unchecked:  # imported: evaluated in an isolated worker before it runs in this process
                     entry = check_imported(cache, target, workload, entry, EvalSettings())
                     if entry is None:
