@@ -20,12 +20,14 @@ on a GPU, device time per kernel (from the profiler) next to the step's wall tim
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -36,7 +38,10 @@ from rich.table import Table
 
 import autocomp_compile  # noqa: F401  (registers the backend)
 from autocomp_compile.models import build_llama, generate, get_config
+from autocomp_compile.models.generate import Generation
 from autocomp_compile.passes.dynamo import reports
+
+import peer_llama_cpp  # benchmarks/ is on sys.path when this file runs as a script
 
 console = Console(width=140)
 
@@ -147,6 +152,15 @@ def autocomp_breakdown(fn, batch: int, pos: int, vocab: int, steps: int = 5) -> 
     return out
 
 
+def run_variant(name: str, fns: dict, model, prompt: torch.Tensor, steps: int, prefill_fn,
+                gguf_path: Path | None) -> Generation:
+    """Greedy decoding by one variant; llama.cpp's (in a child process) keeps the prompt's logits."""
+    if name != "llama.cpp":
+        return generate(model, prompt, steps, forward=fns[name], prefill_forward=prefill_fn)
+    r = peer_llama_cpp.time_llama_cpp(gguf_path, prompt[0].tolist(), steps, threads=torch.get_num_threads())
+    return Generation(torch.tensor([r.tokens]), r.prefill_s, r.decode_s, [torch.from_numpy(r.first_logits)[None]])
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     cfg = get_config(args.model)
@@ -158,6 +172,7 @@ def run(args: argparse.Namespace) -> dict:
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     options = {"mode": "cache-only", "verbose": args.verbose}
     fns = variants(model, options, args.cudagraphs)
+    gguf_path = llama_cpp_model(model, args) if args.llama_cpp else None
     results: dict = {"model": args.model, "dtype": args.dtype, "device": describe_device(args.device),
                      "threads": torch.get_num_threads(), "eager_prefill": args.eager_prefill,
                      "date": datetime.datetime.now().isoformat(timespec="seconds"), "runs": [],
@@ -173,10 +188,14 @@ def run(args: argparse.Namespace) -> dict:
         tokens: dict[str, torch.Tensor] = {}
         failed: dict[str, str] = {}
         console.print(f"batch {batch}: compiling (first call of each variant) ...")
-        for name, fn in fns.items():
+        names = list(fns) + (["llama.cpp"] if gguf_path else [])
+        if gguf_path and batch != 1:
+            names.remove("llama.cpp")
+            failed["llama.cpp"] = "not run: the llama.cpp variant decodes one sequence (batch 1)"
+        for name in names:
             t0 = time.perf_counter()
             try:
-                generate(model, prompt, 3, forward=fn, prefill_forward=prefill_fn)
+                run_variant(name, fns, model, prompt, 3, prefill_fn, gguf_path)
             except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the others
                 failed[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 console.print(f"  [red]{name}: failed[/] {failed[name]}")
@@ -187,15 +206,17 @@ def run(args: argparse.Namespace) -> dict:
         results["runs"].append(row)
         for r in range(rounds):
             for name in samples:
-                g = generate(model, prompt, steps, forward=fns[name], prefill_forward=prefill_fn)
+                g = run_variant(name, fns, model, prompt, steps, prefill_fn, gguf_path)
                 samples[name]["prefill"].append(batch * prompt_len / g.prefill_s)
                 samples[name]["decode"].extend(batch / s for s in g.decode_s)
                 tokens[name] = g.tokens
+                if name == "llama.cpp":
+                    llama_cpp_logits = g.logits[0]
             console.print(f"  round {r + 1}/{rounds}: " + ", ".join(
                 f"{n} {statistics.median(s['decode']):.2f} tok/s" for n, s in samples.items()))
             for name, s in samples.items():
                 # with --eager-prefill every variant's prompt ran through eager: its prefill rate is eager's, not its own
-                own_prefill = name == "eager" or not args.eager_prefill
+                own_prefill = name in ("eager", "llama.cpp") or not args.eager_prefill
                 row[name] = {"prefill_tok_s": statistics.median(s["prefill"]) if own_prefill else None,
                              "decode_tok_s": statistics.median(s["decode"]), "decode_samples": len(s["decode"])}
                 if name != "eager" and "eager" in tokens:
@@ -209,7 +230,11 @@ def run(args: argparse.Namespace) -> dict:
         first = 1 if args.eager_prefill else 0
         ref = generate(model, prompt, 2, forward=model, keep_logits=True).logits[first]
         for name in samples:
-            if name != "eager":
+            if name == "llama.cpp":  # its prompt's logits, against eager's
+                got = llama_cpp_logits.to(ref.device)
+                ref0 = generate(model, prompt, 1, forward=model, keep_logits=True).logits[0]
+                row[name]["first_logits_rel_err_vs_eager"] = float((got - ref0).abs().max() / ref0.abs().max())
+            elif name != "eager":
                 got = generate(model, prompt, 2, forward=fns[name], prefill_forward=prefill_fn,
                                keep_logits=True).logits[first]
                 row[name]["first_logits_rel_err_vs_eager"] = float((got - ref).abs().max() / ref.abs().max())
@@ -232,6 +257,22 @@ def run(args: argparse.Namespace) -> dict:
         for rep in last for d in rep.decisions
     ]
     return results
+
+
+def llama_cpp_model(model, args: argparse.Namespace) -> Path:
+    """The GGUF file of `model` for the llama.cpp variant: `--gguf` if it exists, else written there (or to a
+    temporary directory, removed at exit)."""
+    if args.gguf and Path(args.gguf).is_file():
+        console.print(f"llama.cpp reads {args.gguf} (written earlier from the same random weights)")
+        return Path(args.gguf)
+    if args.gguf:
+        path = Path(args.gguf)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="e2e_gguf_")
+        atexit.register(tmp.cleanup)
+        path = Path(tmp.name) / f"{args.model}-{args.dtype}.gguf"
+    console.print(f"writing the model as GGUF for llama.cpp: {path} ...")
+    return peer_llama_cpp.write_gguf(model, path)
 
 
 def describe_device(device: str) -> str:
@@ -304,12 +345,22 @@ def main() -> None:
                    help="run every variant's prompt through eager; only decode graphs are compiled")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the per-step breakdown")
     p.add_argument("--verbose", action="store_true", help="print the backend's replacement summaries")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="add llama.cpp (llama-cpp-python, in a child process) on the same weights; CPU, batch 1")
+    p.add_argument("--gguf", metavar="PATH", help="with --llama-cpp: the model's GGUF file, written there if absent "
+                   "(else to a temporary directory); it must come from the same --model and weights")
     p.add_argument("--json", dest="json_path")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU visible to torch")
     if args.cudagraphs and args.device != "cuda":
         p.error("--cudagraphs needs --device cuda")
+    if args.llama_cpp:
+        if args.device != "cpu":
+            p.error("--llama-cpp runs on the CPU only")
+        missing = peer_llama_cpp.missing_packages()
+        if missing:
+            p.error(f"--llama-cpp needs {' and '.join(missing)}: pip install {' '.join(missing)}")
     if args.warm:
         for batch in args.batch:
             prompt_len = None if args.eager_prefill else (args.prompt_len if batch == 1 else args.prompt_len_batched)

@@ -64,11 +64,12 @@ def get_config(name: str) -> LlamaConfig:
         raise WorkloadError(f"unknown model {name!r}; choose one of {sorted(CONFIGS)}") from None
 
 
-def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
-    """Inverse frequencies of rotary embeddings, with Llama-3 scaling when the config has it."""
+def rope_frequencies(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse frequencies of rotary embeddings, with Llama-3 scaling when the config has it (computed in
+    float64, returned in `dtype`)."""
     inv = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim))
     if config.rope_scaling is None:
-        return inv.float()
+        return inv.to(dtype)
     factor, low, high, original = config.rope_scaling
     wavelen = 2 * math.pi / inv
     low_wavelen, high_wavelen = original / low, original / high
@@ -76,7 +77,7 @@ def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
     scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
     medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
     scaled = torch.where(medium, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    return scaled.float()
+    return scaled.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
