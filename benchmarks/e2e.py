@@ -153,11 +153,13 @@ def autocomp_breakdown(fn, batch: int, pos: int, vocab: int, steps: int = 5) -> 
 
 
 def run_variant(name: str, fns: dict, model, prompt: torch.Tensor, steps: int, prefill_fn,
-                gguf_path: Path | None) -> Generation:
+                ggufs: dict[str, Path]) -> Generation:
     """Greedy decoding by one variant; llama.cpp's (in a child process) keeps the prompt's logits."""
-    if name != "llama.cpp":
+    if name not in ggufs:
         return generate(model, prompt, steps, forward=fns[name], prefill_forward=prefill_fn)
-    r = peer_llama_cpp.time_llama_cpp(gguf_path, prompt[0].tolist(), steps, threads=torch.get_num_threads())
+    # 8-bit weights without llama.cpp's AMX repacking: its AMX kernels died with SIGILL on the Xeon (see the module)
+    r = peer_llama_cpp.time_llama_cpp(ggufs[name], prompt[0].tolist(), steps, threads=torch.get_num_threads(),
+                                      extra_buffers=name == "llama.cpp")
     return Generation(torch.tensor([r.tokens]), r.prefill_s, r.decode_s, [torch.from_numpy(r.first_logits)[None]])
 
 
@@ -172,7 +174,7 @@ def run(args: argparse.Namespace) -> dict:
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     options = {"mode": "cache-only", "verbose": args.verbose}
     fns = variants(model, options, args.cudagraphs)
-    gguf_path = llama_cpp_model(model, args) if args.llama_cpp else None
+    ggufs = llama_cpp_models(model, args) if args.llama_cpp is not None else {}
     results: dict = {"model": args.model, "dtype": args.dtype, "device": describe_device(args.device),
                      "threads": torch.get_num_threads(), "eager_prefill": args.eager_prefill,
                      "date": datetime.datetime.now().isoformat(timespec="seconds"), "runs": [],
@@ -186,16 +188,19 @@ def run(args: argparse.Namespace) -> dict:
         prefill_fn = model if args.eager_prefill else None
         samples: dict[str, dict[str, list[float]]] = {}
         tokens: dict[str, torch.Tensor] = {}
+        llama_cpp_logits: dict[str, torch.Tensor] = {}
         failed: dict[str, str] = {}
         console.print(f"batch {batch}: compiling (first call of each variant) ...")
-        names = list(fns) + (["llama.cpp"] if gguf_path else [])
-        if gguf_path and batch != 1:
-            names.remove("llama.cpp")
-            failed["llama.cpp"] = "not run: the llama.cpp variant decodes one sequence (batch 1)"
+        names = list(fns)
+        for name in ggufs:
+            if batch == 1:
+                names.append(name)
+            else:
+                failed[name] = "not run: the llama.cpp variants decode one sequence (batch 1)"
         for name in names:
             t0 = time.perf_counter()
             try:
-                run_variant(name, fns, model, prompt, 3, prefill_fn, gguf_path)
+                run_variant(name, fns, model, prompt, 3, prefill_fn, ggufs)
             except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the others
                 failed[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 console.print(f"  [red]{name}: failed[/] {failed[name]}")
@@ -206,17 +211,17 @@ def run(args: argparse.Namespace) -> dict:
         results["runs"].append(row)
         for r in range(rounds):
             for name in samples:
-                g = run_variant(name, fns, model, prompt, steps, prefill_fn, gguf_path)
+                g = run_variant(name, fns, model, prompt, steps, prefill_fn, ggufs)
                 samples[name]["prefill"].append(batch * prompt_len / g.prefill_s)
                 samples[name]["decode"].extend(batch / s for s in g.decode_s)
                 tokens[name] = g.tokens
-                if name == "llama.cpp":
-                    llama_cpp_logits = g.logits[0]
+                if name in ggufs:
+                    llama_cpp_logits[name] = g.logits[0]
             console.print(f"  round {r + 1}/{rounds}: " + ", ".join(
                 f"{n} {statistics.median(s['decode']):.2f} tok/s" for n, s in samples.items()))
             for name, s in samples.items():
                 # with --eager-prefill every variant's prompt ran through eager: its prefill rate is eager's, not its own
-                own_prefill = name in ("eager", "llama.cpp") or not args.eager_prefill
+                own_prefill = name == "eager" or name in ggufs or not args.eager_prefill
                 row[name] = {"prefill_tok_s": statistics.median(s["prefill"]) if own_prefill else None,
                              "decode_tok_s": statistics.median(s["decode"]), "decode_samples": len(s["decode"])}
                 if name != "eager" and "eager" in tokens:
@@ -230,8 +235,8 @@ def run(args: argparse.Namespace) -> dict:
         first = 1 if args.eager_prefill else 0
         ref = generate(model, prompt, 2, forward=model, keep_logits=True).logits[first]
         for name in samples:
-            if name == "llama.cpp":  # its prompt's logits, against eager's
-                got = llama_cpp_logits.to(ref.device)
+            if name in ggufs:  # its prompt's logits, against eager's
+                got = llama_cpp_logits[name].to(ref.device)
                 ref0 = generate(model, prompt, 1, forward=model, keep_logits=True).logits[0]
                 row[name]["first_logits_rel_err_vs_eager"] = float((got - ref0).abs().max() / ref0.abs().max())
             elif name != "eager":
@@ -259,20 +264,26 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def llama_cpp_model(model, args: argparse.Namespace) -> Path:
-    """The GGUF file of `model` for the llama.cpp variant: `--gguf` if it exists, else written there (or to a
-    temporary directory, removed at exit)."""
-    if args.gguf and Path(args.gguf).is_file():
-        console.print(f"llama.cpp reads {args.gguf} (written earlier from the same random weights)")
-        return Path(args.gguf)
-    if args.gguf:
-        path = Path(args.gguf)
+def llama_cpp_models(model, args: argparse.Namespace) -> dict[str, Path]:
+    """The variant name and GGUF file of each `--llama-cpp` weight type: in `--gguf-dir` if there (from an earlier
+    run on the same weights), else written there (or to a temporary directory, removed at exit)."""
+    if args.gguf_dir:
+        root = Path(args.gguf_dir)
+        root.mkdir(parents=True, exist_ok=True)
     else:
         tmp = tempfile.TemporaryDirectory(prefix="e2e_gguf_")
         atexit.register(tmp.cleanup)
-        path = Path(tmp.name) / f"{args.model}-{args.dtype}.gguf"
-    console.print(f"writing the model as GGUF for llama.cpp: {path} ...")
-    return peer_llama_cpp.write_gguf(model, path)
+        root = Path(tmp.name)
+    files = {}
+    for weights in args.llama_cpp or ["native"]:
+        path = root / f"{args.model}-{args.dtype if weights == 'native' else weights}.gguf"
+        if path.is_file():
+            console.print(f"llama.cpp reads {path} (written earlier from the same random weights)")
+        else:
+            console.print(f"writing the model for llama.cpp: {path} ...")
+            peer_llama_cpp.write_gguf(model, path, weights)
+        files["llama.cpp" if weights == "native" else f"llama.cpp {weights}"] = path
+    return files
 
 
 def describe_device(device: str) -> str:
@@ -345,17 +356,18 @@ def main() -> None:
                    help="run every variant's prompt through eager; only decode graphs are compiled")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the per-step breakdown")
     p.add_argument("--verbose", action="store_true", help="print the backend's replacement summaries")
-    p.add_argument("--llama-cpp", action="store_true",
-                   help="add llama.cpp (llama-cpp-python, in a child process) on the same weights; CPU, batch 1")
-    p.add_argument("--gguf", metavar="PATH", help="with --llama-cpp: the model's GGUF file, written there if absent "
-                   "(else to a temporary directory); it must come from the same --model and weights")
+    p.add_argument("--llama-cpp", nargs="*", choices=peer_llama_cpp.WEIGHT_TYPES, metavar="WEIGHTS",
+                   help="add llama.cpp (llama-cpp-python, in a child process) on the same weights, CPU, batch 1: "
+                   "'native' (the default; the model's dtype, like for like) and/or 'q8_0' (8-bit weights)")
+    p.add_argument("--gguf-dir", metavar="DIR", help="with --llama-cpp: where the GGUF files are kept and reused "
+                   "(default: a temporary directory); files there must come from the same --model and seed")
     p.add_argument("--json", dest="json_path")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU visible to torch")
     if args.cudagraphs and args.device != "cuda":
         p.error("--cudagraphs needs --device cuda")
-    if args.llama_cpp:
+    if args.llama_cpp is not None:
         if args.device != "cpu":
             p.error("--llama-cpp runs on the CPU only")
         missing = peer_llama_cpp.missing_packages()

@@ -11,26 +11,34 @@ returns the prefill and per-step decode seconds, the tokens, and the prompt's la
 llama.cpp computes the same model). The weights are read into memory, not mapped, as torch holds them.
 
     pip install gguf llama-cpp-python   # llama-cpp-python builds llama.cpp from source (about 10 min on 2 cores)
-    python benchmarks/e2e.py --model llama-3.2-1b --batch 1 --llama-cpp
+    python benchmarks/e2e.py --model llama-3.2-1b --batch 1 --llama-cpp native q8_0
     python benchmarks/peer_llama_cpp.py --write --gguf /tmp/llama-3.2-1b-bf16.gguf   # the GGUF file alone
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import importlib.util
 import json
+import os
+import platform
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from autocomp_compile.models.llama import Llama, LlamaConfig, rope_frequencies
+if TYPE_CHECKING:
+    import torch
+
+    from autocomp_compile.models.llama import Llama, LlamaConfig
+
+# The child process imports neither torch nor the package: only numpy and llama.cpp's threads run there.
 
 # Hugging Face parameter names (the compact Llama uses them) -> llama.cpp's GGUF tensor names.
 _LAYER_TENSORS = {
@@ -73,6 +81,10 @@ def interleave_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 def rope_factors(c: LlamaConfig) -> torch.Tensor | None:
     """llama.cpp's `rope_freqs` (the divisor of each unscaled frequency), or None for plain RoPE."""
+    import torch
+
+    from autocomp_compile.models.llama import rope_frequencies
+
     if c.rope_scaling is None:
         return None
     plain = rope_frequencies(dataclasses.replace(c, rope_scaling=None), torch.float64)
@@ -81,6 +93,7 @@ def rope_factors(c: LlamaConfig) -> torch.Tensor | None:
 
 def _raw(t: torch.Tensor) -> tuple[np.ndarray, object]:
     """A numpy array and its GGML type: bf16 as its 16-bit pattern (numpy has no bfloat16), else float32."""
+    import torch
     from gguf import GGMLQuantizationType
 
     t = t.detach().contiguous().cpu()
@@ -89,10 +102,19 @@ def _raw(t: torch.Tensor) -> tuple[np.ndarray, object]:
     return t.float().numpy(), GGMLQuantizationType.F32
 
 
-def write_gguf(model: Llama, path: str | Path) -> Path:
-    """Write `model` (bf16 or fp32 weights) as a GGUF file llama.cpp loads; norms are stored in float32."""
-    import gguf
+WEIGHT_TYPES = ("native", "q8_0")
 
+
+def write_gguf(model: Llama, path: str | Path, weights: str = "native") -> Path:
+    """Write `model` as a GGUF file llama.cpp loads. `weights`: "native" keeps the model's bf16 or fp32
+    matrices; "q8_0" stores them in llama.cpp's 8-bit blocks (32 int8 and one fp16 scale: 1.06 bytes per
+    weight), as `convert_hf_to_gguf.py --outtype q8_0` does. Norms are float32 either way."""
+    import gguf
+    import gguf.quants
+    import torch
+
+    if weights not in WEIGHT_TYPES:
+        raise ValueError(f"weights {weights!r}: choose one of {WEIGHT_TYPES}")
     c = model.config
     if c.head_dim * c.heads != c.hidden:
         raise ValueError(f"llama.cpp's llama architecture needs heads x head_dim == hidden "
@@ -111,7 +133,8 @@ def write_gguf(model: Llama, path: str | Path) -> Path:
     writer.add_layer_norm_rms_eps(c.eps)
     writer.add_vocab_size(c.vocab)
     bf16 = model.model.embed_tokens.weight.dtype == torch.bfloat16
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if bf16 else gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if weights == "q8_0" else
+                         gguf.LlamaFileType.MOSTLY_BF16 if bf16 else gguf.LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("llama")  # a placeholder vocabulary: token i is "<i>"
     writer.add_token_list([f"<{i}>" for i in range(c.vocab)])
     writer.add_token_scores([0.0] * c.vocab)
@@ -132,7 +155,11 @@ def write_gguf(model: Llama, path: str | Path) -> Path:
             value = interleave_rope_rows(value, c.heads if target.endswith("attn_q.weight") else c.kv_heads)
         if target.endswith("norm.weight"):
             value = value.float()
-        array, kind = _raw(value)
+        if weights == "q8_0" and not target.endswith("norm.weight"):
+            array = gguf.quants.quantize(value.float().numpy(), gguf.GGMLQuantizationType.Q8_0)
+            kind = gguf.GGMLQuantizationType.Q8_0
+        else:
+            array, kind = _raw(value)
         writer.add_tensor(target, array, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -150,13 +177,21 @@ class LlamaCppRun:
 
 
 def time_llama_cpp(gguf_path: str | Path, prompt: list[int], new_tokens: int, threads: int,
-                   timeout_s: float = 1800) -> LlamaCppRun:
-    """Greedy decoding of `new_tokens` tokens after `prompt` by llama.cpp, in a child process, timed there."""
+                   extra_buffers: bool = True, timeout_s: float = 1800) -> LlamaCppRun:
+    """Greedy decoding of `new_tokens` tokens after `prompt` by llama.cpp, in a child process, timed there.
+
+    `extra_buffers=False` keeps llama.cpp from repacking weights for its AMX and other CPU-specific kernels
+    (its `use_extra_bufts`): on the Xeon these benchmarks ran on, llama.cpp's AMX 8-bit kernels died with
+    SIGILL (a tile instruction faulting), so 8-bit weights run its AVX-512 VNNI dot products instead."""
     with tempfile.TemporaryDirectory(prefix="llama_cpp_") as tmp:
         out = Path(tmp) / "run.json"
         cmd = [sys.executable, __file__, "--child", "--gguf", str(gguf_path), "--prompt", ",".join(map(str, prompt)),
                "--new-tokens", str(new_tokens), "--threads", str(threads), "--out", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        if not extra_buffers:
+            cmd.append("--no-extra-buffers")
+        # numpy's OpenBLAS would start a thread per core beside llama.cpp's; the child never calls it
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"llama.cpp child failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
         res = json.loads(out.read_text())
@@ -164,9 +199,28 @@ def time_llama_cpp(gguf_path: str | Path, prompt: list[int], new_tokens: int, th
     return LlamaCppRun(res["prefill_s"], res["decode_s"], res["tokens"], logits)
 
 
+def _request_amx_state() -> None:
+    """Ask Linux for the AMX tile state, as autocomp's CPU target does (`isa.amx_permitted`): llama.cpp's AMX
+    kernels (8-bit weights) fault with SIGILL in a process that has not asked, and llama-cpp-python does not."""
+    if platform.system() == "Linux" and platform.machine() == "x86_64":
+        ctypes.CDLL(None).syscall(158, 0x1023, 18)  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+
+
 def _child(args: argparse.Namespace) -> None:
     """Run in the child process: load, prefill, decode, write the timings."""
     import llama_cpp
+    import llama_cpp.llama_cpp as low_level
+
+    _request_amx_state()
+    if args.no_extra_buffers:  # Llama() exposes no argument for it: change the defaults it starts from
+        defaults = low_level.llama_model_default_params
+
+        def without_extra_buffers():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        low_level.llama_model_default_params = without_extra_buffers
 
     prompt = [int(t) for t in args.prompt.split(",")]
     llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=len(prompt) + args.new_tokens, n_batch=max(len(prompt), 1),
@@ -199,10 +253,12 @@ def main() -> None:
     p.add_argument("--gguf", required=True)
     p.add_argument("--prompt", help="comma-separated token ids")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out")
+    p.add_argument("--no-extra-buffers", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="llama-3.2-1b", help="with --write: the model to export (random weights)")
     p.add_argument("--write", action="store_true", help="write the model's GGUF to --gguf and stop")
+    p.add_argument("--weights", choices=WEIGHT_TYPES, default="native", help="with --write: how to store the matrices")
     args = p.parse_args()
     if args.child:
         _child(args)
@@ -210,7 +266,7 @@ def main() -> None:
     if args.write:
         from autocomp_compile.models import build_llama
 
-        print(write_gguf(build_llama(args.model, "bf16", seed=0), args.gguf))
+        print(write_gguf(build_llama(args.model, "bf16", seed=0), args.gguf, args.weights))
         return
     p.error("use --write (export), or run it through benchmarks/e2e.py --llama-cpp")
 
