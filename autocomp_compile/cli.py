@@ -5,6 +5,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -312,7 +313,16 @@ def _status(rows: list[dict[str, Any]]) -> int:
     return 0 if all(r["correct"] and searched(r) for r in rows) else 1
 
 
-def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | None = None) -> list[dict[str, Any]]:
+def _write_json(path: str, rows: list[dict[str, Any]], one_object: bool = False) -> None:
+    """The rows as a JSON list (one object for `optimize`), replacing the file whole: an interrupted run leaves
+    the rows finished so far, never a cut file."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(rows[0] if one_object and rows else rows, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | None = None,
+         one_object: bool = False) -> list[dict[str, Any]]:
     from autocomp_compile.optimize import cache_hit, optimize
     from autocomp_compile.report import console, results_table, search_progress
     from autocomp_compile.targets.base import require_available
@@ -363,6 +373,8 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
             # A cached latency was measured another day: comparing it with today's bandwidth means nothing.
             row["percent_of_read_bw"] = 100 * row["achieved_gbps"] / read_gbps if read_gbps and not cached else None
         rows.append(row)
+        if args.json_path:
+            _write_json(args.json_path, rows, one_object)
         if not result.best:
             from rich.markup import escape
 
@@ -374,8 +386,6 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
 
     simulated = " - SIMULATED latencies (emulator + cost model)" if target.fingerprint().get("simulated") else ""
     Console(width=max(120, Console().width)).print(results_table(rows, f"autocomp-compile on {target.name} ({args.dtype}){simulated}"))
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(rows if len(rows) > 1 else rows[0], indent=2, default=str))
     return rows
 
 
@@ -387,7 +397,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(f"autocomp-compile: note: --{name.replace('_', '-')} does not apply to {form}{workload.kind}; ignored",
               file=sys.stderr)
     _check_run_options(args, [workload])
-    return _status(_run([workload], args, args.run_name))
+    return _status(_run([workload], args, args.run_name, one_object=True))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -412,14 +422,19 @@ def cmd_warm(args: argparse.Namespace) -> int:
         raise UsageError(f"--workers must be >= 1, got {args.workers} (leave it out for all cores)")
     if args.no_cache:
         raise UsageError("warm stores its results in the kernel cache; drop --no-cache")
+    if args.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {args.dtype!r}; choose one of {sorted(DTYPES)}")
+    if args.executor == "ray" and (args.models or args.wandb):  # before tracing: nothing is done for either
+        raise UsageError("--executor ray runs the offline proposer without a W&B log: LLM proposers (--models) and "
+                         "--wandb run with --executor local")
     _check_run_options(args)  # the target too: before tracing on its device
     workloads = model_workloads(args.model, args.dtype, batch=args.batch, prefill_lens=args.prefill,
                                 max_seq_len=args.max_seq_len, kinds=kinds,
                                 device="cuda" if args.target == "cuda" else "cpu")
+    if not workloads:
+        raise UsageError(f"no kernels of kinds {kinds} found in {args.model}: nothing to warm")
     _check_workloads(args, workloads)
     if args.workers:
-        import os
-
         os.environ["AUTOCOMP_BUILD_WORKERS"] = str(args.workers)
     rows = _run(workloads, args) if args.executor == "local" else _run_on_ray(workloads, args)
     return _status(rows)
@@ -437,8 +452,6 @@ def _run_on_ray(workloads: list[Workload], args: argparse.Namespace) -> list[dic
 
     config, settings = _settings(args)
     cache = _cache(args)
-    if args.models:
-        raise UsageError("--executor ray runs the offline proposer only; LLM proposers run with --executor local")
     executor = RayExecutor(args.ray_address)
     node_fps = executor.node_fingerprints(args.target, args.deterministic)
     node_targets = {node: NodeTarget(args.target, fp) for node, fp in node_fps.items()}
@@ -485,7 +498,7 @@ def _run_on_ray(workloads: list[Workload], args: argparse.Namespace) -> list[dic
     done_rows = [r for r in rows if r is not None]
     Console(width=max(120, Console().width)).print(results_table(done_rows, f"warm on Ray ({args.dtype})"))
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(done_rows, indent=2, default=str))
+        _write_json(args.json_path, done_rows)
     return done_rows
 
 

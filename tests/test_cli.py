@@ -35,6 +35,9 @@ from autocomp_compile.targets.cpu import bandwidth
         (["warm", "--workers", "0"], "--workers must be >= 1, got 0"),
         (["warm", "--kinds", " ,"], "--kinds: name at least one of"),
         (["warm", "--no-cache"], "warm stores its results in the kernel cache; drop --no-cache"),
+        (["warm", "--dtype", "fp16"], "unknown dtype 'fp16'; choose one of ['bf16', 'fp32']"),
+        (["warm", "--executor", "ray", "--wandb"], "--executor ray runs the offline proposer without a W&B log"),
+        (["warm", "--executor", "ray", "--models", "openai::x"], "LLM proposers (--models) and --wandb run with"),
         (["cache", "clear", "--target", "cuad"], "unknown target 'cuad'"),
         (["cache", "ls", "--target", "bogus"], "unknown target 'bogus'"),
         (["demo", "--timeout=-inf"], "--timeout must be a finite number"),
@@ -342,7 +345,7 @@ def test_an_option_the_phase_does_not_use_is_named_and_ignored(tmp_path, capsys,
     """--kv-len on prefill attention would have given the same kernel another cache key; it is ignored, saying so."""
     seen = []
 
-    def record(workloads, args, run_name):
+    def record(workloads, args, run_name, **kwargs):
         seen.extend(workloads)
         return []
 

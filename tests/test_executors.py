@@ -63,12 +63,14 @@ def test_warm_on_a_local_ray_cluster_is_idempotent(tmp_path, capsys, monkeypatch
                 "--executor", "ray", "--output-dir", str(tmp_path / "o"), "--quiet", "--json", str(tmp_path / "a.json")]
         assert cli.main(argv) == 0
         printed = capsys.readouterr()
-        assert "3 search(es)" in printed.out + printed.err
+        # without "mlp" in the kinds the MLP's projections are GEMMs too (as the backend replaces them): 4 GEMMs
+        assert "5 search(es)" in printed.out + printed.err
         first = json.loads((tmp_path / "a.json").read_text())
-        assert len(first) == 3 and all(r["correct"] and not r["from_cache"] for r in first)
-        # the 2nd GEMM's job was made after the 1st's winner was cached (whether its seed survives deduplication
-        # against the search's own kernels depends on what the 1st search found)
-        assert [n for kind, n in donors if kind == "gemm"] == [0, 1]
+        assert len(first) == 5 and all(r["correct"] and not r["from_cache"] for r in first)
+        # a GEMM's job made after another's winner was cached gets it as a donor (whether its seed survives
+        # deduplication against the search's own kernels depends on what the earlier search found)
+        gemm_donors = [n for kind, n in donors if kind == "gemm"]
+        assert gemm_donors[0] == 0 and max(gemm_donors) >= 1, gemm_donors
         entries = KernelCache().entries()
         assert {e.kind for e in entries} == {"gemm", "lm_head"}
         assert all(e.provenance["executor"] == "ray" and e.provenance["run"] for e in entries)
@@ -76,7 +78,7 @@ def test_warm_on_a_local_ray_cluster_is_idempotent(tmp_path, capsys, monkeypatch
         argv[-1] = str(tmp_path / "b.json")
         assert cli.main(argv) == 0
         second = json.loads((tmp_path / "b.json").read_text())
-        assert [r["from_cache"] for r in second] == [True, True, True]
+        assert [r["from_cache"] for r in second] == [True] * 5
         printed = capsys.readouterr()
         assert "search(es)" not in printed.out + printed.err  # nothing was submitted the second time
     finally:

@@ -66,15 +66,17 @@ def _check_step(tokens: torch.Tensor, input_pos: torch.Tensor, past_len: int, ma
 
 
 def decode_step_inputs(model: Llama, batch: int = 1, past_len: int = 16, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Example inputs for `PastKVDecodeStep(model)`: a token per sequence, its position, random past keys/values."""
+    """Example inputs for `PastKVDecodeStep(model)`: a token per sequence, its position, random past keys/values,
+    on the model's device (drawn on the CPU, so the same seed gives the same values everywhere)."""
     c = model.config
     if not 0 < past_len < c.max_seq_len:
         raise ValueError(f"past_len must be in [1, {c.max_seq_len - 1}], got {past_len}")
     gen = torch.Generator().manual_seed(seed)
+    device = model.lm_head.weight.device
     tokens = torch.randint(0, c.vocab, (batch, 1), generator=gen)
     past = [torch.randn(batch, c.kv_heads, past_len, c.head_dim, generator=gen).to(model.dtype)
             for _ in range(2 * c.layers)]
-    return (tokens, torch.tensor([past_len]), *past)
+    return tuple(t.to(device) for t in (tokens, torch.tensor([past_len]), *past))
 
 
 def export_decode_step(model: Llama, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:

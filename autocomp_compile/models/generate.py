@@ -45,6 +45,10 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, forward: F
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be [batch, length >= 1] token ids, got shape {tuple(prompt.shape)}")
     batch, length = prompt.shape
+    if prompt.numel() and (int(prompt.min()) < 0 or int(prompt.max()) >= model.config.vocab):
+        # on a GPU an out-of-range id is a device-side assert that leaves the process's CUDA context unusable
+        raise ValueError(f"prompt token ids must be in [0, {model.config.vocab}), got "
+                         f"{int(prompt.min())}..{int(prompt.max())}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if max_new_tokens == 0:  # nothing to generate: the prompt is not run

@@ -36,10 +36,13 @@ class LlamaConfig:
     max_seq_len: int = 2048
 
     def __post_init__(self) -> None:
+        if min(self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim, self.vocab, self.layers,
+               self.max_seq_len) < 1:
+            raise WorkloadError(f"every size in a Llama config must be positive: {self}")
         if self.heads % self.kv_heads:
             raise WorkloadError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-        if min(self.hidden, self.intermediate, self.heads, self.head_dim, self.vocab, self.layers, self.max_seq_len) < 1:
-            raise WorkloadError(f"every size in a Llama config must be positive: {self}")
+        if not (self.eps > 0 and self.rope_theta > 0):
+            raise WorkloadError(f"eps ({self.eps}) and rope_theta ({self.rope_theta}) must be positive")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -204,7 +207,7 @@ class Llama(nn.Module):
         with torch.no_grad():
             self.rope_cos.copy_(angles.cos())
             self.rope_sin.copy_(angles.sin())
-            self.causal_mask.copy_(torch.ones(c.max_seq_len, c.max_seq_len, dtype=torch.bool).tril())
+            self.causal_mask.fill_(True).tril_()  # in place: no second max_seq_len^2 temporary
 
     @property
     def dtype(self) -> torch.dtype:
@@ -260,6 +263,8 @@ class Llama(nn.Module):
 def build_llama(config: LlamaConfig | str, dtype: str | torch.dtype = "bf16", seed: int = 0) -> Llama:
     """A Llama with random weights (std 0.02, RMSNorm weights near 1), deterministic in `seed`."""
     cfg = get_config(config) if isinstance(config, str) else config
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise WorkloadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         model = Llama(cfg).to(torch_dtype)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from autocomp_compile.models.llama import Llama, LlamaConfig
 from autocomp_compile.workload import DTYPES, WorkloadError
@@ -70,7 +70,7 @@ def config_from_hf(hf: dict[str, Any], max_seq_len: int | None = None) -> LlamaC
     heads = hf["num_attention_heads"]
     return LlamaConfig(
         hidden=hf["hidden_size"], intermediate=hf["intermediate_size"], heads=heads,
-        kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        kv_heads=_field(hf, "num_key_value_heads", heads), head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         vocab=hf["vocab_size"], layers=hf["num_hidden_layers"], eps=_field(hf, "rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta), rope_scaling=rope_scaling,
         tie_embeddings=hf.get("tie_word_embeddings", False),
@@ -78,46 +78,56 @@ def config_from_hf(hf: dict[str, Any], max_seq_len: int | None = None) -> LlamaC
     )
 
 
-def _read_state(files: Sequence[str | Path]) -> dict[str, torch.Tensor]:
-    """All tensors of `files`; a tensor name found in two files is an error, not a silent override."""
-    state: dict[str, torch.Tensor] = {}
-    seen: dict[str, Path] = {}
-    for f in files:
-        for name, value in load_file(str(f)).items():
-            if name in seen:
-                raise WorkloadError(f"tensor {name!r} is in both {seen[name].name} and {Path(f).name}")
-            seen[name] = Path(f)
-            state[name] = value
-    return state
+def _index_tensors(files: Sequence[str | Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Where each tensor of `files` is and its shape, read from the headers (no tensor data); a tensor name
+    found in two files is an error, not a silent override."""
+    where: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f in map(Path, files):
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():
+                if name in where:
+                    raise WorkloadError(f"tensor {name!r} is in both {where[name][0].name} and {f.name}")
+                where[name] = (f, tuple(handle.get_slice(name).get_shape()))
+    return where
 
 
 def load_safetensors(config: LlamaConfig, files: Sequence[str | Path], dtype: str = "bf16") -> Llama:
-    """The compact Llama with weights from safetensors files named like Hugging Face's checkpoints."""
+    """The compact Llama with weights from safetensors files named like Hugging Face's checkpoints.
+
+    Everything is checked against the headers first; then the tensors are copied in one at a time, so that
+    the peak memory is the model plus one tensor, not the model plus the checkpoint."""
     if dtype not in DTYPES:
         raise WorkloadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     torch_dtype = DTYPES[dtype]
+    where = _index_tensors(files)
+    if config.tie_embeddings:
+        where.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = Llama(config).to(torch_dtype)
-    model = model.to_empty(device="cpu")
-    model.tie_weights()
-    model.init_buffers()
-    state = _read_state(files)
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
+    params = dict(model.named_parameters())
     expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(k for k in set(state) - expected
+    missing, unexpected = sorted(expected - set(where)), sorted(k for k in set(where) - expected
                                                                  if not k.endswith("rotary_emb.inv_freq"))
     if config.tie_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise WorkloadError(f"checkpoint does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, (_, shape) in where.items():
+        if name in params and shape != tuple(params[name].shape):
+            raise WorkloadError(f"{name}: checkpoint shape {shape} != {tuple(params[name].shape)}")
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    model.init_buffers()
+    params = dict(model.named_parameters())
+    by_file: dict[Path, list[str]] = {}
+    for name, (f, _) in where.items():
+        if name in params:
+            by_file.setdefault(f, []).append(name)
     with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, value in state.items():
-            if name in params:
-                if tuple(value.shape) != tuple(params[name].shape):
-                    raise WorkloadError(f"{name}: checkpoint shape {tuple(value.shape)} != {tuple(params[name].shape)}")
-                params[name].copy_(value)
+        for f, names in by_file.items():
+            with safe_open(str(f), framework="pt") as handle:
+                for name in names:
+                    params[name].copy_(handle.get_tensor(name))
     return model
 
 

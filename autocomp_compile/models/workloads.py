@@ -31,8 +31,11 @@ def model_workloads(
     """
     from torch._dynamo.backends.common import aot_autograd
 
+    from autocomp_compile.passes import ALL_KINDS
     from autocomp_compile.passes.fx import find_subgraphs
 
+    if dtype not in DTYPES:
+        raise WorkloadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     cfg = get_config(config) if isinstance(config, str) else config
     if max_seq_len is not None:
         cfg = dataclasses.replace(cfg, max_seq_len=max_seq_len)
@@ -41,7 +44,8 @@ def model_workloads(
     found: dict[str, Workload] = {}
 
     def collect(gm: torch.fx.GraphModule, example_inputs: object) -> object:
-        for match in find_subgraphs(gm):
+        # with the backend's kinds: without "mlp", an MLP's projections are gemm workloads, as the backend finds them
+        for match in find_subgraphs(gm, ALL_KINDS if kinds is None else tuple(kinds)):
             if match.workload is not None and (kinds is None or match.kind in kinds):
                 found.setdefault(match.workload.signature(), match.workload)
 
@@ -50,8 +54,9 @@ def model_workloads(
 
         return do_not_run
 
-    # Tensors whose memory is never touched (on the CPU, no RAM is used): the graph must be the
-    # device's graph, since attention lowers differently on the meta device.
+    # Real tensors on the device (the graph must be the device's: attention lowers differently on the meta
+    # device); the weights' memory is never touched, but the RoPE tables, the causal mask and the KV caches are
+    # written: max_seq_len^2 bytes for the mask.
     with torch.device("meta"):
         model = Llama(cfg).to(DTYPES[dtype])
     model = model.to_empty(device=device)
@@ -63,7 +68,8 @@ def model_workloads(
     if decode:
         calls.append((1, torch.tensor([cfg.max_seq_len // 2], device=device)))
     try:
-        with torch.no_grad():
+        # one recompilation per shape; past dynamo's limit (8) a fullgraph compile raises instead of tracing
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=max(8, len(calls) + 1)):
             for seq, pos in calls:
                 try:
                     compiled(torch.zeros(batch, seq, dtype=torch.long, device=device), pos, last_only=True)

@@ -52,6 +52,9 @@ def test_warm_is_idempotent_and_cache_commands_work(tmp_path, capsys):
     second = json.loads((tmp_path / "w2.json").read_text())
     assert [r["from_cache"] for r in second] == [True] * 5
     assert [r["candidates_evaluated"] for r in second] == [0] * 5
+    assert cli.main(argv[:-1] + [str(tmp_path / "w3.json"), "--kinds", "lm_head"]) == 0
+    one = json.loads((tmp_path / "w3.json").read_text())  # warm writes a list, one workload or many
+    assert isinstance(one, list) and len(one) == 1 and one[0]["from_cache"]
     capsys.readouterr()
 
     assert cli.main(["cache", "ls"]) == 0

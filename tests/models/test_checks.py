@@ -1,13 +1,14 @@
 """Refusals of what the compact Llama would load or run wrongly: configs, checkpoint files, decode steps, lengths."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from autocomp_compile.models import build_llama, config_from_hf, generate, load_pretrained
+from autocomp_compile.models import build_llama, config_from_hf, generate, get_config, load_pretrained
 from autocomp_compile.models.export import PastKVDecodeStep
 from autocomp_compile.workload import WorkloadError
 
@@ -142,3 +143,34 @@ def test_absent_fields_take_transformers_defaults():
     assert config_from_hf(absent).eps == transformers.LlamaConfig().rms_norm_eps == 1e-6
     assert config_from_hf({**HF, "rms_norm_eps": None}).eps == 1e-6
     assert config_from_hf(HF).eps == 1e-5
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("kv_heads", 0, "every size in a Llama config must be positive"),
+    ("kv_heads", -2, "every size in a Llama config must be positive"),
+    ("eps", -1e-5, "eps .* must be positive"),
+    ("rope_theta", 0.0, "rope_theta .* must be positive"),
+])
+def test_config_values_are_checked_before_use(field, value, match):
+    with pytest.raises(WorkloadError, match=match):
+        dataclasses.replace(get_config("tiny-llama"), **{field: value})
+
+
+def test_an_explicit_zero_kv_heads_in_config_json_is_refused_not_made_multi_head():
+    hf = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+          "num_key_value_heads": 0, "num_hidden_layers": 1, "vocab_size": 32}
+    with pytest.raises(WorkloadError, match="must be positive"):
+        config_from_hf(hf)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    model = build_llama("tiny-llama", "fp32")
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 256\), got -1..3"):
+        generate(model, torch.tensor([[3, -1]]), 2)
+    with pytest.raises(ValueError, match="got 0..256"):
+        generate(model, torch.tensor([[0, 256]]), 2)
+
+
+def test_build_llama_refuses_an_unknown_dtype():
+    with pytest.raises(WorkloadError, match="unknown dtype 'fp16'"):
+        build_llama("tiny-llama", "fp16")

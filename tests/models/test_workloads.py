@@ -31,3 +31,20 @@ def test_kinds_filter_and_bad_lengths():
     assert kinds == {"mlp", "lm_head"}
     with pytest.raises(WorkloadError):
         model_workloads("tiny-llama", prefill_lens=[1000])
+
+
+def test_warm_kinds_without_mlp_find_the_projections_the_backend_replaces():
+    # the backend compiled with kinds=("gemm",) replaces the MLP's three projections as gemms too
+    found = {(w.params["m"], w.params["n"], w.params["k"]) for w in model_workloads("tiny-llama", "bf16", kinds=["gemm"])}
+    assert found == {(1, 64, 64), (1, 32, 64), (1, 128, 64), (1, 64, 128)}
+
+
+def test_more_prefill_lengths_than_dynamos_recompile_limit():
+    lengths = list(range(2, 11))  # 9 prefill graphs + decode: past dynamo's default limit of 8 recompilations
+    found = model_workloads("tiny-llama", "fp32", prefill_lens=lengths, kinds=["attention"])
+    assert sorted(w.params["seq_len"] for w in found if w.params["phase"] == "prefill") == lengths
+
+
+def test_unknown_dtype_is_a_clear_error():
+    with pytest.raises(WorkloadError, match="unknown dtype 'fp16'"):
+        model_workloads("tiny-llama", "fp16")
