@@ -179,6 +179,10 @@ def run(args: argparse.Namespace) -> dict:
                      "threads": torch.get_num_threads(), "eager_prefill": args.eager_prefill,
                      "date": datetime.datetime.now().isoformat(timespec="seconds"), "runs": [],
                      "torch": torch.__version__}
+    if ggufs:
+        import importlib.metadata
+
+        results["llama_cpp_python"] = importlib.metadata.version("llama-cpp-python")
     for batch in args.batch:
         prompt_len = args.prompt_len if batch == 1 else args.prompt_len_batched
         steps = args.decode_tokens if batch == 1 else args.decode_tokens_batched
