@@ -53,9 +53,12 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, forward: F
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if max_new_tokens == 0:  # nothing to generate: the prompt is not run
         return Generation(torch.empty(batch, 0, dtype=torch.long), prefill_s=0.0)
-    if length + max_new_tokens > model.config.max_seq_len:
-        raise ValueError(f"prompt ({length}) + new tokens ({max_new_tokens}) exceed max_seq_len "
-                         f"({model.config.max_seq_len})")
+    # the last new token is never fed back: positions up to length + max_new_tokens - 2 are written
+    if length + max_new_tokens - 1 > model.config.max_seq_len:
+        raise ValueError(f"prompt ({length}) + new tokens ({max_new_tokens}) need {length + max_new_tokens - 1} "
+                         f"cache positions, more than max_seq_len ({model.config.max_seq_len}); a model loaded "
+                         "with load_pretrained(..., max_seq_len=N) or built from a config with a larger "
+                         "max_seq_len holds more")
     forward = model if forward is None else forward
     prefill_forward = forward if prefill_forward is None else prefill_forward
     device = prompt.device

@@ -132,7 +132,9 @@ def load_safetensors(config: LlamaConfig, files: Sequence[str | Path], dtype: st
 
 
 def load_pretrained(path: str | Path, dtype: str = "bf16", max_seq_len: int | None = None) -> Llama:
-    """Load a local Hugging Face Llama directory (config.json + *.safetensors)."""
+    """Load a local Hugging Face Llama directory (config.json + *.safetensors). The KV cache holds
+    `max_seq_len` positions: by default the checkpoint's `max_position_embeddings`, capped at 2048 (the static
+    cache and causal mask are allocated whole); pass a larger value for longer contexts."""
     root = Path(path)
     if not (root / "config.json").is_file():
         raise WorkloadError(f"{root}: no config.json; pass a local Hugging Face model directory "

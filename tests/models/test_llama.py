@@ -68,6 +68,10 @@ def test_generate_is_deterministic_and_checks_lengths():
     assert len(a.decode_s) == 7 and a.decode_tokens_per_s > 0
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(model, prompt, 1000)
+    full = torch.zeros(1, 100, dtype=torch.long)  # 100 + 29 tokens write positions up to 127: the whole cache
+    assert generate(model, full, 29).tokens.shape == (1, 29)
+    with pytest.raises(ValueError, match=r"need 129 cache positions, more than max_seq_len \(128\)"):
+        generate(model, full, 30)
     with pytest.raises(ValueError, match="prompt must be"):
         generate(model, torch.zeros(3, dtype=torch.long), 2)
 
