@@ -214,8 +214,15 @@ def run(args: argparse.Namespace) -> dict:
         row: dict = {"batch": batch, "prompt_len": prompt_len, "decode_steps": steps, "failed": failed}
         results["runs"].append(row)
         for r in range(rounds):
-            for name in samples:
-                g = run_variant(name, fns, model, prompt, steps, prefill_fn, ggufs)
+            for name in list(samples):
+                try:
+                    g = run_variant(name, fns, model, prompt, steps, prefill_fn, ggufs)
+                except Exception as exc:  # noqa: BLE001 - e.g. llama.cpp's child crashing: the others go on
+                    failed[name] = f"round {r + 1}: {type(exc).__name__}: {str(exc)[:300]}"
+                    console.print(f"  [red]{name}: failed[/] {failed[name]}")
+                    del samples[name]
+                    row.pop(name, None)
+                    continue
                 samples[name]["prefill"].append(batch * prompt_len / g.prefill_s)
                 samples[name]["decode"].extend(batch / s for s in g.decode_s)
                 tokens[name] = g.tokens

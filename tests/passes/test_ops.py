@@ -34,6 +34,23 @@ def test_masks_broadcast_over_keys_or_queries_mean_what_sdpa_makes_of_them():
     assert not ops.is_causal_from_start(torch.ones(2, 1, 1, 5, dtype=torch.bool), 8, 8, False)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 16), (2, 1, 1, 16), (2, 4, 1, 16), (16,), (1, 16), (1, 1, 1, 1), (3, 1, 1, 1),
+                                   (1, 1, 1, 5), (2, 1, 3, 16)])
+def test_host_and_torch_prefix_lengths_agree(shape):
+    """Boolean CPU masks take the NumPy path, the same mask as an additive one takes torch's: both must read
+    every mask alike."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    for trial in range(40):
+        n = int(torch.randint(0, 17, (), generator=gen))
+        mask = (torch.arange(shape[-1]) < n).expand(shape).clone()
+        if trial % 4 == 1:  # a hole somewhere
+            mask.view(-1)[int(torch.randint(0, mask.numel(), (), generator=gen))] ^= True
+        if trial % 4 == 2 and mask.dim() > 1 and mask.shape[0] > 1:  # rows with different prefixes
+            mask[0] = torch.arange(shape[-1]) < max(n - 1, 0)
+        additive = torch.zeros(shape).masked_fill(~mask, float("-inf"))
+        assert ops.prefix_length(mask, 16) == ops.prefix_length(additive, 16), (mask, trial)
+
+
 def test_causal_from_start_detection():
     causal = torch.ones(4, 8, dtype=torch.bool).tril()
     assert ops.is_causal_from_start(causal[None, None], 4, 8, False)
