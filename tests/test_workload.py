@@ -1,6 +1,7 @@
 """Workloads (autocomp_compile/workload.py) and their references (autocomp_compile/references.py)."""
 from __future__ import annotations
 
+import math
 import pickle
 
 import pytest
@@ -325,3 +326,18 @@ def test_attention_inputs_expose_softmax_without_max_subtraction():
     assert _fails_in_some_set(w, _attention_without_max_subtraction(w.params), sets=1)
     ref_kernel = lambda t: get_kind("attention").reference(t, w.params, w.runtime_dims)["out"]  # noqa: E731
     assert not _fails_in_some_set(w, ref_kernel)
+
+
+def test_fp32_attention_reference_is_exact_to_float32_rounding():
+    """The sharpened query head gives logits of 100-200: a reference computed in float32 was 3.8e-5 off the true
+    result there, enough to fail correct fp32 kernels (the naive one included) at the fp32 tolerance."""
+    w = make_workload("attention", "fp32", phase="prefill", batch=1, heads=6, kv_heads=3, head_dim=80, seq_len=88)
+    t = InputFactory(113).inputs(w)
+    q, k, v = (t[n].double() for n in ("q", "k", "v"))
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(80)).masked_fill(torch.ones(88, 88, dtype=torch.bool).triu(1),
+                                                                     float("-inf"))
+    exact = torch.softmax(scores, dim=-1) @ v
+    got = get_kind("attention").reference(t, w.params, w.runtime_dims)["out"]
+    assert got.dtype == torch.float32
+    assert (got.double() - exact).abs().max() < 1e-6
