@@ -66,6 +66,9 @@ def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, A
         out["threads"] = "serial"
     for name, choices in KNOB_CHOICES[fam].items():
         out[name] = min(choices, key=lambda c: abs(c - float(out[name])))  # snap to a choice (and to int)
+    # Knobs a kernel does not read are reset, so that one kernel has one source text (one candidate, one build).
+    if out["threads"] == "serial":
+        out["chunk"] = 0  # an OpenMP schedule's chunk
     if fam == "gemv":
         n_rows = w.params.get("n", w.params.get("vocab", w.params.get("intermediate")))
         while out["rows"] > 1 and out["rows"] > n_rows:
@@ -74,7 +77,7 @@ def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, A
         out["bf16_split"] = bool(out["bf16_split"]) and w.dtype == "bf16" and out["isa"] in ("avx2", "avx512")
         if out["isa"] == "scalar":
             out["prefetch"] = 0  # _mm_prefetch needs the x86 intrinsics header
-        if out["prefetch_hint"] not in PREFETCH_HINTS:
+        if out["prefetch_hint"] not in PREFETCH_HINTS or not out["prefetch"]:
             out["prefetch_hint"] = "t0"
     if fam == "attention":
         out["online"] = bool(out["online"])
@@ -90,7 +93,7 @@ def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, A
         if out["isa"] == "amx":  # one kernel: 16 query rows of one head per task, AMX products, vector softmax
             out.update(vec_softmax=True, online=True, mm_tiles=False, gqa_share=False, q_block=16,
                        kv_block=max(32, out["kv_block"]))
-        if not out["vec_softmax"] or out["isa"] == "scalar" or out["mm_tiles"]:
+        if not out["vec_softmax"] or out["isa"] in ("scalar", "amx") or out["mm_tiles"]:
             out["prefetch"] = 0  # prefetches K and V rows ahead in the vectorised kernel's key loop only
     return out
 

@@ -241,7 +241,22 @@ def test_legalize_clamps_gemv_knobs(knob, value, expected):
     isa = HOST_ISAS[-1]
     if knob == "prefetch" and isa == "scalar":
         expected = 0  # scalar kernels never prefetch
-    assert codegen.legalize(w, {"isa": isa, knob: value}, HOST_ISAS)[knob] == expected
+    knobs = {"isa": isa, "threads": "dynamic", "prefetch": 256, knob: value}  # where chunk and the hint matter
+    assert codegen.legalize(w, knobs, HOST_ISAS)[knob] == expected
+
+
+def test_knobs_a_kernel_does_not_read_are_reset_so_one_kernel_has_one_source():
+    w = small("gemm")
+    isa = HOST_ISAS[-1]
+    serial = codegen.legalize(w, {"isa": isa, "threads": "serial", "chunk": 16}, HOST_ISAS)
+    assert serial["chunk"] == 0
+    assert codegen.generate(w, serial) == codegen.generate(w, codegen.legalize(w, {"isa": isa}, HOST_ISAS))
+    no_prefetch = codegen.legalize(w, {"isa": isa, "prefetch": 0, "prefetch_hint": "nta"}, HOST_ISAS)
+    assert no_prefetch["prefetch_hint"] == "t0"
+    prefill = make_workload("attention", "bf16", phase="prefill", batch=1, heads=4, kv_heads=2, head_dim=64,
+                            seq_len=32)
+    amx = codegen.legalize(prefill, {"isa": "amx", "vec_softmax": True, "prefetch": 4096}, ["scalar", "amx"])
+    assert amx["isa"] == "amx" and amx["prefetch"] == 0  # the AMX kernel never prefetches
 
 
 def test_legalize_clamps_rows_to_output_rows():
