@@ -37,9 +37,10 @@ from rich.console import Console
 from rich.table import Table
 
 import autocomp_compile  # noqa: F401  (registers the backend)
-from autocomp_compile.models import build_llama, generate, get_config
+from autocomp_compile.models import build_llama, config_from_hf, generate, get_config, load_pretrained
 from autocomp_compile.models.generate import Generation
 from autocomp_compile.passes.dynamo import reports
+from autocomp_compile.workload import WorkloadError
 
 import peer_llama_cpp  # benchmarks/ is on sys.path when this file runs as a script
 
@@ -163,11 +164,33 @@ def run_variant(name: str, fns: dict, model, prompt: torch.Tensor, steps: int, p
     return Generation(torch.tensor([r.tokens]), r.prefill_s, r.decode_s, [torch.from_numpy(r.first_logits)[None]])
 
 
+def load_model(args: argparse.Namespace):
+    """The model every variant runs: `--weights` (a local Hugging Face directory, with `--model`'s shapes, so
+    that `warm --model` fills the kernels it uses) or random weights."""
+    if not args.weights:
+        console.print(f"building {args.model} with random {args.dtype} weights ...")
+        return build_llama(args.model, args.dtype, seed=0)
+    console.print(f"loading {args.weights} ({args.dtype}) ...")
+    return load_pretrained(args.weights, args.dtype, max_seq_len=get_config(args.model).max_seq_len)
+
+
+def weights_mismatch(weights: str, model: str) -> str | None:
+    """Why the checkpoint in `weights` is not a `model` (its shapes differ; checked before any warm-up), or None."""
+    try:
+        found = config_from_hf(json.loads((Path(weights) / "config.json").read_text()))
+    except (OSError, ValueError, WorkloadError) as exc:
+        return f"cannot read {Path(weights) / 'config.json'}: {exc}"
+    expected = get_config(model)
+    shapes = ("hidden", "intermediate", "heads", "kv_heads", "head_dim", "vocab", "layers")
+    differ = [f"{k} {getattr(found, k)} != {getattr(expected, k)}" for k in shapes
+              if getattr(found, k) != getattr(expected, k)]
+    return f"not a {model}: {', '.join(differ)}" if differ else None
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    cfg = get_config(args.model)
-    console.print(f"building {args.model} with random {args.dtype} weights on {args.device} ...")
-    model = build_llama(args.model, args.dtype, seed=0).to(args.device)
+    model = load_model(args).to(args.device)
+    cfg = model.config
     # Every variant compiles the same forward, so all their graphs (prefill and decode, every batch) share one
     # dynamo cache; past its limit dynamo would run eager silently and the table would call that "inductor".
     torch._dynamo.config.recompile_limit = 64
@@ -175,7 +198,8 @@ def run(args: argparse.Namespace) -> dict:
     options = {"mode": "cache-only", "verbose": args.verbose}
     fns = variants(model, options, args.cudagraphs)
     ggufs = llama_cpp_models(model, args) if args.llama_cpp is not None else {}
-    results: dict = {"model": args.model, "dtype": args.dtype, "device": describe_device(args.device),
+    results: dict = {"model": args.model, "weights": args.weights or "random (seed 0)", "dtype": args.dtype,
+                     "device": describe_device(args.device),
                      "threads": torch.get_num_threads(), "eager_prefill": args.eager_prefill,
                      "date": datetime.datetime.now().isoformat(timespec="seconds"), "runs": [],
                      "torch": torch.__version__}
@@ -287,9 +311,10 @@ def llama_cpp_models(model, args: argparse.Namespace) -> dict[str, Path]:
         root = Path(tmp.name)
     files = {}
     for weights in args.llama_cpp or ["native"]:
-        path = root / f"{args.model}-{args.dtype if weights == 'native' else weights}.gguf"
+        origin = Path(args.weights).name if args.weights else "random"
+        path = root / f"{args.model}-{origin}-{args.dtype if weights == 'native' else weights}.gguf"
         if path.is_file():
-            console.print(f"llama.cpp reads {path} (written earlier from the same random weights)")
+            console.print(f"llama.cpp reads {path} (written by an earlier run from the same weights)")
         else:
             console.print(f"writing the model for llama.cpp: {path} ...")
             peer_llama_cpp.write_gguf(model, path, weights)
@@ -349,6 +374,8 @@ def print_tables(res: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.2-1b")
+    p.add_argument("--weights", metavar="DIR", help="a local Hugging Face directory of that model (config.json and "
+                   "*.safetensors; nothing is downloaded); default: random weights")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens at batch 1")
@@ -371,13 +398,18 @@ def main() -> None:
                    help="add llama.cpp (llama-cpp-python, in a child process) on the same weights, CPU, batch 1: "
                    "'native' (the default; the model's dtype, like for like) and/or 'q8_0' (8-bit weights)")
     p.add_argument("--gguf-dir", metavar="DIR", help="with --llama-cpp: where the GGUF files are kept and reused "
-                   "(default: a temporary directory); files there must come from the same --model and seed")
+                   "(default: a temporary directory); files are named after --model and --weights' folder, and one "
+                   "found there is reused")
     p.add_argument("--json", dest="json_path")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU visible to torch")
     if args.cudagraphs and args.device != "cuda":
         p.error("--cudagraphs needs --device cuda")
+    if args.weights:
+        why = weights_mismatch(args.weights, args.model)
+        if why:
+            p.error(f"--weights {args.weights}: {why}")
     if args.llama_cpp is not None:
         if args.device != "cpu":
             p.error("--llama-cpp runs on the CPU only")
