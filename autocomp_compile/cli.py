@@ -314,11 +314,17 @@ def _status(rows: list[dict[str, Any]]) -> int:
 
 
 def _write_json(path: str, rows: list[dict[str, Any]], one_object: bool = False) -> None:
-    """The rows as a JSON list (one object for `optimize`), replacing the file whole: an interrupted run leaves
-    the rows finished so far, never a cut file."""
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(rows[0] if one_object and rows else rows, indent=2, default=str))
-    os.replace(tmp, path)
+    """The rows as a JSON list (one object for `optimize`). A file is replaced whole (through a symlink, its
+    target), so that an interrupted run leaves the rows finished so far, never a cut file; anything else (a
+    pipe, /dev/stdout) is written to."""
+    text = json.dumps(rows[0] if one_object and rows else rows, indent=2, default=str)
+    target = Path(path).resolve()
+    if target.exists() and not target.is_file():
+        Path(path).write_text(text)
+        return
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
 
 
 def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | None = None,

@@ -196,13 +196,16 @@ def _attention_qkv(t, p, rt):
 
 
 def _attention_reference(t, p, rt):
-    # In float64, returned in float32: the sharpened query head's logits reach 100-200, where float32 rounding of
-    # the scores put an fp32 reference itself as far from the true result as the fp32 tolerance allows.
+    # fp32 workloads in float64 (returned in float32): the sharpened query head's logits reach 100-200, where
+    # float32 rounding of the scores put an fp32 reference itself as far from the true result as the fp32
+    # tolerance allows. bf16 workloads in float32: their tolerance is 2^8 times wider, and long prefills keep
+    # half the memory.
     q, k, v, causal = _attention_qkv(t, p, rt)
+    acc = torch.float64 if q.dtype == torch.float32 else torch.float32
     group = p["heads"] // p["kv_heads"]
-    k = k.double().repeat_interleave(group, dim=1)
-    v = v.double().repeat_interleave(group, dim=1)
-    scores = q.double() @ k.transpose(-1, -2) / math.sqrt(p["head_dim"])
+    k = k.to(acc).repeat_interleave(group, dim=1)
+    v = v.to(acc).repeat_interleave(group, dim=1)
+    scores = q.to(acc) @ k.transpose(-1, -2) / math.sqrt(p["head_dim"])
     if causal:
         s = scores.shape[-1]
         scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))

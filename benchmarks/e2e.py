@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime
+import hashlib
 import json
 import os
 import statistics
@@ -311,8 +312,10 @@ def llama_cpp_models(model, args: argparse.Namespace) -> dict[str, Path]:
         root = Path(tmp.name)
     files = {}
     for weights in args.llama_cpp or ["native"]:
-        origin = Path(args.weights).name if args.weights else "random"
-        path = root / f"{args.model}-{origin}-{args.dtype if weights == 'native' else weights}.gguf"
+        # named after everything that makes the file: a file found under the name is reused
+        origin = "random" if not args.weights else \
+            f"{Path(args.weights).name}-{hashlib.sha256(str(Path(args.weights).resolve()).encode()).hexdigest()[:8]}"
+        path = root / f"{args.model}-{origin}-{args.dtype}{'' if weights == 'native' else '-' + weights}.gguf"
         if path.is_file():
             console.print(f"llama.cpp reads {path} (written by an earlier run from the same weights)")
         else:

@@ -156,6 +156,8 @@ def write_gguf(model: Llama, path: str | Path, weights: str = "native") -> Path:
         if target.endswith("norm.weight"):
             value = value.float()
         if weights == "q8_0" and not target.endswith("norm.weight"):
+            if value.shape[-1] % 32:
+                raise ValueError(f"q8_0 stores rows in blocks of 32 weights: {name} has rows of {value.shape[-1]}")
             array = gguf.quants.quantize(value.float().numpy(), gguf.GGMLQuantizationType.Q8_0)
             kind = gguf.GGMLQuantizationType.Q8_0
         else:
@@ -182,7 +184,9 @@ def time_llama_cpp(gguf_path: str | Path, prompt: list[int], new_tokens: int, th
 
     `extra_buffers=False` keeps llama.cpp from repacking weights for its AMX and other CPU-specific kernels
     (its `use_extra_bufts`): on the Xeon these benchmarks ran on, llama.cpp's AMX 8-bit kernels died with
-    SIGILL (a tile instruction faulting), so 8-bit weights run its AVX-512 VNNI dot products instead."""
+    SIGILL (a tile instruction faulting, with the tile state granted), so 8-bit weights run its AVX-512 VNNI dot
+    products instead. llama.cpp keeps its KV cache in fp16 (its default): 2 bytes per element, as a bf16
+    model's cache here."""
     with tempfile.TemporaryDirectory(prefix="llama_cpp_") as tmp:
         out = Path(tmp) / "run.json"
         cmd = [sys.executable, __file__, "--child", "--gguf", str(gguf_path), "--prompt", ",".join(map(str, prompt)),
@@ -200,8 +204,9 @@ def time_llama_cpp(gguf_path: str | Path, prompt: list[int], new_tokens: int, th
 
 
 def _request_amx_state() -> None:
-    """Ask Linux for the AMX tile state, as autocomp's CPU target does (`isa.amx_permitted`): llama.cpp's AMX
-    kernels (8-bit weights) fault with SIGILL in a process that has not asked, and llama-cpp-python does not."""
+    """Ask Linux for the AMX tile state, as autocomp's CPU target does (`isa.amx_permitted`) and as any process
+    running tile instructions must. (llama.cpp's AMX 8-bit kernels still died with SIGILL on the Xeon these
+    benchmarks ran on, with the state granted: see `time_llama_cpp`'s `extra_buffers`.)"""
     if platform.system() == "Linux" and platform.machine() == "x86_64":
         ctypes.CDLL(None).syscall(158, 0x1023, 18)  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
 

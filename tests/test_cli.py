@@ -401,3 +401,13 @@ def test_models_with_a_target_the_llm_proposer_does_not_write_for_is_a_usage_err
     assert cli.main(argv) == 2
     assert "the LLM proposer writes c and cuda kernels, not 'nki' ones" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before any work
+
+
+def test_json_through_a_symlink_writes_its_target(tmp_path):
+    target = tmp_path / "results.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    cli._write_json(str(link), [{"a": 1}])
+    assert link.is_symlink() and json.loads(target.read_text()) == [{"a": 1}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "results.json"]  # no temporary file left

@@ -68,8 +68,10 @@ def model_workloads(
     if decode:
         calls.append((1, torch.tensor([cfg.max_seq_len // 2], device=device)))
     try:
-        # one recompilation per shape; past dynamo's limit (8) a fullgraph compile raises instead of tracing
-        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=max(8, len(calls) + 1)):
+        # One recompilation per shape, counted with the process's earlier compilations of the same forward: past
+        # dynamo's limit a fullgraph compile raises instead of tracing. Raised by what these calls need.
+        limit = torch._dynamo.config.recompile_limit + len(calls) + 1
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit):
             for seq, pos in calls:
                 try:
                     compiled(torch.zeros(batch, seq, dtype=torch.long, device=device), pos, last_only=True)

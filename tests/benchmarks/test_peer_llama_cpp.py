@@ -123,6 +123,13 @@ def test_q8_0_stores_8_bit_blocks_of_the_same_weights(tmp_path):
         peer.write_gguf(model, tmp_path / "x.gguf", "q4")
 
 
+@needs_gguf
+def test_q8_0_refuses_rows_that_are_not_whole_blocks(tmp_path):
+    config = dataclasses.replace(get_config("tiny-llama"), hidden=48, heads=3, kv_heads=1, head_dim=16)
+    with pytest.raises(ValueError, match="blocks of 32 weights: model.embed_tokens.weight has rows of 48"):
+        peer.write_gguf(build_llama(config, "fp32", seed=0), tmp_path / "q8.gguf", "q8_0")
+
+
 def test_a_model_llama_cpp_cannot_express_is_refused(tmp_path):
     model = build_llama(dataclasses.replace(get_config("tiny-llama"), head_dim=8), "fp32", seed=0)
     with pytest.raises(ValueError, match="heads x head_dim"):

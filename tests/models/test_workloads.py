@@ -48,3 +48,18 @@ def test_more_prefill_lengths_than_dynamos_recompile_limit():
 def test_unknown_dtype_is_a_clear_error():
     with pytest.raises(WorkloadError, match="unknown dtype 'fp16'"):
         model_workloads("tiny-llama", "fp16")
+
+
+def test_earlier_compilations_of_the_forward_do_not_use_up_the_recompile_limit():
+    import torch
+
+    from autocomp_compile.models import build_llama
+
+    model = build_llama("tiny-llama", "fp32")
+    model.setup_caches(1)
+    compiled = torch.compile(model, backend="eager", dynamic=False)
+    with torch.no_grad():
+        for n in range(2, 8):  # six compilations of Llama.forward, counted with the ones below
+            compiled(torch.zeros(1, n, dtype=torch.long), torch.arange(n))
+    found = model_workloads("tiny-llama", "fp32", prefill_lens=range(8, 13), kinds=["attention"])
+    assert sorted(w.params["seq_len"] for w in found if w.params["phase"] == "prefill") == [8, 9, 10, 11, 12]
