@@ -1,11 +1,14 @@
 """Shared test helpers: small workloads, kernel runners, hand-written C kernels."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from autocomp_compile.evaluation.checks import compare
+from autocomp_compile.models import build_llama
 from autocomp_compile.references import InputFactory, empty_outputs, get_kind
 from autocomp_compile.targets.cpu.compiler import build
 from autocomp_compile.targets.cpu.runtime import CpuKernel
@@ -149,3 +152,30 @@ def exported_cpu_kernel(tmp_path, code_edit=None, latency=None):
     dst = KernelCache(tmp_path / "dst" / "kernels.sqlite")
     assert dst.import_(tmp_path / "e.json", {"cpu": get_target("cpu").fingerprint()["codegen"]})[0] == 1
     return w, dst
+
+
+# ---------------------------------------------------------------- Hugging Face checkpoints of tiny-llama
+
+TINY_HF = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 256,
+           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 128, "hidden_act": "silu"}
+
+
+def tiny_state(seed: int) -> dict[str, torch.Tensor]:
+    """tiny-llama's random weights, under Hugging Face's tensor names."""
+    return {k: v.contiguous() for k, v in build_llama("tiny-llama", "fp32", seed=seed).state_dict().items()}
+
+
+def hf_checkpoint(tmp_path: Path, state: dict[str, torch.Tensor], shards: int = 2) -> dict[str, str]:
+    """Write `state` into the folder `tmp_path` as `shards` safetensors files plus tiny-llama's config.json and
+    the index; returns the weight_map."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps(TINY_HF))
+    keys, weight_map = sorted(state), {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in keys[s::shards]}
+        save_file(part, str(tmp_path / name))
+        weight_map.update(dict.fromkeys(part, name))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map

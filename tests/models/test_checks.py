@@ -11,29 +11,7 @@ from safetensors.torch import save_file
 from autocomp_compile.models import build_llama, config_from_hf, generate, get_config, load_pretrained
 from autocomp_compile.models.export import PastKVDecodeStep
 from autocomp_compile.workload import WorkloadError
-
-HF = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-      "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 256,
-      "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 128, "hidden_act": "silu"}
-
-
-def _state(seed: int) -> dict[str, torch.Tensor]:
-    """tiny-llama's random weights, under Hugging Face's tensor names."""
-    return {k: v.contiguous() for k, v in build_llama("tiny-llama", "fp32", seed=seed).state_dict().items()}
-
-
-def _shards(tmp_path, state: dict[str, torch.Tensor], shards: int = 2) -> dict[str, str]:
-    """Write `state` as `shards` files plus config.json and the index; returns the weight_map."""
-    (tmp_path / "config.json").write_text(json.dumps(HF))
-    keys, weight_map = sorted(state), {}
-    for s in range(shards):
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k] for k in keys[s::shards]}
-        save_file(part, str(tmp_path / name))
-        weight_map.update(dict.fromkeys(part, name))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return weight_map
-
+from tests.helpers import TINY_HF, hf_checkpoint, tiny_state
 
 @pytest.mark.parametrize("change, match", [
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
@@ -45,7 +23,7 @@ def _shards(tmp_path, state: dict[str, torch.Tensor], shards: int = 2) -> dict[s
     ({"mlp_bias": True}, "mlp_bias: projections with biases"),
 ])
 def test_config_refusals(change, match):
-    hf = {k: v for k, v in {**HF, **change}.items() if v is not None}
+    hf = {k: v for k, v in {**TINY_HF, **change}.items() if v is not None}
     with pytest.raises(WorkloadError, match=match):
         config_from_hf(hf)
 
@@ -54,11 +32,11 @@ def test_config_refusals(change, match):
                                    "intermediate_size"])
 def test_missing_required_fields_are_named(field):
     with pytest.raises(WorkloadError, match=field):
-        config_from_hf({k: v for k, v in HF.items() if k != field})
+        config_from_hf({k: v for k, v in TINY_HF.items() if k != field})
 
 
 def test_config_defaults_silu_mha_and_llama_architecture():
-    hf = {k: v for k, v in HF.items() if k not in ("model_type", "hidden_act")}
+    hf = {k: v for k, v in TINY_HF.items() if k not in ("model_type", "hidden_act")}
     assert config_from_hf({**hf, "num_key_value_heads": None}).kv_heads == 4  # null is absent: MHA
     assert config_from_hf(hf).kv_heads == 2
     assert config_from_hf({**hf, "max_position_embeddings": None}).max_seq_len == 2048  # transformers' default
@@ -80,24 +58,24 @@ def test_positions_the_static_cache_cannot_take_are_refused(positions, match):
 
 
 def test_unknown_dtype_is_a_clear_error(tmp_path):
-    _shards(tmp_path, _state(0))
+    hf_checkpoint(tmp_path, tiny_state(0))
     with pytest.raises(WorkloadError, match="unknown dtype 'fp16'.*bf16"):
         load_pretrained(tmp_path, dtype="fp16")
 
 
 def test_index_names_the_files_loaded(tmp_path):
-    state = _state(0)
-    _shards(tmp_path, state)
-    save_file(_state(1), str(tmp_path / "zz-consolidated.safetensors"))  # a stray file the index does not name
+    state = tiny_state(0)
+    hf_checkpoint(tmp_path, state)
+    save_file(tiny_state(1), str(tmp_path / "zz-consolidated.safetensors"))  # a stray file the index does not name
     model = load_pretrained(tmp_path, "fp32")
     assert torch.equal(model.model.embed_tokens.weight, state["model.embed_tokens.weight"])
 
 
 def test_missing_shard_and_duplicate_tensors_are_refused(tmp_path):
-    state = _state(0)
-    weight_map = _shards(tmp_path, state)
+    state = tiny_state(0)
+    weight_map = hf_checkpoint(tmp_path, state)
     (tmp_path / "model.safetensors.index.json").unlink()
-    save_file(_state(1), str(tmp_path / "zz-consolidated.safetensors"))
+    save_file(tiny_state(1), str(tmp_path / "zz-consolidated.safetensors"))
     with pytest.raises(WorkloadError, match="in both"):  # no index: every file, each tensor once
         load_pretrained(tmp_path, "fp32")
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
@@ -132,17 +110,17 @@ def test_generate_checks_max_new_tokens():
 
 
 def test_max_seq_len_zero_is_refused_not_replaced():
-    assert config_from_hf(HF, max_seq_len=None).max_seq_len == 128 and config_from_hf(HF, max_seq_len=64).max_seq_len == 64
+    assert config_from_hf(TINY_HF, max_seq_len=None).max_seq_len == 128 and config_from_hf(TINY_HF, max_seq_len=64).max_seq_len == 64
     with pytest.raises(ValueError, match="positive"):
-        config_from_hf(HF, max_seq_len=0)
+        config_from_hf(TINY_HF, max_seq_len=0)
 
 
 def test_absent_fields_take_transformers_defaults():
     transformers = pytest.importorskip("transformers")
-    absent = {k: v for k, v in HF.items() if k != "rms_norm_eps"}
+    absent = {k: v for k, v in TINY_HF.items() if k != "rms_norm_eps"}
     assert config_from_hf(absent).eps == transformers.LlamaConfig().rms_norm_eps == 1e-6
-    assert config_from_hf({**HF, "rms_norm_eps": None}).eps == 1e-6
-    assert config_from_hf(HF).eps == 1e-5
+    assert config_from_hf({**TINY_HF, "rms_norm_eps": None}).eps == 1e-6
+    assert config_from_hf(TINY_HF).eps == 1e-5
 
 
 @pytest.mark.parametrize("field, value, match", [
