@@ -8,6 +8,7 @@ autocomp variant runs in cache-only mode: warm the cache first (`autocomp-compil
     python benchmarks/e2e.py --model llama-3.2-1b --batch 1 --json benchmarks/results/e2e_cpu.json
     python benchmarks/e2e.py --model tiny-llama --batch 1 32 --warm 8
     python benchmarks/e2e.py --device cuda --batch 1 --warm 16 --cudagraphs --eager-prefill   # NVIDIA GPU
+    python benchmarks/e2e.py --batch 1 --llama-cpp native q8_0 --weights ~/Llama-3.2-1B   # + llama.cpp, real weights
 
 On a GPU every step is timed to the end of its device work; `--cudagraphs` adds inductor's and
 autocomp's CUDA-graph variants (`mode="reduce-overhead"` and options={"cudagraphs": True}), and
