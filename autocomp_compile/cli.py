@@ -21,7 +21,7 @@ from autocomp_compile.paths import cache_dir
 from autocomp_compile.search.artifacts import RunConflict
 from autocomp_compile.search.beam import SearchConfig, summarize
 from autocomp_compile.targets.base import TargetError, get_target, target_names
-from autocomp_compile.workload import DTYPES, Workload, WorkloadError, make_workload
+from autocomp_compile.workload import DTYPES, Workload, WorkloadError, make_workload, torch_dtype
 
 
 
@@ -428,8 +428,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
         raise UsageError(f"--workers must be >= 1, got {args.workers} (leave it out for all cores)")
     if args.no_cache:
         raise UsageError("warm stores its results in the kernel cache; drop --no-cache")
-    if args.dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {args.dtype!r}; choose one of {sorted(DTYPES)}")
+    torch_dtype(args.dtype)  # an unknown name: one line, before any work
     if args.executor == "ray" and (args.models or args.wandb):  # before tracing: nothing is done for either
         raise UsageError("--executor ray runs the offline proposer without a W&B log: LLM proposers (--models) and "
                          "--wandb run with --executor local")

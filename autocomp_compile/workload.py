@@ -112,6 +112,14 @@ class Workload:
         return get_kind(self.kind).bytes_moved(self)
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a dtype name ("bf16", "fp32"); `WorkloadError` for any other name."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise WorkloadError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+
+
 def make_workload(kind: str, dtype: str = "bf16", **params: Any) -> Workload:
     """Build a workload of `kind` ("attention", "mlp", "lm_head", "rmsnorm", "gemm").
 
@@ -119,8 +127,7 @@ def make_workload(kind: str, dtype: str = "bf16", **params: Any) -> Workload:
     """
     from autocomp_compile.references import get_kind
 
-    if dtype not in DTYPES:
-        raise WorkloadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    torch_dtype(dtype)
     return get_kind(kind).build(dtype, params)
 
 

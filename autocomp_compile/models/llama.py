@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autocomp_compile.workload import DTYPES, WorkloadError
+from autocomp_compile.workload import WorkloadError, torch_dtype
 
 
 @dataclass(frozen=True)
@@ -263,11 +263,8 @@ class Llama(nn.Module):
 def build_llama(config: LlamaConfig | str, dtype: str | torch.dtype = "bf16", seed: int = 0) -> Llama:
     """A Llama with random weights (std 0.02, RMSNorm weights near 1), deterministic in `seed`."""
     cfg = get_config(config) if isinstance(config, str) else config
-    if isinstance(dtype, str) and dtype not in DTYPES:
-        raise WorkloadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     with torch.device("meta"):
-        model = Llama(cfg).to(torch_dtype)
+        model = Llama(cfg).to(torch_dtype(dtype) if isinstance(dtype, str) else dtype)
     model = model.to_empty(device="cpu")
     model.tie_weights()
     gen = torch.Generator().manual_seed(seed)

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from autocomp_compile.models.llama import Llama, LlamaConfig
-from autocomp_compile.workload import DTYPES, WorkloadError
+from autocomp_compile.workload import WorkloadError, torch_dtype
 
 
 REQUIRED_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
@@ -96,14 +96,12 @@ def load_safetensors(config: LlamaConfig, files: Sequence[str | Path], dtype: st
 
     Everything is checked against the headers first; then the tensors are copied in one at a time, so that
     the peak memory is the model plus one tensor, not the model plus the checkpoint."""
-    if dtype not in DTYPES:
-        raise WorkloadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
+    model_dtype = torch_dtype(dtype)
     where = _index_tensors(files)
     if config.tie_embeddings:
         where.pop("lm_head.weight", None)
     with torch.device("meta"):
-        model = Llama(config).to(torch_dtype)
+        model = Llama(config).to(model_dtype)
     params = dict(model.named_parameters())
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(where)), sorted(k for k in set(where) - expected

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from autocomp_compile.models.llama import Llama, LlamaConfig, get_config
-from autocomp_compile.workload import DTYPES, Workload, WorkloadError
+from autocomp_compile.workload import Workload, WorkloadError, torch_dtype
 
 
 def model_workloads(
@@ -34,8 +34,7 @@ def model_workloads(
     from autocomp_compile.passes import ALL_KINDS
     from autocomp_compile.passes.fx import find_subgraphs
 
-    if dtype not in DTYPES:
-        raise WorkloadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    model_dtype = torch_dtype(dtype)
     cfg = get_config(config) if isinstance(config, str) else config
     if max_seq_len is not None:
         cfg = dataclasses.replace(cfg, max_seq_len=max_seq_len)
@@ -58,7 +57,7 @@ def model_workloads(
     # device); the weights' memory is never touched, but the RoPE tables, the causal mask and the KV caches are
     # written: max_seq_len^2 bytes for the mask.
     with torch.device("meta"):
-        model = Llama(cfg).to(DTYPES[dtype])
+        model = Llama(cfg).to(model_dtype)
     model = model.to_empty(device=device)
     model.tie_weights()
     model.init_buffers()
