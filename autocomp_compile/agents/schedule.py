@@ -47,7 +47,10 @@ class ScheduleProposer:
         for p in range(n_plans):
             if not applicable:
                 break
+            # Plans for one parent are distinct menu items: a second draw of the same item would mostly
+            # re-propose the first one's kernels and spend the budget on near-duplicates.
             item = self._draw_plan(applicable, rng)
+            applicable = [m for m in applicable if m is not item]
             for i in range(n_impls):
                 new = target.legalize(workload, item.apply(dict(knobs), rng))
                 key = repr(sorted(new.items()))

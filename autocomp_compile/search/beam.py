@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import inspect
+import itertools
+import math
 import random
 import statistics
 from dataclasses import dataclass, field
@@ -32,9 +34,14 @@ class SearchConfig:
     dropout: float = 0.7
     seed: int = 0
     patience: int = 4  # stop after this many iterations without a >1% improvement
+    # Iterations the budget is spread over at least (at most `iterations`): an iteration evaluates at most
+    # ceil((budget - starting points) / min_depth) children (never fewer than beam_size), so that a small budget
+    # still takes several menu steps instead of spending itself on the first two.
+    min_depth: int = 6
 
     def __post_init__(self) -> None:
-        for name in ("budget", "beam_size", "iterations", "plans_per_parent", "impls_per_plan", "patience"):
+        for name in ("budget", "beam_size", "iterations", "plans_per_parent", "impls_per_plan", "patience",
+                     "min_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
@@ -165,6 +172,8 @@ class BeamSearch:
         self._evaluate(first)
         every = list(first)
         beam = sorted((c for c in first if _rankable(c)), key=lambda c: c.latency_ms)[: cfg.beam_size]
+        rounds = min(cfg.min_depth, cfg.iterations)  # a search of fewer iterations spends its budget in those
+        round_size = max(cfg.beam_size, math.ceil((cfg.budget - len(first)) / rounds))
         history = [self._snapshot(0, beam, every)]
         if self.run_dir:
             self.run_dir.save_beam(0, beam)
@@ -177,17 +186,25 @@ class BeamSearch:
             if not beam:
                 stop = "no correct kernel"
                 break
-            children: list[Candidate] = []
+            room = min(cfg.budget - len(every), round_size)
+            # Fewer plans per parent when the round cannot hold them all, so every beam member still gets some.
+            plans = min(cfg.plans_per_parent, max(1, math.ceil(room / (len(beam) * cfg.impls_per_plan))))
+            per_parent: list[list[Candidate]] = []
             for j, parent in enumerate(beam):
                 proposer = self.proposers[(iteration + j) % len(self.proposers)]
+                per_parent.append([])
                 for child in proposer.propose(
                     parent, self.workload, self.target, self._feedback(parent),
-                    cfg.plans_per_parent, cfg.impls_per_plan, rng, iteration,
+                    plans, cfg.impls_per_plan, rng, iteration,
                 ):
                     if child.code_hash not in seen:
                         seen.add(child.code_hash)
-                        children.append(child)
-            children = children[: cfg.budget - len(every)]
+                        per_parent[-1].append(child)
+            # Round robin over the parents, best first: a full round leaves room for every beam member's first child.
+            children = [c for group in itertools.zip_longest(*per_parent) for c in group if c is not None]
+            for c in children[room:]:
+                seen.discard(c.code_hash)  # not evaluated: a later round may propose it again
+            children = children[:room]
             if not children:
                 # Only duplicates this round: menu dropout and the proposer's random draws may still find new
                 # candidates next round, so an empty round counts as a stale one and ends the search only

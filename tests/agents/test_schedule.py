@@ -58,6 +58,15 @@ def test_children_are_legal_distinct_changes_of_the_parent(wname):
             assert c.models == ["schedule"]
 
 
+@pytest.mark.parametrize("wname", ["mlp", "decode", "prefill"])
+def test_plans_for_one_parent_are_distinct_menu_items(wname):
+    w = small(wname)
+    root = TARGET.lower(w)
+    for seed in range(20):
+        plans = [c.menu_ids[-1] for c in _propose(root, w, seed, n_plans=3, n_impls=1)]
+        assert len(plans) == len(set(plans)) == 3, (seed, plans)
+
+
 def test_plan_count_bounds_children():
     w = small("gemm")
     root = TARGET.lower(w)

@@ -92,7 +92,8 @@ class SlowedBaselines(FakeEvaluator):
 
 
 def test_the_speedup_is_the_best_kernels_own_interleaved_ratio():
-    r = _search(small("gemm"), SlowedBaselines(), SearchConfig(budget=30, iterations=20, patience=20))
+    # min_depth=1: wide rounds, so that most candidates are slow ones (the median baseline would be 50 ms)
+    r = _search(small("gemm"), SlowedBaselines(), SearchConfig(budget=30, iterations=20, patience=20, min_depth=1))
     assert r.best.latency_ms < 3.0 and sum(c.correct and c.latency_ms > 3.0 for c in r.candidates) > len(r.candidates) / 2
     assert r.baseline_ms == 2.0 and r.speedup == pytest.approx(2.0 / r.best.latency_ms)  # not the median, 50 ms
 
@@ -115,6 +116,35 @@ def test_beam_size_bounds_the_beam():
     r = _search(small("gemm"), FakeEvaluator(), SearchConfig(budget=40, beam_size=2, iterations=20, patience=20))
     assert all(len(h["beam"]) <= 2 for h in r.history)
     assert len(r.history[-1]["beam"]) == 2
+
+
+def test_a_small_budget_is_spread_over_min_depth_iterations():
+    """Rounds of beam x plans x impls (24 by default) would spend a budget of 32 in two menu steps."""
+    r = _search(small("decode"), FakeEvaluator(), SearchConfig(budget=32, iterations=12, patience=12))
+    assert r.candidates_evaluated == 32 and r.stop_reason == "budget"
+    assert all(h["evaluated"] <= 6 for h in r.history)  # ceil((32 - 1) / 6)
+    assert r.iterations >= 6
+    assert max(len(c.menu_ids) for c in r.candidates) >= 5
+    wide = _search(small("decode"), FakeEvaluator(), SearchConfig(budget=32, iterations=12, patience=12, min_depth=1))
+    assert wide.iterations <= 4 and max(h["evaluated"] for h in wide.history) > 6
+
+
+def test_a_short_round_gives_every_beam_member_children():
+    """Round robin over the parents: the best parent's children do not take the whole round."""
+    r = _search(small("mlp"), FakeEvaluator(), SearchConfig(budget=40, iterations=12, patience=12, beam_size=3))
+    by_id = _by_id(r)
+    checked = 0
+    for before, h in zip(r.history, r.history[1:]):
+        children = [c for c in r.candidates if c.iteration == h["iteration"]]
+        if len(before["beam"]) == 3 and len(children) >= 3:
+            assert {c.parent_id for c in children} == set(before["beam"]), h
+            checked += 1
+    assert checked >= 3 and all(by_id[c.parent_id].correct for c in r.candidates[1:])
+
+
+def test_fewer_iterations_than_min_depth_spend_the_budget_in_them():
+    r = _search(small("decode"), FakeEvaluator(), SearchConfig(budget=25, iterations=2, patience=5))
+    assert r.iterations == 2 and r.candidates_evaluated > 1 + 2 * 4  # rounds of 12, not ceil(24 / 6) = 4
 
 
 def test_early_stop_with_patience():
@@ -225,6 +255,8 @@ def test_config_validation():
         SearchConfig(beam_size=0)
     with pytest.raises(ValueError, match="dropout"):
         SearchConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="min_depth"):
+        SearchConfig(min_depth=0)
     with pytest.raises(ValueError, match="proposer"):
         BeamSearch(FakeTarget(FakeEvaluator()), small("gemm"), FakeEvaluator(), [], SearchConfig())
 
