@@ -187,15 +187,18 @@ class BeamSearch:
                 stop = "no correct kernel"
                 break
             room = min(cfg.budget - len(every), round_size)
-            # Fewer plans per parent when the round cannot hold them all, so every beam member still gets some.
-            plans = min(cfg.plans_per_parent, max(1, math.ceil(room / (len(beam) * cfg.impls_per_plan))))
+            # A round that cannot hold every child asks for fewer implementations per plan first (distinct menu
+            # items are worth more than parameter variants of one), then for fewer plans: every beam member
+            # still gets some, and a proposer is not asked for children the round would drop.
+            impls = min(cfg.impls_per_plan, max(1, math.ceil(room / (len(beam) * cfg.plans_per_parent))))
+            plans = min(cfg.plans_per_parent, max(1, math.ceil(room / (len(beam) * impls))))
             per_parent: list[list[Candidate]] = []
             for j, parent in enumerate(beam):
                 proposer = self.proposers[(iteration + j) % len(self.proposers)]
                 per_parent.append([])
                 for child in proposer.propose(
                     parent, self.workload, self.target, self._feedback(parent),
-                    plans, cfg.impls_per_plan, rng, iteration,
+                    plans, impls, rng, iteration,
                 ):
                     if child.code_hash not in seen:
                         seen.add(child.code_hash)

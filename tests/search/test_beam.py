@@ -142,6 +142,14 @@ def test_a_short_round_gives_every_beam_member_children():
     assert checked >= 3 and all(by_id[c.parent_id].correct for c in r.candidates[1:])
 
 
+def test_a_short_round_asks_for_distinct_plans_before_implementations():
+    """Rounds of 2 (budget 8 over 4 iterations): the root's two children are two menu items, not two variants of one."""
+    for seed in range(5):
+        r = _search(small("decode"), FakeEvaluator(), SearchConfig(budget=8, beam_size=2, iterations=4, seed=seed))
+        first = [c.menu_ids[-1] for c in r.candidates if c.iteration == 1]
+        assert len(first) == len(set(first)) == 2, (seed, first)
+
+
 def test_fewer_iterations_than_min_depth_spend_the_budget_in_them():
     r = _search(small("decode"), FakeEvaluator(), SearchConfig(budget=25, iterations=2, patience=5))
     assert r.iterations == 2 and r.candidates_evaluated > 1 + 2 * 4  # rounds of 12, not ceil(24 / 6) = 4
