@@ -189,7 +189,7 @@ class BeamSearch:
             room = min(cfg.budget - len(every), round_size)
             # A round that cannot hold every child asks for fewer implementations per plan first (distinct menu
             # items are worth more than parameter variants of one), then for fewer plans: every beam member
-            # still gets some, and a proposer is not asked for children the round would drop.
+            # still gets some, and proposers (LLMs included) are seldom asked for children the round drops.
             impls = min(cfg.impls_per_plan, max(1, math.ceil(room / (len(beam) * cfg.plans_per_parent))))
             plans = min(cfg.plans_per_parent, max(1, math.ceil(room / (len(beam) * impls))))
             per_parent: list[list[Candidate]] = []
