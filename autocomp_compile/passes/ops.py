@@ -9,6 +9,7 @@ these ops is therefore always correct, whatever the state of the cache.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -116,6 +117,25 @@ def prefix_length(mask: Optional[Tensor], kv_len: int) -> int | None:
     return n
 
 
+# The last decode mask read and its prefix length: every layer of a step gets the same mask tensor, so one read
+# serves them all (on a GPU the read also waits for the device). A hit needs the same live tensor object at the
+# same version counter, which every in-place write bumps.
+_last_prefix: tuple[weakref.ref, int, int, int | None] | None = None
+
+
+def decode_prefix_length(mask: Optional[Tensor], kv_len: int) -> int | None:
+    """`prefix_length`, remembered for the last mask tensor read (until it is freed or written in place)."""
+    global _last_prefix
+    if mask is None:
+        return kv_len
+    memo = _last_prefix  # one read: another thread may replace it meanwhile
+    if memo is not None and memo[0]() is mask and memo[1] == mask._version and memo[2] == kv_len:
+        return memo[3]
+    n = prefix_length(mask, kv_len)
+    _last_prefix = (weakref.ref(mask), mask._version, kv_len, n)
+    return n
+
+
 def _host_prefix_length(allowed: np.ndarray, kv_len: int) -> int | None:
     """`prefix_length` of a boolean mask in host memory, with NumPy: a few microseconds where the same torch
     ops cost ~40, once per layer and decode step."""
@@ -172,7 +192,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal
     kernel = REGISTRY.get(key)
     if kernel is not None and q.dtype == k.dtype == v.dtype and not _capturing(q):
         if s == 1:
-            n = prefix_length(mask, k.shape[2])
+            n = decode_prefix_length(mask, k.shape[2])
             if n is not None and n > 0 and _run(key, [q.reshape(b, h, d), k, v], result.view(b, h, d), (n,)):
                 return result
         elif is_causal_from_start(mask, s, k.shape[2], is_causal):

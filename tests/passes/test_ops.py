@@ -22,6 +22,21 @@ def test_prefix_length_of_bool_and_additive_masks():
     assert ops.prefix_length(torch.full((1, 1, 1, 8), 0.5), 8) is None  # a bias, not a mask
 
 
+def test_a_decode_mask_is_read_once_for_every_layer_and_again_after_an_in_place_write(monkeypatch):
+    reads = []
+    monkeypatch.setattr(ops, "prefix_length", lambda mask, kv_len: reads.append(kv_len) or int(mask.sum()))
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    mask = causal[None, None, 4:5].clone()
+    assert [ops.decode_prefix_length(mask, 8) for _ in range(16)] == [5] * 16  # the 16 layers of one step
+    assert len(reads) == 1
+    mask[..., 5] = True  # the next step's row written into the same buffer
+    assert ops.decode_prefix_length(mask, 8) == 6
+    assert ops.decode_prefix_length(causal[None, None, 2:3].clone(), 8) == 3  # another tensor
+    assert ops.decode_prefix_length(mask, 8) == 6 and ops.decode_prefix_length(mask, 16) == 6
+    assert len(reads) == 5
+    assert ops.decode_prefix_length(None, 8) == 8
+
+
 def test_masks_broadcast_over_keys_or_queries_mean_what_sdpa_makes_of_them():
     # a [.., 1] mask broadcasts over the keys: all of them, or none
     assert ops.prefix_length(torch.ones(1, 1, 1, 1, dtype=torch.bool), 32) == 32
