@@ -119,21 +119,32 @@ def prefix_length(mask: Optional[Tensor], kv_len: int) -> int | None:
 
 # The last decode mask read and its prefix length: every layer of a step gets the same mask tensor, so one read
 # serves them all (on a GPU the read also waits for the device). A hit needs the same live tensor object at the
-# same version counter, which every in-place write bumps.
+# same version counter, which every in-place torch op bumps; a boolean mask in host memory, which NumPy could
+# write without a bump, must also still end its prefix where it did.
 _last_prefix: tuple[weakref.ref, int, int, int | None] | None = None
 
 
 def decode_prefix_length(mask: Optional[Tensor], kv_len: int) -> int | None:
-    """`prefix_length`, remembered for the last mask tensor read (until it is freed or written in place)."""
+    """`prefix_length`, remembered for the last mask tensor read (until it is freed or written)."""
     global _last_prefix
     if mask is None:
         return kv_len
     memo = _last_prefix  # one read: another thread may replace it meanwhile
-    if memo is not None and memo[0]() is mask and memo[1] == mask._version and memo[2] == kv_len:
+    if (memo is not None and memo[0]() is mask and memo[1] == mask._version and memo[2] == kv_len
+            and _same_boundary(mask, memo[3], kv_len)):
         return memo[3]
     n = prefix_length(mask, kv_len)
     _last_prefix = (weakref.ref(mask), mask._version, kv_len, n)
     return n
+
+
+def _same_boundary(mask: Tensor, n: int | None, kv_len: int) -> bool:
+    """For a boolean host mask over all `kv_len` keys that had prefix length `n`: key n-1 still allowed and key n
+    still not, in every row (a decode step that moved the boundary in place, unseen by the version counter)."""
+    if n is None or mask.dtype != torch.bool or mask.device.type != "cpu" or mask.shape[-1] != kv_len:
+        return True
+    a = mask.numpy()
+    return (n == 0 or bool(a[..., n - 1].all())) and (n == kv_len or not a[..., n].any())
 
 
 def _host_prefix_length(allowed: np.ndarray, kv_len: int) -> int | None:

@@ -25,6 +25,7 @@ def test_prefix_length_of_bool_and_additive_masks():
 def test_a_decode_mask_is_read_once_for_every_layer_and_again_after_an_in_place_write(monkeypatch):
     reads = []
     monkeypatch.setattr(ops, "prefix_length", lambda mask, kv_len: reads.append(kv_len) or int(mask.sum()))
+    monkeypatch.setattr(ops, "_last_prefix", None)
     causal = torch.ones(8, 8, dtype=torch.bool).tril()
     mask = causal[None, None, 4:5].clone()
     assert [ops.decode_prefix_length(mask, 8) for _ in range(16)] == [5] * 16  # the 16 layers of one step
@@ -34,6 +35,11 @@ def test_a_decode_mask_is_read_once_for_every_layer_and_again_after_an_in_place_
     assert ops.decode_prefix_length(causal[None, None, 2:3].clone(), 8) == 3  # another tensor
     assert ops.decode_prefix_length(mask, 8) == 6 and ops.decode_prefix_length(mask, 16) == 6
     assert len(reads) == 5
+    assert ops.decode_prefix_length(mask, 8) == 6 and ops.decode_prefix_length(mask, 8) == 6
+    assert len(reads) == 6
+    mask.numpy()[..., 6] = True  # written through NumPy: no version bump, but the prefix's end moved
+    assert ops.decode_prefix_length(mask, 8) == 7
+    assert len(reads) == 7
     assert ops.decode_prefix_length(None, 8) == 8
 
 
