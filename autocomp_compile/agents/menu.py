@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from autocomp_compile.targets.cpu.codegen import KNOB_CHOICES, family, isa_applies
+from autocomp_compile.targets.cpu.codegen import KNOB_CHOICES, MAX_ACCUMULATORS, family, isa_applies
 from autocomp_compile.targets.cpu.isa import VECTOR_WIDTH
 from autocomp_compile.workload import Workload
 
@@ -85,6 +85,15 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                 "Unroll the K loop with independent accumulators to hide FMA latency and cut loop overhead.",
                 lambda k: True,
                 lambda k, r: {**k, "unroll": _pick_other(choices["unroll"], k["unroll"], r)},
+            ),
+            MenuItem(
+                "stream_spans", "Stream rows from distant parts of the weights",
+                "Split the output rows into S equal spans and compute a block of rows at the same place in every "
+                "span at once (S x rows x unroll accumulators, at most 16), so that each core streams S long runs "
+                "of consecutive weight rows, which the hardware prefetchers follow, instead of starting a new "
+                "block of rows every few kilobytes.",
+                lambda k: k["isa"] != "scalar" and bool(_span_options(w, k)),
+                lambda k, r: _with_spans(w, k, r.choice(_span_options(w, k))),
             ),
             MenuItem(
                 "prefetch", "Software prefetch of weight rows",
@@ -216,6 +225,24 @@ def _retune(item_id: str, title: str, description: str, knob: str, choices: tupl
             when: Callable[[Knobs], bool] = lambda k: True) -> MenuItem:
     """An item that moves `knob` to another of its `choices`, drawn with the proposer's generator."""
     return MenuItem(item_id, title, description, when, lambda k, r: {**k, knob: _pick_other(choices, k[knob], r)})
+
+
+def _output_rows(w: Workload) -> int:
+    """Output rows of a CPU GEMV-family kernel (the MLP's gate/up rows)."""
+    return w.params.get("n", w.params.get("vocab", w.params.get("intermediate")))
+
+
+def _span_options(w: Workload, k: Knobs) -> list[int]:
+    """Span counts other than the current one that leave room for at least one row per span."""
+    return [s for s in KNOB_CHOICES["gemv"]["spans"]
+            if s != k["spans"] and s * k["unroll"] <= MAX_ACCUMULATORS and s <= _output_rows(w)]
+
+
+def _with_spans(w: Workload, k: Knobs, spans: int) -> Knobs:
+    """`spans` spans, with as many of the current rows per span as the accumulators and output rows allow."""
+    fits = [r for r in KNOB_CHOICES["gemv"]["rows"]
+            if r <= k["rows"] and spans * r * k["unroll"] <= MAX_ACCUMULATORS and spans * r <= _output_rows(w)]
+    return {**k, "spans": spans, "rows": max(fits, default=1)}
 
 
 def _gemv_rows(w: Workload) -> int:

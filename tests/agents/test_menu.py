@@ -48,7 +48,7 @@ def _start_states(w, isas):
     vec = codegen.legalize(w, {**naive, "isa": "avx2" if "avx2" in isas else isas[-1], "threads": "static"}, isas)
     tuned = codegen.legalize(
         w, {**vec, "online": True, "gqa_share": True, "fuse": True, "bf16_split": True, "rows": 4, "unroll": 2,
-            "prefetch": 512, "threads": "dynamic", "chunk": 4, "q_block": 2, "kv_block": 32}, isas)
+            "prefetch": 512, "threads": "dynamic", "chunk": 4, "q_block": 2, "kv_block": 32, "spans": 2}, isas)
     return [naive, vec, tuned]
 
 
@@ -85,7 +85,7 @@ def test_menu_contents_depend_on_kind_dtype_and_isas():
     all_isas = list(ISA_ORDER)
     gemm_bf16 = ids(small("gemm", "bf16"), all_isas)
     assert {"vectorize", "wider_vectors", "parallelize", "dynamic_schedule", "block_rows", "unroll_k", "prefetch",
-            "bf16_split", "bf16_dot"} <= gemm_bf16
+            "bf16_split", "bf16_dot", "stream_spans"} <= gemm_bf16
     assert "fuse_epilogue" not in gemm_bf16 and "online_softmax" not in gemm_bf16
     assert "fuse_epilogue" in ids(small("mlp"), all_isas)
     gemm_fp32 = ids(small("gemm", "fp32"), all_isas)
@@ -108,6 +108,24 @@ def test_applicability_tracks_knobs():
     assert not items["vectorize"].applies(vec) and items["prefetch"].applies(vec) and items["bf16_split"].applies(vec)
     assert not items["bf16_split"].applies({**vec, "bf16_split": True})
     assert not items["parallelize"].applies({**vec, "threads": "static"})
+
+
+def _stream_spans(w):
+    return next(m for m in cpu_menu(w, list(ISA_ORDER)) if m.id == "stream_spans")
+
+
+def test_stream_spans_keeps_the_accumulators_within_the_registers():
+    w = make_workload("gemm", "bf16", m=1, n=2048, k=2048)
+    knobs = codegen.legalize(w, {"isa": "avx512bf16", "rows": 8, "threads": "dynamic", "chunk": 16}, list(ISA_ORDER))
+    assert not _stream_spans(w).applies({**knobs, "isa": "scalar"})
+    for seed in range(20):
+        new = _stream_spans(w).apply(dict(knobs), random.Random(seed))
+        assert new["spans"] != 1 and new["spans"] * new["rows"] * new["unroll"] <= codegen.MAX_ACCUMULATORS
+        assert new["rows"] == min(8, codegen.MAX_ACCUMULATORS // new["spans"])  # as many rows as still fit
+        assert codegen.legalize(w, new, list(ISA_ORDER)) == new
+    few = make_workload("gemm", "bf16", m=1, n=3, k=64)  # 3 output rows: 2 spans of one row at most
+    few_knobs = codegen.legalize(few, {"isa": "avx512bf16"}, list(ISA_ORDER))
+    assert {_stream_spans(few).apply(dict(few_knobs), random.Random(s))["spans"] for s in range(20)} == {2}
 
 
 def test_vectorize_draws_from_host_simd_isas():

@@ -22,20 +22,23 @@ GEMV_KINDS = ("gemm", "lm_head", "mlp")
 
 NAIVE_KNOBS: dict[str, dict[str, Any]] = {
     "gemv": dict(isa="scalar", rows=1, unroll=1, prefetch=0, prefetch_hint="t0", threads="serial", chunk=0, fuse=False,
-                 bf16_split=False),
+                 bf16_split=False, spans=1),
     "attention": dict(isa="scalar", online=False, kv_block=64, gqa_share=False, q_block=1, threads="serial", chunk=0,
                       vec_softmax=False, prefetch=0, mm_tiles=False),
     "rmsnorm": dict(isa="scalar", unroll=1, threads="serial", chunk=0),
 }
 
 KNOB_CHOICES: dict[str, dict[str, tuple]] = {
-    "gemv": dict(rows=(1, 2, 4, 8), unroll=(1, 2, 4), prefetch=(0, 256, 512, 1024, 2048, 4096, 8192), chunk=(0, 1, 4, 16, 64)),
+    "gemv": dict(rows=(1, 2, 4, 8), unroll=(1, 2, 4), prefetch=(0, 256, 512, 1024, 2048, 4096, 8192), chunk=(0, 1, 4, 16, 64),
+                 spans=(1, 2, 4, 8, 16)),
     "attention": dict(kv_block=(16, 32, 64, 128, 256), q_block=(1, 2, 4, 8, 16), chunk=(0, 1, 2, 4),
                       prefetch=(0, 512, 1024, 2048, 4096, 8192)),
     "rmsnorm": dict(unroll=(1, 2, 4), chunk=(0, 1, 4, 16)),
 }
 THREADS = ("serial", "static", "dynamic")
 PREFETCH_HINTS = {"t0": "_MM_HINT_T0", "t1": "_MM_HINT_T1", "nta": "_MM_HINT_NTA"}
+# Accumulators a GEMV's inner loop may keep (spans x rows x unroll vectors): more would spill the 32 AVX-512 registers.
+MAX_ACCUMULATORS = 16
 
 
 def family(kind: str) -> str:
@@ -73,6 +76,10 @@ def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, A
         n_rows = w.params.get("n", w.params.get("vocab", w.params.get("intermediate")))
         while out["rows"] > 1 and out["rows"] > n_rows:
             out["rows"] //= 2
+        # Spans need a block of rows in each (otherwise every row is in the tail: the plain kernel, other text).
+        while out["spans"] > 1 and (out["spans"] * out["rows"] > n_rows
+                                    or out["spans"] * out["rows"] * out["unroll"] > MAX_ACCUMULATORS):
+            out["spans"] //= 2
         out["fuse"] = bool(out["fuse"]) and w.kind == "mlp"
         out["bf16_split"] = bool(out["bf16_split"]) and w.dtype == "bf16" and out["isa"] in ("avx2", "avx512")
         if out["isa"] == "scalar":
@@ -124,39 +131,47 @@ def _omp_parallel(knobs: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- GEMV family (gemm, lm_head, mlp)
 
 
-def _dot_rows(name: str, rows: int, unroll: int, prefetch_bytes: int, hint: str = "t0") -> str:
-    """`rows` dot products of weight rows (stride ldw) with one activation vector, `unroll` steps per iteration."""
-    acc = [[f"a{r}_{u}" for u in range(unroll)] for r in range(rows)]
+def _dot_rows(name: str, rows: int, unroll: int, prefetch_bytes: int, hint: str = "t0", spans: int = 1) -> str:
+    """`rows` dot products of weight rows (stride ldw) with one activation vector, `unroll` steps per iteration;
+    with `spans` > 1, those rows at the same place in each of `spans` spans of `span` rows (res[s * rows + r])."""
+    n = rows * spans
+    acc = [[f"a{r}_{u}" for u in range(unroll)] for r in range(n)]
+    if spans == 1:
+        row = [f"{r}" for r in range(n)]
+        args = "const elem_t *restrict w, int64_t ldw, const xval_t *restrict x, int64_t K, float *restrict res"
+    else:
+        row = [f"({r // rows} * span + {r % rows})" for r in range(n)]
+        args = "const elem_t *restrict w, int64_t ldw, int64_t span, const xval_t *restrict x, int64_t K, float *restrict res"
     lines = [
-        f"static inline void {name}(const elem_t *restrict w, int64_t ldw, const xval_t *restrict x, int64_t K, float *restrict res) {{",
-        "  " + " ".join(f"vf {a} = v_zero();" for row in acc for a in row),
+        f"static inline void {name}({args}) {{",
+        "  " + " ".join(f"vf {a} = v_zero();" for accs in acc for a in accs),
         "  int64_t k = 0;",
         f"  for (; k + VK * {unroll} <= K; k += VK * {unroll}) {{",
     ]
     if prefetch_bytes:
-        for r in range(rows):
+        for r in range(n):
             lines.append(
-                f"    _mm_prefetch((const char *)(w + {r} * ldw + k) + {prefetch_bytes}, {PREFETCH_HINTS[hint]});"
+                f"    _mm_prefetch((const char *)(w + {row[r]} * ldw + k) + {prefetch_bytes}, {PREFETCH_HINTS[hint]});"
             )
     for u in range(unroll):
-        for r in range(rows):
-            lines.append(f"    {acc[r][u]} = v_dot({acc[r][u]}, w + {r} * ldw + k + {u} * VK, x + k + {u} * VK);")
+        for r in range(n):
+            lines.append(f"    {acc[r][u]} = v_dot({acc[r][u]}, w + {row[r]} * ldw + k + {u} * VK, x + k + {u} * VK);")
     lines.append("  }")
     lines.append("  for (; k + VK <= K; k += VK) {")
-    for r in range(rows):
-        lines.append(f"    {acc[r][0]} = v_dot({acc[r][0]}, w + {r} * ldw + k, x + k);")
+    for r in range(n):
+        lines.append(f"    {acc[r][0]} = v_dot({acc[r][0]}, w + {row[r]} * ldw + k, x + k);")
     lines.append("  }")
-    for r in range(rows):
+    for r in range(n):
         total = acc[r][0]
         for u in range(1, unroll):
             total = f"v_add({total}, {acc[r][u]})"
         lines.append(f"  float s{r} = v_hsum({total});")
     lines.append("  for (; k < K; ++k) {")
     lines.append("    const float xk = xval_to_f32(x[k]);")
-    for r in range(rows):
-        lines.append(f"    s{r} += elem_to_f32(w[{r} * ldw + k]) * xk;")
+    for r in range(n):
+        lines.append(f"    s{r} += elem_to_f32(w[{row[r]} * ldw + k]) * xk;")
     lines.append("  }")
-    for r in range(rows):
+    for r in range(n):
         lines.append(f"  res[{r}] = s{r};")
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -168,6 +183,10 @@ def _gemv_helpers(knobs: dict[str, Any]) -> str:
         code += _dot_rows("dot_row1", 1, knobs["unroll"], knobs["prefetch"], knobs["prefetch_hint"])
     else:
         code += "#define dot_row1 dot_rows\n"
+    if knobs["spans"] > 1:
+        code += _dot_rows("dot_spans", knobs["rows"], knobs["unroll"], knobs["prefetch"], knobs["prefetch_hint"],
+                          knobs["spans"])
+        code += f"#define SPANS {knobs['spans']}\n"
     # out_rows(): rows [n0, n0+R) of out[m, :] = w[n0:n0+R] . x[m], with a single-row tail.
     code += f"""
 #define ROWS {knobs['rows']}
@@ -187,11 +206,52 @@ def _convert_x(dst: str, src: str, rows: str, cols: str) -> str:
     )
 
 
+def _row_pass(knobs: dict[str, Any], n_rows: str, k: str, w: str, x: str, out: str, store: Callable[[str, str], str]) -> str:
+    """One pass over the output rows 0..n_rows of `out`[m, n] = `w`[n, :k] . `x`[m, :k] for every m < M: the OpenMP
+    loop(s) of a GEMV. `store(n, v)` is the C statement that stores row n's fp32 value v of activation row m.
+    With spans, rows are taken ROWS at a time at the same place in each of SPANS equal spans (each core then streams
+    SPANS runs of consecutive weight rows, as the read probe does), and the rows after the last whole span are a
+    tail of plain blocks, after the spans' loop (nowait: they are other rows) and before the pass's barrier."""
+    tail_from = "0"
+    code = ""
+    loop = _omp_for(knobs)
+    if knobs["spans"] > 1:
+        tail_from = f"SPANS * span_{out} / ROWS"
+        code += f"""  const int64_t span_{out} = {n_rows} / (SPANS * ROWS) * ROWS;
+  {loop + " nowait" if loop else ""}
+  for (int64_t ib = 0; ib < span_{out} / ROWS; ++ib) {{
+    for (int64_t m = 0; m < M; ++m) {{
+      float res[SPANS * ROWS];
+      dot_spans({w} + ib * ROWS * {k}, {k}, span_{out}, {x} + m * {k}, {k}, res);
+      for (int64_t s = 0; s < SPANS; ++s) for (int64_t r = 0; r < ROWS; ++r) {{
+        const int64_t n = s * span_{out} + ib * ROWS + r;
+        {store("n", "res[s * ROWS + r]")}
+      }}
+    }}
+  }}
+"""
+    code += f"""  {loop}
+  for (int64_t nb = {tail_from}; nb < ({n_rows} + ROWS - 1) / ROWS; ++nb) {{
+    for (int64_t m = 0; m < M; ++m) {{
+      float res[ROWS];
+      const int64_t n0 = nb * ROWS;
+      block_rows({w}, {k}, {x} + m * {k}, n0, {n_rows}, res);
+      for (int64_t r = 0; r < ROWS && n0 + r < {n_rows}; ++r) {{
+        const int64_t n = n0 + r;
+        {store("n", "res[r]")}
+      }}
+    }}
+  }}
+"""
+    return code
+
+
 def _gemv_kernel(w: Workload, knobs: dict[str, Any]) -> str:
     p = w.params
     if w.kind == "mlp":
         return _mlp_kernel(w, knobs)
     M, N, K = (p["m"], p["n"], p["k"]) if w.kind == "gemm" else (p["batch"], p["vocab"], p["hidden"])
+    rows = _row_pass(knobs, "N", "K", "w", "xv", "out", lambda n, v: f"out[m * N + {n}] = f32_to_elem({v});")
     return _gemv_helpers(knobs) + f"""
 void autocomp_kernel(void **t, const int64_t *dims) {{
   (void)dims;
@@ -202,16 +262,7 @@ void autocomp_kernel(void **t, const int64_t *dims) {{
   xval_t *xv = (xval_t *)malloc(sizeof(xval_t) * M * K);
 {_convert_x("xv", "x", "M", "K")}  {_omp_parallel(knobs)}
   {{
-  {_omp_for(knobs)}
-  for (int64_t nb = 0; nb < (N + ROWS - 1) / ROWS; ++nb) {{
-    for (int64_t m = 0; m < M; ++m) {{
-      float res[ROWS];
-      const int64_t n0 = nb * ROWS;
-      block_rows(w, K, xv + m * K, n0, N, res);
-      for (int64_t r = 0; r < ROWS && n0 + r < N; ++r) out[m * N + n0 + r] = f32_to_elem(res[r]);
-    }}
-  }}
-  }}
+{rows}  }}
   free(xv);
 }}
 """
@@ -220,20 +271,52 @@ void autocomp_kernel(void **t, const int64_t *dims) {{
 def _mlp_kernel(w: Workload, knobs: dict[str, Any]) -> str:
     p = w.params
     B, H, I = p["batch"], p["hidden"], p["intermediate"]
+    # Gate and up rows of the same block are computed one after the other (two passes of `_row_pass` would read
+    # x twice as often and store twice), so the gate/up pass is its own loop nest, with spans as `_row_pass`'s.
     if knobs["fuse"]:
-        gate_up_store = "for (int64_t r = 0; r < ROWS && n0 + r < I; ++r) hv[m * I + x_pos(n0 + r, I)] = x_from_f32(silu(g[r]) * u[r]);"
+        def gate_up_store(n: str, g: str, u: str) -> str:
+            return f"hv[m * I + x_pos({n}, I)] = x_from_f32(silu({g}) * {u});"
         epilogue = ""
         scratch = ""
     else:
-        gate_up_store = (
-            "for (int64_t r = 0; r < ROWS && n0 + r < I; ++r) { gbuf[m * I + n0 + r] = g[r]; ubuf[m * I + n0 + r] = u[r]; }"
-        )
+        def gate_up_store(n: str, g: str, u: str) -> str:
+            return f"{{ gbuf[m * I + {n}] = {g}; ubuf[m * I + {n}] = {u}; }}"
         epilogue = f"""
   {_omp_for(knobs)}
   for (int64_t i = 0; i < B * I; ++i) hv[i / I * I + x_pos(i % I, I)] = x_from_f32(silu(gbuf[i]) * ubuf[i]);
 """
         scratch = "  float *gbuf = (float *)malloc(sizeof(float) * B * I), *ubuf = (float *)malloc(sizeof(float) * B * I);\n"
     free_scratch = "" if knobs["fuse"] else "  free(gbuf); free(ubuf);\n"
+    loop = _omp_for(knobs)
+    gate_up, tail_from = "", "0"
+    if knobs["spans"] > 1:
+        tail_from = "SPANS * span_i / ROWS"
+        gate_up = f"""  const int64_t span_i = I / (SPANS * ROWS) * ROWS;
+  {loop + " nowait" if loop else ""}
+  for (int64_t ib = 0; ib < span_i / ROWS; ++ib) {{
+    for (int64_t m = 0; m < B; ++m) {{
+      float g[SPANS * ROWS], u[SPANS * ROWS];
+      dot_spans(wg + ib * ROWS * H, H, span_i, xv + m * H, H, g);
+      dot_spans(wu + ib * ROWS * H, H, span_i, xv + m * H, H, u);
+      for (int64_t s = 0; s < SPANS; ++s) for (int64_t r = 0; r < ROWS; ++r) {{
+        const int64_t n = s * span_i + ib * ROWS + r;
+        {gate_up_store("n", "g[s * ROWS + r]", "u[s * ROWS + r]")}
+      }}
+    }}
+  }}
+"""
+    gate_up += f"""  {loop}
+  for (int64_t nb = {tail_from}; nb < (I + ROWS - 1) / ROWS; ++nb) {{
+    for (int64_t m = 0; m < B; ++m) {{
+      float g[ROWS], u[ROWS];
+      const int64_t n0 = nb * ROWS;
+      block_rows(wg, H, xv + m * H, n0, I, g);
+      block_rows(wu, H, xv + m * H, n0, I, u);
+      for (int64_t r = 0; r < ROWS && n0 + r < I; ++r) {gate_up_store("n0 + r", "g[r]", "u[r]")}
+    }}
+  }}
+"""
+    down = _row_pass(knobs, "H", "I", "wd", "hv", "out", lambda n, v: f"out[m * H + {n}] = f32_to_elem({v});")
     return _gemv_helpers(knobs) + f"""
 static inline float silu(float v) {{ return v / (1.0f + expf(-v)); }}
 
@@ -244,32 +327,13 @@ void autocomp_kernel(void **t, const int64_t *dims) {{
   const elem_t *wu = (const elem_t *)t[2];
   const elem_t *wd = (const elem_t *)t[3];
   elem_t *out = (elem_t *)t[4];
-  const int64_t B = {B}, H = {H}, I = {I};
+  const int64_t B = {B}, H = {H}, I = {I}, M = B;
   xval_t *xv = (xval_t *)malloc(sizeof(xval_t) * B * H);
   xval_t *hv = (xval_t *)malloc(sizeof(xval_t) * B * I);
 {scratch}{_convert_x("xv", "x", "B", "H")}  {_omp_parallel(knobs)}
   {{
-  {_omp_for(knobs)}
-  for (int64_t nb = 0; nb < (I + ROWS - 1) / ROWS; ++nb) {{
-    for (int64_t m = 0; m < B; ++m) {{
-      float g[ROWS], u[ROWS];
-      const int64_t n0 = nb * ROWS;
-      block_rows(wg, H, xv + m * H, n0, I, g);
-      block_rows(wu, H, xv + m * H, n0, I, u);
-      {gate_up_store}
-    }}
-  }}
-{epilogue}
-  {_omp_for(knobs)}
-  for (int64_t nb = 0; nb < (H + ROWS - 1) / ROWS; ++nb) {{
-    for (int64_t m = 0; m < B; ++m) {{
-      float res[ROWS];
-      const int64_t n0 = nb * ROWS;
-      block_rows(wd, I, hv + m * I, n0, H, res);
-      for (int64_t r = 0; r < ROWS && n0 + r < H; ++r) out[m * H + n0 + r] = f32_to_elem(res[r]);
-    }}
-  }}
-  }}
+{gate_up}{epilogue}
+{down}  }}
   free(xv); free(hv);
 {free_scratch}}}
 """

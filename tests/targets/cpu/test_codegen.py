@@ -37,6 +37,9 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "rows2_split": dict(rows=2, unroll=2, bf16_split=True),
         "fused_rows4_static": dict(fuse=True, rows=4, threads="static"),
         "fused_split_unroll4_dynamic": dict(fuse=True, bf16_split=True, unroll=4, threads="dynamic", chunk=1),
+        "spans4_rows2_prefetch_dynamic": dict(spans=4, rows=2, prefetch=512, threads="dynamic", chunk=1),
+        "spans8_unroll2_split_static": dict(spans=8, unroll=2, bf16_split=True, threads="static"),
+        "fused_spans2_rows4_serial": dict(fuse=True, spans=2, rows=4),
     },
     "rmsnorm": {
         "naive": {},
@@ -264,6 +267,26 @@ def test_legalize_clamps_rows_to_output_rows():
     assert codegen.legalize(w, {"rows": 8}, HOST_ISAS)["rows"] == 2
     w1 = make_workload("gemm", "bf16", m=1, n=1, k=32)
     assert codegen.legalize(w1, {"rows": 4}, HOST_ISAS)["rows"] == 1
+
+
+def test_legalize_keeps_spans_within_the_registers_and_the_output_rows():
+    big = make_workload("gemm", "bf16", m=1, n=2048, k=2048)
+    assert codegen.legalize(big, {"spans": 8, "rows": 2}, HOST_ISAS)["spans"] == 8
+    assert codegen.legalize(big, {"spans": 8, "rows": 8}, HOST_ISAS)["spans"] == 2  # 16 accumulators at most
+    assert codegen.legalize(big, {"spans": 4, "rows": 8, "unroll": 2}, HOST_ISAS)["spans"] == 1
+    assert codegen.legalize(big, {"spans": 3}, HOST_ISAS)["spans"] == 2  # snapped to a choice
+    few = make_workload("gemm", "bf16", m=1, n=12, k=32)
+    assert codegen.legalize(few, {"spans": 16, "rows": 2}, HOST_ISAS)["spans"] == 4  # a block of rows in each span
+
+
+def test_spans_take_rows_from_distant_parts_of_the_matrix_and_leave_a_tail():
+    w = make_workload("gemm", "bf16", m=1, n=1000, k=64)
+    code = codegen.generate(w, codegen.legalize(w, {"spans": 4, "rows": 2, "isa": HOST_ISAS[-1]}, HOST_ISAS))
+    assert "#define SPANS 4" in code and "(3 * span + 1) * ldw" in code  # row 1 of the 4th span
+    assert "const int64_t span_out = N / (SPANS * ROWS) * ROWS;" in code  # 124 rows per span, 4 left for the tail
+    assert "for (int64_t nb = SPANS * span_out / ROWS;" in code
+    plain = codegen.generate(w, codegen.legalize(w, {"rows": 2, "isa": HOST_ISAS[-1]}, HOST_ISAS))
+    assert "dot_spans" not in plain and "SPANS" not in plain
 
 
 def test_legalize_kind_specific_knobs():
