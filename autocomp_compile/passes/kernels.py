@@ -36,6 +36,7 @@ class BoundKernel:
     key: str
     workload: Workload
     run: KernelFn
+    code_hash: str = ""  # of the cached code it was built from
 
     alignment: int = field(init=False)  # bytes the kernel's vector loads need of tensor addresses; 1: none
     order_dependent: bool = field(init=False)  # float atomics: not bit-reproducible, so not used in deterministic mode
@@ -95,7 +96,10 @@ def check_loaded(kernel: KernelFn, workload: Workload, seed: int = 0, device: st
 
 
 class KernelRegistry:
-    """Process-wide map from cache key to loaded kernel."""
+    """Process-wide map from cache key to loaded kernel: the one added last under that key. A cache key names a
+    workload on a machine, not a kernel: a search that finds a faster kernel replaces the entry under the same key,
+    and two cache directories hold their own kernels under it; graphs compiled since (which add their entry's
+    kernel) and before (which call the key) then run the newer one, a correct kernel of the same workload."""
 
     def __init__(self) -> None:
         self._kernels: dict[str, BoundKernel] = {}
@@ -104,12 +108,13 @@ class KernelRegistry:
 
     def add(self, key: str, target: Target, workload: Workload, candidate: Candidate, check: bool = True) -> BoundKernel:
         with self._lock:
-            if key in self._kernels:
-                return self._kernels[key]
+            known = self._kernels.get(key)
+            if known is not None and known.code_hash == candidate.code_hash:
+                return known
             fn = load_kernel(target, workload, candidate)
             if check:
                 check_loaded(fn, workload, device="cuda" if target.name == "cuda" else "cpu")
-            bound = BoundKernel(key, workload, fn)
+            bound = BoundKernel(key, workload, fn, candidate.code_hash)
             self._kernels[key] = bound
             return bound
 

@@ -54,3 +54,30 @@ def test_the_run_time_loader_checks_an_imported_kernel_in_a_worker_before_runnin
             assert kernel is not None and not dst.entries()[0].unchecked
     finally:
         REGISTRY.clear()
+
+
+def test_the_registry_runs_the_kernel_added_last_under_a_key(tmp_path, monkeypatch):
+    """A cache key names a workload, not a kernel: a faster kernel cached later under the same key (a search, another
+    cache directory) replaces the one this process loaded first, instead of being silently ignored."""
+    import dataclasses
+
+    from autocomp_compile.passes.kernels import REGISTRY
+    from autocomp_compile.targets.base import get_target
+    from autocomp_compile.targets.cpu import codegen
+    from autocomp_compile.targets.cpu.isa import supported_isas
+    from tests.helpers import small
+
+    monkeypatch.setenv("AUTOCOMP_CACHE_DIR", str(tmp_path))  # the target's build folder
+    target, w = get_target("cpu"), small("gemm", "fp32")
+    naive = target.lower(w)
+    tuned_code = codegen.generate(w, codegen.legalize(w, {"isa": supported_isas()[-1], "rows": 4}, supported_isas()))
+    tuned = dataclasses.replace(naive, code=tuned_code)
+    REGISTRY.clear()
+    try:
+        first = REGISTRY.add("k", target, w, naive)
+        assert REGISTRY.add("k", target, w, naive) is first  # the same kernel again: not built or loaded twice
+        second = REGISTRY.add("k", target, w, tuned)
+        assert second is not first and second.code_hash == tuned.code_hash
+        assert REGISTRY.get("k") is second
+    finally:
+        REGISTRY.clear()
