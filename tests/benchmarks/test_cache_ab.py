@@ -18,7 +18,7 @@ def _cache_mlp(directory: Path, budget: int, runs: Path) -> str:
     """The tiny model's MLP searched with `budget` candidates into the cache in `directory`; its kernel's code hash."""
     (mlp,) = model_workloads("tiny-llama", "fp32", kinds=["mlp"])
     with KernelCache.in_directory(directory) as cache:
-        r = optimize(mlp, "cpu", SearchConfig(budget=budget, seed=0), EvalSettings(correctness_sets=1, timing_budget_ms=20),
+        optimize(mlp, "cpu", SearchConfig(budget=budget, seed=0), EvalSettings(correctness_sets=1, timing_budget_ms=20),
                      output_dir=runs, cache=cache)
         (entry,) = cache.entries()
         return entry.code_hash
