@@ -19,7 +19,7 @@ def _cache_mlp(directory: Path, budget: int, runs: Path) -> str:
     (mlp,) = model_workloads("tiny-llama", "fp32", kinds=["mlp"])
     with KernelCache.in_directory(directory) as cache:
         optimize(mlp, "cpu", SearchConfig(budget=budget, seed=0), EvalSettings(correctness_sets=1, timing_budget_ms=20),
-                     output_dir=runs, cache=cache)
+                 output_dir=runs, cache=cache)
         (entry,) = cache.entries()
         return entry.code_hash
 
