@@ -45,6 +45,11 @@ def family(kind: str) -> str:
     return "gemv" if kind in GEMV_KINDS else kind
 
 
+def output_rows(w: Workload) -> int:
+    """Rows of a GEMV-family kernel's output (for the MLP, of its gate and up projections)."""
+    return w.params.get("n", w.params.get("vocab", w.params.get("intermediate")))
+
+
 def naive_knobs(w: Workload) -> dict[str, Any]:
     return dict(NAIVE_KNOBS[family(w.kind)])
 
@@ -73,7 +78,7 @@ def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, A
     if out["threads"] == "serial":
         out["chunk"] = 0  # an OpenMP schedule's chunk
     if fam == "gemv":
-        n_rows = w.params.get("n", w.params.get("vocab", w.params.get("intermediate")))
+        n_rows = output_rows(w)
         while out["rows"] > 1 and out["rows"] > n_rows:
             out["rows"] //= 2
         # Spans need a block of rows in each (otherwise every row is in the tail: the plain kernel, other text).
