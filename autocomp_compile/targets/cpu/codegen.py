@@ -211,39 +211,44 @@ def _convert_x(dst: str, src: str, rows: str, cols: str) -> str:
     )
 
 
-def _row_pass(knobs: dict[str, Any], n_rows: str, k: str, w: str, x: str, out: str, store: Callable[[str, str], str]) -> str:
-    """One pass over the output rows 0..n_rows of `out`[m, n] = `w`[n, :k] . `x`[m, :k] for every m < M: the OpenMP
-    loop(s) of a GEMV. `store(n, v)` is the C statement that stores row n's fp32 value v of activation row m.
+def _row_pass(knobs: dict[str, Any], n_rows: str, k: str, x: str, weights: list[tuple[str, str]],
+              store: Callable[..., str]) -> str:
+    """One pass over output rows 0..n_rows: for each (weight matrix w, result array) in `weights`, row n's value
+    w[n, :k] . `x`[m, :k] for every m < M; the OpenMP loop(s) of a GEMV. `store(n, *values)` is the C statement that
+    stores row n's fp32 values (one per weight matrix) of activation row m.
     With spans, rows are taken ROWS at a time at the same place in each of SPANS equal spans (each core then streams
     SPANS runs of consecutive weight rows, as the read probe does), and the rows after the last whole span are a
     tail of plain blocks, after the spans' loop (nowait: they are other rows) and before the pass's barrier."""
-    tail_from = "0"
-    code = ""
     loop = _omp_for(knobs)
+    span = f"span_{weights[0][0]}"
+    code, tail_from = "", "0"
     if knobs["spans"] > 1:
-        tail_from = f"SPANS * span_{out} / ROWS"
-        code += f"""  const int64_t span_{out} = {n_rows} / (SPANS * ROWS) * ROWS;
+        tail_from = f"SPANS * {span} / ROWS"
+        dots = "\n".join(f"      float {res}[SPANS * ROWS];\n"
+                         f"      dot_spans({w} + ib * ROWS * {k}, {k}, {span}, {x} + m * {k}, {k}, {res});"
+                         for w, res in weights)
+        code += f"""  const int64_t {span} = {n_rows} / (SPANS * ROWS) * ROWS;
   {loop + " nowait" if loop else ""}
-  for (int64_t ib = 0; ib < span_{out} / ROWS; ++ib) {{
+  for (int64_t ib = 0; ib < {span} / ROWS; ++ib) {{
     for (int64_t m = 0; m < M; ++m) {{
-      float res[SPANS * ROWS];
-      dot_spans({w} + ib * ROWS * {k}, {k}, span_{out}, {x} + m * {k}, {k}, res);
+{dots}
       for (int64_t s = 0; s < SPANS; ++s) for (int64_t r = 0; r < ROWS; ++r) {{
-        const int64_t n = s * span_{out} + ib * ROWS + r;
-        {store("n", "res[s * ROWS + r]")}
+        const int64_t n = s * {span} + ib * ROWS + r;
+        {store("n", *(f"{res}[s * ROWS + r]" for _, res in weights))}
       }}
     }}
   }}
 """
+    blocks = "\n".join(f"      float {res}[ROWS];\n      block_rows({w}, {k}, {x} + m * {k}, n0, {n_rows}, {res});"
+                       for w, res in weights)
     code += f"""  {loop}
   for (int64_t nb = {tail_from}; nb < ({n_rows} + ROWS - 1) / ROWS; ++nb) {{
     for (int64_t m = 0; m < M; ++m) {{
-      float res[ROWS];
       const int64_t n0 = nb * ROWS;
-      block_rows({w}, {k}, {x} + m * {k}, n0, {n_rows}, res);
+{blocks}
       for (int64_t r = 0; r < ROWS && n0 + r < {n_rows}; ++r) {{
         const int64_t n = n0 + r;
-        {store("n", "res[r]")}
+        {store("n", *(f"{res}[r]" for _, res in weights))}
       }}
     }}
   }}
@@ -256,7 +261,7 @@ def _gemv_kernel(w: Workload, knobs: dict[str, Any]) -> str:
     if w.kind == "mlp":
         return _mlp_kernel(w, knobs)
     M, N, K = (p["m"], p["n"], p["k"]) if w.kind == "gemm" else (p["batch"], p["vocab"], p["hidden"])
-    rows = _row_pass(knobs, "N", "K", "w", "xv", "out", lambda n, v: f"out[m * N + {n}] = f32_to_elem({v});")
+    rows = _row_pass(knobs, "N", "K", "xv", [("w", "res")], lambda n, v: f"out[m * N + {n}] = f32_to_elem({v});")
     return _gemv_helpers(knobs) + f"""
 void autocomp_kernel(void **t, const int64_t *dims) {{
   (void)dims;
@@ -276,8 +281,6 @@ void autocomp_kernel(void **t, const int64_t *dims) {{
 def _mlp_kernel(w: Workload, knobs: dict[str, Any]) -> str:
     p = w.params
     B, H, I = p["batch"], p["hidden"], p["intermediate"]
-    # Gate and up rows of the same block are computed one after the other (two passes of `_row_pass` would read
-    # x twice as often and store twice), so the gate/up pass is its own loop nest, with spans as `_row_pass`'s.
     if knobs["fuse"]:
         def gate_up_store(n: str, g: str, u: str) -> str:
             return f"hv[m * I + x_pos({n}, I)] = x_from_f32(silu({g}) * {u});"
@@ -292,36 +295,9 @@ def _mlp_kernel(w: Workload, knobs: dict[str, Any]) -> str:
 """
         scratch = "  float *gbuf = (float *)malloc(sizeof(float) * B * I), *ubuf = (float *)malloc(sizeof(float) * B * I);\n"
     free_scratch = "" if knobs["fuse"] else "  free(gbuf); free(ubuf);\n"
-    loop = _omp_for(knobs)
-    gate_up, tail_from = "", "0"
-    if knobs["spans"] > 1:
-        tail_from = "SPANS * span_i / ROWS"
-        gate_up = f"""  const int64_t span_i = I / (SPANS * ROWS) * ROWS;
-  {loop + " nowait" if loop else ""}
-  for (int64_t ib = 0; ib < span_i / ROWS; ++ib) {{
-    for (int64_t m = 0; m < B; ++m) {{
-      float g[SPANS * ROWS], u[SPANS * ROWS];
-      dot_spans(wg + ib * ROWS * H, H, span_i, xv + m * H, H, g);
-      dot_spans(wu + ib * ROWS * H, H, span_i, xv + m * H, H, u);
-      for (int64_t s = 0; s < SPANS; ++s) for (int64_t r = 0; r < ROWS; ++r) {{
-        const int64_t n = s * span_i + ib * ROWS + r;
-        {gate_up_store("n", "g[s * ROWS + r]", "u[s * ROWS + r]")}
-      }}
-    }}
-  }}
-"""
-    gate_up += f"""  {loop}
-  for (int64_t nb = {tail_from}; nb < (I + ROWS - 1) / ROWS; ++nb) {{
-    for (int64_t m = 0; m < B; ++m) {{
-      float g[ROWS], u[ROWS];
-      const int64_t n0 = nb * ROWS;
-      block_rows(wg, H, xv + m * H, n0, I, g);
-      block_rows(wu, H, xv + m * H, n0, I, u);
-      for (int64_t r = 0; r < ROWS && n0 + r < I; ++r) {gate_up_store("n0 + r", "g[r]", "u[r]")}
-    }}
-  }}
-"""
-    down = _row_pass(knobs, "H", "I", "wd", "hv", "out", lambda n, v: f"out[m * H + {n}] = f32_to_elem({v});")
+    # Gate and up rows of the same block are computed one after the other: x is read once for both.
+    gate_up = _row_pass(knobs, "I", "H", "xv", [("wg", "g"), ("wu", "u")], gate_up_store)
+    down = _row_pass(knobs, "H", "I", "hv", [("wd", "res")], lambda n, v: f"out[m * H + {n}] = f32_to_elem({v});")
     return _gemv_helpers(knobs) + f"""
 static inline float silu(float v) {{ return v / (1.0f + expf(-v)); }}
 

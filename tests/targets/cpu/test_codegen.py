@@ -283,8 +283,8 @@ def test_spans_take_rows_from_distant_parts_of_the_matrix_and_leave_a_tail():
     w = make_workload("gemm", "bf16", m=1, n=1000, k=64)
     code = codegen.generate(w, codegen.legalize(w, {"spans": 4, "rows": 2, "isa": HOST_ISAS[-1]}, HOST_ISAS))
     assert "#define SPANS 4" in code and "(3 * span + 1) * ldw" in code  # row 1 of the 4th span
-    assert "const int64_t span_out = N / (SPANS * ROWS) * ROWS;" in code  # 124 rows per span, 4 left for the tail
-    assert "for (int64_t nb = SPANS * span_out / ROWS;" in code
+    assert "const int64_t span_w = N / (SPANS * ROWS) * ROWS;" in code  # 124 rows per span, 4 left for the tail
+    assert "for (int64_t nb = SPANS * span_w / ROWS;" in code
     plain = codegen.generate(w, codegen.legalize(w, {"rows": 2, "isa": HOST_ISAS[-1]}, HOST_ISAS))
     assert "dot_spans" not in plain and "SPANS" not in plain
 
