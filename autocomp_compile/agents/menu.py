@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from autocomp_compile.targets.cpu.codegen import KNOB_CHOICES, MAX_ACCUMULATORS, family, isa_applies, output_rows
+from autocomp_compile.targets.cpu.codegen import KNOB_CHOICES, family, isa_applies, spans_fit
 from autocomp_compile.targets.cpu.isa import VECTOR_WIDTH
 from autocomp_compile.workload import Workload
 
@@ -229,14 +229,12 @@ def _retune(item_id: str, title: str, description: str, knob: str, choices: tupl
 
 def _span_options(w: Workload, k: Knobs) -> list[int]:
     """Span counts other than the current one that leave room for at least one row per span."""
-    return [s for s in KNOB_CHOICES["gemv"]["spans"]
-            if s != k["spans"] and s * k["unroll"] <= MAX_ACCUMULATORS and s <= output_rows(w)]
+    return [s for s in KNOB_CHOICES["gemv"]["spans"] if s != k["spans"] and spans_fit(w, s, 1, k["unroll"])]
 
 
 def _with_spans(w: Workload, k: Knobs, spans: int) -> Knobs:
     """`spans` spans, with as many of the current rows per span as the accumulators and output rows allow."""
-    fits = [r for r in KNOB_CHOICES["gemv"]["rows"]
-            if r <= k["rows"] and spans * r * k["unroll"] <= MAX_ACCUMULATORS and spans * r <= output_rows(w)]
+    fits = [r for r in KNOB_CHOICES["gemv"]["rows"] if r <= k["rows"] and spans_fit(w, spans, r, k["unroll"])]
     return {**k, "spans": spans, "rows": max(fits, default=1)}
 
 

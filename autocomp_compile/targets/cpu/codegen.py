@@ -50,6 +50,11 @@ def output_rows(w: Workload) -> int:
     return w.params.get("n", w.params.get("vocab", w.params.get("intermediate")))
 
 
+def spans_fit(w: Workload, spans: int, rows: int, unroll: int) -> bool:
+    """Whether `spans` spans of `rows` rows each fit `w`'s output rows and the accumulator registers."""
+    return spans * rows <= output_rows(w) and spans * rows * unroll <= MAX_ACCUMULATORS
+
+
 def naive_knobs(w: Workload) -> dict[str, Any]:
     return dict(NAIVE_KNOBS[family(w.kind)])
 
@@ -82,8 +87,7 @@ def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, A
         while out["rows"] > 1 and out["rows"] > n_rows:
             out["rows"] //= 2
         # Spans need a block of rows in each (otherwise every row is in the tail: the plain kernel, other text).
-        while out["spans"] > 1 and (out["spans"] * out["rows"] > n_rows
-                                    or out["spans"] * out["rows"] * out["unroll"] > MAX_ACCUMULATORS):
+        while out["spans"] > 1 and not spans_fit(w, out["spans"], out["rows"], out["unroll"]):
             out["spans"] //= 2
         out["fuse"] = bool(out["fuse"]) and w.kind == "mlp"
         out["bf16_split"] = bool(out["bf16_split"]) and w.dtype == "bf16" and out["isa"] in ("avx2", "avx512")
