@@ -2,8 +2,7 @@
 
     python benchmarks/cache_ab.py --cache-a ~/.cache/autocomp_compile --cache-b /tmp/rewarmed --json ab.json
 
-Each round compiles the model once per cache (dynamo reset in between: dynamo would otherwise hand the second
-compile's calls to the first compiled graph), in alternating order, and times `--steps` decode steps of each next
+Each round compiles the model once per cache (from scratch: dynamo is reset in between), in alternating order, and times `--steps` decode steps of each next
 to one eager step per three, so that the machine's drift hits both alike. Besides the step times it reports the
 time spent inside the kernels of each workload, per step, so that a cache whose kernels are faster alone but not
 in the model shows where. Use it after a re-warm (a new codegen, a new schedule space) to see whether the new
