@@ -52,6 +52,9 @@ def _add_search_options(p: argparse.ArgumentParser, budget: int) -> None:
     p.add_argument("--patience", type=int, default=d.patience, help="stop after this many iterations without gain")
     p.add_argument("--min-depth", type=int, default=d.min_depth,
                    help=f"iterations the budget is spread over at least (default: {d.min_depth})")
+    p.add_argument("--finalists", type=int, default=d.finalists,
+                   help=f"the fastest correct kernels timed again against each other before one wins (default: "
+                        f"{d.finalists}; 1: no run-off)")
     p.add_argument("--sets", type=int, default=EvalSettings().correctness_sets, help="fresh random input sets per candidate")
     p.add_argument("--timing-ms", type=float, default=EvalSettings().timing_budget_ms, help="timing budget per candidate")
     p.add_argument("--timeout", type=float, default=EvalSettings().timeout_s, help="seconds per candidate before it fails")
@@ -142,7 +145,7 @@ def _settings(args: argparse.Namespace) -> tuple[SearchConfig, EvalSettings]:
         config = SearchConfig(
             budget=args.budget, beam_size=args.beam_size, iterations=args.iterations, plans_per_parent=args.plans,
             impls_per_plan=args.impls, dropout=args.dropout, seed=args.seed, patience=args.patience,
-            min_depth=args.min_depth,
+            min_depth=args.min_depth, finalists=args.finalists,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -31,6 +31,15 @@ def evaluation_config(settings: EvalSettings) -> dict[str, Any]:
     return evaluation
 
 
+def search_config(config: SearchConfig) -> dict[str, Any]:
+    """The search settings as a run records them. `finalists` appears only when it is not the default, so that
+    runs made before the run-off existed keep their names and resume (and then end with a run-off)."""
+    search = dataclasses.asdict(config)
+    if config.finalists == SearchConfig.finalists:
+        del search["finalists"]
+    return search
+
+
 def proposer_names(proposers: list[Proposer] | None) -> list[str]:
     """The proposers as a run records them; ["schedule"] for the offline default."""
     return [getattr(p, "name", type(p).__name__) for p in proposers or []] or ["schedule"]
@@ -40,7 +49,7 @@ def run_name(workload: Workload, target: Target, config: SearchConfig, settings:
              proposers: list[str] | None = None) -> str:
     """Short, stable name: the workload plus a hash of everything that shapes the run. `proposers` (their
     `proposer_names`) count only when they are not the offline default, so that offline runs keep their names."""
-    parts: list[Any] = [workload.signature(), target.fingerprint(), dataclasses.asdict(config), evaluation_config(settings)]
+    parts: list[Any] = [workload.signature(), target.fingerprint(), search_config(config), evaluation_config(settings)]
     if proposers and proposers != ["schedule"]:
         parts.append(proposers)
     blob = json.dumps(parts, sort_keys=True, default=str)
@@ -102,7 +111,7 @@ def optimize(
         {
             "workload": workload.describe(),
             "target": tgt.fingerprint(),
-            "search": dataclasses.asdict(config),
+            "search": search_config(config),
             "eval": evaluation_config(settings),
             "proposers": proposer_names(proposers),
         },

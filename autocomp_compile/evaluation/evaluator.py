@@ -12,10 +12,11 @@ from typing import Any, Callable
 from autocomp_compile.evaluation.job import EvalSettings
 from autocomp_compile.evaluation.worker import IsolatedWorker, WorkerCrash, WorkerTimeout
 from autocomp_compile.search.candidate import Candidate
-from autocomp_compile.targets.base import EvalResult
+from autocomp_compile.targets.base import EvalResult, RunOffError
 from autocomp_compile.workload import Workload
 
 _JOB = "autocomp_compile.evaluation.job:check_and_time"
+_RUN_OFF = "autocomp_compile.evaluation.job:run_off"
 
 
 @dataclass
@@ -33,6 +34,9 @@ class RoundEvaluator:
     restart_after: tuple[str, ...] = ()
     # The `module:function` the worker runs per candidate (a target may check and time in its own way).
     job: str = _JOB
+    # The job that times finalists against each other (`run_off`), or None where a candidate's measurement does
+    # not depend on when it was taken (a cost model's estimate): a target that times in its own way sets its own.
+    run_off_job: str | None = _RUN_OFF
 
     def __init__(self, workload: Workload, build_dir: Path, settings: EvalSettings | None = None, build_workers: int | None = None):
         self.workload = workload
@@ -81,6 +85,27 @@ class RoundEvaluator:
             if on_result:
                 on_result(len(results) - 1, res)
         return results
+
+    def run_off(self, candidates: list[Candidate]) -> dict[str, Any] | None:
+        """Time `candidates` (each already evaluated correct) again, interleaved with each other and eager in one
+        timing loop, so that the one the search measured fastest must also win where all are measured in the
+        same time window. Each gets the whole timing budget, twice its share in an evaluation. Returns the
+        `run_off` job's {"timing": {code_hash: ...}, "wrong": {code_hash: why}}, or None without a
+        `run_off_job`; raises RunOffError."""
+        if self.run_off_job is None:
+            return None
+        kernels = {}
+        for cand, b in zip(candidates, self.build_all(candidates)):  # built before: found on disk
+            if not b.ok or b.artifact is None:
+                raise RunOffError(f"finalist {cand.id} did not build again: {b.log[-500:]}")
+            kernels[cand.code_hash] = self.loader(cand, b.artifact)
+        budget_ms = self.settings.timing_budget_ms * (len(candidates) + 1)  # and eager
+        try:
+            return self._worker.run(self.run_off_job, self.workload, kernels, budget_ms, self.settings.device,
+                                    self.settings.seed, timeout_s=self.settings.timeout_s * len(candidates))
+        except RuntimeError as exc:  # WorkerTimeout, WorkerCrash, or the job's own error
+            self._worker.close()
+            raise RunOffError(f"{type(exc).__name__}: {str(exc)[-1000:]}") from exc
 
     def close(self) -> None:
         self._worker.close()

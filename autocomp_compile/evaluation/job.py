@@ -421,10 +421,32 @@ def time_functions(
     """Benchmark job: time several loaded kernels (and eager / inductor baselines) interleaved on one input set.
 
     `read_probe_mb` > 0 adds "read_probe", a streaming read of that many MB (CPU only): interleaved with
-    the kernels, it gives the memory bandwidth available in the same time window.
+    the kernels, it gives the memory bandwidth available in the same time window. Raises RuntimeError when a
+    kernel's output, checked after the timing, is wrong.
     """
+    timing, wrong = _time_kernels(state, w, kernels, budget_ms, with_eager, compiled_eager, device, read_probe_mb)
+    for name, message in wrong.items():
+        raise RuntimeError(f"{name} computed a wrong result in the benchmark: {message}")
+    return timing
+
+
+def run_off(state: dict[str, Any], w: Workload, kernels: dict[str, tuple[str, tuple]], budget_ms: float,
+            device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+    """The search's last job: its finalists (already checked and timed one by one) timed again, interleaved with
+    each other and eager, as `time_functions` times them. Returns {"timing": {name: {median_ms, p99_ms, runs}},
+    "wrong": {name: why}}, where "wrong" names the finalists whose output, checked after the timing, was wrong."""
+    timing, wrong = _time_kernels(state, w, kernels, budget_ms, True, False, device, 0, seed)
+    return {"timing": timing, "wrong": wrong}
+
+
+def _time_kernels(
+    state: dict[str, Any], w: Workload, kernels: dict[str, tuple[str, tuple]], budget_ms: float, with_eager: bool,
+    compiled_eager: bool, device: str, read_probe_mb: int, seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The timings of `time_functions`, and why each kernel whose output was wrong after the timing was."""
     spec = get_kind(w.kind)
     factory: InputFactory = state.setdefault("inputs", InputFactory(0))
+    factory.gen.manual_seed(seed)
     host_inputs = factory.inputs(w)
     snapshot = factory.snapshot(host_inputs)
     inputs = {k: v.to(device) for k, v in host_inputs.items()}
@@ -433,7 +455,7 @@ def time_functions(
     prepare: dict[str, Callable[[], None]] = {}
     # As the search timed them: before every call of every variant, fresh activations, the next cold copy (CPU)
     # and outputs poisoned, so that no variant is timed on inputs or outputs it has seen.
-    refresh = ActivationRefresher(w, inputs, seed=0)
+    refresh = ActivationRefresher(w, inputs, seed=seed)
     cold = ColdInputs(w, inputs, exclude=refresh.names) if device == "cpu" else None
     ours: dict[str, tuple[Callable[[], None], dict[str, torch.Tensor], list[torch.Tensor]]] = {}
     for name, (loader, args) in kernels.items():
@@ -470,15 +492,16 @@ def time_functions(
     # Each kernel's output once more, on fresh activations into stale outputs: a benchmark never reports a
     # kernel that stopped computing.
     out_name = w.outputs[0].name
+    wrong: dict[str, str] = {}
     for name, (fn, outs, targs) in ours.items():
         refresh()
         if cold:
-            cold.use(targs, cold.random_copy(0))
-        fill_stale(outs, torch.Generator().manual_seed(0))
+            cold.use(targs, cold.random_copy(seed))
+        fill_stale(outs, torch.Generator().manual_seed(seed))
         fn()
         _sync(device)
         expected = {**snapshot, **refresh.written()}
         got = compare(name, outs[out_name].cpu(), spec.reference(expected, w.params, w.runtime_dims)[out_name])
         if not got.ok:
-            raise RuntimeError(f"{name} computed a wrong result in the benchmark: {got.message}")
-    return {name: dict(median_ms=t.median_ms, p99_ms=t.p99_ms, runs=t.runs) for name, t in timing.items()}
+            wrong[name] = got.message
+    return {name: dict(median_ms=t.median_ms, p99_ms=t.p99_ms, runs=t.runs) for name, t in timing.items()}, wrong

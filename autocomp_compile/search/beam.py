@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 import math
 import random
 import statistics
@@ -11,12 +12,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from autocomp_compile.search.artifacts import RunDirectory
 from autocomp_compile.search.candidate import Candidate
-from autocomp_compile.targets.base import EvalResult, Evaluator, Target
+from autocomp_compile.targets.base import EvalResult, Evaluator, RunOffError, Target
 from autocomp_compile.workload import Workload
 
 if TYPE_CHECKING:
     from autocomp_compile.agents.schedule import Proposer
 
+
+log = logging.getLogger(__name__)
 
 # Rounds in a row that propose only already-seen kernels before the search calls its space exhausted.
 EMPTY_ROUNDS = 3
@@ -38,10 +41,13 @@ class SearchConfig:
     # ceil((budget - starting points) / min_depth) children (never fewer than beam_size), so that a small budget
     # still takes several menu steps instead of spending itself on the first two.
     min_depth: int = 6
+    # The fastest few correct candidates timed again against each other in one timing loop before the winner is
+    # named (the evaluator's run-off); 1: the fastest as measured alone wins.
+    finalists: int = 3
 
     def __post_init__(self) -> None:
         for name in ("budget", "beam_size", "iterations", "plans_per_parent", "impls_per_plan", "patience",
-                     "min_depth"):
+                     "min_depth", "finalists"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
@@ -62,6 +68,8 @@ class SearchResult:
     # The workload's key in the kernel cache, set when the result came from it or was offered to it: the entry
     # there is `best`, or a faster kernel cached before (a slower one never replaces it).
     cache_key: str | None = None
+    # The run-off of the finalists (see BeamSearch.run_off); None when there was none.
+    run_off: dict[str, Any] | None = None
 
     @property
     def from_cache(self) -> bool:
@@ -238,19 +246,74 @@ class BeamSearch:
             if stale >= cfg.patience:
                 stop = f"no improvement in {cfg.patience} iterations"
                 break
+        best, run_off = self.run_off(every)
+        if best is not None and beam and best is not beam[0]:
+            self.progress(len(every), cfg.budget, best, self._baseline([best], every))
         result = SearchResult(
             root=root,
-            best=beam[0] if beam else None,
+            best=best,
             candidates=every,
             iterations=len(history) - 1,  # iterations that evaluated candidates
             stop_reason=stop,
-            baseline_ms=self._baseline(beam, every),
+            baseline_ms=self._baseline([best] if best else [], every),
             evaluated_now=self._evaluated_now,
             history=history,
+            run_off=run_off,
         )
         if self.run_dir:
             self.run_dir.save_result(summarize(result, self.workload))
         return result
+
+    def run_off(self, every: list[Candidate]) -> tuple[Candidate | None, dict[str, Any] | None]:
+        """The winner among `every` evaluated candidate, and the record of its run-off.
+
+        Each candidate was timed in its own time window, and this machine's speed drifts between windows, so the
+        fastest as measured alone may be only the luckiest. The `finalists` fastest are therefore timed again,
+        interleaved with each other and eager in one loop (the evaluator's `run_off`), and the fastest there
+        wins. A finalist whose output is wrong after the run-off's timing fails, as if its evaluation had found
+        it, and is never the winner. Without a run-off (one finalist, an evaluator without one, or one that did
+        not finish), the fastest as measured alone wins."""
+        ranked = sorted((c for c in every if _rankable(c)), key=lambda c: c.latency_ms)
+        finalists = ranked[: self.config.finalists]
+        run = getattr(self.evaluator, "run_off", None)
+        if len(finalists) < 2 or run is None:
+            return (ranked[0] if ranked else None), None
+        try:
+            out = run(finalists)
+        except RunOffError as exc:
+            log.warning("%s: the run-off of %d finalists did not finish (%s); the fastest as timed alone wins",
+                        self.workload.name, len(finalists), exc)
+            return ranked[0], {"error": str(exc), "finalists": [c.id for c in finalists]}
+        if out is None:
+            return ranked[0], None
+        timing, wrong = out["timing"], out["wrong"]
+        alone = {c.code_hash: c.latency_ms for c in finalists}
+        for c in finalists:
+            if c.code_hash in wrong:
+                log.warning("%s: finalist %s computed a wrong result in the run-off: %s", self.workload.name, c.id,
+                            wrong[c.code_hash])
+                self._memo[c.code_hash] = c.result = EvalResult.failure(
+                    "correctness", f"in the run-off, after timing: {wrong[c.code_hash]}")
+                if self.run_dir:
+                    self.run_dir.save_candidate(c)
+        standing = [c for c in finalists if c.code_hash not in wrong]
+        if standing:
+            winner = min(standing, key=lambda c: timing[c.code_hash]["median_ms"])
+        else:  # every finalist failed: the fastest of the rest, as timed alone
+            winner = next((c for c in ranked if _rankable(c)), None)
+        eager = timing.get("eager", {}).get("median_ms")
+        record = {
+            "finalists": [{"id": c.id, "alone_ms": alone[c.code_hash],
+                           "run_off_ms": timing[c.code_hash]["median_ms"], "runs": timing[c.code_hash]["runs"],
+                           "wrong": wrong.get(c.code_hash)} for c in finalists],
+            "eager_ms": eager,
+            "winner": winner.id if winner else None,
+            "fastest_alone": ranked[0].id,
+        }
+        if winner is not None and winner is not ranked[0]:
+            log.info("%s: %s won the run-off of %d finalists; %s was the fastest timed alone", self.workload.name,
+                     winner.id, len(finalists), ranked[0].id)
+        return winner, record
 
     @staticmethod
     def _baseline(beam: list[Candidate], cands: list[Candidate]) -> float | None:
@@ -303,6 +366,7 @@ def summarize(r: SearchResult, w: Workload) -> dict[str, Any]:
         "reused": r.reused,
         "from_cache": r.from_cache,
         "cache_key": r.cache_key,
+        "run_off": r.run_off,
     }
 
 

@@ -19,6 +19,10 @@ class TargetError(RuntimeError):
     """Unknown or unavailable target."""
 
 
+class RunOffError(RuntimeError):
+    """An evaluator's run-off did not finish (its worker crashed or timed out, a finalist did not build)."""
+
+
 @dataclass
 class EvalResult:
     """Outcome of building, checking and timing one candidate.
@@ -114,7 +118,12 @@ class Evaluator(Protocol):
                  on_result: Callable[[int, EvalResult], None] | None = None) -> list[EvalResult]:
         """Build, check and time candidates; one failure never stops the others. `on_result(i, result)`, where
         an evaluator offers it, is called as soon as candidate i's result is known: the search saves it at once,
-        so that an interrupted run loses only the candidate in hand."""
+        so that an interrupted run loses only the candidate in hand.
+
+        An evaluator may also offer `run_off(candidates)`: the search's finalists timed again, interleaved with
+        each other and eager in one timing loop, returning {"timing": {code_hash: {"median_ms", ...}, "eager":
+        ...}, "wrong": {code_hash: why}}, or None where its measurements do not depend on when they were taken
+        (a cost model); it raises `RunOffError`."""
 
     def close(self) -> None: ...
 

@@ -16,7 +16,7 @@ from autocomp_compile.agents.schedule import ScheduleProposer
 from autocomp_compile.search.artifacts import RunConflict, RunDirectory
 from autocomp_compile.search.beam import BeamSearch, summarize
 from autocomp_compile.search.candidate import Candidate, normalized_code_hash
-from autocomp_compile.targets.base import EvalResult
+from autocomp_compile.targets.base import EvalResult, RunOffError
 from tests.conftest import EvaluatorCalled, FakeEvaluator, FakeTarget, fake_latency
 from tests.helpers import small
 
@@ -296,6 +296,105 @@ def test_candidate_round_trip():
     assert Candidate(id="b", parent_id=None, iteration=0, language="c", code="x").latency_ms == float("inf")
 
 
+# ---------------------------------------------------------------- the run-off
+
+
+class RunOffEvaluator(FakeEvaluator):
+    """A fake evaluator with a run-off: each finalist is timed there at `run_off_ms(rank alone, knobs)`;
+    `wrong(knobs)` finalists compute a wrong result there; `fails` raises RunOffError instead."""
+
+    def __init__(self, run_off_ms=None, wrong=None, fails=False, **kw):
+        super().__init__(**kw)
+        self.run_off_ms = run_off_ms or (lambda rank, k: fake_latency(k))
+        self.wrong, self.fails = wrong or (lambda k: False), fails
+        self.run_offs: list[list[str]] = []
+
+    def run_off(self, candidates):
+        self.run_offs.append([c.id for c in candidates])
+        if self.fails:
+            raise RunOffError("worker crashed")
+        timing = {c.code_hash: {"median_ms": self.run_off_ms(i, c.knobs), "p99_ms": None, "runs": 7}
+                  for i, c in enumerate(candidates)}
+        timing["eager"] = {"median_ms": 2.5, "p99_ms": None, "runs": 7}
+        return {"timing": timing, "wrong": {c.code_hash: "out mismatch" for c in candidates if self.wrong(c.knobs)}}
+
+
+def test_the_run_off_names_the_winner_among_the_fastest_candidates():
+    """Timed together, the third fastest as timed alone is the fastest: it wins, and the record says so."""
+    ev = RunOffEvaluator(run_off_ms=lambda rank, k: [3.0, 2.0, 1.0][rank])
+    r = _search(small("gemm"), ev, SearchConfig(budget=30, iterations=20, patience=20))
+    ranked = sorted((c for c in r.candidates if c.correct), key=lambda c: c.latency_ms)
+    assert ev.run_offs == [[c.id for c in ranked[:3]]]
+    assert r.best is ranked[2] and r.best.latency_ms > ranked[0].latency_ms  # its own timing is kept
+    assert r.run_off["winner"] == ranked[2].id and r.run_off["fastest_alone"] == ranked[0].id
+    assert [f["run_off_ms"] for f in r.run_off["finalists"]] == [3.0, 2.0, 1.0]
+    assert [f["alone_ms"] for f in r.run_off["finalists"]] == [c.latency_ms for c in ranked[:3]]
+    assert r.run_off["eager_ms"] == 2.5 and r.baseline_ms == r.best.result.baseline_ms
+    assert summarize(r, small("gemm"))["run_off"] == r.run_off
+
+
+def test_the_fastest_alone_wins_a_run_off_it_also_wins():
+    ev = RunOffEvaluator()
+    r = _search(small("gemm"), ev, SearchConfig(budget=30, iterations=20, patience=20, finalists=4))
+    ranked = sorted((c for c in r.candidates if c.correct), key=lambda c: c.latency_ms)
+    assert len(ev.run_offs[0]) == 4 and r.best is ranked[0] and r.run_off["winner"] == ranked[0].id
+
+
+def test_one_finalist_or_an_evaluator_without_a_run_off_means_no_run_off():
+    ev = RunOffEvaluator(run_off_ms=lambda rank, k: [3.0, 2.0, 1.0][rank])
+    r = _search(small("gemm"), ev, SearchConfig(budget=30, iterations=20, patience=20, finalists=1))
+    assert not ev.run_offs and r.run_off is None
+    assert r.best is min((c for c in r.candidates if c.correct), key=lambda c: c.latency_ms)
+    plain = _search(small("gemm"), FakeEvaluator(), SearchConfig(budget=30, iterations=20, patience=20))
+    assert plain.run_off is None and summarize(plain, small("gemm"))["run_off"] is None
+
+
+def test_a_finalist_wrong_in_the_run_off_fails_and_never_wins(tmp_path):
+    """The fastest as timed alone is wrong after the run-off's timing: it fails, is saved as failed (a resumed run
+    does not take it back), and the fastest of the others in the run-off wins."""
+    first = _search(small("gemm"), FakeEvaluator(), SearchConfig(budget=30, iterations=20, patience=20))
+    cheat = first.best.knobs
+    ev = RunOffEvaluator(wrong=lambda k: k == cheat)
+    run_dir = RunDirectory(tmp_path / "run", {"x": 1})
+    r = _search(small("gemm"), ev, SearchConfig(budget=30, iterations=20, patience=20), run_dir)
+    (failed,) = [c for c in r.candidates if c.knobs == cheat]
+    assert not failed.correct and failed.result.stage == "correctness" and "out mismatch" in failed.result.message
+    assert r.best is not failed and r.best.correct
+    assert r.best is min((c for c in r.candidates if c.correct), key=lambda c: c.latency_ms)
+    assert r.run_off["finalists"][0]["wrong"] == "out mismatch" and r.run_off["winner"] == r.best.id
+    saved = json.loads(next((tmp_path / "run").glob(f"iter-*/{failed.id}/candidate.json")).read_text())
+    assert saved["result"]["correct"] is False
+    assert not RunDirectory(tmp_path / "run", {"x": 1}).load_results()[failed.code_hash].correct
+
+
+def test_when_every_finalist_is_wrong_the_fastest_of_the_rest_wins():
+    ev = RunOffEvaluator(wrong=lambda k: True)
+    r = _search(small("gemm"), ev, SearchConfig(budget=30, iterations=20, patience=20, finalists=2))
+    assert all(f["wrong"] for f in r.run_off["finalists"])
+    assert r.best is min((c for c in r.candidates if c.correct), key=lambda c: c.latency_ms)
+    assert r.best.id not in ev.run_offs[0] and r.run_off["winner"] == r.best.id
+
+
+def test_a_run_off_that_does_not_finish_leaves_the_fastest_alone_as_winner(caplog):
+    ev = RunOffEvaluator(fails=True)
+    with caplog.at_level("WARNING"):
+        r = _search(small("gemm"), ev, SearchConfig(budget=30, iterations=20, patience=20))
+    assert r.best is min((c for c in r.candidates if c.correct), key=lambda c: c.latency_ms)
+    assert r.run_off == {"error": "worker crashed", "finalists": ev.run_offs[0]}
+    assert "run-off of 3 finalists did not finish (worker crashed)" in caplog.text
+
+
+def test_finalists_keep_earlier_run_names_at_their_default(tmp_path):
+    from autocomp_compile.optimize import run_name, search_config
+    from autocomp_compile.targets.cpu.target import CpuTarget
+
+    w, t = small("gemm"), CpuTarget(["scalar"])
+    assert "finalists" not in search_config(SearchConfig()) and search_config(SearchConfig(finalists=1))["finalists"] == 1
+    assert run_name(w, t, SearchConfig(), SETTINGS) != run_name(w, t, SearchConfig(finalists=1), SETTINGS)
+    with pytest.raises(ValueError, match="finalists"):
+        SearchConfig(finalists=0)
+
+
 # ---------------------------------------------------------------- run directory and resume
 
 
@@ -461,6 +560,11 @@ def test_optimize_end_to_end_tiny_gemm(tmp_path):
     assert summary["correct"] is True and summary["speedup"] == pytest.approx(r.speedup)
     assert summary["best_ms"] == pytest.approx(r.best.latency_ms) and summary["naive_ms"] > 0
     assert summary["bytes_moved"] == w.bytes_moved()
+    # the fastest three were timed again together (the CPU evaluator's run-off), and the winner came from them
+    finalists = summary["run_off"]["finalists"]
+    assert len(finalists) == min(3, sum(c.correct for c in r.candidates)) >= 2
+    assert summary["run_off"]["winner"] == r.best.id and r.best.id in [f["id"] for f in finalists]
+    assert all(f["run_off_ms"] > 0 and f["wrong"] is None for f in finalists) and summary["run_off"]["eager_ms"] > 0
     # builds went to the temporary cache set by tests/conftest.py, not ~/.cache
     assert list((tmp_path / "cache").glob("build/cpu/k_*.so"))
 

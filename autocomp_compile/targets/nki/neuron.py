@@ -78,6 +78,7 @@ class NeuronEvaluator(RoundEvaluator):
     """Parallel simulate-checks (all CPU cores), then correctness and `nki.benchmark` one at a time."""
 
     warmup, iters = 10, 100
+    run_off_job = None  # `nki.benchmark` runs in a subprocess per kernel: finalists cannot share a timing loop
 
     def build(self, candidate: Candidate) -> Built:
         path = self.build_dir / f"{candidate.code_hash}.py"

@@ -25,6 +25,7 @@ class EmulatorEvaluator(RoundEvaluator):
     """Builds = syntax and definition checks; the worker runs the emulator and the cost model."""
 
     job = "autocomp_compile.targets.nki.evaluate:check_and_estimate"
+    run_off_job = None  # an estimate does not depend on when it was made
 
     def build(self, candidate: Candidate) -> Built:
         t0 = time.perf_counter()

@@ -155,3 +155,40 @@ def test_generated_kernels_through_target_evaluator(tmp_path, monkeypatch):
         assert r.latency_ms > 0 and r.baseline_ms > 0
         assert r.max_abs_error < 0.5
     assert list((tmp_path / "cache" / "build" / "cpu").glob("k_*.so"))
+
+
+# ---------------------------------------------------------------- the run-off (evaluator.run_off)
+
+REPLAYS_FIRST_RESULT = hand_gemm(before="static float saved[M * N]; static int calls = 0;"
+                                        "if (calls++) { for (int i = 0; i < M * N; i++) out[i] = saved[i]; return; }",
+                                 store="out[m * N + n] = s; saved[m * N + n] = s;")
+
+
+def test_the_run_off_times_finalists_together_with_eager_and_names_the_wrong_ones(evaluator):
+    """Correct kernels get timings in one loop with eager; a kernel that returns its first result again is
+    reported wrong (the checked output after timing), not raised: the search fails it and goes on."""
+    finalists = [cand(BAD["correct"], "a"), cand(BAD["correct_again"], "b"), cand(REPLAYS_FIRST_RESULT, "replays")]
+    out = evaluator.run_off(finalists)
+    assert set(out["timing"]) == {c.code_hash for c in finalists} | {"eager"}
+    assert all(t["median_ms"] > 0 and t["runs"] >= 5 for t in out["timing"].values())
+    assert list(out["wrong"]) == [finalists[2].code_hash] and "expected" in out["wrong"][finalists[2].code_hash]
+
+
+def test_a_run_off_whose_worker_crashes_raises_and_the_evaluator_goes_on(evaluator):
+    from autocomp_compile.targets.base import RunOffError
+
+    crash = hand_gemm(before="static int calls = 0; if (++calls > 3) *(volatile int *)0 = 1;")
+    with pytest.raises(RunOffError, match="WorkerCrash"):
+        evaluator.run_off([cand(BAD["correct"], "a"), cand(crash, "crashes_when_timed")])
+    _assert_ok(evaluator.evaluate([cand(BAD["correct"], "after_run_off")])[0])
+
+
+def test_an_evaluator_without_a_run_off_job_has_no_run_off(tmp_path):
+    class Estimates(CpuEvaluator):
+        run_off_job = None
+
+    ev = Estimates(hand_gemm_workload(), tmp_path, EvalSettings(timing_budget_ms=20, timeout_s=TIMEOUT_S))
+    try:
+        assert ev.run_off([cand(BAD["correct"], "a"), cand(BAD["correct_again"], "b")]) is None
+    finally:
+        ev.close()
