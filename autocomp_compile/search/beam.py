@@ -265,7 +265,7 @@ class BeamSearch:
         return result
 
     def run_off(self, every: list[Candidate]) -> tuple[Candidate | None, dict[str, Any] | None]:
-        """The winner among `every` evaluated candidate, and the record of its run-off.
+        """The winner among the evaluated candidates `every`, and the record of its run-off.
 
         Each candidate was timed in its own time window, and this machine's speed drifts between windows, so the
         fastest as measured alone may be only the luckiest. The `finalists` fastest are therefore timed again,
