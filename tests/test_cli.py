@@ -26,6 +26,7 @@ from autocomp_compile.targets.cpu import bandwidth
         (["optimize", "--workload", "attention", "--phase", "train"], "phase must be"),
         (["optimize", "--workload", "gemm", "--budget", "0"], "budget must be >= 1"),
         (["optimize", "--workload", "gemm", "--dropout", "1.5"], "dropout must be in [0, 1)"),
+        (["optimize", "--workload", "gemm", "--finalists", "0"], "finalists must be >= 1, got 0"),
         (["optimize", "--workload", "gemm", "--sets", "0"], "--sets must be >= 1"),
         (["optimize", "--workload", "gemm", "--timeout", "nan"], "--timeout must be a finite number, got nan"),
         (["optimize", "--workload", "gemm", "--timing-ms", "inf"], "--timing-ms must be a finite number, got inf"),
@@ -121,6 +122,20 @@ def test_deterministic_flag_runs_the_repeat_check_in_its_own_run(tmp_path):
         correct = [r for r in results if r and r["correct"]]
         checked = True if config["eval"].get("deterministic") else None
         assert correct and all(r["extra"].get("repeatable") is checked for r in correct)
+
+
+def test_finalists_option_reaches_the_search_and_its_json(tmp_path):
+    """The default ends a search with a run-off of its 3 fastest kernels, recorded in --json; `--finalists 1` has
+    none, and runs under a name of its own (the run directory records it)."""
+    base = ["optimize", "--workload", "gemm", "--m", "1", "--n", "8", "--k", "16", "--budget", "4", "--timing-ms", "5",
+            "--output-dir", str(tmp_path / "out"), "--quiet", "--no-cache"]
+    assert cli.main(base + ["--json", str(tmp_path / "three.json")]) == 0
+    assert cli.main(base + ["--finalists", "1", "--json", str(tmp_path / "one.json")]) == 0
+    three, one = (json.loads((tmp_path / f).read_text()) for f in ("three.json", "one.json"))
+    assert len(three["run_off"]["finalists"]) == 3 and three["run_off"]["winner"] == three["best_id"]
+    assert one["run_off"] is None
+    configs = [json.loads(p.read_text())["search"] for p in (tmp_path / "out").glob("*/config.json")]
+    assert sorted(c.get("finalists", 3) for c in configs) == [1, 3]
 
 
 # ---------------------------------------------------------------- bad paths, checked before any search
