@@ -1,6 +1,7 @@
 """Beam search over candidate kernels (the Autocomp loop): propose, dedupe, evaluate, keep the best."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import logging
@@ -271,8 +272,9 @@ class BeamSearch:
         fastest as measured alone may be only the luckiest. The `finalists` fastest are therefore timed again,
         interleaved with each other and eager in one loop (the evaluator's `run_off`), and the fastest there
         wins. A finalist whose output is wrong after the run-off's timing fails, as if its evaluation had found
-        it, and is never the winner. Without a run-off (one finalist, an evaluator without one, or one that did
-        not finish), the fastest as measured alone wins."""
+        it, and is never the winner. Without a run-off (one finalist, an evaluator without one), the fastest as
+        measured alone wins; after a run-off that did not finish, the fastest that passes its evaluation again
+        (`_run_off_failed`)."""
         ranked = sorted((c for c in every if _rankable(c)), key=lambda c: c.latency_ms)
         finalists = ranked[: self.config.finalists]
         run = getattr(self.evaluator, "run_off", None)
@@ -281,9 +283,7 @@ class BeamSearch:
         try:
             out = run(finalists)
         except RunOffError as exc:
-            log.warning("%s: the run-off of %d finalists did not finish (%s); the fastest as timed alone wins",
-                        self.workload.name, len(finalists), exc)
-            return ranked[0], {"error": str(exc), "finalists": [c.id for c in finalists]}
+            return self._run_off_failed(ranked, finalists, str(exc))
         if out is None:
             return ranked[0], None
         timing, wrong = out["timing"], out["wrong"]
@@ -292,10 +292,7 @@ class BeamSearch:
             if c.code_hash in wrong:
                 log.warning("%s: finalist %s computed a wrong result in the run-off: %s", self.workload.name, c.id,
                             wrong[c.code_hash])
-                self._memo[c.code_hash] = c.result = EvalResult.failure(
-                    "correctness", f"in the run-off, after timing: {wrong[c.code_hash]}")
-                if self.run_dir:
-                    self.run_dir.save_candidate(c)
+                self._fail(c, EvalResult.failure("correctness", f"in the run-off, after timing: {wrong[c.code_hash]}"))
         standing = [c for c in finalists if c.code_hash not in wrong]
         if standing:
             winner = min(standing, key=lambda c: timing[c.code_hash]["median_ms"])
@@ -314,6 +311,30 @@ class BeamSearch:
             log.info("%s: %s won the run-off of %d finalists; %s was the fastest timed alone", self.workload.name,
                      winner.id, len(finalists), ranked[0].id)
         return winner, record
+
+    def _run_off_failed(self, ranked: list[Candidate], finalists: list[Candidate], error: str,
+                        ) -> tuple[Candidate | None, dict[str, Any]]:
+        """A run-off that did not finish (a crash, a timeout): the worker may have died of one of the finalists, and
+        which one is unknown, so each is evaluated again alone; one that fails now fails for good, and the fastest
+        of the rest (`ranked`: every correct candidate, fastest first), as timed before, wins."""
+        log.warning("%s: the run-off of %d finalists did not finish (%s); each is evaluated again alone",
+                    self.workload.name, len(finalists), error)
+        again = self.evaluator.evaluate([dataclasses.replace(c, result=None) for c in finalists])
+        failed = []
+        for c, r in zip(finalists, again):
+            if not r.correct:
+                failed.append(c.id)
+                self._fail(c, EvalResult.failure(r.stage, f"evaluated again after a run-off that did not finish: "
+                                                          f"{r.message}", stderr=r.stderr))
+        winner = next((c for c in ranked if _rankable(c)), None)
+        return winner, {"error": error, "finalists": [c.id for c in finalists], "failed_again": failed,
+                        "winner": winner.id if winner else None}
+
+    def _fail(self, c: Candidate, result: EvalResult) -> None:
+        """Record that candidate `c`, evaluated correct before, failed after all (the memo and the run directory)."""
+        self._memo[c.code_hash] = c.result = result
+        if self.run_dir:
+            self.run_dir.save_candidate(c)
 
     @staticmethod
     def _baseline(beam: list[Candidate], cands: list[Candidate]) -> float | None:

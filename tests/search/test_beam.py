@@ -375,13 +375,36 @@ def test_when_every_finalist_is_wrong_the_fastest_of_the_rest_wins():
     assert r.best.id not in ev.run_offs[0] and r.run_off["winner"] == r.best.id
 
 
-def test_a_run_off_that_does_not_finish_leaves_the_fastest_alone_as_winner(caplog):
-    ev = RunOffEvaluator(fails=True)
+def test_after_a_run_off_that_does_not_finish_the_fastest_that_passes_again_wins(caplog, tmp_path):
+    """The worker died during the run-off: each finalist is evaluated again alone. Here the fastest crashes then
+    (it is the one that took the worker down): it fails for good, and the next fastest wins."""
+    class CrashesInRunOff(RunOffEvaluator):
+        def run_off(self, candidates):
+            crasher = candidates[0].knobs
+            self.bad = lambda k: k == crasher
+            return super().run_off(candidates)
+
+    ev = CrashesInRunOff(fails=True)
+    run_dir = RunDirectory(tmp_path / "run", {"x": 1})
     with caplog.at_level("WARNING"):
-        r = _search(small("gemm"), ev, SearchConfig(budget=30, iterations=20, patience=20))
+        r = _search(small("gemm"), ev, SearchConfig(budget=30, iterations=20, patience=20), run_dir)
+    finalists = [c for c in r.candidates if c.id in ev.run_offs[0]]
+    crasher = next(c for c in finalists if c.id == ev.run_offs[0][0])
+    assert not crasher.correct and crasher.result.message.startswith("evaluated again after a run-off")
+    assert not RunDirectory(tmp_path / "run", {"x": 1}).load_results()[crasher.code_hash].correct
     assert r.best is min((c for c in r.candidates if c.correct), key=lambda c: c.latency_ms)
-    assert r.run_off == {"error": "worker crashed", "finalists": ev.run_offs[0]}
-    assert "run-off of 3 finalists did not finish (worker crashed)" in caplog.text
+    assert r.best.id == ev.run_offs[0][1]
+    assert r.run_off == {"error": "worker crashed", "finalists": ev.run_offs[0], "failed_again": [crasher.id],
+                         "winner": r.best.id}
+    assert ev.seen[-3:] == [c.code_hash for c in sorted(finalists, key=lambda c: ev.run_offs[0].index(c.id))]
+    assert "run-off of 3 finalists did not finish (worker crashed); each is evaluated again alone" in caplog.text
+
+
+def test_after_a_run_off_that_does_not_finish_finalists_that_pass_again_keep_their_order():
+    ev = RunOffEvaluator(fails=True)
+    r = _search(small("gemm"), ev, SearchConfig(budget=30, iterations=20, patience=20))
+    assert r.best is min((c for c in r.candidates if c.correct), key=lambda c: c.latency_ms)
+    assert r.best.id == ev.run_offs[0][0] and r.run_off["failed_again"] == []
 
 
 def test_finalists_keep_earlier_run_names_at_their_default(tmp_path):
