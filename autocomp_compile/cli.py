@@ -336,7 +336,7 @@ def _write_json(path: str, rows: list[dict[str, Any]], one_object: bool = False)
 def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | None = None,
          one_object: bool = False) -> list[dict[str, Any]]:
     from autocomp_compile.optimize import cache_hit, optimize
-    from autocomp_compile.report import console, results_table, search_progress
+    from autocomp_compile.report import console, results_table, run_off_line, search_progress
     from autocomp_compile.targets.base import require_available
     from autocomp_compile.targets.cpu.bandwidth import measure_read_bandwidth
 
@@ -374,6 +374,11 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
         if logger is not None:
             logger.finish()
         row = summarize(result, w)
+        line = run_off_line(label, row["run_off"])
+        if line:
+            from rich.markup import escape
+
+            console.print(escape(line), soft_wrap=True)
         if proposers:
             row["llm"] = _llm_summary(proposers, llm_before)
             _report_llm(label, row["llm"])

@@ -37,6 +37,23 @@ def results_table(rows: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
+def run_off_line(label: str, run_off: dict[str, Any] | None) -> str | None:
+    """One line when a search's run-off named another winner than the fastest timed alone, or did not finish
+    (`BeamSearch.run_off`'s record); None otherwise."""
+    if not run_off:
+        return None
+    if "error" in run_off:
+        failed = f"; failed when evaluated again: {', '.join(run_off['failed_again'])}" if run_off["failed_again"] else ""
+        return f"{label}: the run-off did not finish ({run_off['error'][:200]}){failed}; winner {run_off['winner']}"
+    if run_off["winner"] == run_off["fastest_alone"]:
+        return None
+    ms = {f["id"]: f["run_off_ms"] for f in run_off["finalists"]}
+    alone = next(f["alone_ms"] for f in run_off["finalists"] if f["id"] == run_off["fastest_alone"])
+    return (f"{label}: the run-off of the {len(ms)} fastest picked {run_off['winner']} ({_fmt(ms[run_off['winner']])} "
+            f"ms there) over {run_off['fastest_alone']} ({_fmt(ms[run_off['fastest_alone']])} ms there, "
+            f"{_fmt(alone)} ms timed alone)")
+
+
 @contextmanager
 def search_progress(label: str, budget: int, enabled: bool = True) -> Iterator[Any]:
     """A progress bar over the candidate budget; yields the callback BeamSearch calls."""
