@@ -38,20 +38,29 @@ def results_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 
 def run_off_line(label: str, run_off: dict[str, Any] | None) -> str | None:
-    """One line when a search's run-off named another winner than the fastest timed alone, or did not finish
-    (`BeamSearch.run_off`'s record); None otherwise."""
+    """One line when a search's run-off named another winner than the fastest timed alone, found a finalist
+    wrong, or did not finish (`BeamSearch.run_off`'s record); None otherwise."""
     if not run_off:
         return None
     if "error" in run_off:
         failed = f"; failed when evaluated again: {', '.join(run_off['failed_again'])}" if run_off["failed_again"] else ""
         return f"{label}: the run-off did not finish ({run_off['error'][:200]}){failed}; winner {run_off['winner']}"
-    if run_off["winner"] == run_off["fastest_alone"]:
+    finalists = {f["id"]: f for f in run_off["finalists"]}
+    wrong = [i for i, f in finalists.items() if f["wrong"]]
+    winner, alone = run_off["winner"], finalists[run_off["fastest_alone"]]
+    if winner == alone["id"] and not wrong:
         return None
-    ms = {f["id"]: f["run_off_ms"] for f in run_off["finalists"]}
-    alone = next(f["alone_ms"] for f in run_off["finalists"] if f["id"] == run_off["fastest_alone"])
-    return (f"{label}: the run-off of the {len(ms)} fastest picked {run_off['winner']} ({_fmt(ms[run_off['winner']])} "
-            f"ms there) over {run_off['fastest_alone']} ({_fmt(ms[run_off['fastest_alone']])} ms there, "
-            f"{_fmt(alone)} ms timed alone)")
+    line = f"{label}: the run-off of the {len(finalists)} fastest"
+    if wrong:
+        line += f" found {', '.join(wrong)} wrong after timing"
+    if winner is None:
+        return line + "; no correct kernel is left"
+    if winner not in finalists:
+        return line + f"; winner {winner}, the fastest of the others as timed alone"
+    line += f"{' and' if wrong else ''} picked {winner} ({_fmt(finalists[winner]['run_off_ms'])} ms there)"
+    if winner != alone["id"] and not alone["wrong"]:
+        line += f" over {alone['id']} ({_fmt(alone['run_off_ms'])} ms there, {_fmt(alone['alone_ms'])} ms timed alone)"
+    return line
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import pytest
 
 from autocomp_compile import EvalSettings, SearchConfig, optimize
 from autocomp_compile.agents.schedule import ScheduleProposer
+from autocomp_compile.report import run_off_line
 from autocomp_compile.search.artifacts import RunConflict, RunDirectory
 from autocomp_compile.search.beam import BeamSearch, summarize
 from autocomp_compile.search.candidate import Candidate, normalized_code_hash
@@ -362,6 +363,7 @@ def test_a_finalist_wrong_in_the_run_off_fails_and_never_wins(tmp_path):
     assert r.best is not failed and r.best.correct
     assert r.best is min((c for c in r.candidates if c.correct), key=lambda c: c.latency_ms)
     assert r.run_off["finalists"][0]["wrong"] == "out mismatch" and r.run_off["winner"] == r.best.id
+    assert run_off_line("gemm", r.run_off).startswith(f"gemm: the run-off of the 3 fastest found {failed.id} wrong")
     saved = json.loads(next((tmp_path / "run").glob(f"iter-*/{failed.id}/candidate.json")).read_text())
     assert saved["result"]["correct"] is False
     assert not RunDirectory(tmp_path / "run", {"x": 1}).load_results()[failed.code_hash].correct
@@ -373,6 +375,7 @@ def test_when_every_finalist_is_wrong_the_fastest_of_the_rest_wins():
     assert all(f["wrong"] for f in r.run_off["finalists"])
     assert r.best is min((c for c in r.candidates if c.correct), key=lambda c: c.latency_ms)
     assert r.best.id not in ev.run_offs[0] and r.run_off["winner"] == r.best.id
+    assert run_off_line("gemm", r.run_off).endswith(f"winner {r.best.id}, the fastest of the others as timed alone")
 
 
 def test_after_a_run_off_that_does_not_finish_the_fastest_that_passes_again_wins(caplog, tmp_path):
@@ -396,6 +399,8 @@ def test_after_a_run_off_that_does_not_finish_the_fastest_that_passes_again_wins
     assert r.best.id == ev.run_offs[0][1]
     assert r.run_off == {"error": "worker crashed", "finalists": ev.run_offs[0], "failed_again": [crasher.id],
                          "winner": r.best.id}
+    assert run_off_line("gemm", r.run_off) == (f"gemm: the run-off did not finish (worker crashed); failed when "
+                                               f"evaluated again: {crasher.id}; winner {r.best.id}")
     assert ev.seen[-3:] == [c.code_hash for c in sorted(finalists, key=lambda c: ev.run_offs[0].index(c.id))]
     assert "run-off of 3 finalists did not finish (worker crashed); each is evaluated again alone" in caplog.text
 
