@@ -180,6 +180,7 @@ def main() -> None:
             # ratio of two in-run ratios: (inductor / eager) / (autocomp / eager)
             "speedup_vs_inductor": (ind["inductor"]["median_ms"] / ind["eager"]["median_ms"]) / (best_ms / eager_ms) if ind else None,
             "candidates_evaluated": r.candidates_evaluated, "best_menu_ids": r.best.menu_ids, "best_knobs": r.best.knobs,
+            "run_off": r.run_off,  # the search's run-off of its finalists (None for a cached kernel)
             "seed_knobs": json.loads(args.seed_knobs) if args.seed_knobs else None,
         })
         console.print(f"{label}: autocomp {best_ms:.3f} ms, eager {eager_ms:.3f} ms ({eager_ms / best_ms:.2f}x), "
