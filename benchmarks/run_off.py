@@ -41,6 +41,20 @@ def tally(ids: list[str], repeats: list[dict[str, float]]) -> dict[str, dict[str
     return {i: {"wins": wins[i], "median_ms": statistics.median(r[i] for r in repeats)} for i in ids}
 
 
+def not_repeatable(record: dict | None) -> str:
+    """Why a search's run-off cannot be repeated and compared (no run-off, one that did not finish, or the fastest
+    alone or the winner not among the finalists still correct after it); "" when it can."""
+    if not record:
+        return "no run-off"
+    if "error" in record:
+        return f"the run-off did not finish ({record['error']})"
+    correct = {f["id"] for f in record["finalists"] if f["wrong"] is None}
+    for role in ("fastest_alone", "winner"):
+        if record[role] not in correct:
+            return f"the {role.replace('_', ' ')} ({record[role]}) is not a finalist found correct in the run-off"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=int, default=40)
@@ -81,8 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
             with search_progress(f"{name} seed {seed}", args.budget) as progress:
                 r = optimize(w, target, config, settings, work / name, progress=progress)
             record = r.run_off
-            if not record or "error" in record:
-                print(f"{name} seed {seed}: no run-off ({record})")
+            why = not_repeatable(record)
+            if why:
+                print(f"{name} seed {seed}: not repeated: {why}")
                 continue
             by_id = {c.id: c for c in r.candidates}
             finalists = [by_id[f["id"]] for f in record["finalists"] if f["wrong"] is None]

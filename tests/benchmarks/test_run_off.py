@@ -18,6 +18,17 @@ def test_tally_counts_each_repeats_fastest_and_medians():
         "a": {"wins": 1, "median_ms": 1.5}, "b": {"wins": 1, "median_ms": 2.0}, "c": {"wins": 1, "median_ms": 3.0}}
 
 
+def test_a_run_off_is_repeated_only_when_its_fastest_alone_and_winner_are_correct_finalists():
+    ok = {"finalists": [{"id": "a", "wrong": None}, {"id": "b", "wrong": None}], "winner": "b", "fastest_alone": "a"}
+    assert run_off.not_repeatable(ok) == ""
+    assert run_off.not_repeatable(None) == "no run-off"
+    assert run_off.not_repeatable({"error": "WorkerCrash", "finalists": ["a"]}) == "the run-off did not finish (WorkerCrash)"
+    wrong_alone = {**ok, "finalists": [{"id": "a", "wrong": "mismatch"}, {"id": "b", "wrong": None}]}
+    assert run_off.not_repeatable(wrong_alone) == "the fastest alone (a) is not a finalist found correct in the run-off"
+    outside = {**ok, "finalists": [{"id": "a", "wrong": None}, {"id": "b", "wrong": "mismatch"}], "winner": "c"}
+    assert run_off.not_repeatable(outside) == "the winner (c) is not a finalist found correct in the run-off"
+
+
 def test_bad_options_are_errors(capsys):
     with pytest.raises(SystemExit):
         run_off.main(["--workloads", "mlp,conv"])
