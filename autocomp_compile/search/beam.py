@@ -96,6 +96,11 @@ def _rankable(c: Candidate) -> bool:
     return c.correct and c.latency_ms != float("inf")
 
 
+def _fastest_correct(ranked: list[Candidate]) -> Candidate | None:
+    """The first of `ranked` (fastest first) still rankable: finalists failed by a run-off are passed over."""
+    return next((c for c in ranked if _rankable(c)), None)
+
+
 class BeamSearch:
     def __init__(
         self,
@@ -297,7 +302,7 @@ class BeamSearch:
         if standing:
             winner = min(standing, key=lambda c: timing[c.code_hash]["median_ms"])
         else:  # every finalist failed: the fastest of the rest, as timed alone
-            winner = next((c for c in ranked if _rankable(c)), None)
+            winner = _fastest_correct(ranked)
         eager = timing.get("eager", {}).get("median_ms")
         record = {
             "finalists": [{"id": c.id, "alone_ms": alone[c.code_hash],
@@ -326,7 +331,7 @@ class BeamSearch:
                 failed.append(c.id)
                 self._fail(c, EvalResult.failure(r.stage, f"evaluated again after a run-off that did not finish: "
                                                           f"{r.message}", stderr=r.stderr))
-        winner = next((c for c in ranked if _rankable(c)), None)
+        winner = _fastest_correct(ranked)
         return winner, {"error": error, "finalists": [c.id for c in finalists], "failed_again": failed,
                         "winner": winner.id if winner else None}
 
