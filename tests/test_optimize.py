@@ -1,7 +1,6 @@
 """optimize.py: schedule reuse seeds."""
 from __future__ import annotations
 
-import json
 import logging
 from types import SimpleNamespace
 
