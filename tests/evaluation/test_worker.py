@@ -99,9 +99,13 @@ def test_ctrl_c_reaches_the_parent_not_the_worker(worker):
     threading.Timer(0.3, os.kill, (pid, signal.SIGINT)).start()
     assert worker.run(f"{H}:sleep", 1.0) == "woke up"  # no KeyboardInterrupt in the job
     assert worker.run(f"{H}:pid") == pid  # the same worker: it was not killed by the signal
-    threading.Timer(0.3, lambda: signal.raise_signal(signal.SIGINT)).start()
+    # to the main thread, as the terminal's SIGINT: raise_signal() in the timer's thread would reach the main
+    # thread only when its 30 s wait for the job ended
+    threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+    t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         worker.run(f"{H}:sleep", 30.0)
+    assert time.perf_counter() - t0 < 10.0  # interrupted in the middle of the job
     t0 = time.perf_counter()
     worker.close()
     assert time.perf_counter() - t0 < 2.0  # killed, not waited for (close() waits up to 5 s for an idle worker)
