@@ -9,6 +9,7 @@ autocomp variant runs in cache-only mode: warm the cache first (`autocomp-compil
     python benchmarks/e2e.py --model tiny-llama --batch 1 32 --warm 8
     python benchmarks/e2e.py --device cuda --batch 1 --warm 16 --cudagraphs --eager-prefill   # NVIDIA GPU
     python benchmarks/e2e.py --batch 1 --llama-cpp native q8_0 --weights ~/Llama-3.2-1B   # + llama.cpp, real weights
+    python benchmarks/e2e.py --batch 1 --hf   # transformers' LlamaForCausalLM with a StaticCache, same weights
 
 On a GPU every step is timed to the end of its device work; `--cudagraphs` adds inductor's and
 autocomp's CUDA-graph variants (`mode="reduce-overhead"` and options={"cudagraphs": True}), and
@@ -24,6 +25,7 @@ import argparse
 import atexit
 import datetime
 import hashlib
+import importlib.util
 import json
 import os
 import statistics
@@ -33,6 +35,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -44,7 +47,8 @@ from autocomp_compile.models.generate import Generation
 from autocomp_compile.passes.dynamo import reports
 from autocomp_compile.workload import WorkloadError
 
-import peer_llama_cpp  # benchmarks/ is on sys.path when this file runs as a script
+import hf_llama  # benchmarks/ is on sys.path when this file runs as a script
+import peer_llama_cpp
 
 console = Console(width=140)
 
@@ -98,8 +102,17 @@ def gpu_breakdown(fn, batch: int, pos: int, device: str, steps: int = 5, top: in
     return out
 
 
-def eager_breakdown(model, batch: int, pos: int, steps: int = 5) -> dict[str, float]:
-    """Seconds per decode step spent in each module kind of the eager model, via forward hooks."""
+Step = Callable[[Callable, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def compact_step(fn: Callable, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One forward of the compact model (or a compiled one) through `fn`: the last position's logits."""
+    return fn(tokens, positions, last_only=True)
+
+
+def eager_breakdown(model, batch: int, pos: int, step: Step = compact_step, steps: int = 5) -> dict[str, float]:
+    """Seconds per decode step spent in each module kind of the eager model, via forward hooks (the compact model
+    and transformers' name their modules alike)."""
     spent: dict[str, float] = defaultdict(float)
     starts: dict[int, float] = {}
     handles = []
@@ -118,7 +131,7 @@ def eager_breakdown(model, batch: int, pos: int, steps: int = 5) -> dict[str, fl
     with torch.no_grad():
         for _ in range(steps):
             t0 = time.perf_counter()
-            model(tok, torch.tensor([pos]), last_only=True)
+            step(model, tok, torch.tensor([pos]))
             total += time.perf_counter() - t0
     for h in handles:
         h.remove()
@@ -127,17 +140,18 @@ def eager_breakdown(model, batch: int, pos: int, steps: int = 5) -> dict[str, fl
     return out
 
 
-def autocomp_breakdown(fn, batch: int, pos: int, vocab: int, steps: int = 5) -> dict[str, float]:
+def autocomp_breakdown(fn, batch: int, pos: int, vocab: int, step: Step = compact_step,
+                       steps: int = 5) -> dict[str, float]:
     """Seconds per decode step in each autocomp op (LM head told apart by its weight shape) and outside them."""
     from torch.profiler import ProfilerActivity, profile
 
     tok = torch.zeros(batch, 1, dtype=torch.long)
     with torch.no_grad():
-        fn(tok, torch.tensor([pos]), last_only=True)
+        step(fn, tok, torch.tensor([pos]))
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             t0 = time.perf_counter()
             for _ in range(steps):
-                fn(tok, torch.tensor([pos]), last_only=True)
+                step(fn, tok, torch.tensor([pos]))
             total = time.perf_counter() - t0
     spent: dict[str, float] = defaultdict(float)
     for ev in prof.key_averages(group_by_input_shape=True):
@@ -156,10 +170,11 @@ def autocomp_breakdown(fn, batch: int, pos: int, vocab: int, steps: int = 5) -> 
 
 
 def run_variant(name: str, fns: dict, model, prompt: torch.Tensor, steps: int, prefill_fn,
-                ggufs: dict[str, Path]) -> Generation:
-    """Greedy decoding by one variant; llama.cpp's (in a child process) keeps the prompt's logits."""
+                ggufs: dict[str, Path], gen: Callable[..., Generation] = generate) -> Generation:
+    """Greedy decoding by one variant (`gen`: `generate`, or `hf_llama.generate_hf` for transformers' model);
+    llama.cpp's (in a child process) keeps the prompt's logits."""
     if name not in ggufs:
-        return generate(model, prompt, steps, forward=fns[name], prefill_forward=prefill_fn)
+        return gen(model, prompt, steps, forward=fns[name], prefill_forward=prefill_fn)
     # 8-bit weights without llama.cpp's AMX repacking: its AMX kernels died with SIGILL on the Xeon (see the module)
     r = peer_llama_cpp.time_llama_cpp(ggufs[name], prompt[0].tolist(), steps, threads=torch.get_num_threads(),
                                       extra_buffers=name == "llama.cpp")
@@ -193,6 +208,13 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = load_model(args).to(args.device)
     cfg = model.config
+    gen, step, impl = generate, compact_step, "compact (autocomp_compile.models)"
+    if args.hf:  # transformers' model on the same weight tensors; the compact model is only their holder now
+        import transformers
+
+        model = hf_llama.hf_llama(model)
+        gen, step = hf_llama.generate_hf, hf_llama.decode_step(model)
+        impl = f"transformers {transformers.__version__} LlamaForCausalLM, StaticCache of {cfg.max_seq_len}"
     # Every variant compiles the same forward, so all their graphs (prefill and decode, every batch) share one
     # dynamo cache; past its limit dynamo would run eager silently and the table would call that "inductor".
     torch._dynamo.config.recompile_limit = 64
@@ -200,7 +222,8 @@ def run(args: argparse.Namespace) -> dict:
     options = {"mode": "cache-only", "verbose": args.verbose}
     fns = variants(model, options, args.cudagraphs)
     ggufs = llama_cpp_models(model, args) if args.llama_cpp is not None else {}
-    results: dict = {"model": args.model, "weights": args.weights or "random (seed 0)", "dtype": args.dtype,
+    results: dict = {"model": args.model, "implementation": impl,
+                     "weights": args.weights or "random (seed 0)", "dtype": args.dtype,
                      "device": describe_device(args.device),
                      "threads": torch.get_num_threads(), "eager_prefill": args.eager_prefill,
                      "date": datetime.datetime.now().isoformat(timespec="seconds"), "runs": [],
@@ -230,7 +253,7 @@ def run(args: argparse.Namespace) -> dict:
         for name in names:
             t0 = time.perf_counter()
             try:
-                run_variant(name, fns, model, prompt, 3, prefill_fn, ggufs)
+                run_variant(name, fns, model, prompt, 3, prefill_fn, ggufs, gen)
             except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the others
                 failed[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 console.print(f"  [red]{name}: failed[/] {failed[name]}")
@@ -242,7 +265,7 @@ def run(args: argparse.Namespace) -> dict:
         for r in range(rounds):
             for name in list(samples):
                 try:
-                    g = run_variant(name, fns, model, prompt, steps, prefill_fn, ggufs)
+                    g = run_variant(name, fns, model, prompt, steps, prefill_fn, ggufs, gen)
                 except Exception as exc:  # noqa: BLE001 - e.g. llama.cpp's child crashing: the others go on
                     failed[name] = f"round {r + 1}: {type(exc).__name__}: {str(exc)[:300]}"
                     console.print(f"  [red]{name}: failed[/] {failed[name]}")
@@ -270,21 +293,21 @@ def run(args: argparse.Namespace) -> dict:
         # Greedy tokens diverge after the first near-tie of random bf16 logits, so compare logits once: the
         # first ones the compiled graph computes (the first decode step after an eager prefill, else the prefill).
         first = 1 if args.eager_prefill else 0
-        ref = generate(model, prompt, 2, forward=model, keep_logits=True).logits[first]
+        ref = gen(model, prompt, 2, forward=model, keep_logits=True).logits[first]
         for name in samples:
             if name in ggufs:  # its prompt's logits, against eager's
                 got = llama_cpp_logits[name].to(ref.device)
                 ref0 = generate(model, prompt, 1, forward=model, keep_logits=True).logits[0]
                 row[name]["first_logits_rel_err_vs_eager"] = float((got - ref0).abs().max() / ref0.abs().max())
             elif name != "eager":
-                got = generate(model, prompt, 2, forward=fns[name], prefill_forward=prefill_fn,
-                               keep_logits=True).logits[first]
+                got = gen(model, prompt, 2, forward=fns[name], prefill_forward=prefill_fn,
+                          keep_logits=True).logits[first]
                 row[name]["first_logits_rel_err_vs_eager"] = float((got - ref).abs().max() / ref.abs().max())
         pos = prompt_len + steps // 2
         if args.breakdown and args.device == "cpu":
-            row["breakdown_eager_s"] = eager_breakdown(model, batch, pos)
+            row["breakdown_eager_s"] = eager_breakdown(model, batch, pos, step)
             if "autocomp" in samples:
-                row["breakdown_autocomp_s"] = autocomp_breakdown(fns["autocomp"], batch, pos, cfg.vocab)
+                row["breakdown_autocomp_s"] = autocomp_breakdown(fns["autocomp"], batch, pos, cfg.vocab, step)
         elif args.breakdown:
             for name in samples:
                 try:
@@ -340,7 +363,8 @@ def write_json(res: dict, path: str) -> None:
 
 
 def print_tables(res: dict) -> None:
-    t = Table(title=f"{res['model']} {res['dtype']} on {res['device']}: tokens/sec (median; batch totals)")
+    impl = " (transformers)" if res.get("implementation", "").startswith("transformers") else ""
+    t = Table(title=f"{res['model']}{impl} {res['dtype']} on {res['device']}: tokens/sec (median; batch totals)")
     for col in ("batch", "variant", "prefill tok/s", "decode tok/s", "decode vs eager", "decode vs inductor",
                 "tokens equal to eager's", "logits rel. err"):
         t.add_column(col, justify="right")
@@ -404,8 +428,15 @@ def main() -> None:
     p.add_argument("--gguf-dir", metavar="DIR", help="with --llama-cpp: where the GGUF files are kept and reused "
                    "(default: a temporary directory); files are named after --model and --weights' folder, and one "
                    "found there is reused")
+    p.add_argument("--hf", action="store_true", help="run transformers' LlamaForCausalLM (decoding over a StaticCache) "
+                   "on the same weights instead of the compact model")
     p.add_argument("--json", dest="json_path")
     args = p.parse_args()
+    if args.hf:
+        if importlib.util.find_spec("transformers") is None:
+            p.error("--hf needs transformers: pip install transformers")
+        if args.llama_cpp is not None:
+            p.error("--hf and --llama-cpp: compare llama.cpp with the compact model (the same weights), not both")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU visible to torch")
     if args.cudagraphs and args.device != "cuda":

@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from autocomp_compile.models import build_llama
@@ -25,6 +26,7 @@ def _load(name: str, file: str):
 # e2e.py imports its sibling as a script would (benchmarks/ first on sys.path); putting benchmarks/ on the path
 # here would let benchmarks/tvm.py shadow the tvm package for every later test
 _load("peer_llama_cpp", "peer_llama_cpp.py")
+_load("hf_llama", "hf_llama.py")
 e2e = _load("e2e_benchmark", "e2e.py")
 
 
@@ -39,3 +41,11 @@ def test_weights_of_the_model_load_and_others_are_refused_before_any_work(tmp_pa
     assert torch.equal(loaded.lm_head.weight, saved["lm_head.weight"])
     random = e2e.load_model(argparse.Namespace(model="tiny-llama", weights=None, dtype="fp32"))
     assert torch.equal(random.lm_head.weight, build_llama("tiny-llama", "fp32", seed=0).lm_head.weight)
+
+
+def test_hf_with_llama_cpp_is_refused_before_any_work(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["e2e.py", "--model", "tiny-llama", "--hf", "--llama-cpp", "native"])
+    with pytest.raises(SystemExit) as exit_info:
+        e2e.main()
+    assert exit_info.value.code == 2
+    assert "--hf and --llama-cpp" in capsys.readouterr().err

@@ -143,6 +143,15 @@ def test_mode_off_is_inductor(dirs):
     assert len(reports()) == n
 
 
+def cache_kwargs(hf, cache, positions):
+    """transformers 5 takes `cache=` (the cache counts its own positions); 4.x `past_key_values=`, `cache_position=`."""
+    import inspect
+
+    if "cache" in inspect.signature(type(hf).forward).parameters:
+        return {"cache": cache}
+    return {"past_key_values": cache, "cache_position": positions}
+
+
 def test_hugging_face_llama_greedy_tokens_match_eager(dirs):
     transformers = pytest.importorskip("transformers")
     from transformers import DynamicCache
@@ -155,12 +164,12 @@ def test_hugging_face_llama_greedy_tokens_match_eager(dirs):
     prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
 
     def greedy(fn, n=32):
-        cache, x, toks, logits = DynamicCache(), prompt, [], []
+        cache, x, pos, toks, logits = DynamicCache(), prompt, torch.arange(prompt.shape[1]), [], []
         with torch.no_grad():
             for _ in range(n):
-                out = fn(input_ids=x, past_key_values=cache, use_cache=True).logits[:, -1]
+                out = fn(input_ids=x, use_cache=True, **cache_kwargs(hf, cache, pos)).logits[:, -1]
                 logits.append(out)
-                x = out.argmax(-1, keepdim=True)
+                x, pos = out.argmax(-1, keepdim=True), pos[-1:] + 1
                 toks.append(x)
         return torch.cat(toks, 1), logits
 
@@ -172,6 +181,65 @@ def test_hugging_face_llama_greedy_tokens_match_eager(dirs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     replaced = {d.workload.split("_")[0] for r in reports()[n:] for d in r.decisions if d.replaced}
     assert {"mlp", "gemm", "lm"} <= replaced
+
+
+
+def _tiny_hf_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, num_hidden_layers=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return transformers, transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_hugging_face_llama_with_a_static_cache_gets_decode_attention_too(dirs):
+    """With `StaticCache` the KV length is fixed, so decode attention is replaced as well (with `DynamicCache` it
+    stays with PyTorch), the tokens stay eager's, and decoding does not recompile."""
+    transformers, hf = _tiny_hf_llama()
+    prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+
+    def greedy(fn, n=16):
+        cache = transformers.StaticCache(config=hf.config, max_cache_len=64)
+        x, pos, toks, logits = prompt, torch.arange(prompt.shape[1]), [], []
+        with torch.no_grad():
+            for _ in range(n):
+                out = fn(input_ids=x, use_cache=True, **cache_kwargs(hf, cache, pos)).logits[:, -1]
+                logits.append(out)
+                x, pos = out.argmax(-1, keepdim=True), pos[-1:] + 1
+                toks.append(x)
+        return torch.cat(toks, 1), logits
+
+    torch._dynamo.reset()
+    want, want_logits = greedy(hf)
+    compiled = torch.compile(hf, backend="autocomp", options=search_options(dirs))
+    greedy(compiled, n=3)  # compiles prefill and decode
+    n = len(reports())
+    got, got_logits = greedy(compiled)
+    assert len(reports()) == n, "decoding recompiled"
+    assert torch.equal(got, want)
+    for a, b in zip(got_logits, want_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    replaced = {d.workload for r in reports()[-2:] for d in r.decisions if d.replaced}
+    assert "attention_fp32_decode_batch1_head_dim16_heads4_kv_heads2_kv_len32_max_kv_len64" in replaced
+    assert {w.split("_")[0] for w in replaced} >= {"attention", "mlp", "gemm", "lm"}
+
+
+def test_hugging_face_generate_compiles_its_forward_with_the_backend(dirs):
+    """`generate(..., cache_implementation="static", compile_config=CompileConfig(backend="autocomp"))`: transformers
+    compiles the decode forward with the backend (on the CPU only when asked: `_compile_all_devices`)."""
+    transformers, hf = _tiny_hf_llama()
+    prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = hf.generate(prompt, max_new_tokens=12, do_sample=False, cache_implementation="static")
+        config = transformers.CompileConfig(backend="autocomp", mode=None, options=search_options(dirs))
+        config._compile_all_devices = True
+        n = len(reports())
+        got = hf.generate(prompt, max_new_tokens=12, do_sample=False, cache_implementation="static",
+                          compile_config=config)
+    assert torch.equal(got, want)
+    decisions = [d for r in reports()[n:] for d in r.decisions]
+    assert any(d.replaced and d.workload.startswith("attention_fp32_decode") for d in decisions)
 
 
 
