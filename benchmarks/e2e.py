@@ -76,19 +76,28 @@ def variants(model, options: dict, cudagraphs: bool = False) -> dict:
     return fns
 
 
-def gpu_breakdown(fn, batch: int, pos: int, device: str, steps: int = 5, top: int = 8) -> dict[str, float]:
+Step = Callable[[Callable, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def compact_step(fn: Callable, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One forward of the compact model (or a compiled one) through `fn`: the last position's logits."""
+    return fn(tokens, positions, last_only=True)
+
+
+def gpu_breakdown(fn, batch: int, pos: int, device: str, step: Step = compact_step, steps: int = 5,
+                  top: int = 8) -> dict[str, float]:
     """Seconds per decode step: device time of the `top` costliest kernels, of all kernels, and wall time."""
     from torch.profiler import ProfilerActivity, profile
 
     tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
     pos_t = torch.tensor([pos], device=device)
     with torch.no_grad():
-        fn(tok, pos_t, last_only=True)
+        step(fn, tok, pos_t)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
             for _ in range(steps):
-                fn(tok, pos_t, last_only=True)
+                step(fn, tok, pos_t)
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
     kernels: dict[str, float] = defaultdict(float)
@@ -100,14 +109,6 @@ def gpu_breakdown(fn, batch: int, pos: int, device: str, steps: int = 5, top: in
     out["= all GPU kernels"] = sum(kernels.values())
     out["= wall time of the step"] = wall / steps
     return out
-
-
-Step = Callable[[Callable, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def compact_step(fn: Callable, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """One forward of the compact model (or a compiled one) through `fn`: the last position's logits."""
-    return fn(tokens, positions, last_only=True)
 
 
 def eager_breakdown(model, batch: int, pos: int, step: Step = compact_step, steps: int = 5) -> dict[str, float]:
@@ -311,7 +312,7 @@ def run(args: argparse.Namespace) -> dict:
         elif args.breakdown:
             for name in samples:
                 try:
-                    row[f"breakdown_{name}_s"] = gpu_breakdown(fns[name], batch, pos, args.device)
+                    row[f"breakdown_{name}_s"] = gpu_breakdown(fns[name], batch, pos, args.device, step)
                 except Exception as exc:  # noqa: BLE001 - the profiler is a diagnostic, not the result
                     console.print(f"  [yellow]{name}: no GPU breakdown[/] ({type(exc).__name__}: {exc})")
         if args.json_path:

@@ -83,8 +83,9 @@ def _forward(fn: Callable, hf: torch.nn.Module, cache: Any, ids: torch.Tensor, p
 
 
 def decode_step(hf: torch.nn.Module) -> Callable[[Callable, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A `(fn, tokens, positions) -> logits` call over the model's cache for `tokens`' batch (for e2e's
-    breakdowns, which time single decode steps)."""
+    """A `(fn, tokens, positions) -> logits` call over the model's cache for `tokens`' batch, for e2e's breakdowns,
+    which time single decode steps: the cache goes on from where the last generation left it (transformers 5
+    caches count their own positions), so each call attends over a few more keys than `positions` says."""
     return lambda fn, tokens, positions: _forward(fn, hf, _cache(hf, tokens.shape[0]), tokens, positions)
 
 
