@@ -435,7 +435,11 @@ def main() -> None:
     args = p.parse_args()
     if args.hf:
         if importlib.util.find_spec("transformers") is None:
-            p.error("--hf needs transformers: pip install transformers")
+            p.error("--hf needs transformers: pip install 'transformers>=5'")
+        import transformers
+
+        if int(transformers.__version__.split(".")[0]) < 5:
+            p.error(f"--hf needs transformers >= 5 (its config and cache API), found {transformers.__version__}")
         if args.llama_cpp is not None:
             p.error("--hf and --llama-cpp: compare llama.cpp with the compact model (the same weights), not both")
     if args.device == "cuda" and not torch.cuda.is_available():

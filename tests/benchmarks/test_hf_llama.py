@@ -13,7 +13,7 @@ import torch
 from autocomp_compile.models import build_llama, generate, get_config
 from autocomp_compile.models.weights import config_from_hf
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", minversion="5.0")  # rope_parameters, dtype=, StaticCache(config=)
 _spec = importlib.util.spec_from_file_location("hf_llama", Path(__file__).parents[2] / "benchmarks" / "hf_llama.py")
 hf_llama = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("hf_llama", hf_llama)

@@ -185,7 +185,7 @@ def test_hugging_face_llama_greedy_tokens_match_eager(dirs):
 
 
 def _tiny_hf_llama():
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", minversion="5.0")  # StaticCache(config=, max_cache_len=)
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                    num_key_value_heads=2, num_hidden_layers=2, attn_implementation="sdpa")
     torch.manual_seed(0)
