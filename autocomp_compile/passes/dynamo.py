@@ -10,6 +10,8 @@ replaced by `torch.ops.autocomp.*` calls. Inductor compiles everything else as u
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -75,6 +77,11 @@ class BackendOptions:
         for name in ("kinds", "models"):
             if name in options:
                 options[name] = (options[name],) if isinstance(options[name], str) else tuple(options[name])
+        for name in ("cache_dir", "output_dir"):
+            if isinstance(options.get(name), os.PathLike):
+                options[name] = os.fspath(options[name])
+        for name, value in options.items():
+            _check_type(name, value)
         opts = cls(**options)
         if opts.mode not in MODES:
             raise BackendOptionsError(f"autocomp option mode={opts.mode!r}; choose one of {list(MODES)}")
@@ -83,7 +90,35 @@ class BackendOptions:
             raise BackendOptionsError(f"autocomp option kinds: unknown {bad}; choose from {list(ALL_KINDS)}")
         if opts.budget < 1:
             raise BackendOptionsError(f"autocomp option budget must be >= 1, got {opts.budget}")
+        if not (math.isfinite(opts.min_speedup) and opts.min_speedup >= 0):
+            raise BackendOptionsError(f"autocomp option min_speedup must be a finite number >= 0, got {opts.min_speedup}")
+        if any(not m.strip() for m in opts.models):
+            raise BackendOptionsError(f"autocomp option models: an empty model name in {list(opts.models)}")
         return opts
+
+
+# What each option may hold (bool is an int to Python, so it is refused where a number is meant).
+_OPTION_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "target": ("a target name or None", lambda v: v is None or isinstance(v, str)),
+    "mode": ("a string", lambda v: isinstance(v, str)),
+    "budget": ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "kinds": ("kind names", lambda v: all(isinstance(k, str) for k in v)),
+    "min_speedup": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "cache_dir": ("a path or None", lambda v: v is None or isinstance(v, str)),
+    "output_dir": ("a path", lambda v: isinstance(v, str)),
+    "seed": ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "verbose": ("True or False", lambda v: isinstance(v, bool)),
+    "models": ("model names (provider::model)", lambda v: all(isinstance(m, str) for m in v)),
+    "api_base": ("a URL or None", lambda v: v is None or isinstance(v, str)),
+    "cudagraphs": ("True or False", lambda v: isinstance(v, bool)),
+    "deterministic": ("True, False or None", lambda v: v is None or isinstance(v, bool)),
+}
+
+
+def _check_type(name: str, value: Any) -> None:
+    expected, ok = _OPTION_TYPES[name]
+    if not ok(value):
+        raise BackendOptionsError(f"autocomp option {name} must be {expected}, got {value!r}")
 
 
 REPORTS: list[GraphReport] = []

@@ -2,6 +2,7 @@
 kernels found by search replace the subgraphs, tokens stay those of eager, decoding never recompiles."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,30 @@ def test_option_errors_are_clear():
         BackendOptions.parse({"kinds": ["conv"]})
     assert BackendOptions.parse(None).mode == "cache-only"
     assert BackendOptions.parse({"cudagraphs": True}).cudagraphs
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"min_speedup": "x"}, "min_speedup must be a number, got 'x'"),
+    ({"min_speedup": float("nan")}, "min_speedup must be a finite number >= 0"),
+    ({"min_speedup": -1}, "min_speedup must be a finite number >= 0"),
+    ({"budget": "3"}, "budget must be an int, got '3'"),
+    ({"budget": 2.5}, "budget must be an int"),
+    ({"budget": True}, "budget must be an int"),
+    ({"seed": "x"}, "seed must be an int"),
+    ({"verbose": "no"}, "verbose must be True or False, got 'no'"),
+    ({"kinds": ["mlp", 3]}, "kinds must be kind names"),
+    ({"models": [""]}, "an empty model name"),
+    ({"deterministic": 1}, "deterministic must be True, False or None"),
+    ({"target": 0}, "target must be a target name or None"),
+])
+def test_option_types_are_checked_before_any_work(options, message):
+    with pytest.raises(BackendOptionsError, match=re.escape(message)):
+        BackendOptions.parse(options)
+
+
+def test_path_options_may_be_paths(tmp_path):
+    opts = BackendOptions.parse({"cache_dir": tmp_path / "c", "output_dir": tmp_path / "o", "min_speedup": 2})
+    assert (opts.cache_dir, opts.output_dir) == (str(tmp_path / "c"), str(tmp_path / "o"))
 
 
 def test_reduce_overhead_mode_is_accepted_and_other_torch_modes_are_refused(dirs):
