@@ -9,7 +9,7 @@ import os
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Iterable, NoReturn, Sequence
 
 from autocomp_compile.evaluation.job import EvalSettings
 from autocomp_compile.executors import ExecutorError
@@ -67,7 +67,7 @@ def _add_search_options(p: argparse.ArgumentParser, budget: int) -> None:
                         "more on the same inputs must give the same bits; CUDA caches them apart from the others. What "
                         "torch.compile uses under torch.use_deterministic_algorithms(True)")
     p.add_argument("--reuse", type=int, default=3, help="cached schedules of similar workloads to replay (>= 0; 0: none)")
-    p.add_argument("--models", default="", help="LLM models, comma-separated provider::model (e.g. openai::gpt-4.1,"
+    p.add_argument("--models", type=_model_names, default=None, help="LLM models, comma-separated provider::model (e.g. openai::gpt-4.1,"
                    "anthropic::claude-sonnet-4-5); default: the offline menu-driven proposer")
     p.add_argument("--api-base", default=None, help="OpenAI-compatible server for the models (vLLM, Ollama, ...)")
     p.add_argument("--prompts", default=None, help="folder of prompt markdown to use instead of the built-in one")
@@ -406,8 +406,19 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
     return rows
 
 
+def _flags(names: Iterable[str]) -> str:
+    return ", ".join(f"--{n.replace('_', '-')}" for n in sorted(names))
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
+    from autocomp_compile.references import get_kind
+
     params = {name: getattr(args, name) for name in SHAPE_OPTIONS if getattr(args, name) is not None}
+    valid = get_kind(args.workload).defaults
+    foreign = set(params) - set(valid)
+    if foreign:
+        raise UsageError(f"{_flags(foreign)}: not a shape option of {args.workload} (its shape options: "
+                         f"{_flags(valid)})")
     workload = make_workload(args.workload, args.dtype, **params)
     for name in sorted(k for k, v in params.items() if workload.params[k] != v):
         form = f"{workload.params['phase']} " if "phase" in workload.params else ""
@@ -440,6 +451,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
     if args.no_cache:
         raise UsageError("warm stores its results in the kernel cache; drop --no-cache")
     torch_dtype(args.dtype)  # an unknown name: one line, before any work
+    _check_model_shape_options(args)
     if args.executor == "ray" and (args.models or args.wandb):  # before tracing: nothing is done for either
         raise UsageError("--executor ray runs the offline proposer without a W&B log: LLM proposers (--models) and "
                          "--wandb run with --executor local")
@@ -454,6 +466,20 @@ def cmd_warm(args: argparse.Namespace) -> int:
         os.environ["AUTOCOMP_BUILD_WORKERS"] = str(args.workers)
     rows = _run(workloads, args) if args.executor == "local" else _run_on_ray(workloads, args)
     return _status(rows)
+
+
+def _check_model_shape_options(args: argparse.Namespace) -> None:
+    """warm's --batch, --max-seq-len and --prefill, named in the error (before the model is traced)."""
+    from autocomp_compile.models import get_config
+
+    if args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise UsageError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
+    longest = args.max_seq_len or get_config(args.model).max_seq_len
+    bad = [n for n in args.prefill if not 1 <= n <= longest]
+    if bad:
+        raise UsageError(f"--prefill must be in [1, {longest}] (the KV-cache length, --max-seq-len), got {bad}")
 
 
 def _run_on_ray(workloads: list[Workload], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -568,8 +594,18 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_names(value: str) -> str:
+    """--models: at least one name (an empty value is a mistake, not a request for the offline proposer)."""
+    if not any(m.strip() for m in value.split(",")):
+        raise argparse.ArgumentTypeError(f"no model names in {value!r}; name provider::model, or leave --models out "
+                                         "for the offline proposer")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "models", "") is None:  # not given: the offline proposer
+        args.models = ""
     handlers = {"optimize": cmd_optimize, "demo": cmd_demo, "warm": cmd_warm, "cache": cmd_cache, "targets": cmd_targets}
     try:
         return handlers[args.command](args)

@@ -20,7 +20,7 @@ from autocomp_compile.targets.cpu import bandwidth
         (["optimize", "--workload", "gemm", "--target", "tpu"], "unknown target 'tpu'"),
         (["optimize", "--workload", "gemm", "--dtype", "fp16"], "unknown dtype 'fp16'"),
         (["optimize", "--workload", "gemm", "--m", "-3"], "m must be a positive integer"),
-        (["optimize", "--workload", "mlp", "--vocab", "5"], "unknown parameter(s) ['vocab']"),
+        (["optimize", "--workload", "mlp", "--vocab", "5"], "--vocab: not a shape option of mlp (its shape options: --batch, --hidden, --intermediate)"),
         (["optimize", "--workload", "attention", "--heads", "6", "--kv-heads", "4"], "multiple of kv_heads"),
         (["optimize", "--workload", "attention", "--kv-len", "4096", "--max-kv-len", "2048"], "exceeds max_kv_len"),
         (["optimize", "--workload", "attention", "--phase", "train"], "phase must be"),
@@ -32,6 +32,12 @@ from autocomp_compile.targets.cpu import bandwidth
         (["optimize", "--workload", "gemm", "--timing-ms", "inf"], "--timing-ms must be a finite number, got inf"),
         (["optimize", "--workload", "gemm", "--dropout", "nan"], "--dropout must be a finite number"),
         (["optimize", "--workload", "gemm", "--reuse", "-1"], "--reuse must be >= 0, got -1"),
+        (["optimize", "--workload", "mlp", "--phase", "prefill", "--kv-len", "5"],
+         "--kv-len, --phase: not a shape option of mlp"),
+        (["warm", "--model", "tiny-llama", "--prefill", "0"], "--prefill must be in [1, 128] (the KV-cache length"),
+        (["warm", "--model", "tiny-llama", "--max-seq-len", "64", "--prefill", "65"], "--prefill must be in [1, 64]"),
+        (["warm", "--model", "tiny-llama", "--max-seq-len", "0"], "--max-seq-len must be >= 1, got 0"),
+        (["warm", "--model", "tiny-llama", "--batch", "0"], "--batch must be >= 1, got 0"),
         (["warm", "--workers", "-1"], "--workers must be >= 1, got -1"),
         (["warm", "--workers", "0"], "--workers must be >= 1, got 0"),
         (["warm", "--kinds", " ,"], "--kinds: name at least one of"),
@@ -59,6 +65,14 @@ def test_bad_input_is_one_line_and_status_2(argv, message, capsys, tmp_path, mon
     assert err.startswith("autocomp-compile: error:") and message in err
     assert "\n" not in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())  # refused before any work: not even ./output was created
+
+
+@pytest.mark.parametrize("models", ["", " , "])
+def test_models_without_a_name_is_refused_not_taken_for_the_offline_proposer(models, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["optimize", "--workload", "gemm", "--models", models])
+    assert exit_info.value.code == 2
+    assert f"--models: no model names in {models!r}" in capsys.readouterr().err
 
 
 def test_unavailable_target_says_why(capsys, monkeypatch):
