@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -14,7 +15,7 @@ from autocomp_compile.search.artifacts import RunDirectory
 from autocomp_compile.search.beam import BeamSearch, ProgressFn, SearchConfig, SearchResult
 from autocomp_compile.search.candidate import Candidate
 from autocomp_compile.targets.base import EvalResult, Target, deterministic_variant, get_target, require_available
-from autocomp_compile.workload import Workload
+from autocomp_compile.workload import Workload, WorkloadError
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +210,22 @@ def model_calls(proposers: Sequence[Any]) -> tuple[int, int]:
     return sum(u.calls for u in usages.values()), sum(u.failures for u in usages.values())
 
 
+def host_memory_bytes() -> int | None:
+    """This machine's physical memory, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def check_supported(target: Target, workload: Workload) -> None:
-    """Raise `WorkloadError` when `target` has no kernel for `workload` (a target that defines
+    """Raise `WorkloadError` when `workload` cannot be searched here: its tensors alone exceed this machine's
+    memory (every evaluation allocates them, and more), or `target` has no kernel for it (a target that defines
     `check_workload(workload)` says so; the others take every workload the workload checks accept)."""
+    need, have = sum(t.nbytes for t in workload.tensors), host_memory_bytes()
+    if have is not None and need > have:
+        raise WorkloadError(f"{workload.name}: its tensors take {need / 1e9:.1f} GB, more than this machine's "
+                            f"{have / 1e9:.1f} GB of memory")
     check = getattr(target, "check_workload", None)
     if check is not None:
         check(workload)

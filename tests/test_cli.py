@@ -34,6 +34,8 @@ from autocomp_compile.targets.cpu import bandwidth
         (["optimize", "--workload", "gemm", "--reuse", "-1"], "--reuse must be >= 0, got -1"),
         (["optimize", "--workload", "mlp", "--phase", "prefill", "--kv-len", "5"],
          "--kv-len, --phase: not a shape option of mlp"),
+        (["optimize", "--workload", "mlp", "--hidden", "64", "--intermediate", "100000000000"],
+         "its tensors take 38400.0 GB, more than this machine's"),
         (["warm", "--model", "tiny-llama", "--prefill", "0"], "--prefill must be in [1, 128] (the KV-cache length"),
         (["warm", "--model", "tiny-llama", "--max-seq-len", "64", "--prefill", "65"], "--prefill must be in [1, 64]"),
         (["warm", "--model", "tiny-llama", "--max-seq-len", "0"], "--max-seq-len must be >= 1, got 0"),
