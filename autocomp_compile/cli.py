@@ -347,7 +347,7 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
     cache = _cache(args)
     read_gbps = measure_read_bandwidth() if target.name == "cpu" else None
     if read_gbps:
-        console.print(f"{target.describe()}: measured memory read bandwidth {read_gbps:.1f} GB/s")
+        console.print(f"{target.describe()}: measured memory read bandwidth {read_gbps:.1f} GB/s", soft_wrap=True)
     rows = []
     short = [f"{w.kind}" + (f" ({w.params['phase']})" if "phase" in w.params else "") for w in workloads]
     for i, w in enumerate(workloads):
@@ -577,8 +577,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"refused {why}", file=sys.stderr)
         older = f" ({seeds_only} from another code-generator version: schedule-reuse seeds, never hits)" if seeds_only else ""
         same = f", {kept} not imported (the cache's kernel for the same key is as fast or faster)" if kept else ""
-        print(f"imported {imported} kernel(s){older}{same}, refused {len(refused)}; an imported kernel is "
-              "checked (run against the reference and timed) on this machine before its first use")
+        checked = ("; an imported kernel is checked (run against the reference and timed) on this machine before "
+                   "its first use") if imported else ""
+        print(f"imported {imported} kernel(s){older}{same}, refused {len(refused)}{checked}")
         return 0 if not refused else 1
     elif args.cache_command == "clear":
         print(f"deleted {cache.clear(args.target)} kernel(s)")

@@ -68,6 +68,10 @@ def test_warm_is_idempotent_and_cache_commands_work(tmp_path, capsys):
     assert cli.main(["cache", "export", str(tmp_path / "c.json")]) == 0
     assert cli.main(["cache", "clear"]) == 0 and "deleted 5" in capsys.readouterr().out
     assert cli.main(["cache", "import", str(tmp_path / "c.json")]) == 0
-    assert "imported 5 kernel(s), refused 0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "imported 5 kernel(s), refused 0" in out and "checked (run against the reference" in out
+    assert cli.main(["cache", "import", str(tmp_path / "c.json")]) == 0  # again: nothing new, nothing to check
+    out = capsys.readouterr().out
+    assert "imported 0 kernel(s)" in out and "5 not imported" in out and "checked" not in out
     (tmp_path / "bad.json").write_text("{}")
     assert cli.main(["cache", "import", str(tmp_path / "bad.json")]) == 2
