@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("file")
     exp.add_argument("--target")
     cache_sub.add_parser("import", help="verify and add the entries of an exported file").add_argument("file")
-    cache_sub.add_parser("clear", help="delete entries").add_argument("--target")
+    clear = cache_sub.add_parser("clear", help="delete entries (asks first, or --yes)")
+    clear.add_argument("--target")
+    clear.add_argument("--yes", action="store_true", help="delete without asking (needed where stdin is no terminal)")
 
     sub.add_parser("targets", help="list targets and whether each can run here")
     return parser
@@ -582,7 +584,21 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"imported {imported} kernel(s){older}{same}, refused {len(refused)}{checked}")
         return 0 if not refused else 1
     elif args.cache_command == "clear":
-        print(f"deleted {cache.clear(args.target)} kernel(s)")
+        return _clear(cache, args.target, args.yes)
+    return 0
+
+
+def _clear(cache: Any, target: str | None, yes: bool) -> int:
+    """`cache clear`: search results take minutes to hours to make again, so the deletion is confirmed first."""
+    n = len(cache.entries(target))
+    what = f"{n} kernel(s){f' of target {target}' if target else ''} from {cache.path}"
+    if n and not yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"cache clear would delete {what}; add --yes (`cache export FILE` first keeps a copy)")
+        if input(f"delete {what}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    print(f"deleted {cache.clear(target)} kernel(s)")
     return 0
 
 

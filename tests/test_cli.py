@@ -442,3 +442,49 @@ def test_json_through_a_symlink_writes_its_target(tmp_path):
     cli._write_json(str(link), [{"a": 1}])
     assert link.is_symlink() and json.loads(target.read_text()) == [{"a": 1}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "results.json"]  # no temporary file left
+
+
+class _Cache:
+    """Stands in for the kernel cache in `cache clear`'s confirmation tests."""
+
+    path = "/somewhere/kernels.sqlite"
+
+    def __init__(self, n: int):
+        self.n, self.cleared = n, False
+
+    def entries(self, target):
+        return [object()] * self.n
+
+    def clear(self, target):
+        self.cleared = True
+        return self.n
+
+
+@pytest.mark.parametrize("tty, answer, yes, status, cleared", [
+    (False, None, False, "usage", False),  # a script: --yes or nothing
+    (False, None, True, 0, True),
+    (True, "n", False, 1, False),
+    (True, "", False, 1, False),  # the default is no
+    (True, "y", False, 0, True),
+    (True, None, True, 0, True),  # --yes: no question
+])
+def test_cache_clear_asks_first(tty, answer, yes, status, cleared, monkeypatch, capsys):
+    cache = _Cache(3)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: tty)
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt: asked.append(prompt) or answer)
+    if status == "usage":
+        with pytest.raises(cli.UsageError, match="cache clear would delete 3 kernel"):
+            cli._clear(cache, None, yes)
+    else:
+        assert cli._clear(cache, "cpu", yes) == status
+    assert cache.cleared == cleared
+    assert bool(asked) == (tty and not yes)
+    if asked:
+        assert asked[0] == "delete 3 kernel(s) of target cpu from /somewhere/kernels.sqlite? [y/N] "
+
+
+def test_clearing_an_empty_cache_asks_nothing(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False)
+    assert cli._clear(_Cache(0), None, False) == 0
+    assert "deleted 0 kernel(s)" in capsys.readouterr().out

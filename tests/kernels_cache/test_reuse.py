@@ -66,7 +66,9 @@ def test_warm_is_idempotent_and_cache_commands_work(tmp_path, capsys):
     assert cli.main(["cache", "show", "nosuchkey"]) == 2
     assert "no cache entry" in capsys.readouterr().err
     assert cli.main(["cache", "export", str(tmp_path / "c.json")]) == 0
-    assert cli.main(["cache", "clear"]) == 0 and "deleted 5" in capsys.readouterr().out
+    assert cli.main(["cache", "clear"]) == 2  # stdin is no terminal here: not without --yes
+    assert "cache clear would delete 5 kernel(s)" in capsys.readouterr().err
+    assert cli.main(["cache", "clear", "--yes"]) == 0 and "deleted 5" in capsys.readouterr().out
     assert cli.main(["cache", "import", str(tmp_path / "c.json")]) == 0
     out = capsys.readouterr().out
     assert "imported 5 kernel(s), refused 0" in out and "checked (run against the reference" in out
