@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -75,13 +76,21 @@ class BackendOptions:
         if unknown:
             raise BackendOptionsError(f"unknown autocomp option(s) {unknown}; valid: {sorted(names)}")
         for name in ("kinds", "models"):
-            if name in options:
-                options[name] = (options[name],) if isinstance(options[name], str) else tuple(options[name])
+            value = options.get(name)
+            if isinstance(value, str):
+                options[name] = (value,)
+            elif isinstance(value, (list, tuple, set, frozenset)):
+                options[name] = tuple(value)
+            elif name in options:
+                raise BackendOptionsError(f"autocomp option {name} must be a name or a list of names, got {value!r}")
         for name in ("cache_dir", "output_dir"):
             if isinstance(options.get(name), os.PathLike):
                 options[name] = os.fspath(options[name])
         for name, value in options.items():
             _check_type(name, value)
+        for name, kind in (("budget", int), ("seed", int), ("min_speedup", float)):  # NumPy scalars, say
+            if name in options:
+                options[name] = kind(options[name])
         opts = cls(**options)
         if opts.mode not in MODES:
             raise BackendOptionsError(f"autocomp option mode={opts.mode!r}; choose one of {list(MODES)}")
@@ -97,16 +106,16 @@ class BackendOptions:
         return opts
 
 
-# What each option may hold (bool is an int to Python, so it is refused where a number is meant).
+# What each option may hold (bool is an Integral to Python, so it is refused where a number is meant).
 _OPTION_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "target": ("a target name or None", lambda v: v is None or isinstance(v, str)),
     "mode": ("a string", lambda v: isinstance(v, str)),
-    "budget": ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "budget": ("an int", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
     "kinds": ("kind names", lambda v: all(isinstance(k, str) for k in v)),
-    "min_speedup": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "min_speedup": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
     "cache_dir": ("a path or None", lambda v: v is None or isinstance(v, str)),
     "output_dir": ("a path", lambda v: isinstance(v, str)),
-    "seed": ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "seed": ("an int", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
     "verbose": ("True or False", lambda v: isinstance(v, bool)),
     "models": ("model names (provider::model)", lambda v: all(isinstance(m, str) for m in v)),
     "api_base": ("a URL or None", lambda v: v is None or isinstance(v, str)),

@@ -57,15 +57,21 @@ def test_option_errors_are_clear():
     ({"models": [""]}, "an empty model name"),
     ({"deterministic": 1}, "deterministic must be True, False or None"),
     ({"target": 0}, "target must be a target name or None"),
+    ({"kinds": 3}, "kinds must be a name or a list of names, got 3"),
 ])
 def test_option_types_are_checked_before_any_work(options, message):
     with pytest.raises(BackendOptionsError, match=re.escape(message)):
         BackendOptions.parse(options)
 
 
-def test_path_options_may_be_paths(tmp_path):
-    opts = BackendOptions.parse({"cache_dir": tmp_path / "c", "output_dir": tmp_path / "o", "min_speedup": 2})
+def test_paths_and_numpy_numbers_are_taken(tmp_path):
+    import numpy as np
+
+    opts = BackendOptions.parse({"cache_dir": tmp_path / "c", "output_dir": tmp_path / "o", "min_speedup": 2,
+                                 "budget": np.int64(4), "seed": np.int32(1), "kinds": {"mlp"}})
     assert (opts.cache_dir, opts.output_dir) == (str(tmp_path / "c"), str(tmp_path / "o"))
+    assert (opts.budget, opts.seed, opts.min_speedup, opts.kinds) == (4, 1, 2.0, ("mlp",))
+    assert type(opts.budget) is int and type(opts.min_speedup) is float
 
 
 def test_reduce_overhead_mode_is_accepted_and_other_torch_modes_are_refused(dirs):
