@@ -27,6 +27,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from autocomp_compile.passes import ALL_KINDS, DEFAULT_KINDS
+from autocomp_compile.passes.dynamo import BackendOptions, BackendOptionsError
 from autocomp_compile.passes.kernels import REGISTRY
 from autocomp_compile.passes.relax_patterns import PATTERNS, Constant, Region, constant_array, lm_head_weights, shape_of
 from autocomp_compile.passes.selection import (MODES, Decision, GraphReport, KernelSelector, decide_region,
@@ -225,14 +226,20 @@ class AutocompPartition:
             raise PartitionError(f"AutocompPartition: unknown kinds {bad}; choose from {list(ALL_KINDS)}")
         if target != "cpu":
             raise PartitionError(f"AutocompPartition: target {target!r} is not supported in TVM pipelines yet; use 'cpu'")
+        try:  # the options it shares with the torch.compile backend, checked as the backend checks them
+            shared = BackendOptions.parse(dict(budget=budget, min_speedup=min_speedup, cache_dir=cache_dir,
+                                               output_dir=output_dir, seed=seed, models=models, api_base=api_base,
+                                               verbose=verbose))
+        except BackendOptionsError as exc:
+            raise PartitionError(f"AutocompPartition: {exc}") from exc
         try:
             require_available(get_target(target))
         except TargetError as exc:
             raise PartitionError(f"AutocompPartition: {exc}") from exc
         self.target, self.mode, self.kinds = target, mode, kinds
-        self.selector_args = dict(mode=mode, budget=budget, min_speedup=min_speedup, cache_dir=cache_dir,
-                                  output_dir=output_dir, seed=seed, models=tuple(models), api_base=api_base,
-                                  verbose=verbose)
+        self.selector_args = dict(mode=mode, budget=shared.budget, min_speedup=shared.min_speedup,
+                                  cache_dir=shared.cache_dir, output_dir=shared.output_dir, seed=shared.seed,
+                                  models=shared.models, api_base=api_base, verbose=verbose)
         self.verbose = verbose
         self.report: GraphReport | None = None
 

@@ -72,6 +72,10 @@ def test_options_are_checked():
         AutocompPartition(kinds=("conv",))
     with pytest.raises(PartitionError, match="target"):
         AutocompPartition(target="nki")
+    with pytest.raises(PartitionError, match="budget must be an int, got '8'"):
+        AutocompPartition(budget="8")
+    with pytest.raises(PartitionError, match="min_speedup must be a finite number >= 0"):
+        AutocompPartition(min_speedup=float("nan"))
 
 
 def test_linear_becomes_kernel_call(cache_dir):
