@@ -6,12 +6,11 @@ and the backend can replace it; over a `DynamicCache` it stays with PyTorch), ti
 from __future__ import annotations
 
 import inspect
-import time
 from typing import Any, Callable
 
 import torch
 
-from autocomp_compile.models.generate import Generation
+from autocomp_compile.models.generate import Generation, timed_greedy
 from autocomp_compile.models.llama import Llama, LlamaConfig
 
 
@@ -50,11 +49,6 @@ def hf_llama(model: Llama) -> torch.nn.Module:
     with torch.device(next(model.parameters()).device):
         hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config)
     return hf.eval()
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _cache(hf: torch.nn.Module, batch: int) -> Any:
@@ -103,27 +97,5 @@ def generate_hf(hf: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, 
     prefill_forward = forward if prefill_forward is None else prefill_forward
     cache = _cache(hf, batch)
     cache.reset()
-    device = prompt.device
-
-    def step(fn: Callable, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return _forward(fn, hf, cache, ids, positions)
-
-    _synchronize(device)
-    t0 = time.perf_counter()
-    logits = step(prefill_forward, prompt, torch.arange(length, device=device))
-    nxt = logits.argmax(-1)
-    _synchronize(device)
-    out = Generation(torch.empty(batch, max_new_tokens, dtype=torch.long), time.perf_counter() - t0)
-    out.tokens[:, 0] = nxt
-    if keep_logits:
-        out.logits.append(logits.float().clone())
-    for i in range(1, max_new_tokens):
-        t0 = time.perf_counter()
-        logits = step(forward, nxt[:, None], torch.tensor([length + i - 1], device=device))
-        nxt = logits.argmax(-1)
-        _synchronize(device)
-        out.decode_s.append(time.perf_counter() - t0)
-        out.tokens[:, i] = nxt
-        if keep_logits:
-            out.logits.append(logits.float().clone())
-    return out
+    return timed_greedy(lambda ids, pos: _forward(prefill_forward, hf, cache, ids, pos),
+                        lambda ids, pos: _forward(forward, hf, cache, ids, pos), prompt, max_new_tokens, keep_logits)

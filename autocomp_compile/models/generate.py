@@ -61,21 +61,33 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, forward: F
                          "max_seq_len holds more")
     forward = model if forward is None else forward
     prefill_forward = forward if prefill_forward is None else prefill_forward
-    device = prompt.device
     model.setup_caches(batch)
+    return timed_greedy(lambda ids, pos: prefill_forward(ids, pos, last_only=True)[:, -1],
+                        lambda ids, pos: forward(ids, pos, last_only=True)[:, -1], prompt, max_new_tokens, keep_logits)
+
+
+Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def timed_greedy(prefill: Step, decode: Step, prompt: torch.Tensor, max_new_tokens: int,
+                 keep_logits: bool = False) -> Generation:
+    """The greedy loop of `generate`, for any model whose cache is ready: `prefill(prompt, positions)` and
+    `decode(tokens [batch, 1], positions)` return the last position's logits [batch, vocab]. Each phase is timed
+    (on a GPU to the end of its device work); `max_new_tokens` >= 1."""
+    batch, length = prompt.shape
+    device = prompt.device
     _synchronize(device)
     t0 = time.perf_counter()
-    logits = prefill_forward(prompt, torch.arange(length, device=device), last_only=True)[:, -1]
+    logits = prefill(prompt, torch.arange(length, device=device))
     nxt = logits.argmax(-1)
     _synchronize(device)
-    prefill_s = time.perf_counter() - t0
-    out = Generation(torch.empty(batch, max_new_tokens, dtype=torch.long), prefill_s)
+    out = Generation(torch.empty(batch, max_new_tokens, dtype=torch.long), time.perf_counter() - t0)
     out.tokens[:, 0] = nxt
     if keep_logits:
         out.logits.append(logits.float().clone())
     for i in range(1, max_new_tokens):
         t0 = time.perf_counter()
-        logits = forward(nxt[:, None], torch.tensor([length + i - 1], device=device), last_only=True)[:, -1]
+        logits = decode(nxt[:, None], torch.tensor([length + i - 1], device=device))
         nxt = logits.argmax(-1)
         _synchronize(device)
         out.decode_s.append(time.perf_counter() - t0)

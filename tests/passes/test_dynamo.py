@@ -183,27 +183,34 @@ def cache_kwargs(hf, cache, positions):
     return {"past_key_values": cache, "cache_position": positions}
 
 
-def test_hugging_face_llama_greedy_tokens_match_eager(dirs):
-    transformers = pytest.importorskip("transformers")
-    from transformers import DynamicCache
-
-    torch._dynamo.reset()
+def _tiny_hf_llama(minversion: str | None = None):
+    transformers = pytest.importorskip("transformers", minversion=minversion)
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                    num_key_value_heads=2, num_hidden_layers=2, attn_implementation="sdpa")
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
+    return transformers, transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _hf_greedy(fn, hf, prompt, cache, n):
+    """`n` greedy tokens by `fn` (the model or a compiled one) over `cache`, and the logits of each step."""
+    x, pos, toks, logits = prompt, torch.arange(prompt.shape[1]), [], []
+    with torch.no_grad():
+        for _ in range(n):
+            out = fn(input_ids=x, use_cache=True, **cache_kwargs(hf, cache, pos)).logits[:, -1]
+            logits.append(out)
+            x, pos = out.argmax(-1, keepdim=True), pos[-1:] + 1
+            toks.append(x)
+    return torch.cat(toks, 1), logits
+
+
+def test_hugging_face_llama_greedy_tokens_match_eager(dirs):
+    transformers, hf = _tiny_hf_llama()
     prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
 
     def greedy(fn, n=32):
-        cache, x, pos, toks, logits = DynamicCache(), prompt, torch.arange(prompt.shape[1]), [], []
-        with torch.no_grad():
-            for _ in range(n):
-                out = fn(input_ids=x, use_cache=True, **cache_kwargs(hf, cache, pos)).logits[:, -1]
-                logits.append(out)
-                x, pos = out.argmax(-1, keepdim=True), pos[-1:] + 1
-                toks.append(x)
-        return torch.cat(toks, 1), logits
+        return _hf_greedy(fn, hf, prompt, transformers.DynamicCache(), n)
 
+    torch._dynamo.reset()
     want, want_logits = greedy(hf)
     n = len(reports())
     got, got_logits = greedy(torch.compile(hf, backend="autocomp", options=search_options(dirs)))
@@ -215,30 +222,14 @@ def test_hugging_face_llama_greedy_tokens_match_eager(dirs):
 
 
 
-def _tiny_hf_llama():
-    transformers = pytest.importorskip("transformers", minversion="5.0")  # StaticCache(config=, max_cache_len=)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                   num_key_value_heads=2, num_hidden_layers=2, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    return transformers, transformers.LlamaForCausalLM(cfg).eval()
-
-
 def test_hugging_face_llama_with_a_static_cache_gets_decode_attention_too(dirs):
     """With `StaticCache` the KV length is fixed, so decode attention is replaced as well (with `DynamicCache` it
     stays with PyTorch), the tokens stay eager's, and decoding does not recompile."""
-    transformers, hf = _tiny_hf_llama()
+    transformers, hf = _tiny_hf_llama(minversion="5.0")  # StaticCache(config=, max_cache_len=)
     prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
 
     def greedy(fn, n=16):
-        cache = transformers.StaticCache(config=hf.config, max_cache_len=64)
-        x, pos, toks, logits = prompt, torch.arange(prompt.shape[1]), [], []
-        with torch.no_grad():
-            for _ in range(n):
-                out = fn(input_ids=x, use_cache=True, **cache_kwargs(hf, cache, pos)).logits[:, -1]
-                logits.append(out)
-                x, pos = out.argmax(-1, keepdim=True), pos[-1:] + 1
-                toks.append(x)
-        return torch.cat(toks, 1), logits
+        return _hf_greedy(fn, hf, prompt, transformers.StaticCache(config=hf.config, max_cache_len=64), n)
 
     torch._dynamo.reset()
     want, want_logits = greedy(hf)
@@ -258,7 +249,7 @@ def test_hugging_face_llama_with_a_static_cache_gets_decode_attention_too(dirs):
 def test_hugging_face_generate_compiles_its_forward_with_the_backend(dirs):
     """`generate(..., cache_implementation="static", compile_config=CompileConfig(backend="autocomp"))`: transformers
     compiles the decode forward with the backend (on the CPU only when asked: `_compile_all_devices`)."""
-    transformers, hf = _tiny_hf_llama()
+    transformers, hf = _tiny_hf_llama(minversion="5.0")  # CompileConfig, StaticCache(config=)
     prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
     with torch.no_grad():
