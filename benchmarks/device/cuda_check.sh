@@ -14,6 +14,7 @@
 #               tensor-core kernels (TFLOP/s)
 #   warm        `autocomp-compile warm --target cuda` for the other Llama-3.2-1B decode kernels (projections, attention)
 #   e2e         tokens/sec at batch 1: eager, inductor, autocomp, and both compilers under CUDA graphs
+#   e2e_hf      the same for transformers' LlamaForCausalLM over a StaticCache (e2e.py --hf; needs transformers >= 5)
 # Each stage has a time limit, so that a slow one cannot starve the rest; its output goes to <stage>.txt in
 # $RESULTS, and after every stage all of $RESULTS is packed into $OUT/gpu_results.tar.gz (one file to bring back).
 # Usage: OUT=/some/dir bash benchmarks/device/cuda_check.sh     (defaults: OUT=benchmarks/results/gpu)
@@ -36,13 +37,13 @@ BUDGET_MLP=${BUDGET_MLP:-32} BUDGET_LM_HEAD=${BUDGET_LM_HEAD:-12} BUDGET_WARM=${
 BUDGET_PREFILL=${BUDGET_PREFILL:-12}
 KOPTS="--target cuda --cache --sets 1 --search-timing-ms 100 --timing-ms 1000 --rounds 2 --no-inductor --output-dir /tmp/autocomp-output"
 
-# All stages together have limits of ~20 minutes (LM head, prefill and e2e were measured on an H100 already).
+# All stages together have limits of ~24 minutes (LM head, prefill and e2e were measured on an H100 already).
 # With 15 minutes of device time, machine start included, and 10 minutes per command, run the decode MLP first:
 #   STAGES="env cuda_tests mlp_sweep kernels_mlp mlp_breakdown cache" DEADLINE_S=540   (limits 580 s, ~5 min on
 #   an H100), then, if 6-7 minutes are left: STAGES="import warm e2e cache" CACHE_IMPORT=<the first call's
 #   cache_cuda.json, copied into the working tree> DEADLINE_S=<seconds left - 60>. A fresh machine starts with an
 #   empty kernel cache: without the import, e2e's autocomp rows would be the model without our kernels.
-STAGES=${STAGES:-env import cuda_tests mlp_sweep kernels_mlp mlp_breakdown kernels_lm_head kernels_prefill warm e2e cache}
+STAGES=${STAGES:-env import cuda_tests mlp_sweep kernels_mlp mlp_breakdown kernels_lm_head kernels_prefill warm e2e e2e_hf cache}
 case $SCALE in ''|*[!0-9.]*|*.*.*) echo "LIMIT_SCALE must be a number, got '$SCALE'" >&2; exit 2 ;; esac
 touch "$RESULTS/.started"  # what this call writes is newer
 stage() {  # stage NAME LIMIT_S COMMAND...
@@ -87,5 +88,7 @@ stage warm 90 python3 -m autocomp_compile.cli warm --target cuda --model llama-3
   --sets 1 --timing-ms 100 --quiet --output-dir /tmp/autocomp-output --json "$RESULTS/warm_cuda.json"
 stage e2e 230 python3 benchmarks/e2e.py --device cuda --batch 1 --cudagraphs --eager-prefill --prompt-len 32 \
   --decode-tokens 64 --rounds 3 --json "$RESULTS/e2e_cuda_llama-3.2-1b.json"
+stage e2e_hf 230 python3 benchmarks/e2e.py --device cuda --batch 1 --hf --cudagraphs --eager-prefill --prompt-len 32 \
+  --decode-tokens 64 --rounds 3 --json "$RESULTS/e2e_cuda_llama-3.2-1b_hf.json"
 stage cache 30 bash -c 'python3 -m autocomp_compile.cli cache ls --target cuda &&
   python3 -m autocomp_compile.cli cache export "'"$RESULTS"'/cache_cuda.json" --target cuda'
