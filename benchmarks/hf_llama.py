@@ -5,6 +5,7 @@ and the backend can replace it; over a `DynamicCache` it stays with PyTorch), ti
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -38,8 +39,9 @@ def hf_llama(model: Llama) -> torch.nn.Module:
     dtype = next(model.parameters()).dtype
     with torch.device("meta"):
         hf = transformers.LlamaForCausalLM(hf_config(model.config, dtype)).to(dtype)
-    params = {k: v for k, v in model.state_dict().items() if k in dict(hf.named_parameters())}
-    missing = set(dict(hf.named_parameters())) - set(params)
+    names = {name for name, _ in hf.named_parameters()}
+    params = {k: v for k, v in model.state_dict().items() if k in names}
+    missing = names - set(params)
     if missing - {"lm_head.weight"} or (missing and not model.config.tie_embeddings):
         raise ValueError(f"the compact model lacks Hugging Face parameters {sorted(missing)[:5]}")
     hf.load_state_dict(params, strict=False, assign=True)
@@ -61,10 +63,17 @@ def _cache(hf: torch.nn.Module, batch: int) -> Any:
     return caches[batch]
 
 
+@functools.cache
+def _takes_cache(model_type: type) -> bool:
+    """Whether this transformers version's forward takes `cache=` (5.x) rather than `past_key_values=` (read once
+    per class: the signature costs ~40 us, which every timed step would pay)."""
+    return "cache" in inspect.signature(model_type.forward).parameters
+
+
 def cache_kwargs(hf: torch.nn.Module, cache: Any, positions: torch.Tensor) -> dict[str, Any]:
     """How this transformers version takes a cache: `cache=` (5.x: the cache counts its own positions) or
     `past_key_values=` with `cache_position=` (4.x)."""
-    if "cache" in inspect.signature(type(hf).forward).parameters:
+    if _takes_cache(type(hf)):
         return {"cache": cache}
     return {"past_key_values": cache, "cache_position": positions}
 
