@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt = sub.add_parser("optimize", help="search for a fast, correct kernel for one workload")
     opt.add_argument("--workload", required=True, help=f"one of {sorted(KINDS)}")
     for name, typ in SHAPE_OPTIONS.items():
-        opt.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None)
+        opt.add_argument(_flag(name), dest=name, type=typ, default=None)
     opt.add_argument("--run-name", help="run directory name under --output-dir (default: hash of the settings)")
     _add_search_options(opt, budget=64)
 
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> tuple[SearchConfig, EvalSettings]:
     for name in FLOAT_OPTIONS:
         if not math.isfinite(getattr(args, name)):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+            raise UsageError(f"{_flag(name)} must be a finite number, got {getattr(args, name)}")
     try:
         config = SearchConfig(
             budget=args.budget, beam_size=args.beam_size, iterations=args.iterations, plans_per_parent=args.plans,
@@ -408,8 +408,13 @@ def _run(workloads: list[Workload], args: argparse.Namespace, run_name: str | No
     return rows
 
 
+def _flag(name: str) -> str:
+    """The command-line flag of option `name` (kv_len: --kv-len)."""
+    return f"--{name.replace('_', '-')}"
+
+
 def _flags(names: Iterable[str]) -> str:
-    return ", ".join(f"--{n.replace('_', '-')}" for n in sorted(names))
+    return ", ".join(_flag(n) for n in sorted(names))
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
@@ -424,7 +429,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     workload = make_workload(args.workload, args.dtype, **params)
     for name in sorted(k for k, v in params.items() if workload.params[k] != v):
         form = f"{workload.params['phase']} " if "phase" in workload.params else ""
-        print(f"autocomp-compile: note: --{name.replace('_', '-')} does not apply to {form}{workload.kind}; ignored",
+        print(f"autocomp-compile: note: {_flag(name)} does not apply to {form}{workload.kind}; ignored",
               file=sys.stderr)
     _check_run_options(args, [workload])
     return _status(_run([workload], args, args.run_name, one_object=True))
