@@ -52,6 +52,8 @@ class BackendOptions:
     deterministic: use (and search for) only bit-reproducible kernels: on CUDA, none that sums with float
         atomics. Default: whether `torch.use_deterministic_algorithms(True)` is in force when a graph is
         compiled. Kernels with float atomics also step aside, call by call, whenever that mode is on.
+    timing_ms: wall time (ms) for timing each candidate against eager in `search` mode, and an imported
+        kernel on its first use (the CLI's `--timing-ms`); default: the evaluator's 1000 ms.
     """
 
     target: str | None = None
@@ -67,6 +69,7 @@ class BackendOptions:
     api_base: str | None = None  # OpenAI-compatible server for the models
     cudagraphs: bool = False
     deterministic: bool | None = None
+    timing_ms: float | None = None
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "BackendOptions":
@@ -88,8 +91,8 @@ class BackendOptions:
                 options[name] = os.fspath(options[name])
         for name, value in options.items():
             _check_type(name, value)
-        for name, kind in (("budget", int), ("seed", int), ("min_speedup", float)):  # NumPy scalars, say
-            if name in options:
+        for name, kind in (("budget", int), ("seed", int), ("min_speedup", float), ("timing_ms", float)):
+            if options.get(name) is not None:  # NumPy scalars, say
                 options[name] = kind(options[name])
         opts = cls(**options)
         if opts.mode not in MODES:
@@ -101,6 +104,8 @@ class BackendOptions:
             raise BackendOptionsError(f"autocomp option budget must be >= 1, got {opts.budget}")
         if not (math.isfinite(opts.min_speedup) and opts.min_speedup >= 0):
             raise BackendOptionsError(f"autocomp option min_speedup must be a finite number >= 0, got {opts.min_speedup}")
+        if opts.timing_ms is not None and not (math.isfinite(opts.timing_ms) and opts.timing_ms > 0):
+            raise BackendOptionsError(f"autocomp option timing_ms must be a finite number > 0, got {opts.timing_ms}")
         if any(not m.strip() for m in opts.models):
             raise BackendOptionsError(f"autocomp option models: an empty model name in {list(opts.models)}")
         return opts
@@ -121,6 +126,7 @@ _OPTION_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "api_base": ("a URL or None", lambda v: v is None or isinstance(v, str)),
     "cudagraphs": ("True or False", lambda v: isinstance(v, bool)),
     "deterministic": ("True, False or None", lambda v: v is None or isinstance(v, bool)),
+    "timing_ms": ("a number or None", lambda v: v is None or isinstance(v, numbers.Real) and not isinstance(v, bool)),
 }
 
 
@@ -156,7 +162,7 @@ class Rewriter:
         self.target = target
         self.selector = KernelSelector(target, opts.mode, opts.budget, opts.min_speedup, opts.cache_dir,
                                        opts.output_dir, opts.seed, opts.models, opts.api_base, opts.verbose,
-                                       opts.deterministic)
+                                       opts.deterministic, opts.timing_ms)
 
     def rewrite(self, gm: fx.GraphModule) -> GraphReport:
         t0 = time.perf_counter()

@@ -6,6 +6,7 @@ against the reference. A `Decision` says what happened and why; a `GraphReport` 
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -75,13 +76,17 @@ class KernelSelector:
 
     `deterministic` (default: whether `torch.use_deterministic_algorithms(True)` is in force when the selector
     is made) restricts it to the target's bit-reproducible kernels, which have their own cache entries.
+    `timing_ms` (default: the evaluator's) is the timing budget of each candidate a search evaluates, and of an
+    imported kernel's check.
     """
 
     def __init__(self, target: "Target", mode: str = "cache-only", budget: int = 16, min_speedup: float = 1.0,
                  cache_dir: str | None = None, output_dir: str = "output", seed: int = 0,
                  models: tuple[str, ...] = (), api_base: str | None = None, verbose: bool = True,
-                 deterministic: bool | None = None):
+                 deterministic: bool | None = None, timing_ms: float | None = None):
         import torch
+
+        from autocomp_compile.evaluation.job import EvalSettings
 
         from autocomp_compile.kernels_cache.store import CacheError, KernelCache
         from autocomp_compile.targets.base import deterministic_variant
@@ -96,6 +101,9 @@ class KernelSelector:
         self.output_dir = output_dir
         self.seed = seed
         self.verbose = verbose
+        self.settings = EvalSettings(seed=seed, deterministic=self.deterministic)
+        if timing_ms is not None:
+            self.settings = dataclasses.replace(self.settings, timing_budget_ms=timing_ms)
         # A cache that cannot be opened (read-only, under a read-only path) leaves every subgraph to PyTorch:
         # a compiled graph is correct whatever the state of the cache.
         self.cache: KernelCache | None = None
@@ -113,7 +121,6 @@ class KernelSelector:
             self.proposers = [LLMProposer(LLMClient(models, api_base=api_base))]
 
     def decide(self, workload: "Workload") -> Decision:
-        from autocomp_compile.evaluation.job import EvalSettings
         from autocomp_compile.optimize import check_imported, optimize
         from autocomp_compile.search.beam import SearchConfig
 
@@ -123,15 +130,13 @@ class KernelSelector:
         entry = self.cache.get(self.target, workload)
         if entry is not None and entry.unchecked:  # imported: evaluated here once before it may replace anything
             log(self.verbose, f"autocomp: checking the imported kernel for {name} on this machine ...")
-            entry = check_imported(self.cache, self.target, workload, entry,
-                                   EvalSettings(seed=self.seed, deterministic=self.deterministic))
+            entry = check_imported(self.cache, self.target, workload, entry, self.settings)
         source = "cache"
         unusable = entry is None or (self.deterministic and not entry.reproducible)
         if unusable and self.mode == "search":
             t0 = time.perf_counter()
             log(self.verbose, f"autocomp: searching {name} ({self.budget} candidates) ...")
-            result = optimize(workload, self.target, SearchConfig(budget=self.budget, seed=self.seed),
-                              EvalSettings(seed=self.seed, deterministic=self.deterministic),
+            result = optimize(workload, self.target, SearchConfig(budget=self.budget, seed=self.seed), self.settings,
                               output_dir=self.output_dir, cache=self.cache, proposers=self.proposers)
             log(self.verbose, f"autocomp: {name} searched in {time.perf_counter() - t0:.0f} s")
             entry = self.cache.get(self.target, workload) if result.best is not None else None

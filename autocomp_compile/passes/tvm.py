@@ -210,14 +210,14 @@ class AutocompPartition:
         workloads the cache lacks (`budget` candidates each) and cache the winners; "off": no change.
     kinds : sequence of str
         Region kinds that may be offloaded (default: attention, mlp, lm_head, gemm).
-    budget, min_speedup, cache_dir, output_dir, seed, models, api_base, verbose :
+    budget, min_speedup, cache_dir, output_dir, seed, models, api_base, verbose, timing_ms :
         As for the torch.compile backend (`BackendOptions`).
     """
 
     def __init__(self, target: str = "cpu", mode: str = "cache-only", kinds: Sequence[str] = DEFAULT_KINDS,
                  budget: int = 16, min_speedup: float = 1.0, cache_dir: str | None = None,
                  output_dir: str = "output", seed: int = 0, models: Sequence[str] = (),
-                 api_base: str | None = None, verbose: bool = True):
+                 api_base: str | None = None, verbose: bool = True, timing_ms: float | None = None):
         if mode not in MODES:
             raise PartitionError(f"AutocompPartition: mode={mode!r}; choose one of {list(MODES)}")
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
@@ -229,7 +229,7 @@ class AutocompPartition:
         try:  # the options it shares with the torch.compile backend, checked as the backend checks them
             shared = BackendOptions.parse(dict(budget=budget, min_speedup=min_speedup, cache_dir=cache_dir,
                                                output_dir=output_dir, seed=seed, models=models, api_base=api_base,
-                                               verbose=verbose))
+                                               verbose=verbose, timing_ms=timing_ms))
         except BackendOptionsError as exc:
             raise PartitionError(f"AutocompPartition: {exc}") from exc
         try:
@@ -239,7 +239,8 @@ class AutocompPartition:
         self.target, self.mode, self.kinds = target, mode, kinds
         self.selector_args = dict(mode=mode, budget=shared.budget, min_speedup=shared.min_speedup,
                                   cache_dir=shared.cache_dir, output_dir=shared.output_dir, seed=shared.seed,
-                                  models=shared.models, api_base=api_base, verbose=verbose)
+                                  models=shared.models, api_base=api_base, verbose=verbose,
+                                  timing_ms=shared.timing_ms)
         self.verbose = verbose
         self.report: GraphReport | None = None
 

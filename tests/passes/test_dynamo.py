@@ -2,6 +2,7 @@
 kernels found by search replace the subgraphs, tokens stay those of eager, decoding never recompiles."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -24,7 +25,8 @@ def dirs(tmp_path_factory):
 
 def search_options(dirs, **extra):
     # min_speedup 0: at these tiny shapes PyTorch often wins; the test is about replacing and staying exact.
-    return {"mode": "search", "budget": 3, "min_speedup": 0.0, "verbose": False, **dirs, **extra}
+    # timing_ms 20: the tests need no precise ranking, and the default 1000 ms per candidate adds up.
+    return {"mode": "search", "budget": 3, "min_speedup": 0.0, "timing_ms": 20, "verbose": False, **dirs, **extra}
 
 
 def test_backend_is_registered_by_name():
@@ -58,6 +60,9 @@ def test_option_errors_are_clear():
     ({"deterministic": 1}, "deterministic must be True, False or None"),
     ({"target": 0}, "target must be a target name or None"),
     ({"kinds": 3}, "kinds must be a name or a list of names, got 3"),
+    ({"timing_ms": "5"}, "timing_ms must be a number or None, got '5'"),
+    ({"timing_ms": 0}, "timing_ms must be a finite number > 0"),
+    ({"timing_ms": float("inf")}, "timing_ms must be a finite number > 0"),
 ])
 def test_option_types_are_checked_before_any_work(options, message):
     with pytest.raises(BackendOptionsError, match=re.escape(message)):
@@ -68,10 +73,12 @@ def test_paths_and_numpy_numbers_are_taken(tmp_path):
     import numpy as np
 
     opts = BackendOptions.parse({"cache_dir": tmp_path / "c", "output_dir": tmp_path / "o", "min_speedup": 2,
-                                 "budget": np.int64(4), "seed": np.int32(1), "kinds": {"mlp"}})
+                                 "budget": np.int64(4), "seed": np.int32(1), "kinds": {"mlp"},
+                                 "timing_ms": np.float32(50)})
     assert (opts.cache_dir, opts.output_dir) == (str(tmp_path / "c"), str(tmp_path / "o"))
-    assert (opts.budget, opts.seed, opts.min_speedup, opts.kinds) == (4, 1, 2.0, ("mlp",))
-    assert type(opts.budget) is int and type(opts.min_speedup) is float
+    assert (opts.budget, opts.seed, opts.min_speedup, opts.kinds, opts.timing_ms) == (4, 1, 2.0, ("mlp",), 50.0)
+    assert type(opts.budget) is int and type(opts.min_speedup) is float and type(opts.timing_ms) is float
+    assert BackendOptions.parse({"timing_ms": None}).timing_ms is None
 
 
 def test_reduce_overhead_mode_is_accepted_and_other_torch_modes_are_refused(dirs):
@@ -109,6 +116,8 @@ def test_compact_llama_search_mode_matches_eager_and_never_recompiles_while_deco
     with KernelCache(Path(dirs["cache_dir"]) / "kernels.sqlite") as cache:  # what replaced a subgraph is cached
         assert all(cache.show(d.key) is not None and d.key in REGISTRY.keys()
                    for d in decode[0].decisions if d.replaced)
+    configs = [json.loads(p.read_text()) for p in Path(dirs["output_dir"]).glob("*/config.json")]
+    assert configs and all(c["eval"]["timing_budget_ms"] == 20 for c in configs)  # options["timing_ms"]
 
 
 def test_cache_only_reuses_the_searched_kernels_and_reports_misses(dirs):

@@ -2,9 +2,11 @@
 and the tiny Llama's decode step through both frontends (outputs equal before and after the pass)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,8 +34,9 @@ def cache_dir(tmp_path_factory):
 
 
 def partition(cache_dir, mode="search", **kw):
+    # timing_ms 20: no test here needs a precise ranking, and the default 1000 ms per candidate adds up
     return AutocompPartition(target="cpu", mode=mode, budget=2, min_speedup=0.0, cache_dir=cache_dir,
-                             output_dir=str(cache_dir) + "/runs", verbose=False, **kw)
+                             output_dir=str(cache_dir) + "/runs", verbose=False, timing_ms=20, **kw)
 
 
 def tvm_tensor(t: torch.Tensor):
@@ -76,6 +79,8 @@ def test_options_are_checked():
         AutocompPartition(budget="8")
     with pytest.raises(PartitionError, match="min_speedup must be a finite number >= 0"):
         AutocompPartition(min_speedup=float("nan"))
+    with pytest.raises(PartitionError, match="timing_ms must be a finite number > 0"):
+        AutocompPartition(timing_ms=-5)
 
 
 def test_linear_becomes_kernel_call(cache_dir):
@@ -84,6 +89,9 @@ def test_linear_becomes_kernel_call(cache_dir):
     after = p(before)
     [decision] = p.report.decisions
     assert decision.replaced and decision.workload == "gemm_fp32_k64_m1_n32"
+    configs = [json.loads(c.read_text()) for c in Path(cache_dir, "runs").glob("*/config.json")]
+    assert configs or decision.source == "cache"
+    assert all(c["eval"]["timing_budget_ms"] == 20 for c in configs)  # the pass's timing_ms reached the search
     # Expected: the weight goes to the kernel as stored ([n, k]); no transpose remains.
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 64), "float32"))

@@ -1,7 +1,15 @@
-"""Run a generated CUDA source on the CPU: g++ compiles it against a header that plays the GPU (one OS thread
-per CUDA thread, blocks one after another, `__syncthreads` as a barrier, warp-collective operations as a
-32-thread exchange), so a kernel's index arithmetic, tiling, bounds and shared-memory pipelining are checked
-here without a GPU.
+"""Run a generated CUDA source on the CPU: g++ compiles it against a header that plays the GPU (one fiber per
+CUDA thread, all run by the calling OS thread; blocks one after another, `__syncthreads` as a barrier,
+warp-collective operations as a 32-thread exchange), so a kernel's index arithmetic, tiling, bounds and
+shared-memory pipelining are checked here without a GPU.
+
+The runtime (fiber scheduler, barriers, warp collectives, shared-memory arenas) is C++ compiled once per build
+directory into a shared library that each kernel library links to; the header the kernels include only declares
+it (precompiled), so a kernel compiles in a fraction of a second. A fiber runs until it waits at a barrier (or
+yields in `__nanosleep`), so a `__syncthreads` costs context switches within one OS thread, not the wake-ups of
+one OS thread per CUDA thread. A launch in which every unfinished thread waits at a barrier that cannot complete
+(a `__syncthreads` that not every thread of the block reaches), or in which threads only spin, fails
+(`EmulatedFault`) instead of hanging.
 
 Three rewrites make the source host C++: `extern __shared__` arrays point into the block's dynamic shared memory,
 static `__shared__` variables into the block's own static arena (each block starts with every byte 0xff, so a
@@ -13,20 +21,23 @@ persistent MLP's grid barrier) run all their blocks at once; the others run bloc
 cp.async copies land only at the `cp.async.wait_group` that completes their group (NaN until then), and
 cp.async / ldmatrix addresses must be 16-byte aligned (else `EmulatedFault`).
 
-What it cannot check: timing, memory-ordering hazards that the emulated warp-collectives' own barriers hide
-(each mma, ldmatrix and shuffle synchronises its warp here), and the PTX semantics themselves:
-`mma_bf16_16816` and `ldmatrix` are emulated from the PTX ISA's fragment layouts, the same reading the kernels
-follow, so a shared misreading would pass here (these layouts were confirmed on an H100, where the same
-schedules pass).
+What it cannot check: timing, memory-ordering hazards (fibers switch only inside barriers, warp collectives and
+`__nanosleep`, in thread order, so a missing `__syncthreads` shows only where a thread reads what a later thread
+writes), and the PTX semantics themselves: `mma_bf16_16816` and `ldmatrix` are emulated from the PTX ISA's
+fragment layouts, the same reading the kernels follow, so a shared misreading would pass here (these layouts
+were confirmed on an H100, where the same schedules pass).
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import itertools
 import pathlib
 import re
+import shutil
 import subprocess
+import tempfile
 
 import torch
 
@@ -39,15 +50,10 @@ from autocomp_compile.workload import Workload
 EMULATED_SMS = 2  # what an "sms*N" grid is resolved with
 
 HEADER = r"""
-#include <atomic>
-#include <barrier>
 #include <cmath>
-#include <cstdio>
+#include <cstddef>
+#include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
-#include <thread>
-#include <vector>
 #define AUTOCOMP_HOST_EMULATION 1
 #define __global__
 #define __device__
@@ -63,22 +69,87 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 namespace emu {
+/* the running fiber's thread and block index, and the launch's shape (set by the scheduler at each switch) */
+extern dim3 tid, bid, grid_dim, block_dim;
+void sync_block();
+void yield();
+void check_aligned(const void *p, size_t bytes, const char *what);
+void *static_shared(size_t bytes, int id);
+unsigned char *dynamic_smem();
+float shfl_xor(float v, int offset);
+struct Arg {
+  void *p;
+  template <class T> operator T *() const { return static_cast<T *>(p); }
+  operator long() const { return static_cast<long>(reinterpret_cast<intptr_t>(p)); }  /* a runtime dim */
+};
+/* Runs `body(args)` as every thread of grid `g`; the first fault, or nullptr. */
+const char *launch(dim3 g, unsigned threads, size_t smem, bool together, void (*body)(void **), void **args);
+}  // namespace emu
+#define threadIdx emu::tid
+#define blockIdx emu::bid
+#define blockDim emu::block_dim
+#define gridDim emu::grid_dim
+inline void __syncthreads() { emu::sync_block(); }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline float __expf(float v) { return std::exp(v); }
+inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+template <class A, class B> inline auto min(A a, B b) { return a < b ? a : b; }
+template <class A, class B> inline auto max(A a, B b) { return a < b ? b : a; }
+/* one OS thread runs every fiber, and fibers switch only inside runtime calls: plain memory is coherent */
+inline void __threadfence() {}
+inline void __nanosleep(unsigned) { emu::yield(); }
+template <class T> inline T atomicAdd(T *p, T v) { const T old = *p; *p = old + v; return old; }
+template <class T> inline void __stcg(T *p, T v) { *p = v; }
+template <class T> inline T __ldg(const T *p) { emu::check_aligned(p, sizeof(T), "__ldg"); return *p; }
+template <class T> inline T __ldcs(const T *p) { emu::check_aligned(p, sizeof(T), "__ldcs"); return *p; }
+template <class T> inline T __ldcg(const T *p) { emu::check_aligned(p, sizeof(T), "__ldcg"); return *p; }
+inline float __shfl_xor_sync(unsigned, float v, int offset) { return emu::shfl_xor(v, offset); }
+/* PTX mma.m16n8k16.row.col bf16, ldmatrix.m8n8 and cp.async, emulated in the runtime */
+void mma_bf16_16816(float *d, const unsigned *a, const unsigned *b);
+void ldmatrix_x4(unsigned *r, const void *row);
+void ldmatrix_x2(unsigned *r, const void *row);
+void cp_async16(void *smem, const void *gmem, bool valid);
+void cp_async_commit();
+void cp_async_wait(size_t pending);
+#define CP_ASYNC_WAIT(n) cp_async_wait(n)
+#define DYNAMIC_SMEM(name) unsigned char *name = emu::dynamic_smem()
+"""
+
+# The runtime behind HEADER, compiled once per build directory. Fibers are ucontext contexts; the scheduler
+# resumes, in thread order, each fiber that is not waiting at an incomplete barrier, until all have returned.
+RUNTIME = r"""
+#include <cstdio>
+#include <memory>
+#include <mutex>
+#include <ucontext.h>
+#include <vector>
+namespace emu {
+dim3 tid, bid, grid_dim, block_dim;
+namespace {
+constexpr size_t STATIC_SHARED_LIMIT = 48 * 1024;  /* what a block may declare statically */
+constexpr size_t STACK_BYTES = 256 * 1024;          /* per fiber; malloc maps it lazily */
+constexpr unsigned long IDLE_ROUNDS = 10000;        /* scheduler rounds without progress: a livelock */
+struct Barrier {
+  unsigned expected, arrived = 0;
+  unsigned long generation = 0;
+  explicit Barrier(unsigned n) : expected(n) {}
+};
 struct Warp {
-  std::barrier<> bar{32};
+  Barrier bar{32};
   unsigned a[32][4], b[32][2];
   float v[32];
   const unsigned char *row[32];
 };
-constexpr size_t STATIC_SHARED_LIMIT = 48 * 1024;  /* what a block may declare statically */
-inline unsigned char *aligned16(std::vector<unsigned char> &v) {
+unsigned char *aligned16(std::vector<unsigned char> &v) {
   return v.data() + (16 - reinterpret_cast<size_t>(v.data()) % 16) % 16;
 }
 struct Block {
-  std::barrier<> bar;
+  Barrier bar;
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<unsigned char> shared, statics;  /* 0xff: NaN as float and as bf16 */
   unsigned char *smem;
-  std::mutex statics_lock;
   std::vector<std::pair<int, unsigned char *>> static_places;  /* declaration id -> its bytes */
   std::vector<std::vector<unsigned char>> overflow;
   size_t statics_used = 0;
@@ -87,24 +158,111 @@ struct Block {
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
   }
 };
-inline thread_local dim3 tid, bid;
-inline thread_local Block *blk;
-inline dim3 grid_dim, block_dim;
-inline Warp &warp() { return *blk->warps[tid.x / 32]; }
-/* The first misuse a GPU would fault on (a misaligned vector access): reported by the launch wrapper. */
-inline std::atomic<bool> failed{false};
-inline char failure[256];
-inline void check_aligned(const void *p, size_t bytes, const char *what) {
-  if (reinterpret_cast<uintptr_t>(p) % bytes == 0 || failed.exchange(true)) return;
-  std::snprintf(failure, sizeof failure, "%s %p is not %zu-byte aligned (thread %u of block %u,%u)", what, p, bytes,
-                tid.x, bid.x, bid.y);
+struct PendingCopy { void *dst; unsigned char data[16]; };
+struct Fiber {
+  ucontext_t ctx;
+  std::unique_ptr<char[]> stack{new char[STACK_BYTES]};
+  dim3 tid, bid;
+  Block *blk = nullptr;
+  const Barrier *waiting = nullptr;  /* until its generation passes wait_generation */
+  unsigned long wait_generation = 0;
+  bool done = false;
+  std::vector<PendingCopy> cp_open;
+  std::vector<std::vector<PendingCopy>> cp_groups;  /* committed, oldest first */
+};
+ucontext_t scheduler;
+Fiber *current = nullptr;
+void (*body_fn)(void **) = nullptr;
+void **body_args = nullptr;
+unsigned long progress = 0;  /* barrier arrivals and finished fibers: what a livelock lacks */
+bool failed = false;
+char failure[256];
+std::mutex launch_lock;
+
+void fault(const char *text) {
+  if (failed) return;
+  failed = true;
+  std::snprintf(failure, sizeof failure, "%s", text);
 }
-/* The block's copy of static __shared__ declaration `id` (`bytes` long, 16-byte aligned; kernels only: a block
-   must be running): the first thread to reach the declaration places it. Past 48 KB in all the kernel would
-   not build (ptxas): reported as a fault, the excess placed on the heap so that the run stays in bounds. */
-inline void *static_shared(size_t bytes, int id) {
-  Block &b = *blk;
-  std::lock_guard<std::mutex> hold(b.statics_lock);
+void arrive_and_wait(Barrier &b) {
+  ++progress;
+  if (++b.arrived == b.expected) {
+    b.arrived = 0;
+    ++b.generation;
+    return;
+  }
+  current->waiting = &b;
+  current->wait_generation = b.generation;
+  swapcontext(&current->ctx, &scheduler);
+}
+Warp &warp() { return *current->blk->warps[current->tid.x / 32]; }
+int lane() { return current->tid.x % 32; }
+void fiber_main() {
+  body_fn(body_args);
+  current->done = true;
+  ++progress;
+}  /* returns to the scheduler through uc_link */
+void start(Fiber &f, dim3 t, dim3 b, Block *blk) {
+  f.tid = t;
+  f.bid = b;
+  f.blk = blk;
+  f.waiting = nullptr;
+  f.done = false;
+  f.cp_open.clear();
+  f.cp_groups.clear();
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack.get();
+  f.ctx.uc_stack.ss_size = STACK_BYTES;
+  f.ctx.uc_link = &scheduler;
+  makecontext(&f.ctx, fiber_main, 0);
+}
+/* Run `fibers` until all return; false (with a fault) on a deadlock or a livelock. */
+bool run_all(std::vector<Fiber> &fibers) {
+  size_t live = fibers.size();
+  unsigned long idle = 0;
+  while (live) {
+    const unsigned long before = progress;
+    bool resumed = false;
+    for (Fiber &f : fibers) {
+      if (f.done || (f.waiting && f.waiting->generation == f.wait_generation)) continue;
+      f.waiting = nullptr;
+      current = &f;
+      tid = f.tid;
+      bid = f.bid;
+      swapcontext(&scheduler, &f.ctx);
+      resumed = true;
+      if (f.done) --live;
+    }
+    current = nullptr;
+    if (!resumed) {
+      fault("deadlock: every unfinished thread waits at a barrier that not all threads of its block (or warp) reach");
+      return false;
+    }
+    idle = progress == before ? idle + 1 : 0;
+    if (idle > IDLE_ROUNDS) {
+      fault("livelock: threads spin (__nanosleep) and none reaches a barrier or returns");
+      return false;
+    }
+  }
+  return true;
+}
+}  // namespace
+
+void sync_block() { arrive_and_wait(current->blk->bar); }
+void yield() { swapcontext(&current->ctx, &scheduler); }
+/* The first misuse a GPU would fault on (a misaligned vector access): reported by the launch. */
+void check_aligned(const void *p, size_t bytes, const char *what) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes == 0 || failed) return;
+  char text[256];
+  std::snprintf(text, sizeof text, "%s %p is not %zu-byte aligned (thread %u of block %u,%u)", what, p, bytes,
+                tid.x, bid.x, bid.y);
+  fault(text);
+}
+/* The block's copy of static __shared__ declaration `id` (`bytes` long, 16-byte aligned): the first thread to
+   reach the declaration places it. Past 48 KB in all the kernel would not build (ptxas): reported as a fault,
+   the excess placed on the heap so that the run stays in bounds. */
+void *static_shared(size_t bytes, int id) {
+  Block &b = *current->blk;
   for (const auto &[i, place] : b.static_places)
     if (i == id) return place;
   const size_t offset = (b.statics_used + 15) / 16 * 16;
@@ -113,79 +271,59 @@ inline void *static_shared(size_t bytes, int id) {
     place = aligned16(b.statics) + offset;
     b.statics_used = offset + bytes;
   } else {
-    if (!failed.exchange(true))
-      std::snprintf(failure, sizeof failure, "static shared memory over %zu bytes", STATIC_SHARED_LIMIT);
+    char text[64];
+    std::snprintf(text, sizeof text, "static shared memory over %zu bytes", STATIC_SHARED_LIMIT);
+    fault(text);
     b.overflow.emplace_back(bytes + 16, 0xff);
     place = aligned16(b.overflow.back());
   }
   b.static_places.emplace_back(id, place);
   return place;
 }
-inline int lane() { return tid.x % 32; }
-struct Arg {
-  void *p;
-  template <class T> operator T *() const { return static_cast<T *>(p); }
-  operator long() const { return static_cast<long>(reinterpret_cast<intptr_t>(p)); }  /* a runtime dim */
-};
-/* Blocks one after another, or (`together`, for kernels with a grid barrier) all at once. */
-template <class F> void launch(dim3 g, unsigned threads, size_t smem, bool together, F body) {
-  /* inline variables are one object across every emulation library loaded in the process (GNU unique
-     symbols): a fault an earlier launch reported must not be reported again for this one */
+unsigned char *dynamic_smem() { return current->blk->smem; }
+float shfl_xor(float v, int offset) {
+  Warp &w = warp();
+  w.v[lane()] = v;
+  arrive_and_wait(w.bar);
+  const float r = w.v[lane() ^ offset];
+  arrive_and_wait(w.bar);
+  return r;
+}
+/* Blocks one after another (a fresh block, and fresh fibers on the same stacks, for each), or (`together`, for
+   kernels with a grid barrier) all at once. */
+const char *launch(dim3 g, unsigned threads, size_t smem, bool together, void (*body)(void **), void **args) {
+  std::lock_guard<std::mutex> hold(launch_lock);
   failed = false;
   grid_dim = g;
   block_dim = dim3{threads, 1, 1};
+  body_fn = body;
+  body_args = args;
   std::vector<dim3> ids;
   for (unsigned z = 0; z < g.z; ++z)
     for (unsigned y = 0; y < g.y; ++y)
       for (unsigned x = 0; x < g.x; ++x) ids.push_back(dim3{x, y, z});
-  auto run = [&](const std::vector<dim3> &group) {
+  const size_t per_group = together ? ids.size() : 1;
+  std::vector<Fiber> fibers(per_group * threads);
+  for (size_t first = 0; first < ids.size(); first += per_group) {
     std::vector<std::unique_ptr<Block>> blocks;
-    for (size_t b = 0; b < group.size(); ++b) blocks.push_back(std::make_unique<Block>(threads, smem));
-    std::vector<std::thread> pool;
-    for (size_t b = 0; b < group.size(); ++b)
-      for (unsigned t = 0; t < threads; ++t)
-        pool.emplace_back([&, b, t] { tid = dim3{t, 0, 0}; bid = group[b]; blk = blocks[b].get(); body(); });
-    for (auto &th : pool) th.join();
-  };
-  if (together) run(ids);
-  else for (const dim3 &id : ids) run({id});
+    for (size_t b = 0; b < per_group; ++b) {
+      blocks.push_back(std::make_unique<Block>(threads, smem));
+      for (unsigned t = 0; t < threads; ++t) start(fibers[b * threads + t], dim3{t, 0, 0}, ids[first + b], blocks[b].get());
+    }
+    if (!run_all(fibers)) break;
+  }
+  return failed ? failure : nullptr;
 }
 }  // namespace emu
-#define threadIdx emu::tid
-#define blockIdx emu::bid
-#define blockDim emu::block_dim
-#define gridDim emu::grid_dim
-inline void __syncthreads() { emu::blk->bar.arrive_and_wait(); }
-inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline float __expf(float v) { return std::exp(v); }
-inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
-template <class A, class B> inline auto min(A a, B b) { return a < b ? a : b; }
-template <class A, class B> inline auto max(A a, B b) { return a < b ? b : a; }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline void __nanosleep(unsigned) { std::this_thread::yield(); }
-template <class T> inline T atomicAdd(T *p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
-template <class T> inline void __stcg(T *p, T v) { *p = v; }
-template <class T> inline T __ldg(const T *p) { emu::check_aligned(p, sizeof(T), "__ldg"); return *p; }
-template <class T> inline T __ldcs(const T *p) { emu::check_aligned(p, sizeof(T), "__ldcs"); return *p; }
-template <class T> inline T __ldcg(const T *p) { emu::check_aligned(p, sizeof(T), "__ldcg"); return *p; }
-inline float __shfl_xor_sync(unsigned, float v, int offset) {
-  emu::Warp &w = emu::warp();
-  w.v[emu::lane()] = v;
-  w.bar.arrive_and_wait();
-  const float r = w.v[emu::lane() ^ offset];
-  w.bar.arrive_and_wait();
-  return r;
-}
-inline float bf16_at(unsigned reg, int half) { return __uint_as_float(((reg >> (16 * half)) & 0xffffu) << 16); }
+
+static float bf16_at(unsigned reg, int half) { return __uint_as_float(((reg >> (16 * half)) & 0xffffu) << 16); }
 /* PTX mma.m16n8k16.row.col bf16: lane 4g + t holds A rows g, g + 8 and B column g (see mma.py) */
-inline void mma_bf16_16816(float *d, const unsigned *a, const unsigned *b) {
+void mma_bf16_16816(float *d, const unsigned *a, const unsigned *b) {
   emu::Warp &w = emu::warp();
   const int l = emu::lane(), g = l >> 2, t = l & 3;
   std::memcpy(w.a[l], a, sizeof w.a[l]);
   std::memcpy(w.b[l], b, sizeof w.b[l]);
-  w.bar.arrive_and_wait();
+  emu::arrive_and_wait(w.bar);
   for (int e = 0; e < 4; ++e) {
     const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
     float sum = 0.0f;
@@ -196,44 +334,44 @@ inline void mma_bf16_16816(float *d, const unsigned *a, const unsigned *b) {
     }
     d[e] += sum;
   }
-  w.bar.arrive_and_wait();
+  emu::arrive_and_wait(w.bar);
 }
 /* PTX ldmatrix.m8n8 (.b16, no .trans): lanes 8j..8j+7 address the rows of matrix j; lane 4g + t receives
    row g, columns 2t and 2t + 1 of each matrix, one 32-bit register per matrix */
-inline void ldmatrix_n(unsigned *r, const void *row, int matrices) {
+static void ldmatrix_n(unsigned *r, const void *row, int matrices) {
   emu::Warp &w = emu::warp();
   const int l = emu::lane();
   if (l < 8 * matrices) emu::check_aligned(row, 16, "ldmatrix row address");
   w.row[l] = static_cast<const unsigned char *>(row);
-  w.bar.arrive_and_wait();
+  emu::arrive_and_wait(w.bar);
   for (int j = 0; j < matrices; ++j) std::memcpy(&r[j], w.row[8 * j + l / 4] + 4 * (l % 4), 4);
-  w.bar.arrive_and_wait();
+  emu::arrive_and_wait(w.bar);
 }
-inline void ldmatrix_x4(unsigned *r, const void *row) { ldmatrix_n(r, row, 4); }
-inline void ldmatrix_x2(unsigned *r, const void *row) { ldmatrix_n(r, row, 2); }
+void ldmatrix_x4(unsigned *r, const void *row) { ldmatrix_n(r, row, 4); }
+void ldmatrix_x2(unsigned *r, const void *row) { ldmatrix_n(r, row, 2); }
 /* cp.async: the 16 bytes land only when a cp.async.wait_group lets their group complete; until then the
    destination holds NaN, so a kernel that reads a tile before waiting for it (or waits for too few groups)
    computes garbage here as it would on a GPU. */
-struct PendingCopy { void *dst; unsigned char data[16]; };
-inline thread_local std::vector<PendingCopy> cp_open;
-inline thread_local std::vector<std::vector<PendingCopy>> cp_groups;  /* committed, oldest first */
-inline void cp_async16(void *smem, const void *gmem, bool valid) {
+void cp_async16(void *smem, const void *gmem, bool valid) {
   emu::check_aligned(smem, 16, "cp.async shared destination");
   emu::check_aligned(gmem, 16, "cp.async global source");
-  PendingCopy c{smem, {}};
+  emu::PendingCopy c{smem, {}};
   if (valid) std::memcpy(c.data, gmem, 16);
   std::memset(smem, 0xff, 16);
-  cp_open.push_back(c);
+  emu::current->cp_open.push_back(c);
 }
-inline void cp_async_commit() { cp_groups.push_back(std::move(cp_open)); cp_open.clear(); }
-inline void cp_async_wait(size_t pending) {
-  while (cp_groups.size() > pending) {
-    for (const PendingCopy &c : cp_groups.front()) std::memcpy(c.dst, c.data, 16);
-    cp_groups.erase(cp_groups.begin());
+void cp_async_commit() {
+  emu::Fiber &f = *emu::current;
+  f.cp_groups.push_back(std::move(f.cp_open));
+  f.cp_open.clear();
+}
+void cp_async_wait(size_t pending) {
+  auto &groups = emu::current->cp_groups;
+  while (groups.size() > pending) {
+    for (const emu::PendingCopy &c : groups.front()) std::memcpy(c.dst, c.data, 16);
+    groups.erase(groups.begin());
   }
 }
-#define CP_ASYNC_WAIT(n) cp_async_wait(n)
-#define DYNAMIC_SMEM(name) unsigned char *name = emu::blk->smem
 """
 
 
@@ -246,8 +384,8 @@ def _wrappers(spec: dict) -> str:
     for k in spec["kernels"]:
         args = ", ".join(f"emu::Arg{{a[{i}]}}" for i in range(len(k["args"])))
         out.append(f'extern "C" const char *emu_{k["name"]}(void **a, unsigned gx, unsigned gy, unsigned gz, '
-                   f'unsigned threads, unsigned long smem, int together) {{ emu::launch(dim3{{gx, gy, gz}}, threads, '
-                   f'smem, together, [&] {{ {k["name"]}({args}); }}); return emu::failed ? emu::failure : nullptr; }}')
+                   f'unsigned threads, unsigned long smem, int together) {{ return emu::launch(dim3{{gx, gy, gz}}, '
+                   f'threads, smem, together, [](void **a) {{ {k["name"]}({args}); }}, a); }}')
     return "\n".join(out) + "\n"
 
 
@@ -283,7 +421,7 @@ def _static_shared(source: str) -> str:
 
 def host_source(source: str) -> str:
     """The generated source as host C++ for the emulation header (see the module's docstring)."""
-    source = _DYNAMIC_SHARED.sub(r"\1 *\2 = reinterpret_cast<\1 *>(emu::blk->smem);", source)
+    source = _DYNAMIC_SHARED.sub(r"\1 *\2 = reinterpret_cast<\1 *>(emu::dynamic_smem());", source)
     return _PREFETCH.sub(";", _static_shared(source))
 
 
@@ -296,29 +434,40 @@ def _gxx(args: list[str], what: pathlib.Path) -> None:
         raise RuntimeError(f"g++ could not build the emulation of {what}:\n{done.stderr[-3000:]}")
 
 
-def _precompiled_header(build_dir: pathlib.Path) -> pathlib.Path:
-    """HEADER as a precompiled header (parsing it is most of a compile), built once per build_dir."""
-    header = build_dir / f"emu_{hashlib.sha256(HEADER.encode()).hexdigest()[:12]}.h"
-    gch = header.with_name(header.name + ".gch")
-    if not gch.exists():
+_runtime_dir: pathlib.Path | None = None
+
+
+def _runtime() -> tuple[pathlib.Path, pathlib.Path]:
+    """HEADER as a precompiled header (parsing it is most of a kernel's compile) and RUNTIME as a shared library,
+    built once per process in a directory of its own, removed at exit: (the header, the library)."""
+    global _runtime_dir
+    if _runtime_dir is None:
+        _runtime_dir = pathlib.Path(tempfile.mkdtemp(prefix="autocomp-cuda-emulator-"))
+        atexit.register(shutil.rmtree, _runtime_dir, True)
+    header, lib = _runtime_dir / "emu.h", _runtime_dir / "libemu.so"
+    if not lib.exists():
         header.write_text(HEADER)
-        partial = gch.with_name(gch.name + ".partial")
-        _gxx(["-x", "c++-header", str(header), "-o", str(partial)], header)
-        partial.replace(gch)
-    return header
+        _gxx(["-x", "c++-header", str(header), "-o", str(header) + ".gch"], header)
+        src = _runtime_dir / "libemu.cpp"
+        src.write_text(RUNTIME)
+        partial = lib.with_name(lib.name + ".partial")
+        _gxx(["-shared", "-include", str(header), "-o", str(partial), str(src)], src)
+        partial.replace(lib)
+    return header, lib
 
 
 def compile_source(source: str, build_dir: pathlib.Path) -> ctypes.CDLL:
-    """The source plus launch wrappers as a host shared library (cached by content)."""
+    """The source plus launch wrappers as a host shared library (cached in `build_dir` by content and runtime),
+    linked to the runtime."""
     build_dir.mkdir(parents=True, exist_ok=True)
-    header = _precompiled_header(build_dir)
+    header, runtime = _runtime()
     text = host_source(source) + _wrappers(launch_spec(source))
-    digest = hashlib.sha256((header.name + text).encode()).hexdigest()[:16]
+    digest = hashlib.sha256((str(runtime) + text).encode()).hexdigest()[:16]
     lib = build_dir / f"emu_{digest}.so"
     if not lib.exists():
         src = build_dir / f"emu_{digest}.cpp"
         src.write_text(text)
-        _gxx(["-shared", "-include", str(header), "-o", str(lib), str(src)], src)
+        _gxx(["-shared", "-include", str(header), "-o", str(lib), str(src), str(runtime)], src)
     return ctypes.CDLL(str(lib))
 
 

@@ -58,3 +58,37 @@ def test_over_48_kb_of_static_shared_memory_is_a_fault_not_a_crash(tmp_path):
 def test_a_declaration_it_cannot_read_is_a_clear_error():
     with pytest.raises(ValueError, match="cannot read the shared-memory declaration"):
         emulator.host_source("  __shared__ float (*rows)[4];\n")
+
+
+def test_a_barrier_not_every_thread_reaches_is_a_fault_not_a_hang(tmp_path):
+    src = _kernel("""
+  if (threadIdx.x < 32) __syncthreads();  /* the other warp never arrives */
+  out[blockIdx.x] = 1.0f;""", grid=2, threads=64)
+    with pytest.raises(emulator.EmulatedFault, match="deadlock"):
+        emulator.run(src, {"out": torch.zeros(2)}, tmp_path)
+
+
+def test_threads_that_only_spin_are_a_fault_not_a_hang(tmp_path):
+    src = _kernel("""
+  volatile float *flag = out + 1;
+  while (*flag == 0.0f) __nanosleep(64);  /* nothing ever sets it */
+  out[0] = 1.0f;""", grid=1, threads=32)
+    with pytest.raises(emulator.EmulatedFault, match="livelock"):
+        emulator.run(src, {"out": torch.zeros(2)}, tmp_path)
+
+
+def test_blocks_see_each_others_writes_through_a_grid_barrier(tmp_path):
+    """A cooperative launch runs its blocks at once: each block spins until every block has counted itself."""
+    launch = ('{"kernels": [{"name": "k", "grid": [4, 1, 1], "block": [64, 1, 1], "args": ["out"], '
+              '"cooperative": true}], "scratch": {}}')
+    src = f'''// autocomp-launch: {launch}
+extern "C" __global__ void k(float *out) {{
+  volatile float *count = out + 4;
+  if (threadIdx.x == 0) {{ atomicAdd(out + 4, 1.0f); while (*count < gridDim.x) __nanosleep(64); }}
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = *count;
+}}
+'''
+    out = torch.zeros(5)
+    emulator.run(src, {"out": out}, tmp_path)
+    assert out.tolist() == [4.0, 4.0, 4.0, 4.0, 4.0]
