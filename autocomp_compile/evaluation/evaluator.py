@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from autocomp_compile.evaluation.job import EvalSettings
-from autocomp_compile.evaluation.worker import IsolatedWorker, WorkerCrash, WorkerTimeout
+from autocomp_compile.evaluation.worker import (IsolatedWorker, WorkerCrash, WorkerTimeout, acquire_worker,
+                                               release_worker)
 from autocomp_compile.search.candidate import Candidate
 from autocomp_compile.targets.base import EvalResult, RunOffError
 from autocomp_compile.workload import Workload
@@ -43,7 +44,7 @@ class RoundEvaluator:
         self.build_dir = build_dir
         self.settings = settings or EvalSettings()
         self.build_workers = build_workers or int(os.environ.get("AUTOCOMP_BUILD_WORKERS", 0)) or os.cpu_count() or 1
-        self._worker = IsolatedWorker()
+        self._worker = acquire_worker()
 
     def build(self, candidate: Candidate) -> Built:
         raise NotImplementedError
@@ -60,6 +61,8 @@ class RoundEvaluator:
                  on_result: Callable[[int, EvalResult], None] | None = None) -> list[EvalResult]:
         """All builds first, then timing: nothing compiles while a kernel is being timed. `on_result(i, result)`
         is called as each result is known."""
+        if candidates:
+            self._worker.start()  # a new worker imports torch while the candidates build
         results: list[EvalResult] = []
         for cand, b in zip(candidates, self.build_all(candidates)):
             if not b.ok or b.artifact is None:
@@ -108,7 +111,9 @@ class RoundEvaluator:
             raise RunOffError(f"{type(exc).__name__}: {str(exc)[-1000:]}") from exc
 
     def close(self) -> None:
-        self._worker.close()
+        """Hand the worker process back for the next search (an evaluator used after this starts a new one)."""
+        worker, self._worker = self._worker, IsolatedWorker()
+        release_worker(worker)
 
     def __enter__(self) -> "RoundEvaluator":
         return self

@@ -2,13 +2,18 @@
 
 The worker is long-lived (it keeps its input pools and warm caches between candidates) and is
 restarted after a crash or a timeout. Jobs are `module:function` names called with pickled args.
+
+Starting one costs seconds (a fresh interpreter importing torch), so a search's evaluator takes an idle worker
+that an earlier search left (`acquire_worker`), its state cleared, and hands it back when done (`release_worker`).
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import subprocess
 import sys
+import threading
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
@@ -77,6 +82,16 @@ class IsolatedWorker:
         self._conn: _Duplex | None = None
         self._busy = False  # a job was sent and its result not received (the run was interrupted)
 
+    def start(self) -> None:
+        """Start the process now (it imports torch while the caller goes on), unless it is running."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._kill()
+            self._start()
+
+    def healthy(self) -> bool:
+        """Running, and not in the middle of a job whose result was never received."""
+        return self._proc is not None and self._proc.poll() is None and not self._busy
+
     def _start(self) -> None:
         to_child_r, to_child_w = os.pipe()
         to_parent_r, to_parent_w = os.pipe()
@@ -100,9 +115,7 @@ class IsolatedWorker:
 
     def run(self, fn_path: str, *args: Any, timeout_s: float = 120.0) -> Any:
         """Run `fn_path(state, *args)` in the worker. Raises WorkerCrash, WorkerTimeout or RuntimeError."""
-        if self._proc is None or self._proc.poll() is not None:
-            self._kill()
-            self._start()
+        self.start()
         assert self._conn is not None and self._proc is not None
         self._busy = True
         self._conn.send((fn_path, args))
@@ -135,3 +148,46 @@ class IsolatedWorker:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _clear_state(state: dict[str, Any]) -> None:
+    state.clear()
+
+
+_CLEAR_STATE = f"{__name__}:_clear_state"
+_idle: list[IsolatedWorker] = []  # at most one, kept between searches
+_idle_lock = threading.Lock()
+
+
+def acquire_worker() -> IsolatedWorker:
+    """The idle worker an earlier search released (running, its state empty), else a new one (not started)."""
+    with _idle_lock:
+        worker = _idle.pop() if _idle else None
+    if worker is not None and worker.healthy():
+        return worker
+    if worker is not None:
+        worker.close()
+    return IsolatedWorker()
+
+
+def release_worker(worker: IsolatedWorker) -> None:
+    """Keep `worker` for the next search (its state cleared: input pools, cold copies) when it is healthy and no
+    other worker is kept; else stop it."""
+    if worker.healthy():
+        try:
+            worker.run(_CLEAR_STATE, timeout_s=30.0)
+        except RuntimeError:  # WorkerCrash, WorkerTimeout: it stopped, or was stopped
+            worker.close()
+            return
+        with _idle_lock:
+            if not _idle:
+                _idle.append(worker)
+                return
+    worker.close()
+
+
+@atexit.register
+def _close_idle() -> None:
+    with _idle_lock:
+        while _idle:
+            _idle.pop().close()

@@ -109,3 +109,59 @@ def test_ctrl_c_reaches_the_parent_not_the_worker(worker):
     t0 = time.perf_counter()
     worker.close()
     assert time.perf_counter() - t0 < 2.0  # killed, not waited for (close() waits up to 5 s for an idle worker)
+
+
+def test_a_released_worker_serves_the_next_search_with_empty_state():
+    from autocomp_compile.evaluation.worker import acquire_worker, release_worker
+
+    first = acquire_worker()
+    first.run(f"{H}:count")
+    pid = first.run(f"{H}:pid")
+    release_worker(first)
+    second = acquire_worker()
+    try:
+        assert second is first and second.run(f"{H}:pid") == pid  # no new interpreter to start
+        assert second.run(f"{H}:count") == 1  # the earlier search's state is gone
+        other = acquire_worker()  # none idle now: a new worker, not the one in use
+        assert other is not second
+        release_worker(other)  # never started: nothing to keep
+        assert acquire_worker() is not second
+    finally:
+        second.close()
+
+
+def test_a_worker_interrupted_in_a_job_is_not_kept():
+    import signal
+    import threading
+
+    from autocomp_compile.evaluation.worker import acquire_worker, release_worker
+
+    w = acquire_worker()
+    pid = w.run(f"{H}:pid")
+    threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        w.run(f"{H}:sleep", 30.0)
+    release_worker(w)  # busy with a job nobody waits for: stopped
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    fresh = acquire_worker()
+    assert fresh is not w
+    fresh.close()
+
+
+def test_an_evaluator_closed_twice_does_not_stop_the_worker_another_search_holds(tmp_path):
+    from autocomp_compile.targets.cpu.evaluator import CpuEvaluator
+    from autocomp_compile.workload import make_workload
+
+    w = make_workload("gemm", "fp32", m=1, n=8, k=16)
+    first = CpuEvaluator(w, tmp_path)
+    worker = first._worker
+    pid = worker.run(f"{H}:pid")
+    first.close()
+    second = CpuEvaluator(w, tmp_path)
+    try:
+        assert second._worker is worker
+        first.close()  # again: its worker went to `second`, which keeps it
+        assert second._worker.run(f"{H}:pid") == pid
+    finally:
+        second.close()
