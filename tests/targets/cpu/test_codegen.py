@@ -459,6 +459,7 @@ def test_build_caches_identical_code(tmp_path):
 def test_concurrent_builds_of_identical_code_in_one_process(tmp_path, monkeypatch):
     """Deterministic version of the race: both compiler runs finish before either renames its output."""
     compiler_mod.compiler_version()  # cached before patching
+    compiler_mod.precompiled_prelude("scalar", tmp_path)  # built before patching: the kernels' builds race alone
     real_run = compiler_mod.subprocess.run
     barrier = threading.Barrier(2, timeout=30)
 

@@ -30,3 +30,31 @@ def test_long_compiler_output_keeps_head_and_tail():
     log = compiler._log(text)
     assert log.startswith("first error") and log.endswith("last line") and len(log) < 4100
     assert compiler._log("short") == "short"
+
+
+def test_generated_kernels_build_with_the_precompiled_standard_headers(tmp_path, monkeypatch):
+    from autocomp_compile.targets.cpu import codegen
+    from tests.helpers import small
+
+    if "clang" in compiler.compiler_version().lower():
+        pytest.skip("precompiled headers are used with gcc only")
+    w = small("gemm", "bf16")
+    code = codegen.generate(w, codegen.naive_knobs(w))
+    assert compiler.starts_with_standard_include(code)
+    header = compiler.precompiled_prelude("scalar", tmp_path)
+    assert header is not None and header.with_name("prelude.h.gch").exists()
+    assert compiler.precompiled_prelude("scalar", tmp_path) == header  # built once
+    # gcc -H marks a precompiled header it reads with "!" (with "x" one it found unusable)
+    monkeypatch.setattr(compiler, "cflags", lambda isa, real=compiler.cflags: [*real(isa), "-H"])
+    result = compiler.build(code, "scalar", tmp_path / "with-H")
+    assert result.ok
+    assert f"! {compiler.precompiled_prelude('scalar', tmp_path / 'with-H')}.gch" in result.log
+
+
+def test_code_that_defines_macros_before_its_includes_builds_without_them(tmp_path):
+    gnu = "#define _GNU_SOURCE\n#include <stdlib.h>\n#include <math.h>\nfloat f(float x) { return fabsf(x); }\n"
+    assert not compiler.starts_with_standard_include(gnu)
+    assert compiler.starts_with_standard_include("/* a comment */\n#include <stdint.h>\nint x;\n")
+    assert not compiler.starts_with_standard_include("#include \"mine.h\"\n")
+    assert compiler.build(gnu, "scalar", tmp_path).ok
+    assert not (tmp_path / "prelude").exists()  # nothing precompiled for it
