@@ -63,6 +63,7 @@ _VECTOR_HEADERS = ("immintrin.h",)
 _DIRECTIVE = re.compile(r"^[ \t]*#[ \t]*(\w+)[ \t]*(\S*)", re.M)
 _prelude_lock = threading.Lock()
 _prelude_failed: set[Path] = set()
+_prelude_built: dict[str, Path] = {}  # by hash: one built in this process serves every build folder
 
 
 def starts_with_standard_include(code: str) -> bool:
@@ -75,8 +76,9 @@ def starts_with_standard_include(code: str) -> bool:
 
 def precompiled_prelude(isa: str, build_dir: Path) -> Path | None:
     """`build_dir/prelude/<isa>-<hash>/prelude.h`, whose precompiled form (`prelude.h.gch` beside it) gcc reads
-    instead of parsing the standard headers, when a kernel is built with `-include` of it; built on first use.
-    None where it cannot be (no compiler, clang, a failed build)."""
+    instead of parsing the standard headers, when a kernel is built with `-include` of it; built on first use
+    (~1.5 s), and the one this process built first (in any build folder) while it exists. None where it cannot
+    be (no compiler, clang, a failed build)."""
     cc = compiler()
     if cc is None or "clang" in compiler_version().lower():
         return None
@@ -87,7 +89,11 @@ def precompiled_prelude(isa: str, build_dir: Path) -> Path | None:
     header = build_dir / "prelude" / f"{isa}-{digest}" / "prelude.h"
     gch = header.with_name("prelude.h.gch")
     with _prelude_lock:
+        earlier = _prelude_built.get(digest)
+        if earlier is not None and earlier.with_name("prelude.h.gch").exists():
+            return earlier
         if gch.exists():
+            _prelude_built[digest] = header
             return header
         if header in _prelude_failed:
             return None
@@ -101,6 +107,7 @@ def precompiled_prelude(isa: str, build_dir: Path) -> Path | None:
             _prelude_failed.add(header)
             return None
         os.replace(tmp, gch)  # atomic: another process building the same one never sees a partial file
+        _prelude_built[digest] = header
         return header
 
 

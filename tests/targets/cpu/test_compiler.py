@@ -51,6 +51,17 @@ def test_generated_kernels_build_with_the_precompiled_standard_headers(tmp_path,
     assert f"! {compiler.precompiled_prelude('scalar', tmp_path / 'with-H')}.gch" in result.log
 
 
+def test_one_precompiled_prelude_serves_every_build_folder_of_the_process(tmp_path):
+    first = compiler.precompiled_prelude("scalar", tmp_path / "a")
+    if first is None:
+        pytest.skip("no precompiled headers with this compiler")
+    assert compiler.precompiled_prelude("scalar", tmp_path / "b") == first
+    assert not (tmp_path / "b" / "prelude").exists()
+    first.with_name("prelude.h.gch").unlink()  # gone (a deleted folder): built again where asked
+    again = compiler.precompiled_prelude("scalar", tmp_path / "b")
+    assert again is not None and again.is_relative_to(tmp_path / "b") and again.with_name("prelude.h.gch").exists()
+
+
 def test_code_that_defines_macros_before_its_includes_builds_without_them(tmp_path):
     gnu = "#define _GNU_SOURCE\n#include <stdlib.h>\n#include <math.h>\nfloat f(float x) { return fabsf(x); }\n"
     assert not compiler.starts_with_standard_include(gnu)
