@@ -87,7 +87,6 @@ class KernelSelector:
         import torch
 
         from autocomp_compile.evaluation.job import EvalSettings
-
         from autocomp_compile.kernels_cache.store import CacheError, KernelCache
         from autocomp_compile.targets.base import deterministic_variant
 

@@ -100,9 +100,12 @@ def precompiled_prelude(isa: str, build_dir: Path) -> Path | None:
         header.parent.mkdir(parents=True, exist_ok=True)
         header.write_text(text)
         tmp = gch.with_name(f"prelude.h.gch.{os.getpid()}.tmp")
-        proc = subprocess.run([cc, *flags, "-x", "c-header", str(header), "-o", str(tmp)], capture_output=True,
-                              text=True, check=False)
-        if proc.returncode != 0:
+        try:
+            proc = subprocess.run([cc, *flags, "-x", "c-header", str(header), "-o", str(tmp)], capture_output=True,
+                                  text=True, timeout=120, check=False)
+        except subprocess.TimeoutExpired:
+            proc = None
+        if proc is None or proc.returncode != 0:
             tmp.unlink(missing_ok=True)
             _prelude_failed.add(header)
             return None
