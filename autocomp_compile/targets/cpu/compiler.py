@@ -62,7 +62,7 @@ _PRELUDE_HEADERS = ("stdint.h", "stdlib.h", "string.h", "math.h", "omp.h")
 _VECTOR_HEADERS = ("immintrin.h",)
 _DIRECTIVE = re.compile(r"^[ \t]*#[ \t]*(\w+)[ \t]*(\S*)", re.M)
 _prelude_lock = threading.Lock()
-_prelude_failed: set[Path] = set()
+_prelude_failed: set[str] = set()  # by hash: it would fail again in any build folder
 _prelude_built: dict[str, Path] = {}  # by hash: one built in this process serves every build folder
 
 
@@ -95,7 +95,7 @@ def precompiled_prelude(isa: str, build_dir: Path) -> Path | None:
         if gch.exists():
             _prelude_built[digest] = header
             return header
-        if header in _prelude_failed:
+        if digest in _prelude_failed:
             return None
         header.parent.mkdir(parents=True, exist_ok=True)
         header.write_text(text)
@@ -107,7 +107,7 @@ def precompiled_prelude(isa: str, build_dir: Path) -> Path | None:
             proc = None
         if proc is None or proc.returncode != 0:
             tmp.unlink(missing_ok=True)
-            _prelude_failed.add(header)
+            _prelude_failed.add(digest)
             return None
         os.replace(tmp, gch)  # atomic: another process building the same one never sees a partial file
         _prelude_built[digest] = header

@@ -3,8 +3,8 @@ CUDA thread, all run by the calling OS thread; blocks one after another, `__sync
 warp-collective operations as a 32-thread exchange), so a kernel's index arithmetic, tiling, bounds and
 shared-memory pipelining are checked here without a GPU.
 
-The runtime (fiber scheduler, barriers, warp collectives, shared-memory arenas) is C++ compiled once per build
-directory into a shared library that each kernel library links to; the header the kernels include only declares
+The runtime (fiber scheduler, barriers, warp collectives, shared-memory arenas) is C++ compiled once per process
+into a shared library that each kernel library links to; the header the kernels include only declares
 it (precompiled), so a kernel compiles in a fraction of a second. A fiber runs until it waits at a barrier (or
 yields in `__nanosleep`), so a `__syncthreads` costs context switches within one OS thread, not the wake-ups of
 one OS thread per CUDA thread. A launch in which every unfinished thread waits at a barrier that cannot complete
@@ -117,7 +117,7 @@ void cp_async_wait(size_t pending);
 #define DYNAMIC_SMEM(name) unsigned char *name = emu::dynamic_smem()
 """
 
-# The runtime behind HEADER, compiled once per build directory. Fibers are ucontext contexts; the scheduler
+# The runtime behind HEADER, compiled once per process. Fibers are ucontext contexts; the scheduler
 # resumes, in thread order, each fiber that is not waiting at an incomplete barrier, until all have returned.
 RUNTIME = r"""
 #include <cstdio>
