@@ -10,7 +10,9 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from autocomp_compile.targets.cpu.codegen import KNOB_CHOICES, family, isa_applies, spans_fit
+from autocomp_compile.targets.cpu.codegen import (
+    KNOB_CHOICES, MAX_ACCUMULATORS, activation_rows, family, isa_applies, m_tile_fits, spans_fit,
+)
 from autocomp_compile.targets.cpu.isa import VECTOR_WIDTH
 from autocomp_compile.workload import Workload
 
@@ -109,6 +111,17 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                 lambda k, r: {**k, "prefetch_hint": _pick_other(("t0", "t1", "nta"), k["prefetch_hint"], r)},
             ),
         ]
+        if activation_rows(w) > 1:
+            items.append(MenuItem(
+                "register_tile", "Register tile of activation rows",
+                "With several activation rows (a batch or a prompt), compute a tile of MT activation rows x ROWS "
+                "weight rows per pass (MT x rows x unroll accumulators, at most 16): each weight vector is loaded "
+                "and widened once and used for all MT rows, and each activation vector once for all ROWS rows, "
+                "so the kernel does FMAs instead of loads and conversions (the GEMM of a prefill is bound by "
+                "compute, not by memory).",
+                lambda k: bool(_m_tile_options(w, k)),
+                lambda k, r: _with_m_tile(w, k, r.choice(_m_tile_options(w, k))),
+            ))
         if w.dtype == "bf16" and any(i in ("avx2", "avx512") for i in isas):
             items.append(MenuItem(
                 "bf16_split", "Even/odd bf16 split",
@@ -233,13 +246,23 @@ def _span_options(w: Workload, k: Knobs) -> list[int]:
 
 
 def _with_spans(w: Workload, k: Knobs, spans: int) -> Knobs:
-    """`spans` spans, with as many of the current rows per span as the accumulators and output rows allow."""
+    """`spans` spans, with as many of the current rows per span as the accumulators and output rows allow; a
+    register tile of activation rows is dropped (spans stream the weights for one activation row at a time)."""
     fits = [r for r in KNOB_CHOICES["gemv"]["rows"] if r <= k["rows"] and spans_fit(w, spans, r, k["unroll"])]
-    return {**k, "spans": spans, "rows": max(fits, default=1)}
+    return {**k, "spans": spans, "rows": max(fits, default=1), "m_tile": 1}
 
 
-def _gemv_rows(w: Workload) -> int:
-    return w.params["m"] if w.kind == "gemm" else w.params["batch"]
+def _m_tile_options(w: Workload, k: Knobs) -> list[int]:
+    """Register-tile heights other than the current one that fit the activation rows (with one weight row)."""
+    return [t for t in KNOB_CHOICES["gemv"]["m_tile"] if t != k["m_tile"] and m_tile_fits(w, t, 1, 1)]
+
+
+def _with_m_tile(w: Workload, k: Knobs, m_tile: int) -> Knobs:
+    """A tile `m_tile` activation rows high, with as many of the current weight rows (and unrolled steps) as the
+    accumulators allow; spans are dropped (a tile reads its weight rows once for all its activation rows)."""
+    unroll = k["unroll"] if m_tile_fits(w, m_tile, 1, k["unroll"]) else 1
+    fits = [r for r in KNOB_CHOICES["gemv"]["rows"] if r <= k["rows"] and m_tile * r * unroll <= MAX_ACCUMULATORS]
+    return {**k, "m_tile": m_tile, "unroll": unroll, "rows": max(fits, default=1), "spans": 1}
 
 
 def cuda_menu(w: Workload) -> list[MenuItem]:
@@ -290,7 +313,7 @@ def cuda_menu(w: Workload) -> list[MenuItem]:
                        "push data that will be reused out of L2.",
                        "stream_loads", lambda k: not k["naive"] and not k["mma"]),
         ]
-        if w.dtype == "bf16" and _gemv_rows(w) >= 16:  # prefill: enough rows to fill a 16-row fragment
+        if w.dtype == "bf16" and activation_rows(w) >= 16:  # prefill: enough rows to fill a 16-row fragment
             items += [
                 _switch_on("tensor_cores", "Tensor-core GEMM (mma.sync, cp.async pipeline)",
                            "With many activation rows the GEMV is compute-bound: tile the output into blocks, stage "

@@ -49,7 +49,8 @@ def _start_states(w, isas):
     tuned = codegen.legalize(
         w, {**vec, "online": True, "gqa_share": True, "fuse": True, "bf16_split": True, "rows": 4, "unroll": 2,
             "prefetch": 512, "threads": "dynamic", "chunk": 4, "q_block": 2, "kv_block": 32, "spans": 2}, isas)
-    return [naive, vec, tuned]
+    tiled = codegen.legalize(w, {**vec, "m_tile": 3, "rows": 2, "bf16_split": True}, isas)  # M > 1 only
+    return [naive, vec, tuned, tiled]
 
 
 ISA_SETS = {"host": supported_isas(), "scalar_only": ["scalar"], "all": list(ISA_ORDER)}
@@ -86,6 +87,7 @@ def test_menu_contents_depend_on_kind_dtype_and_isas():
     gemm_bf16 = ids(small("gemm", "bf16"), all_isas)
     assert {"vectorize", "wider_vectors", "parallelize", "dynamic_schedule", "block_rows", "unroll_k", "prefetch",
             "bf16_split", "bf16_dot", "stream_spans"} <= gemm_bf16
+    assert "register_tile" not in gemm_bf16 and "register_tile" in ids(small("gemm_m3_odd"), all_isas)
     assert "fuse_epilogue" not in gemm_bf16 and "online_softmax" not in gemm_bf16
     assert "fuse_epilogue" in ids(small("mlp"), all_isas)
     gemm_fp32 = ids(small("gemm", "fp32"), all_isas)
@@ -126,6 +128,27 @@ def test_stream_spans_keeps_the_accumulators_within_the_registers():
     few = make_workload("gemm", "bf16", m=1, n=3, k=64)  # 3 output rows: 2 spans of one row at most
     few_knobs = codegen.legalize(few, {"isa": "avx512bf16"}, list(ISA_ORDER))
     assert {_stream_spans(few).apply(dict(few_knobs), random.Random(s))["spans"] for s in range(20)} == {2}
+
+
+def test_register_tile_fits_the_activation_rows_and_the_registers():
+    w = make_workload("gemm", "bf16", m=64, n=2048, k=2048)
+    item = next(m for m in cpu_menu(w, list(ISA_ORDER)) if m.id == "register_tile")
+    knobs = codegen.legalize(w, {"isa": "avx2", "rows": 8, "unroll": 2, "spans": 2, "threads": "static"},
+                             list(ISA_ORDER))
+    assert knobs["spans"] == 1 and knobs["m_tile"] == 1  # 8 rows x 2 spans x 2 unrolled: 32 accumulators
+    drawn = set()
+    for seed in range(30):
+        new = item.apply(dict(knobs), random.Random(seed))
+        drawn.add(new["m_tile"])
+        assert new["m_tile"] * new["rows"] * new["unroll"] <= codegen.MAX_ACCUMULATORS and new["spans"] == 1
+        assert new["rows"] == max(r for r in (1, 2, 4, 8) if r * new["m_tile"] * new["unroll"] <= 16)
+        assert codegen.legalize(w, new, list(ISA_ORDER)) == new
+    assert drawn == {2, 3, 4, 6, 8}
+    three = make_workload("gemm", "bf16", m=3, n=64, k=64)  # no tile higher than the 3 activation rows
+    item3 = next(m for m in cpu_menu(three, list(ISA_ORDER)) if m.id == "register_tile")
+    assert {item3.apply(dict(knobs), random.Random(s))["m_tile"] for s in range(20)} == {2, 3}
+    spans = next(m for m in cpu_menu(w, list(ISA_ORDER)) if m.id == "stream_spans")
+    assert spans.apply({**knobs, "m_tile": 4, "rows": 4}, random.Random(0))["m_tile"] == 1
 
 
 def test_vectorize_draws_from_host_simd_isas():

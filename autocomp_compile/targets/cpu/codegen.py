@@ -22,7 +22,7 @@ GEMV_KINDS = ("gemm", "lm_head", "mlp")
 
 NAIVE_KNOBS: dict[str, dict[str, Any]] = {
     "gemv": dict(isa="scalar", rows=1, unroll=1, prefetch=0, prefetch_hint="t0", threads="serial", chunk=0, fuse=False,
-                 bf16_split=False, spans=1),
+                 bf16_split=False, spans=1, m_tile=1),
     "attention": dict(isa="scalar", online=False, kv_block=64, gqa_share=False, q_block=1, threads="serial", chunk=0,
                       vec_softmax=False, prefetch=0, mm_tiles=False),
     "rmsnorm": dict(isa="scalar", unroll=1, threads="serial", chunk=0),
@@ -30,14 +30,15 @@ NAIVE_KNOBS: dict[str, dict[str, Any]] = {
 
 KNOB_CHOICES: dict[str, dict[str, tuple]] = {
     "gemv": dict(rows=(1, 2, 4, 8), unroll=(1, 2, 4), prefetch=(0, 256, 512, 1024, 2048, 4096, 8192), chunk=(0, 1, 4, 16, 64),
-                 spans=(1, 2, 4, 8, 16)),
+                 spans=(1, 2, 4, 8, 16), m_tile=(1, 2, 3, 4, 6, 8)),
     "attention": dict(kv_block=(16, 32, 64, 128, 256), q_block=(1, 2, 4, 8, 16), chunk=(0, 1, 2, 4),
                       prefetch=(0, 512, 1024, 2048, 4096, 8192)),
     "rmsnorm": dict(unroll=(1, 2, 4), chunk=(0, 1, 4, 16)),
 }
 THREADS = ("serial", "static", "dynamic")
 PREFETCH_HINTS = {"t0": "_MM_HINT_T0", "t1": "_MM_HINT_T1", "nta": "_MM_HINT_NTA"}
-# Accumulators a GEMV's inner loop may keep (spans x rows x unroll vectors): more would spill the 32 AVX-512 registers.
+# Accumulators a GEMV's inner loop may keep (spans x rows x unroll or rows x m_tile x unroll vectors): more would
+# spill the 32 AVX-512 registers.
 MAX_ACCUMULATORS = 16
 
 
@@ -48,6 +49,16 @@ def family(kind: str) -> str:
 def output_rows(w: Workload) -> int:
     """Rows of a GEMV-family kernel's output (for the MLP, of its gate and up projections)."""
     return w.params.get("n", w.params.get("vocab", w.params.get("intermediate")))
+
+
+def activation_rows(w: Workload) -> int:
+    """Rows of a GEMV-family kernel's activation (M of the GEMM, the batch of the LM head and the MLP)."""
+    return w.params.get("m", w.params.get("batch"))
+
+
+def m_tile_fits(w: Workload, m_tile: int, rows: int, unroll: int) -> bool:
+    """Whether a register tile of `m_tile` activation rows x `rows` weight rows fits `w` and the accumulators."""
+    return m_tile <= activation_rows(w) and m_tile * rows * unroll <= MAX_ACCUMULATORS
 
 
 def spans_fit(w: Workload, spans: int, rows: int, unroll: int) -> bool:
@@ -86,6 +97,11 @@ def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, A
         n_rows = output_rows(w)
         while out["rows"] > 1 and out["rows"] > n_rows:
             out["rows"] //= 2
+        # A register tile of activation rows: as many as the activation has and the accumulators allow.
+        tiles = [t for t in KNOB_CHOICES["gemv"]["m_tile"] if t <= out["m_tile"]]
+        out["m_tile"] = max(t for t in tiles if t == 1 or m_tile_fits(w, t, out["rows"], out["unroll"]))
+        if out["m_tile"] > 1:
+            out["spans"] = 1  # spans stream weights for one activation row at a time
         # Spans need a block of rows in each (otherwise every row is in the tail: the plain kernel, other text).
         while out["spans"] > 1 and not spans_fit(w, out["spans"], out["rows"], out["unroll"]):
             out["spans"] //= 2
@@ -186,6 +202,52 @@ def _dot_rows(name: str, rows: int, unroll: int, prefetch_bytes: int, hint: str 
     return "\n".join(lines) + "\n"
 
 
+def _dot_tile(name: str, rows: int, m_tile: int, unroll: int, prefetch_bytes: int, hint: str = "t0") -> str:
+    """A register tile: `rows` weight rows (stride ldw) times `m_tile` activation rows (stride ldx),
+    res[i * rows + r]; each weight vector is loaded (and widened) once for all `m_tile` activation rows."""
+    acc = {(r, i, u): f"a{r}_{i}_{u}" for r in range(rows) for i in range(m_tile) for u in range(unroll)}
+
+    def step(u: int, indent: str) -> list[str]:
+        # All weight vectors first, then one activation row at a time: each activation vector is read once.
+        lines = [f"{indent}{{"]
+        lines += [f"{indent}  const wv_t w{r} = w_load(w + {r} * ldw + k + {u} * VK);" for r in range(rows)]
+        lines += [f"{indent}  {acc[r, i, u]} = w_dot({acc[r, i, u]}, w{r}, x + {i} * ldx + k + {u} * VK);"
+                  for i in range(m_tile) for r in range(rows)]
+        lines.append(f"{indent}}}")
+        return lines
+
+    lines = [
+        f"static inline void {name}(const elem_t *restrict w, int64_t ldw, const xval_t *restrict x, int64_t ldx, "
+        "int64_t K, float *restrict res) {",
+        "  " + " ".join(f"vf {a} = v_zero();" for a in acc.values()),
+        "  int64_t k = 0;",
+        f"  for (; k + VK * {unroll} <= K; k += VK * {unroll}) {{",
+    ]
+    if prefetch_bytes:
+        lines += [f"    _mm_prefetch((const char *)(w + {r} * ldw + k) + {prefetch_bytes}, {PREFETCH_HINTS[hint]});"
+                  for r in range(rows)]
+    for u in range(unroll):
+        lines += step(u, "    ")
+    lines.append("  }")
+    lines.append("  for (; k + VK <= K; k += VK) {")
+    lines += step(0, "    ")
+    lines.append("  }")
+    for r in range(rows):
+        for i in range(m_tile):
+            total = acc[r, i, 0]
+            for u in range(1, unroll):
+                total = f"v_add({total}, {acc[r, i, u]})"
+            lines.append(f"  float s{r}_{i} = v_hsum({total});")
+    lines.append("  for (; k < K; ++k) {")
+    for r in range(rows):
+        lines.append(f"    const float w{r} = elem_to_f32(w[{r} * ldw + k]);")
+        lines += [f"    s{r}_{i} += w{r} * xval_to_f32(x[{i} * ldx + k]);" for i in range(m_tile)]
+    lines.append("  }")
+    lines += [f"  res[{i} * {rows} + {r}] = s{r}_{i};" for i in range(m_tile) for r in range(rows)]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
 def _gemv_helpers(knobs: dict[str, Any]) -> str:
     code = _dot_rows("dot_rows", knobs["rows"], knobs["unroll"], knobs["prefetch"], knobs["prefetch_hint"])
     if knobs["rows"] > 1:
@@ -196,12 +258,23 @@ def _gemv_helpers(knobs: dict[str, Any]) -> str:
         code += _dot_rows("dot_spans", knobs["rows"], knobs["unroll"], knobs["prefetch"], knobs["prefetch_hint"],
                           knobs["spans"])
         code += f"#define SPANS {knobs['spans']}\n"
-    # out_rows(): rows [n0, n0+R) of out[m, :] = w[n0:n0+R] . x[m], with a single-row tail.
+    # block_rows(): rows [n0, n0+R) of out[m, :] = w[n0:n0+R] . x[m], with a single-row tail.
     code += f"""
 #define ROWS {knobs['rows']}
 static inline void block_rows(const elem_t *w, int64_t K, const xval_t *x, int64_t n0, int64_t N, float *res) {{
   if (n0 + ROWS <= N) {{ dot_rows(w + n0 * K, K, x, K, res); return; }}
   for (int64_t n = n0; n < N; ++n) dot_row1(w + n * K, K, x, K, res + (n - n0));
+}}
+"""
+    if knobs["m_tile"] > 1:
+        # block_tile(): the same for activation rows x[0..MT), res[i * ROWS + r].
+        code += _dot_tile("dot_tile", knobs["rows"], knobs["m_tile"], knobs["unroll"], knobs["prefetch"],
+                          knobs["prefetch_hint"])
+        code += f"""#define MT {knobs['m_tile']}
+static inline void block_tile(const elem_t *w, int64_t K, const xval_t *x, int64_t n0, int64_t N, float *res) {{
+  if (n0 + ROWS <= N) {{ dot_tile(w + n0 * K, K, x, K, K, res); return; }}
+  for (int64_t i = 0; i < MT; ++i)
+    for (int64_t n = n0; n < N; ++n) dot_row1(w + n * K, K, x + i * K, K, res + i * ROWS + (n - n0));
 }}
 """
     return code
@@ -245,9 +318,23 @@ def _row_pass(knobs: dict[str, Any], n_rows: str, k: str, x: str, weights: list[
 """
     blocks = "\n".join(f"      float {res}[ROWS];\n      block_rows({w}, {k}, {x} + m * {k}, n0, {n_rows}, {res});"
                        for w, res in weights)
+    first_m, tiles = "0", ""
+    if knobs["m_tile"] > 1:  # register tiles of MT activation rows, then the rows after the last whole tile
+        first_m = "M / MT * MT"
+        tile_dots = "\n".join(f"      float {res}[MT * ROWS];\n      block_tile({w}, {k}, {x} + m0 * {k}, n0, {n_rows}, {res});"
+                              for w, res in weights)
+        tiles = f"""    for (int64_t m0 = 0; m0 + MT <= M; m0 += MT) {{
+      const int64_t n0 = nb * ROWS;
+{tile_dots}
+      for (int64_t i = 0; i < MT; ++i) for (int64_t r = 0; r < ROWS && n0 + r < {n_rows}; ++r) {{
+        const int64_t m = m0 + i, n = n0 + r;
+        {store("n", *(f"{res}[i * ROWS + r]" for _, res in weights))}
+      }}
+    }}
+"""
     code += f"""  {loop}
   for (int64_t nb = {tail_from}; nb < ({n_rows} + ROWS - 1) / ROWS; ++nb) {{
-    for (int64_t m = 0; m < M; ++m) {{
+{tiles}    for (int64_t m = {first_m}; m < M; ++m) {{
       const int64_t n0 = nb * ROWS;
 {blocks}
       for (int64_t r = 0; r < ROWS && n0 + r < {n_rows}; ++r) {{

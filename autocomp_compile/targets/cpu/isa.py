@@ -225,7 +225,9 @@ VECTOR_EXP = {
 VECTOR_EXP["avx512bf16"] = VECTOR_EXP["amx"] = VECTOR_EXP["avx512"]
 
 
-# The dot-product step of GEMV-like kernels: VK elements of a weight row times the activation.
+# The dot-product step of GEMV-like kernels: VK elements of a weight row times the activation. `v_dot` loads both;
+# `w_load` and `w_dot` split it, so that a register tile loads (and widens) each weight vector once for several
+# activation rows.
 # With AVX512-BF16 the activation is kept in bf16 and vdpbf16ps does 32 products per step.
 _DOT_FMA = r"""
 #define VK VW
@@ -234,6 +236,9 @@ static inline xval_t x_from_f32(float f) { return f; }
 static inline float xval_to_f32(xval_t v) { return v; }
 static inline int64_t x_pos(int64_t k, int64_t K) { (void)K; return k; }
 static inline vf v_dot(vf acc, const elem_t *w, const xval_t *x) { return v_fma(v_load_elem(w), v_load_f32(x), acc); }
+typedef vf wv_t;
+static inline wv_t w_load(const elem_t *w) { return v_load_elem(w); }
+static inline vf w_dot(vf acc, wv_t wv, const xval_t *x) { return v_fma(wv, v_load_f32(x), acc); }
 """
 
 # bf16 even/odd split: one full-width load holds 2*VW bf16 weights; a shift gives the even ones as
@@ -253,6 +258,16 @@ static inline vf v_dot(vf acc, const elem_t *w, const xval_t *x) {
   const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32((int)0xffff0000u)));
   return _mm256_fmadd_ps(odd, _mm256_loadu_ps(x + 8), _mm256_fmadd_ps(even, _mm256_loadu_ps(x), acc));
 }
+typedef struct { __m256 even, odd; } wv_t;
+static inline wv_t w_load(const elem_t *w) {
+  const __m256i raw = _mm256_loadu_si256((const __m256i *)w);
+  const wv_t v = {_mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)),
+                  _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32((int)0xffff0000u)))};
+  return v;
+}
+static inline vf w_dot(vf acc, wv_t wv, const xval_t *x) {
+  return _mm256_fmadd_ps(wv.odd, _mm256_loadu_ps(x + 8), _mm256_fmadd_ps(wv.even, _mm256_loadu_ps(x), acc));
+}
 """
 _DOT_SPLIT_AVX512 = r"""
 #define VK 32
@@ -269,6 +284,16 @@ static inline vf v_dot(vf acc, const elem_t *w, const xval_t *x) {
   const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32((int)0xffff0000u)));
   return _mm512_fmadd_ps(odd, _mm512_loadu_ps(x + 16), _mm512_fmadd_ps(even, _mm512_loadu_ps(x), acc));
 }
+typedef struct { __m512 even, odd; } wv_t;
+static inline wv_t w_load(const elem_t *w) {
+  const __m512i raw = _mm512_loadu_si512((const void *)w);
+  const wv_t v = {_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)),
+                  _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32((int)0xffff0000u)))};
+  return v;
+}
+static inline vf w_dot(vf acc, wv_t wv, const xval_t *x) {
+  return _mm512_fmadd_ps(wv.odd, _mm512_loadu_ps(x + 16), _mm512_fmadd_ps(wv.even, _mm512_loadu_ps(x), acc));
+}
 """
 _DOT_BF16 = r"""
 #define VK 32
@@ -278,6 +303,11 @@ static inline float xval_to_f32(xval_t v) { return bf16_to_f32(v); }
 static inline int64_t x_pos(int64_t k, int64_t K) { (void)K; return k; }
 static inline vf v_dot(vf acc, const elem_t *w, const xval_t *x) {
   return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)w), (__m512bh)_mm512_loadu_si512((const void *)x));
+}
+typedef __m512bh wv_t;
+static inline wv_t w_load(const elem_t *w) { return (__m512bh)_mm512_loadu_si512((const void *)w); }
+static inline vf w_dot(vf acc, wv_t wv, const xval_t *x) {
+  return _mm512_dpbf16_ps(acc, wv, (__m512bh)_mm512_loadu_si512((const void *)x));
 }
 """
 

@@ -40,6 +40,9 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "spans4_rows2_prefetch_dynamic": dict(spans=4, rows=2, prefetch=512, threads="dynamic", chunk=1),
         "spans8_unroll2_split_static": dict(spans=8, unroll=2, bf16_split=True, threads="static"),
         "fused_spans2_rows4_serial": dict(fuse=True, spans=2, rows=4),
+        "mtile2_rows4_unroll2_prefetch_static": dict(m_tile=2, rows=4, unroll=2, prefetch=256, threads="static"),
+        "mtile3_rows2_split_dynamic": dict(m_tile=3, rows=2, bf16_split=True, threads="dynamic", chunk=1),
+        "fused_mtile2_rows8_serial": dict(fuse=True, m_tile=2, rows=8),
     },
     "rmsnorm": {
         "naive": {},
@@ -73,6 +76,8 @@ def _skip_variant(wname: str, variant: str) -> bool:
         return True  # fuse is an MLP-only knob (legalize drops it elsewhere: same code as another variant)
     if ("qblock" in variant or "mm_tiles" in variant) and wname == "decode":
         return True  # decode forces q_block=1; mm_tiles is a prefill schedule
+    if "mtile" in variant and codegen.activation_rows(small(wname)) == 1:
+        return True  # a register tile of activation rows needs several (legalize drops it: another variant's code)
     return False
 
 
@@ -277,6 +282,30 @@ def test_legalize_keeps_spans_within_the_registers_and_the_output_rows():
     assert codegen.legalize(big, {"spans": 3}, HOST_ISAS)["spans"] == 2  # snapped to a choice
     few = make_workload("gemm", "bf16", m=1, n=12, k=32)
     assert codegen.legalize(few, {"spans": 16, "rows": 2}, HOST_ISAS)["spans"] == 4  # a block of rows in each span
+
+
+def test_legalize_keeps_the_register_tile_within_the_activation_rows_and_the_registers():
+    prompt = make_workload("gemm", "bf16", m=64, n=2048, k=2048)
+    assert codegen.legalize(prompt, {"m_tile": 6, "rows": 2}, HOST_ISAS)["m_tile"] == 6
+    assert codegen.legalize(prompt, {"m_tile": 8, "rows": 4}, HOST_ISAS)["m_tile"] == 4  # 16 accumulators at most
+    assert codegen.legalize(prompt, {"m_tile": 5, "rows": 2}, HOST_ISAS)["m_tile"] == 4  # snapped to a choice
+    assert codegen.legalize(prompt, {"m_tile": 2, "rows": 8, "unroll": 4}, HOST_ISAS)["m_tile"] == 1
+    tiled = codegen.legalize(prompt, {"m_tile": 2, "spans": 4, "rows": 2}, HOST_ISAS)
+    assert (tiled["m_tile"], tiled["spans"]) == (2, 1)  # a tile reads its weight rows once for all its rows
+    assert codegen.legalize(make_workload("gemm", "bf16", m=3, n=64, k=64), {"m_tile": 8}, HOST_ISAS)["m_tile"] == 3
+    assert codegen.legalize(small("lm_head_small"), {"m_tile": 4}, HOST_ISAS)["m_tile"] == 1  # one activation row
+    assert codegen.legalize(small("mlp_b2_odd"), {"m_tile": 4}, HOST_ISAS)["m_tile"] == 2
+
+
+def test_register_tile_loads_each_weight_vector_once_for_the_tile_and_leaves_a_tail():
+    w = make_workload("gemm", "bf16", m=7, n=37, k=83)
+    code = codegen.generate(w, codegen.legalize(w, {"m_tile": 3, "rows": 2, "isa": HOST_ISAS[-1]}, HOST_ISAS))
+    assert "#define MT 3" in code and "block_tile(w, K, xv + m0 * K, n0, N, res);" in code
+    assert code.count("w_load(w + 1 * ldw + k + 0 * VK)") == 2  # row 1, once in the unrolled and the tail loop
+    assert "a1_2_0 = w_dot(a1_2_0, w1, x + 2 * ldx + k + 0 * VK);" in code  # row 1 x activation row 2
+    assert "for (int64_t m = M / MT * MT; m < M; ++m)" in code  # 7 = 2 tiles of 3 + 1 row
+    plain = codegen.generate(w, codegen.legalize(w, {"rows": 2, "isa": HOST_ISAS[-1]}, HOST_ISAS))
+    assert "block_tile" not in plain and "MT" not in plain
 
 
 def test_spans_take_rows_from_distant_parts_of_the_matrix_and_leave_a_tail():
