@@ -225,9 +225,9 @@ VECTOR_EXP = {
 VECTOR_EXP["avx512bf16"] = VECTOR_EXP["amx"] = VECTOR_EXP["avx512"]
 
 
-# The dot-product step of GEMV-like kernels: VK elements of a weight row times the activation. `v_dot` loads both;
-# `w_load` and `w_dot` split it, so that a register tile loads (and widens) each weight vector once for several
-# activation rows.
+# The dot-product step of GEMV-like kernels: VK elements of a weight row times the activation. `w_load` loads (and
+# widens) VK weights, `w_dot` multiplies them with the activation and adds; a register tile calls `w_load` once for
+# several activation rows, and `v_dot` (defined after each of these) does both for one.
 # With AVX512-BF16 the activation is kept in bf16 and vdpbf16ps does 32 products per step.
 _DOT_FMA = r"""
 #define VK VW
@@ -235,81 +235,52 @@ typedef float xval_t;
 static inline xval_t x_from_f32(float f) { return f; }
 static inline float xval_to_f32(xval_t v) { return v; }
 static inline int64_t x_pos(int64_t k, int64_t K) { (void)K; return k; }
-static inline vf v_dot(vf acc, const elem_t *w, const xval_t *x) { return v_fma(v_load_elem(w), v_load_f32(x), acc); }
 typedef vf wv_t;
 static inline wv_t w_load(const elem_t *w) { return v_load_elem(w); }
 static inline vf w_dot(vf acc, wv_t wv, const xval_t *x) { return v_fma(wv, v_load_f32(x), acc); }
 """
 
-# bf16 even/odd split: one full-width load holds 2*VW bf16 weights; a shift gives the even ones as
-# fp32, a mask the odd ones. The activation is stored de-interleaved to match (see x_pos).
-_DOT_SPLIT_AVX2 = r"""
-#define VK 16
+
+def _dot_split(bits: int) -> str:
+    """bf16 even/odd split for `bits`-bit vectors: one full-width load holds 2*VW bf16 weights; a shift gives the even
+    ones as fp32, a mask the odd ones. The activation is stored de-interleaved to match (see x_pos)."""
+    vw = bits // 32
+    load = "_mm256_loadu_si256((const __m256i *)w)" if bits == 256 else "_mm512_loadu_si512((const void *)w)"
+    return rf"""
+#define VK {2 * vw}
 typedef float xval_t;
-static inline xval_t x_from_f32(float f) { return f; }
-static inline float xval_to_f32(xval_t v) { return v; }
-static inline int64_t x_pos(int64_t k, int64_t K) {
+static inline xval_t x_from_f32(float f) {{ return f; }}
+static inline float xval_to_f32(xval_t v) {{ return v; }}
+static inline int64_t x_pos(int64_t k, int64_t K) {{
   if (k >= K / VK * VK) return k;
   const int64_t j = k % VK; return k - j + (j & 1) * (VK / 2) + j / 2;
-}
-static inline vf v_dot(vf acc, const elem_t *w, const xval_t *x) {
-  const __m256i raw = _mm256_loadu_si256((const __m256i *)w);
-  const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
-  const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32((int)0xffff0000u)));
-  return _mm256_fmadd_ps(odd, _mm256_loadu_ps(x + 8), _mm256_fmadd_ps(even, _mm256_loadu_ps(x), acc));
-}
-typedef struct { __m256 even, odd; } wv_t;
-static inline wv_t w_load(const elem_t *w) {
-  const __m256i raw = _mm256_loadu_si256((const __m256i *)w);
-  const wv_t v = {_mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)),
-                  _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32((int)0xffff0000u)))};
+}}
+typedef struct {{ __m{bits} even, odd; }} wv_t;
+static inline wv_t w_load(const elem_t *w) {{
+  const __m{bits}i raw = {load};
+  const wv_t v = {{_mm{bits}_castsi{bits}_ps(_mm{bits}_slli_epi32(raw, 16)),
+                  _mm{bits}_castsi{bits}_ps(_mm{bits}_and_si{bits}(raw, _mm{bits}_set1_epi32((int)0xffff0000u)))}};
   return v;
-}
-static inline vf w_dot(vf acc, wv_t wv, const xval_t *x) {
-  return _mm256_fmadd_ps(wv.odd, _mm256_loadu_ps(x + 8), _mm256_fmadd_ps(wv.even, _mm256_loadu_ps(x), acc));
-}
+}}
+static inline vf w_dot(vf acc, wv_t wv, const xval_t *x) {{
+  return _mm{bits}_fmadd_ps(wv.odd, _mm{bits}_loadu_ps(x + {vw}), _mm{bits}_fmadd_ps(wv.even, _mm{bits}_loadu_ps(x), acc));
+}}
 """
-_DOT_SPLIT_AVX512 = r"""
-#define VK 32
-typedef float xval_t;
-static inline xval_t x_from_f32(float f) { return f; }
-static inline float xval_to_f32(xval_t v) { return v; }
-static inline int64_t x_pos(int64_t k, int64_t K) {
-  if (k >= K / VK * VK) return k;
-  const int64_t j = k % VK; return k - j + (j & 1) * (VK / 2) + j / 2;
-}
-static inline vf v_dot(vf acc, const elem_t *w, const xval_t *x) {
-  const __m512i raw = _mm512_loadu_si512((const void *)w);
-  const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
-  const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32((int)0xffff0000u)));
-  return _mm512_fmadd_ps(odd, _mm512_loadu_ps(x + 16), _mm512_fmadd_ps(even, _mm512_loadu_ps(x), acc));
-}
-typedef struct { __m512 even, odd; } wv_t;
-static inline wv_t w_load(const elem_t *w) {
-  const __m512i raw = _mm512_loadu_si512((const void *)w);
-  const wv_t v = {_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)),
-                  _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32((int)0xffff0000u)))};
-  return v;
-}
-static inline vf w_dot(vf acc, wv_t wv, const xval_t *x) {
-  return _mm512_fmadd_ps(wv.odd, _mm512_loadu_ps(x + 16), _mm512_fmadd_ps(wv.even, _mm512_loadu_ps(x), acc));
-}
-"""
+
+
 _DOT_BF16 = r"""
 #define VK 32
 typedef uint16_t xval_t;
 static inline xval_t x_from_f32(float f) { return f32_to_bf16(f); }
 static inline float xval_to_f32(xval_t v) { return bf16_to_f32(v); }
 static inline int64_t x_pos(int64_t k, int64_t K) { (void)K; return k; }
-static inline vf v_dot(vf acc, const elem_t *w, const xval_t *x) {
-  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)w), (__m512bh)_mm512_loadu_si512((const void *)x));
-}
 typedef __m512bh wv_t;
 static inline wv_t w_load(const elem_t *w) { return (__m512bh)_mm512_loadu_si512((const void *)w); }
 static inline vf w_dot(vf acc, wv_t wv, const xval_t *x) {
   return _mm512_dpbf16_ps(acc, wv, (__m512bh)_mm512_loadu_si512((const void *)x));
 }
 """
+_V_DOT = "static inline vf v_dot(vf acc, const elem_t *w, const xval_t *x) { return w_dot(acc, w_load(w), x); }\n"
 
 
 def prelude(isa: str, dtype: str, bf16_split: bool = False) -> str:
@@ -331,7 +302,7 @@ def prelude(isa: str, dtype: str, bf16_split: bool = False) -> str:
     if isa in ("avx512bf16", "amx"):
         parts.append(_DOT_BF16)
     elif bf16_split and dtype == "bf16" and isa in ("avx2", "avx512"):
-        parts.append(_DOT_SPLIT_AVX2 if isa == "avx2" else _DOT_SPLIT_AVX512)
+        parts.append(_dot_split(256 if isa == "avx2" else 512))
     else:
         parts.append(_DOT_FMA)
-    return "".join(parts)
+    return "".join(parts) + _V_DOT
