@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from autocomp_compile.targets.cpu.codegen import (
-    KNOB_CHOICES, MAX_ACCUMULATORS, activation_rows, family, isa_applies, m_tile_fits, spans_fit,
+    KNOB_CHOICES, activation_rows, family, isa_applies, m_tile_fits, spans_fit,
 )
 from autocomp_compile.targets.cpu.isa import VECTOR_WIDTH
 from autocomp_compile.workload import Workload
@@ -261,7 +261,7 @@ def _with_m_tile(w: Workload, k: Knobs, m_tile: int) -> Knobs:
     """A tile `m_tile` activation rows high, with as many of the current weight rows (and unrolled steps) as the
     accumulators allow; spans are dropped (a tile reads its weight rows once for all its activation rows)."""
     unroll = k["unroll"] if m_tile_fits(w, m_tile, 1, k["unroll"]) else 1
-    fits = [r for r in KNOB_CHOICES["gemv"]["rows"] if r <= k["rows"] and m_tile * r * unroll <= MAX_ACCUMULATORS]
+    fits = [r for r in KNOB_CHOICES["gemv"]["rows"] if r <= k["rows"] and m_tile_fits(w, m_tile, r, unroll)]
     return {**k, "m_tile": m_tile, "unroll": unroll, "rows": max(fits, default=1), "spans": 1}
 
 
