@@ -20,9 +20,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SMALL: dict[str, tuple[str, dict]] = {
     "gemm": ("gemm", dict(m=1, n=64, k=96)),
     "gemm_m3_odd": ("gemm", dict(m=3, n=37, k=83)),
+    "gemm_m19_odd": ("gemm", dict(m=19, n=29, k=70)),
     "lm_head_small": ("lm_head", dict(batch=1, hidden=72, vocab=101)),
     "mlp": ("mlp", dict(batch=1, hidden=64, intermediate=96)),
     "mlp_b2_odd": ("mlp", dict(batch=2, hidden=40, intermediate=56)),
+    "mlp_b11_odd": ("mlp", dict(batch=11, hidden=40, intermediate=58)),
     "rmsnorm": ("rmsnorm", dict(rows=3, hidden=40)),
     "decode": ("attention", dict(phase="decode", heads=4, kv_heads=2, head_dim=16, kv_len=37, max_kv_len=64)),
     "prefill": ("attention", dict(phase="prefill", heads=4, kv_heads=2, head_dim=16, seq_len=19)),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from autocomp_compile.targets.cpu.codegen import (
-    KNOB_CHOICES, activation_rows, family, isa_applies, m_tile_fits, spans_fit,
+    KNOB_CHOICES, activation_rows, family, isa_applies, m_tile_fits, output_rows, pack_fits, spans_fit,
 )
 from autocomp_compile.targets.cpu.isa import VECTOR_WIDTH
 from autocomp_compile.workload import Workload
@@ -57,7 +57,8 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
             "wider_vectors", "Use 512-bit vectors",
             "Move from 256-bit AVX2 to 512-bit AVX-512 registers: twice the elements per instruction.",
             lambda k: k["isa"] == "avx2",
-            lambda k, r: {**k, "isa": r.choice(wider)},
+            # a packed kernel multiplies fp32 panels: with AVX512-BF16 it is the AVX-512 kernel (legalize)
+            lambda k, r: {**k, "isa": r.choice([i for i in wider if not (k.get("pack") and i == "avx512bf16")] or wider)},
         ))
     items += [
         MenuItem(
@@ -74,18 +75,19 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
         ),
     ]
     if fam == "gemv":
+        dots = lambda k: not k["pack"]  # noqa: E731 - items that refine the dot-product kernels
         items += [
             MenuItem(
                 "block_rows", "Block output rows",
                 "Compute several output rows per pass over the activation vector: the activation is loaded "
                 "once for all of them and more independent loads are in flight.",
-                lambda k: True,
+                dots,
                 lambda k, r: {**k, "rows": _pick_other(choices["rows"], k["rows"], r)},
             ),
             MenuItem(
                 "unroll_k", "Unroll the reduction loop",
                 "Unroll the K loop with independent accumulators to hide FMA latency and cut loop overhead.",
-                lambda k: True,
+                dots,
                 lambda k, r: {**k, "unroll": _pick_other(choices["unroll"], k["unroll"], r)},
             ),
             MenuItem(
@@ -94,13 +96,13 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                 "span at once (S x rows x unroll accumulators, at most 16), so that each core streams S long runs "
                 "of consecutive weight rows, which the hardware prefetchers follow, instead of starting a new "
                 "block of rows every few kilobytes.",
-                lambda k: k["isa"] != "scalar" and bool(_span_options(w, k)),
+                lambda k: dots(k) and k["isa"] != "scalar" and bool(_span_options(w, k)),
                 lambda k, r: _with_spans(w, k, r.choice(_span_options(w, k))),
             ),
             MenuItem(
                 "prefetch", "Software prefetch of weight rows",
                 "Issue prefetches a fixed distance ahead in every weight row so DRAM latency is hidden.",
-                lambda k: k["isa"] != "scalar",
+                lambda k: dots(k) and k["isa"] != "scalar",
                 lambda k, r: {**k, "prefetch": _pick_other(choices["prefetch"][1:], k["prefetch"], r)},
             ),
             MenuItem(
@@ -119,22 +121,42 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                 "and widened once and used for all MT rows, and each activation vector once for all ROWS rows, "
                 "so the kernel does FMAs instead of loads and conversions (the GEMM of a prefill is bound by "
                 "compute, not by memory).",
-                lambda k: bool(_m_tile_options(w, k)),
+                lambda k: dots(k) and bool(_m_tile_options(w, k)),
                 lambda k, r: _with_m_tile(w, k, r.choice(_m_tile_options(w, k))),
             ))
+        if activation_rows(w) > 1 and simd:
+            items += [
+                MenuItem(
+                    "pack_panels", "Packed weight panels (outer products)",
+                    "With several activation rows (a prompt, a batch), widen a panel of NR weight rows to fp32 once "
+                    "into a per-core buffer and store the activation transposed in blocks of V vectors of rows; the "
+                    "inner step broadcasts one weight per panel row against the V activation vectors: NR x V FMAs "
+                    "for NR + V loads, no conversions and no horizontal sums (the classic GEMM micro-kernel, for "
+                    "prefill GEMMs that are bound by compute).",
+                    lambda k: not k["pack"] and k["isa"] != "scalar" and bool(_pack_options(w, k)),
+                    lambda k, r: {**k, **dict(zip(("pack", "pack_rows"), r.choice(_pack_options(w, k))))},
+                ),
+                MenuItem(
+                    "panel_shape", "Reshape the packed tile",
+                    "Change the packed tile's activation vectors (V) and weight rows (NR) within the vector "
+                    "registers: more rows reuse each activation load, more vectors each broadcast weight.",
+                    lambda k: bool(k["pack"]) and bool(_pack_options(w, k)),
+                    lambda k, r: {**k, **dict(zip(("pack", "pack_rows"), r.choice(_pack_options(w, k))))},
+                ),
+            ]
         if w.dtype == "bf16" and any(i in ("avx2", "avx512") for i in isas):
             items.append(MenuItem(
                 "bf16_split", "Even/odd bf16 split",
                 "Load 2x the vector width of bf16 weights at once and widen even and odd elements with a "
                 "shift and a mask, against an activation stored de-interleaved to match.",
-                lambda k: k["isa"] in ("avx2", "avx512") and not k["bf16_split"],
+                lambda k: dots(k) and k["isa"] in ("avx2", "avx512") and not k["bf16_split"],
                 lambda k, r: {**k, "bf16_split": True},
             ))
         if "avx512bf16" in isas and w.dtype == "bf16":
             items.append(MenuItem(
                 "bf16_dot", "bf16 dot-product instructions",
                 "Keep the activation in bf16 and use vdpbf16ps: 32 products per instruction, fp32 accumulation.",
-                lambda k: k["isa"] != "avx512bf16",
+                lambda k: dots(k) and k["isa"] != "avx512bf16",
                 lambda k, r: {**k, "isa": "avx512bf16", "bf16_split": False},
             ))
         if w.kind == "mlp":
@@ -263,6 +285,15 @@ def _with_m_tile(w: Workload, k: Knobs, m_tile: int) -> Knobs:
     unroll = k["unroll"] if m_tile_fits(w, m_tile, 1, k["unroll"]) else 1
     fits = [r for r in KNOB_CHOICES["gemv"]["rows"] if r <= k["rows"] and m_tile_fits(w, m_tile, r, unroll)]
     return {**k, "m_tile": m_tile, "unroll": unroll, "rows": max(fits, default=1), "spans": 1}
+
+
+def _pack_options(w: Workload, k: Knobs) -> list[tuple[int, int]]:
+    """Packed tiles (activation vectors, weight rows) other than the current one that fit the vector registers,
+    with no more vectors than the activation rows fill and no more weight rows than the output has."""
+    width = VECTOR_WIDTH.get(k["isa"], 1)
+    vectors = [v for v in KNOB_CHOICES["gemv"]["pack"] if v and (v - 1) * width < activation_rows(w)]
+    return [(v, r) for v in vectors for r in KNOB_CHOICES["gemv"]["pack_rows"]
+            if (v, r) != (k["pack"], k["pack_rows"]) and r <= output_rows(w) and pack_fits(k["isa"], v, r)]
 
 
 def cuda_menu(w: Workload) -> list[MenuItem]:

@@ -50,7 +50,8 @@ def _start_states(w, isas):
         w, {**vec, "online": True, "gqa_share": True, "fuse": True, "bf16_split": True, "rows": 4, "unroll": 2,
             "prefetch": 512, "threads": "dynamic", "chunk": 4, "q_block": 2, "kv_block": 32, "spans": 2}, isas)
     tiled = codegen.legalize(w, {**vec, "m_tile": 3, "rows": 2, "bf16_split": True}, isas)  # M > 1 only
-    return [naive, vec, tuned, tiled]
+    packed = codegen.legalize(w, {**vec, "pack": 1, "pack_rows": 4}, isas)  # M > 1 and a vector ISA only
+    return [naive, vec, tuned, tiled, packed]
 
 
 ISA_SETS = {"host": supported_isas(), "scalar_only": ["scalar"], "all": list(ISA_ORDER)}
@@ -149,6 +150,32 @@ def test_register_tile_fits_the_activation_rows_and_the_registers():
     assert {item3.apply(dict(knobs), random.Random(s))["m_tile"] for s in range(20)} == {2, 3}
     spans = next(m for m in cpu_menu(w, list(ISA_ORDER)) if m.id == "stream_spans")
     assert spans.apply({**knobs, "m_tile": 4, "rows": 4}, random.Random(0))["m_tile"] == 1
+
+
+def test_pack_panels_fits_the_registers_and_ends_the_dot_product_items():
+    w = make_workload("gemm", "bf16", m=64, n=2048, k=2048)
+    isas = list(ISA_ORDER)
+    items = {m.id: m for m in cpu_menu(w, isas)}
+    knobs = codegen.legalize(w, {"isa": "avx2", "threads": "dynamic", "chunk": 4, "m_tile": 3, "rows": 2}, isas)
+    dot_items = ("block_rows", "unroll_k", "stream_spans", "prefetch", "register_tile", "bf16_split", "bf16_dot")
+    assert all(items[i].applies(knobs) for i in dot_items) and not items["panel_shape"].applies(knobs)
+    drawn = set()
+    for seed in range(60):
+        new = codegen.legalize(w, items["pack_panels"].apply(dict(knobs), random.Random(seed)), isas)
+        drawn.add((new["pack"], new["pack_rows"]))
+        assert new["pack"] * new["pack_rows"] + new["pack"] + 1 <= 16  # AVX2's 16 vector registers
+        assert (new["m_tile"], new["rows"], new["isa"]) == (1, 1, "avx2")
+        assert not any(items[i].applies(new) for i in (*dot_items, "pack_panels"))
+        assert items["panel_shape"].applies(new)
+        reshaped = codegen.legalize(w, items["panel_shape"].apply(dict(new), random.Random(seed)), isas)
+        assert (reshaped["pack"], reshaped["pack_rows"]) != (new["pack"], new["pack_rows"]) and reshaped["pack"]
+    assert (2, 6) in drawn and (4, 2) in drawn and (4, 3) not in drawn and (2, 8) not in drawn
+    three = make_workload("gemm", "bf16", m=3, n=5, k=64)  # one vector holds the 3 rows; 5 weight rows at most
+    item3 = next(m for m in cpu_menu(three, isas) if m.id == "pack_panels")
+    opts = {tuple(item3.apply(dict(knobs), random.Random(s))[n] for n in ("pack", "pack_rows")) for s in range(40)}
+    assert {p for p, _ in opts} == {1} and max(r for _, r in opts) == 4
+    assert "pack_panels" not in {m.id for m in cpu_menu(small("gemm"), isas)}  # one activation row
+    assert "pack_panels" not in {m.id for m in cpu_menu(small("gemm_m3_odd"), ["scalar"])}
 
 
 def test_vectorize_draws_from_host_simd_isas():

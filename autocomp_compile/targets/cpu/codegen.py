@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from autocomp_compile.targets.cpu.isa import VECTOR_EXP, VECTOR_WIDTH, prelude
+from autocomp_compile.targets.cpu.isa import VECTOR_EXP, VECTOR_REGISTERS, VECTOR_WIDTH, prelude
 from autocomp_compile.workload import Workload
 
 # cpu-3: attention gains vec_softmax (and KV prefetch); kernels are timed with cold weights (ColdInputs), so
@@ -22,7 +22,7 @@ GEMV_KINDS = ("gemm", "lm_head", "mlp")
 
 NAIVE_KNOBS: dict[str, dict[str, Any]] = {
     "gemv": dict(isa="scalar", rows=1, unroll=1, prefetch=0, prefetch_hint="t0", threads="serial", chunk=0, fuse=False,
-                 bf16_split=False, spans=1, m_tile=1),
+                 bf16_split=False, spans=1, m_tile=1, pack=0, pack_rows=1),
     "attention": dict(isa="scalar", online=False, kv_block=64, gqa_share=False, q_block=1, threads="serial", chunk=0,
                       vec_softmax=False, prefetch=0, mm_tiles=False),
     "rmsnorm": dict(isa="scalar", unroll=1, threads="serial", chunk=0),
@@ -30,7 +30,8 @@ NAIVE_KNOBS: dict[str, dict[str, Any]] = {
 
 KNOB_CHOICES: dict[str, dict[str, tuple]] = {
     "gemv": dict(rows=(1, 2, 4, 8), unroll=(1, 2, 4), prefetch=(0, 256, 512, 1024, 2048, 4096, 8192), chunk=(0, 1, 4, 16, 64),
-                 spans=(1, 2, 4, 8, 16), m_tile=(1, 2, 3, 4, 6, 8)),
+                 spans=(1, 2, 4, 8, 16), m_tile=(1, 2, 3, 4, 6, 8), pack=(0, 1, 2, 3, 4),
+                 pack_rows=(1, 2, 3, 4, 6, 8, 12)),
     "attention": dict(kv_block=(16, 32, 64, 128, 256), q_block=(1, 2, 4, 8, 16), chunk=(0, 1, 2, 4),
                       prefetch=(0, 512, 1024, 2048, 4096, 8192)),
     "rmsnorm": dict(unroll=(1, 2, 4), chunk=(0, 1, 4, 16)),
@@ -40,6 +41,8 @@ PREFETCH_HINTS = {"t0": "_MM_HINT_T0", "t1": "_MM_HINT_T1", "nta": "_MM_HINT_NTA
 # Accumulators a GEMV's inner loop may keep (spans x rows x unroll or rows x m_tile x unroll vectors): more would
 # spill the 32 AVX-512 registers.
 MAX_ACCUMULATORS = 16
+# Knobs the packed-panel GEMV kernel (pack > 0) does not read: legalize resets them to these values.
+PACKED_RESETS = dict(rows=1, unroll=1, prefetch=0, spans=1, m_tile=1, bf16_split=False)
 
 
 def family(kind: str) -> str:
@@ -59,6 +62,12 @@ def activation_rows(w: Workload) -> int:
 def m_tile_fits(w: Workload, m_tile: int, rows: int, unroll: int) -> bool:
     """Whether a register tile of `m_tile` activation rows x `rows` weight rows fits `w` and the accumulators."""
     return m_tile <= activation_rows(w) and m_tile * rows * unroll <= MAX_ACCUMULATORS
+
+
+def pack_fits(isa: str, pack: int, pack_rows: int) -> bool:
+    """Whether a packed-panel tile of `pack` activation vectors x `pack_rows` weight rows fits the ISA's vector
+    registers: an accumulator per pair, the `pack` activation vectors and one broadcast weight."""
+    return pack * pack_rows + pack + 1 <= VECTOR_REGISTERS.get(isa, 0)
 
 
 def spans_fit(w: Workload, spans: int, rows: int, unroll: int) -> bool:
@@ -107,6 +116,7 @@ def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, A
             out["spans"] //= 2
         out["fuse"] = bool(out["fuse"]) and w.kind == "mlp"
         out["bf16_split"] = bool(out["bf16_split"]) and w.dtype == "bf16" and out["isa"] in ("avx2", "avx512")
+        _legalize_pack(w, out, isas)
         if out["isa"] == "scalar":
             out["prefetch"] = 0  # _mm_prefetch needs the x86 intrinsics header
         if out["prefetch_hint"] not in PREFETCH_HINTS or not out["prefetch"]:
@@ -128,6 +138,27 @@ def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, A
         if not out["vec_softmax"] or out["isa"] in ("scalar", "amx") or out["mm_tiles"]:
             out["prefetch"] = 0  # prefetches K and V rows ahead in the vectorised kernel's key loop only
     return out
+
+
+def _legalize_pack(w: Workload, out: dict[str, Any], isas: list[str]) -> None:
+    """Packed panels need a vector ISA and several activation rows; the tile is shrunk (weight rows first) to fit
+    the output rows and the registers, and the knobs only the dot-product kernels read are reset."""
+    if out["isa"] == "scalar" or activation_rows(w) < 2:
+        out["pack"] = 0
+    if not out["pack"]:
+        out["pack_rows"] = NAIVE_KNOBS["gemv"]["pack_rows"]
+        return
+    if out["isa"] == "avx512bf16" and "avx512" in isas:
+        out["isa"] = "avx512"  # the packed tile multiplies fp32 panels: the same code without vdpbf16ps
+    choices = KNOB_CHOICES["gemv"]["pack_rows"]
+    while out["pack_rows"] > 1 and out["pack_rows"] > output_rows(w):
+        out["pack_rows"] = choices[choices.index(out["pack_rows"]) - 1]
+    while not pack_fits(out["isa"], out["pack"], out["pack_rows"]):
+        if out["pack_rows"] > 1:
+            out["pack_rows"] = choices[choices.index(out["pack_rows"]) - 1]
+        else:
+            out["pack"] -= 1
+    out.update(PACKED_RESETS)
 
 
 def generate(w: Workload, knobs: dict[str, Any]) -> str:
@@ -280,6 +311,77 @@ static inline void block_tile(const elem_t *w, int64_t K, const xval_t *x, int64
     return code
 
 
+def _packed_helpers(knobs: dict[str, Any]) -> str:
+    """The packed-panel GEMV: a panel of NR weight rows is widened to fp32 once (pack_panel) and multiplied with
+    MTW activation rows at a time (panel_tile), the activation stored transposed in blocks of MTW rows
+    (packed_at). Each step broadcasts one weight per panel row against `pack` activation vectors: NR x pack FMAs
+    for NR + pack loads, and no horizontal sums."""
+    nr, mv = knobs["pack_rows"], knobs["pack"]
+    acc = {(r, v): f"a{r}_{v}" for r in range(nr) for v in range(mv)}
+    lines = [
+        f"#define NR {nr}",
+        f"#define MTW ({mv} * VW)",
+        "#define PADDED(m) (((m) + MTW - 1) / MTW * MTW)",
+        "static inline int64_t packed_at(int64_t m, int64_t k, int64_t K) { return (m / MTW * K + k) * MTW + m % MTW; }",
+        "static inline void pack_panel(const elem_t *restrict w, int64_t K, int64_t n0, int64_t N, float *restrict panel) {",
+        "  for (int64_t r = 0; r < NR; ++r) {",
+        "    float *p = panel + r * K;",
+        "    if (n0 + r >= N) { memset(p, 0, sizeof(float) * K); continue; }",
+        "    const elem_t *wr = w + (n0 + r) * K;",
+        "    int64_t k = 0;",
+        "    for (; k + VW <= K; k += VW) v_store_f32(p + k, v_load_elem(wr + k));",
+        "    for (; k < K; ++k) p[k] = elem_to_f32(wr[k]);",
+        "  }",
+        "}",
+        "static inline void panel_tile(const float *restrict panel, const float *restrict xp, int64_t K, float *restrict res) {",
+        "  " + " ".join(f"vf {a} = v_zero();" for a in acc.values()),
+        "  for (int64_t k = 0; k < K; ++k) {",
+        *[f"    const vf x{v} = v_load_f32(xp + k * MTW + {v} * VW);" for v in range(mv)],
+    ]
+    for r in range(nr):
+        fmas = " ".join(f"{acc[r, v]} = v_fma(b, x{v}, {acc[r, v]});" for v in range(mv))
+        lines.append(f"    {{ const vf b = v_set1(panel[{r} * K + k]); {fmas} }}")
+    lines.append("  }")
+    lines += [f"  v_store_f32(res + {r} * MTW + {v} * VW, {acc[r, v]});" for r in range(nr) for v in range(mv)]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _pack_x(dst: str, src: str, rows: str, cols: str) -> str:
+    """Activation rows to fp32, transposed in blocks of MTW rows (the buffer is zeroed: padding rows stay 0)."""
+    return (
+        f"  for (int64_t i = 0; i < {rows}; ++i) for (int64_t k = 0; k < {cols}; ++k)\n"
+        f"    {dst}[packed_at(i, k, {cols})] = elem_to_f32({src}[i * {cols} + k]);\n"
+    )
+
+
+def _packed_pass(knobs: dict[str, Any], n_rows: str, k: str, x: str, weights: list[tuple[str, str]],
+                 store: Callable[..., str]) -> str:
+    """`_row_pass` for packed panels: each thread widens a panel of NR rows of every weight matrix into its own
+    buffer, then runs the panel against every block of MTW activation rows."""
+    panels = ", ".join(f"*p_{w} = (float *)malloc(sizeof(float) * NR * {k})" for w, _ in weights)
+    packs = "\n".join(f"    pack_panel({w}, {k}, n0, {n_rows}, p_{w});" for w, _ in weights)
+    tiles = "\n".join(f"      float {res}[NR * MTW];\n      panel_tile(p_{w}, {x} + m0 * {k}, {k}, {res});"
+                      for w, res in weights)
+    return f"""  {{
+  float {panels};
+  {_omp_for(knobs)}
+  for (int64_t nb = 0; nb < ({n_rows} + NR - 1) / NR; ++nb) {{
+    const int64_t n0 = nb * NR;
+{packs}
+    for (int64_t m0 = 0; m0 < M; m0 += MTW) {{
+{tiles}
+      for (int64_t r = 0; r < NR && n0 + r < {n_rows}; ++r) for (int64_t j = 0; j < MTW && m0 + j < M; ++j) {{
+        const int64_t m = m0 + j, n = n0 + r;
+        {store("n", *(f"{res}[r * MTW + j]" for _, res in weights))}
+      }}
+    }}
+  }}
+  {" ".join(f"free(p_{w});" for w, _ in weights)}
+  }}
+"""
+
+
 def _convert_x(dst: str, src: str, rows: str, cols: str) -> str:
     """Activation rows to the dot product's operand type and layout."""
     return (
@@ -352,16 +454,21 @@ def _gemv_kernel(w: Workload, knobs: dict[str, Any]) -> str:
     if w.kind == "mlp":
         return _mlp_kernel(w, knobs)
     M, N, K = (p["m"], p["n"], p["k"]) if w.kind == "gemm" else (p["batch"], p["vocab"], p["hidden"])
-    rows = _row_pass(knobs, "N", "K", "xv", [("w", "res")], lambda n, v: f"out[m * N + {n}] = f32_to_elem({v});")
-    return _gemv_helpers(knobs) + f"""
+    store = lambda n, v: f"out[m * N + {n}] = f32_to_elem({v});"  # noqa: E731
+    if knobs["pack"]:
+        helpers, rows = _packed_helpers(knobs), _packed_pass(knobs, "N", "K", "xv", [("w", "res")], store)
+        activation = "  float *xv = (float *)calloc(PADDED(M) * K, sizeof(float));\n" + _pack_x("xv", "x", "M", "K")
+    else:
+        helpers, rows = _gemv_helpers(knobs), _row_pass(knobs, "N", "K", "xv", [("w", "res")], store)
+        activation = "  xval_t *xv = (xval_t *)malloc(sizeof(xval_t) * M * K);\n" + _convert_x("xv", "x", "M", "K")
+    return helpers + f"""
 void autocomp_kernel(void **t, const int64_t *dims) {{
   (void)dims;
   const elem_t *x = (const elem_t *)t[0];
   const elem_t *w = (const elem_t *)t[1];
   elem_t *out = (elem_t *)t[2];
   const int64_t M = {M}, N = {N}, K = {K};
-  xval_t *xv = (xval_t *)malloc(sizeof(xval_t) * M * K);
-{_convert_x("xv", "x", "M", "K")}  {_omp_parallel(knobs)}
+{activation}  {_omp_parallel(knobs)}
   {{
 {rows}  }}
   free(xv);
@@ -372,9 +479,15 @@ void autocomp_kernel(void **t, const int64_t *dims) {{
 def _mlp_kernel(w: Workload, knobs: dict[str, Any]) -> str:
     p = w.params
     B, H, I = p["batch"], p["hidden"], p["intermediate"]
+    packed = bool(knobs["pack"])
+    # Where h = silu(gate) * up goes: the down projection's activation, in its layout.
+    def h_store(m: str, n: str, value: str) -> str:
+        if packed:
+            return f"hv[packed_at({m}, {n}, I)] = {value};"
+        return f"hv[{m} * I + x_pos({n}, I)] = x_from_f32({value});"
     if knobs["fuse"]:
         def gate_up_store(n: str, g: str, u: str) -> str:
-            return f"hv[m * I + x_pos({n}, I)] = x_from_f32(silu({g}) * {u});"
+            return h_store("m", n, f"silu({g}) * {u}")
         epilogue = ""
         scratch = ""
     else:
@@ -382,14 +495,21 @@ def _mlp_kernel(w: Workload, knobs: dict[str, Any]) -> str:
             return f"{{ gbuf[m * I + {n}] = {g}; ubuf[m * I + {n}] = {u}; }}"
         epilogue = f"""
   {_omp_for(knobs)}
-  for (int64_t i = 0; i < B * I; ++i) hv[i / I * I + x_pos(i % I, I)] = x_from_f32(silu(gbuf[i]) * ubuf[i]);
+  for (int64_t i = 0; i < B * I; ++i) {h_store("i / I", "i % I", "silu(gbuf[i]) * ubuf[i]")}
 """
         scratch = "  float *gbuf = (float *)malloc(sizeof(float) * B * I), *ubuf = (float *)malloc(sizeof(float) * B * I);\n"
     free_scratch = "" if knobs["fuse"] else "  free(gbuf); free(ubuf);\n"
     # Gate and up rows of the same block are computed one after the other: x is read once for both.
-    gate_up = _row_pass(knobs, "I", "H", "xv", [("wg", "g"), ("wu", "u")], gate_up_store)
-    down = _row_pass(knobs, "H", "I", "hv", [("wd", "res")], lambda n, v: f"out[m * H + {n}] = f32_to_elem({v});")
-    return _gemv_helpers(knobs) + f"""
+    row_pass = _packed_pass if packed else _row_pass
+    gate_up = row_pass(knobs, "I", "H", "xv", [("wg", "g"), ("wu", "u")], gate_up_store)
+    down = row_pass(knobs, "H", "I", "hv", [("wd", "res")], lambda n, v: f"out[m * H + {n}] = f32_to_elem({v});")
+    if packed:
+        activations = ("  float *xv = (float *)calloc(PADDED(B) * H, sizeof(float));\n"
+                       "  float *hv = (float *)calloc(PADDED(B) * I, sizeof(float));\n" + _pack_x("xv", "x", "B", "H"))
+    else:
+        activations = ("  xval_t *xv = (xval_t *)malloc(sizeof(xval_t) * B * H);\n"
+                       "  xval_t *hv = (xval_t *)malloc(sizeof(xval_t) * B * I);\n")
+    return (_packed_helpers(knobs) if packed else _gemv_helpers(knobs)) + f"""
 static inline float silu(float v) {{ return v / (1.0f + expf(-v)); }}
 
 void autocomp_kernel(void **t, const int64_t *dims) {{
@@ -400,9 +520,7 @@ void autocomp_kernel(void **t, const int64_t *dims) {{
   const elem_t *wd = (const elem_t *)t[3];
   elem_t *out = (elem_t *)t[4];
   const int64_t B = {B}, H = {H}, I = {I}, M = B;
-  xval_t *xv = (xval_t *)malloc(sizeof(xval_t) * B * H);
-  xval_t *hv = (xval_t *)malloc(sizeof(xval_t) * B * I);
-{scratch}{_convert_x("xv", "x", "B", "H")}  {_omp_parallel(knobs)}
+{activations}{scratch}{"" if packed else _convert_x("xv", "x", "B", "H")}  {_omp_parallel(knobs)}
   {{
 {gate_up}{epilogue}
 {down}  }}

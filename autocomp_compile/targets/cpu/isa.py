@@ -29,6 +29,7 @@ ISA_CFLAGS = {
     "amx": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"],
 }
 VECTOR_WIDTH = {"scalar": 1, "avx2": 8, "avx512": 16, "avx512bf16": 16, "amx": 16}
+VECTOR_REGISTERS = {"scalar": 0, "avx2": 16, "avx512": 32, "avx512bf16": 32, "amx": 32}
 
 
 @functools.lru_cache(maxsize=1)

@@ -43,6 +43,10 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "mtile2_rows4_unroll2_prefetch_static": dict(m_tile=2, rows=4, unroll=2, prefetch=256, threads="static"),
         "mtile3_rows2_split_dynamic": dict(m_tile=3, rows=2, bf16_split=True, threads="dynamic", chunk=1),
         "fused_mtile2_rows8_serial": dict(fuse=True, m_tile=2, rows=8),
+        "pack1_rows6_dynamic": dict(pack=1, pack_rows=6, threads="dynamic", chunk=1),
+        "pack2_rows3_static": dict(pack=2, pack_rows=3, threads="static"),
+        "pack1_rows12_serial": dict(pack=1, pack_rows=12),
+        "fused_pack2_rows4_dynamic": dict(fuse=True, pack=2, pack_rows=4, threads="dynamic", chunk=4),
     },
     "rmsnorm": {
         "naive": {},
@@ -68,16 +72,23 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "mm_tiles_kv256_qblock2": dict(vec_softmax=True, mm_tiles=True, kv_block=256, q_block=2),
     },
 }
-WORKLOADS = ["gemm", "gemm_m3_odd", "lm_head_small", "mlp", "mlp_b2_odd", "rmsnorm", "decode", "prefill"]
+WORKLOADS = ["gemm", "gemm_m3_odd", "gemm_m19_odd", "lm_head_small", "mlp", "mlp_b2_odd", "mlp_b11_odd", "rmsnorm",
+             "decode", "prefill"]
+# Workloads with more activation rows than one vector: only the schedules that tile activation rows run on them.
+MANY_ROWS = ("gemm_m19_odd", "mlp_b11_odd")
 
 
-def _skip_variant(wname: str, variant: str) -> bool:
+def _skip_variant(wname: str, variant: str, isa: str) -> bool:
+    if "pack" in variant and isa == "scalar":
+        return True  # packed panels are vector code (legalize drops them for scalar code)
     if "fused" in variant and small(wname).kind != "mlp":
         return True  # fuse is an MLP-only knob (legalize drops it elsewhere: same code as another variant)
     if ("qblock" in variant or "mm_tiles" in variant) and wname == "decode":
         return True  # decode forces q_block=1; mm_tiles is a prefill schedule
-    if "mtile" in variant and codegen.activation_rows(small(wname)) == 1:
-        return True  # a register tile of activation rows needs several (legalize drops it: another variant's code)
+    if ("mtile" in variant or "pack" in variant) and codegen.activation_rows(small(wname)) == 1:
+        return True  # register tiles and packed panels need several activation rows (legalize drops them)
+    if wname in MANY_ROWS and not ("mtile" in variant or "pack" in variant or variant == "naive"):
+        return True
     return False
 
 
@@ -95,7 +106,7 @@ CASES = [
     for dtype in ("bf16", "fp32")
     for isa in HOST_ISAS
     for variant in VARIANTS[codegen.family(small(wname).kind)]
-    if not _skip_variant(wname, variant) and isa != "amx"  # AMX: its own tests (head_dim a multiple of 32)
+    if not _skip_variant(wname, variant, isa) and isa != "amx"  # AMX: its own tests (head_dim a multiple of 32)
 ]
 
 
@@ -126,8 +137,10 @@ def test_generated_kernel_matches_reference(built_matrix, wname, dtype, isa, var
     assert res.ok, res.log
     # vdpbf16ps needs bf16 operands and serves only the GEMV family: other kernels on an AVX512-BF16 host
     # are the plain AVX-512 ones.
-    assert knobs["isa"] == (isa if codegen.isa_applies(isa, w) else "avx512")
-    assert (knobs["isa"] == "avx512bf16") == (isa == "avx512bf16" and dtype == "bf16" and codegen.family(w.kind) == "gemv")
+    # Packed panels multiply fp32 panels: on an AVX512-BF16 host they are the AVX-512 kernel.
+    assert knobs["isa"] == (isa if codegen.isa_applies(isa, w) and not (isa == "avx512bf16" and knobs["pack"]) else "avx512")
+    assert (knobs["isa"] == "avx512bf16") == (isa == "avx512bf16" and dtype == "bf16" and codegen.family(w.kind) == "gemv"
+                                              and not knobs["pack"])
     check_against_reference(res.so_path, w, seed=11, sets=2)
 
 
@@ -137,7 +150,7 @@ def test_variants_generate_distinct_code(wname, isa):
     """Each schedule variant must really change the kernel (otherwise the matrix tests nothing)."""
     codes = {}
     for variant in VARIANTS[codegen.family(small(wname).kind)]:
-        if _skip_variant(wname, variant):
+        if _skip_variant(wname, variant, isa):
             continue
         code = codegen.generate(small(wname), _knobs(wname, "bf16", isa, variant))
         codes.setdefault(code, []).append(variant)
@@ -200,6 +213,9 @@ def _avx512_cases():
                     "attention": dict(online=True, kv_block=32, gqa_share=True, q_block=2),
                 }[fam]
                 out.append(pytest.param(wname, dtype, isa, variant, id=f"{wname}-{dtype}-{isa}"))
+    for dtype in ("bf16", "fp32"):  # a packed-panel tile of 2 x 12 accumulators: AVX-512's 32 registers
+        out.append(pytest.param("mlp_b11_odd", dtype, "avx512", dict(pack=2, pack_rows=12, fuse=True, threads="static"),
+                                id=f"mlp_b11_odd-{dtype}-avx512-pack2_rows12"))
     return out
 
 
@@ -295,6 +311,34 @@ def test_legalize_keeps_the_register_tile_within_the_activation_rows_and_the_reg
     assert codegen.legalize(make_workload("gemm", "bf16", m=3, n=64, k=64), {"m_tile": 8}, HOST_ISAS)["m_tile"] == 3
     assert codegen.legalize(small("lm_head_small"), {"m_tile": 4}, HOST_ISAS)["m_tile"] == 1  # one activation row
     assert codegen.legalize(small("mlp_b2_odd"), {"m_tile": 4}, HOST_ISAS)["m_tile"] == 2
+
+
+def test_legalize_fits_packed_panels_to_the_registers_and_resets_the_dot_product_knobs():
+    prompt, avx2, every = make_workload("gemm", "bf16", m=64, n=2048, k=2048), ["scalar", "avx2"], list(ISA_ORDER)
+    k = codegen.legalize(prompt, {"isa": "avx2", "pack": 2, "pack_rows": 6, "rows": 4, "unroll": 2, "m_tile": 3,
+                                  "prefetch": 512, "prefetch_hint": "nta", "bf16_split": True, "spans": 2}, avx2)
+    assert (k["pack"], k["pack_rows"], k["prefetch_hint"]) == (2, 6, "t0")
+    assert all(k[name] == value for name, value in codegen.PACKED_RESETS.items())
+    fit = lambda isa, pack, rows: codegen.legalize(  # noqa: E731
+        prompt, {"isa": isa, "pack": pack, "pack_rows": rows}, every)
+    assert (fit("avx2", 4, 12)["pack"], fit("avx2", 4, 12)["pack_rows"]) == (4, 2)  # 4 x 2 + 4 + 1 <= 16
+    assert (fit("avx512", 4, 12)["pack"], fit("avx512", 4, 12)["pack_rows"]) == (4, 6)  # 4 x 6 + 4 + 1 <= 32
+    assert fit("avx512bf16", 2, 12)["isa"] == "avx512"  # fp32 panels: vdpbf16ps has nothing to do
+    assert codegen.legalize(prompt, {"pack": 2, "pack_rows": 6}, avx2) == codegen.legalize(prompt, {}, avx2)
+    assert codegen.legalize(prompt, {"isa": "avx2", "pack": 0, "pack_rows": 6}, avx2)["pack_rows"] == 1
+    assert codegen.legalize(small("gemm"), {"isa": "avx2", "pack": 1}, avx2)["pack"] == 0  # one activation row
+    few = make_workload("gemm", "bf16", m=8, n=5, k=32)
+    assert codegen.legalize(few, {"isa": "avx2", "pack": 1, "pack_rows": 12}, avx2)["pack_rows"] == 4
+
+
+def test_packed_panels_broadcast_weights_against_blocks_of_activation_rows():
+    w = make_workload("gemm", "bf16", m=19, n=29, k=70)
+    code = codegen.generate(w, codegen.legalize(w, {"isa": "avx2", "pack": 2, "pack_rows": 3}, ["scalar", "avx2"]))
+    assert "#define NR 3" in code and "#define MTW (2 * VW)" in code
+    assert "{ const vf b = v_set1(panel[2 * K + k]); a2_0 = v_fma(b, x0, a2_0); a2_1 = v_fma(b, x1, a2_1); }" in code
+    assert "float *xv = (float *)calloc(PADDED(M) * K, sizeof(float));" in code  # 19 rows: 2 blocks of 16, zeroed
+    assert "panel_tile(p_w, xv + m0 * K, K, res);" in code and "pack_panel(w, K, n0, N, p_w);" in code
+    assert "dot_rows" not in code and "block_tile" not in code
 
 
 def test_register_tile_loads_each_weight_vector_once_for_the_tile_and_leaves_a_tail():
