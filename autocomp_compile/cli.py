@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("file")
     exp.add_argument("--target")
     cache_sub.add_parser("import", help="verify and add the entries of an exported file").add_argument("file")
+    cache_sub.add_parser(
+        "rm", help="delete the entries with these keys (or unique starts of keys), so that the next warm or "
+        "compile searches their workloads again").add_argument("keys", nargs="+", metavar="key")
     clear = cache_sub.add_parser("clear", help="delete entries (asks first, or --yes)")
     clear.add_argument("--target")
     clear.add_argument("--yes", action="store_true", help="delete without asking (needed where stdin is no terminal)")
@@ -590,6 +593,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return 0 if not refused else 1
     elif args.cache_command == "clear":
         return _clear(cache, args.target, args.yes)
+    elif args.cache_command == "rm":
+        entries = [cache.show(key) for key in args.keys]  # every key is checked before anything is deleted
+        missing = [key for key, e in zip(args.keys, entries) if e is None]
+        if missing:
+            raise UsageError(f"no cache entry with key {', '.join(map(repr, missing))}; nothing deleted")
+        for e in {e.key: e for e in entries}.values():
+            cache.remove(e.key)
+            print(f"deleted {e.key}  {e.target} {e.kind} {e.workload['dtype']} {json.dumps(e.workload['params'], sort_keys=True)}")
     return 0
 
 

@@ -321,6 +321,25 @@ def test_cli_cache_show_refuses_an_empty_or_ambiguous_prefix(capsys):
     assert cli.main(["cache", "show", keys[0][:10]]) == 0 and keys[0] in capsys.readouterr().out
 
 
+def test_cli_cache_rm_deletes_only_when_every_key_names_one_entry(capsys):
+    from autocomp_compile import cli
+
+    with KernelCache() as cache:  # the default cache, in this test's AUTOCOMP_CACHE_DIR
+        for n in range(1, 18):
+            cache.put(FakeTarget(), gemm(n=8 * n), cand(f"int k{n};", 1.0))
+        keys = [e.key for e in cache.entries()]
+    shared = next(c for c in "0123456789abcdef" if sum(k.startswith(c) for k in keys) > 1)
+    assert cli.main(["cache", "rm", keys[0], shared]) == 2 and "matches" in capsys.readouterr().err
+    assert cli.main(["cache", "rm", keys[0], "%"]) == 2 and "no cache entry with key '%'" in capsys.readouterr().err
+    with KernelCache() as cache:
+        assert len(cache.entries()) == 17  # a bad key deletes nothing
+    assert cli.main(["cache", "rm", keys[0][:12], keys[1], keys[0]]) == 0
+    out = capsys.readouterr().out
+    assert out.count("deleted") == 2 and keys[0] in out and '"n":' in out
+    with KernelCache() as cache:
+        assert sorted(e.key for e in cache.entries()) == sorted(keys[2:])
+
+
 def test_a_cache_in_a_directory_and_the_default_one(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOCOMP_CACHE_DIR", str(tmp_path / "default"))
     assert KernelCache.in_directory(tmp_path / "mine").path == tmp_path / "mine" / "kernels.sqlite"
