@@ -250,7 +250,7 @@ def reuse_seeds(target: Target, workload: Workload, entries: "list[CacheEntry]")
         try:
             seeds.append(schedule_seed(
                 target, workload, e.knobs,
-                f"Schedule reuse: the optimization sequence {e.menu_ids} of cached kernel {e.key} "
+                f"Schedule reuse: the optimization sequence {e.menu_ids} of cached {e.kind} kernel {e.key} "
                 f"({e.workload['params']}), re-legalised for this shape.", e.menu_ids, f"reuse:{e.key}"))
         except Exception as exc:  # noqa: BLE001 - a bad seed must not stop the search it would only start
             log.warning("schedule reuse: skipping cached kernel %s: its schedule %s does not apply here (%s: %s)",

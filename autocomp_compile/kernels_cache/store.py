@@ -326,23 +326,25 @@ class KernelCache:
         return list(self._entries("ORDER BY target, kind, updated"))
 
     def nearest(self, target: Any, workload: Workload, limit: int = 3) -> list[CacheEntry]:
-        """Solved workloads of the same kind on the same target, most similar first: same shape class
-        before other classes, this machine before others of the target (another GPU or CPU model; an
-        imported cache), this code generator before older ones, then by dtype and distance between shape
-        parameters. Another machine's entry for this very workload counts too, and so does an entry an
+        """Solved workloads of the same kind (or of a kind that shares its schedule space on this target:
+        `target.schedule_kinds`) on the same target, most similar first: same shape class before other
+        classes, the same kind before the others, this machine before others of the target (another GPU or
+        CPU model; an imported cache), this code generator before older ones, then by dtype and distance
+        between shape parameters. Another machine's entry for this very workload counts too, and so does an entry an
         older code generator made here: a schedule (knobs) is re-legalised and its code generated anew,
         so it is a starting point wherever the knobs still mean the same; its code is never reused. Only
         entries with a schedule (knobs) are offered: LLM-written code cannot be re-targeted to a shape."""
         fp = target.fingerprint()
         here, codegen = fingerprint_hash(fp), fp.get("codegen", "")
+        kinds = tuple(getattr(target, "schedule_kinds", lambda kind: (kind,))(workload.kind))
         rows = self._entries(
-            "WHERE target = ? AND kind = ? AND NOT (fingerprint_hash = ? AND signature = ?)",
-            (target.name, workload.kind, here, workload.signature()),
+            f"WHERE target = ? AND kind IN ({', '.join('?' * len(kinds))}) AND NOT (fingerprint_hash = ? AND signature = ?)",
+            (target.name, *kinds, here, workload.signature()),
         )
         cls = workload.shape_class()
         this_machine = _machine(fp)
         ranked = sorted(
-            (e for e in rows if e.knobs is not None), key=lambda e: (e.shape_class != cls,
+            (e for e in rows if e.knobs is not None), key=lambda e: (e.shape_class != cls, e.kind != workload.kind,
                                  _machine(e.fingerprint) != this_machine,
                                  e.codegen != codegen, e.workload.get("dtype") != workload.dtype,
                                  _shape_distance(e.workload["params"], workload.params)),

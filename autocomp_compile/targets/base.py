@@ -60,7 +60,8 @@ class EvalResult:
 class Target(Protocol):
     """What the search needs from a hardware family. A target may also define `check_workload(workload)`,
     raising `WorkloadError` for a shape none of its kernels computes (NKI's 128-row tiles): `optimize()` and the
-    CLI call it before any work."""
+    CLI call it before any work; and `schedule_kinds(kind)`, the kinds whose schedules (knobs) mean the same as
+    `kind`'s, which schedule reuse may then replay on each other (re-legalised; `kind` alone by default)."""
 
     name: str
     language: str

@@ -32,6 +32,31 @@ def test_hit_skips_search_and_miss_reuses_nearest(tmp_path):
     assert "reused" in result
 
 
+def test_a_gemm_schedule_seeds_an_mlp_search_on_the_cpu(tmp_path):
+    """The GEMV family shares one schedule space: a cached GEMM's packed panels start an MLP's search."""
+    import pytest
+
+    from autocomp_compile import get_target
+    from autocomp_compile.search.candidate import Candidate
+    from autocomp_compile.targets.base import EvalResult
+
+    cpu = get_target("cpu")
+    if cpu.isas[-1] == "scalar":
+        pytest.skip("packed panels need a vector ISA; this host has none")
+    cache = KernelCache(tmp_path / "k.sqlite")
+    gemm = make_workload("gemm", "bf16", m=12, n=40, k=64)
+    knobs = cpu.legalize(gemm, {"isa": cpu.isas[-1], "pack": 1, "pack_rows": 4, "threads": "static"})
+    done = Candidate(id="c1", parent_id="root", iteration=3, language="c", code=cpu.generate(gemm, knobs),
+                     menu_ids=["vectorize", "pack_panels"], knobs=knobs)
+    done.result = EvalResult(correct=True, stage="ok", latency_ms=0.01, baseline_ms=0.02, runs=10)
+    assert cache.put(cpu, gemm, done)
+    mlp = make_workload("mlp", "bf16", batch=12, hidden=64, intermediate=96)
+    r = optimize(mlp, "cpu", SearchConfig(budget=4), FAST, tmp_path / "out", cache=cache)
+    assert r.reused == [cache.get(cpu, gemm).key]
+    seed = next(c for c in r.candidates if c.origin.startswith("reuse:"))
+    assert seed.correct and (seed.knobs["pack"], seed.knobs["pack_rows"]) == (1, 4) and "cached gemm kernel" in seed.plan
+
+
 def test_no_reuse_when_disabled(tmp_path):
     cache = KernelCache(tmp_path / "k.sqlite")
     optimize(make_workload("gemm", "bf16", m=1, n=256, k=512), "cpu", SearchConfig(budget=4), FAST, tmp_path / "o", cache=cache)

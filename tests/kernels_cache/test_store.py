@@ -178,6 +178,25 @@ def test_nearest_prefers_same_shape_class_then_closest_shape(tmp_path):
         assert cache.nearest(t, gemm(m=384, n=512, k=512))[0].code == "int square;"
 
 
+def test_nearest_offers_kinds_that_share_the_schedule_space_after_the_same_kind(tmp_path):
+    class SharingTarget(FakeTarget):
+        def schedule_kinds(self, kind):
+            return ("gemm", "lm_head", "mlp") if kind in ("gemm", "lm_head", "mlp") else (kind,)
+
+    mlp = lambda batch: make_workload("mlp", "bf16", batch=batch, hidden=2048, intermediate=8192)  # noqa: E731
+    with KernelCache(tmp_path / "k.sqlite") as cache:
+        t = SharingTarget()
+        cache.put(t, gemm(m=64, n=2048, k=2048), cand("int gemm_prompt;", 1.0))
+        cache.put(t, mlp(1), cand("int mlp_decode;", 1.0))
+        cache.put(t, mlp(48), cand("int mlp_prompt;", 1.0))
+        cache.put(t, make_workload("rmsnorm"), cand("int other_family;", 1.0))
+        # the shape class first (a 64-row prompt is "wide"), the same kind before another of the family
+        assert [e.code for e in cache.nearest(t, mlp(64))] == ["int mlp_prompt;", "int gemm_prompt;", "int mlp_decode;"]
+        assert [e.code for e in cache.nearest(t, gemm(m=32, n=512, k=2048))] == ["int gemm_prompt;", "int mlp_prompt;",
+                                                                                 "int mlp_decode;"]
+        assert [e.code for e in cache.nearest(FakeTarget(), mlp(64))] == ["int mlp_prompt;", "int mlp_decode;"]
+
+
 def test_nearest_offers_another_machines_kernel_for_the_same_workload(tmp_path):
     with KernelCache(tmp_path / "k.sqlite") as cache:
         h100, h200 = FakeTarget("cuda", "sm90-h100", "cuda-test"), FakeTarget("cuda", "sm90-h200", "cuda-test")

@@ -50,6 +50,10 @@ class CpuTarget(ScheduleSpaceTarget):
     def legalize(self, workload: Workload, knobs: dict[str, Any]) -> dict[str, Any]:
         return codegen.legalize(workload, knobs, self.isas)
 
+    def schedule_kinds(self, kind: str) -> tuple[str, ...]:
+        """The GEMM, the LM head and the MLP share one schedule space (the GEMV family's knobs)."""
+        return codegen.GEMV_KINDS if codegen.family(kind) == "gemv" else (kind,)
+
     def menu(self, workload: Workload):
         from autocomp_compile.agents.menu import cpu_menu
 
