@@ -111,6 +111,17 @@ class Workload:
 
         return get_kind(self.kind).bytes_moved(self)
 
+    def flops(self) -> int | None:
+        """Multiply-adds x 2 of a GEMV-family workload (GEMM, LM head, MLP); None for the other kinds."""
+        p = self.params
+        if self.kind == "gemm":
+            return 2 * p["m"] * p["n"] * p["k"]
+        if self.kind == "lm_head":
+            return 2 * p["batch"] * p["vocab"] * p["hidden"]
+        if self.kind == "mlp":
+            return 6 * p["batch"] * p["hidden"] * p["intermediate"]
+        return None
+
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a dtype name ("bf16", "fp32"); `WorkloadError` for any other name."""

@@ -55,18 +55,6 @@ def workloads(dtype: str, target_name: str):
     return shapes
 
 
-def flops(w: Workload) -> int | None:
-    """Multiply-adds x 2 of a GEMV-family workload (None for the others)."""
-    p = w.params
-    if w.kind == "gemm":
-        return 2 * p["m"] * p["n"] * p["k"]
-    if w.kind == "lm_head":
-        return 2 * p["batch"] * p["vocab"] * p["hidden"]
-    if w.kind == "mlp":
-        return 6 * p["batch"] * p["hidden"] * p["intermediate"]
-    return None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="cpu")
@@ -171,8 +159,8 @@ def main() -> None:
             "eager_ms": eager_ms, "autocomp_ms": best_ms, "naive_ms": naive["naive"]["median_ms"] if naive else None,
             "inductor_ms": ind["inductor"]["median_ms"] if ind else None,
             "bytes_moved": w.bytes_moved(), "autocomp_gbps": gbps, "read_probe_gbps": probe_gbps,
-            "flops": flops(w), "autocomp_tflops": flops(w) / (best_ms * 1e9) if flops(w) else None,
-            "eager_tflops": flops(w) / (eager_ms * 1e9) if flops(w) else None,
+            "flops": w.flops(), "autocomp_tflops": w.flops() / (best_ms * 1e9) if w.flops() else None,
+            "eager_tflops": w.flops() / (eager_ms * 1e9) if w.flops() else None,
             "percent_of_bw": pct,
             "hbm_read_gbps": hbm_read_gbps, "percent_of_hbm_read_bw": 100 * gbps / hbm_read_gbps if hbm_read_gbps else None,
             "speedup_vs_eager": statistics.median(x["eager"]["median_ms"] / x["autocomp"]["median_ms"] for x in rounds),

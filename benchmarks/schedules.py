@@ -41,17 +41,6 @@ PRESETS = [
 ]
 
 
-def flops(w: Workload) -> int:
-    p = w.params
-    if w.kind == "gemm":
-        return 2 * p["m"] * p["n"] * p["k"]
-    if w.kind == "lm_head":
-        return 2 * p["batch"] * p["vocab"] * p["hidden"]
-    if w.kind == "mlp":
-        return 6 * p["batch"] * p["hidden"] * p["intermediate"]
-    raise SystemExit(f"--kind {w.kind}: GFLOP/s are defined for gemm, lm_head and mlp only")
-
-
 def parse_schedule(text: str) -> tuple[str, dict]:
     label, sep, knobs = text.partition("=")
     if not sep or not label:
@@ -67,6 +56,8 @@ def parse_schedule(text: str) -> tuple[str, dict]:
 
 def compare(target, w: Workload, schedules: dict[str, dict], rounds: int, timing_ms: float) -> dict:
     """Legalise, build and check every schedule, then time them all with eager, interleaved, `rounds` times."""
+    if w.flops() is None:
+        raise SystemExit(f"--kind {w.kind}: GFLOP/s are defined for gemm, lm_head and mlp only")
     loaders, legal = {}, {}
     for label, knobs in schedules.items():
         cand = schedule_seed(target, w, knobs, f"given: {knobs}", [], f"benchmark:{label}")
@@ -78,7 +69,7 @@ def compare(target, w: Workload, schedules: dict[str, dict], rounds: int, timing
             runs.append(worker.run("autocomp_compile.evaluation.job:time_functions", w, loaders, timing_ms, True,
                                    False, "cpu", 0, timeout_s=900))
     median = {name: statistics.median(r[name]["median_ms"] for r in runs) for name in [*schedules, "eager"]}
-    return {"kind": w.kind, "params": w.params, "dtype": w.dtype, "flops": flops(w), "legal_knobs": legal,
+    return {"kind": w.kind, "params": w.params, "dtype": w.dtype, "flops": w.flops(), "legal_knobs": legal,
             "median_ms": median, "runs": runs}
 
 

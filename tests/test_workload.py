@@ -341,3 +341,11 @@ def test_fp32_attention_reference_is_exact_to_float32_rounding():
     got = get_kind("attention").reference(t, w.params, w.runtime_dims)["out"]
     assert got.dtype == torch.float32
     assert (got.double() - exact).abs().max() < 1e-6
+
+
+def test_flops_count_multiply_adds_twice():
+    assert make_workload("gemm", "bf16", m=4, n=8, k=16).flops() == 2 * 4 * 8 * 16
+    assert make_workload("lm_head", "bf16", batch=3, hidden=8, vocab=10).flops() == 2 * 3 * 8 * 10
+    mlp = make_workload("mlp", "bf16", batch=2, hidden=64, intermediate=96)
+    assert mlp.flops() == 2 * 2 * (2 * 64 * 96 + 96 * 64)
+    assert make_workload("rmsnorm", "bf16", rows=1, hidden=64).flops() is None
