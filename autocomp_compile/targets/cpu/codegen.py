@@ -347,14 +347,6 @@ def _packed_helpers(knobs: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pack_x(dst: str, src: str, rows: str, cols: str) -> str:
-    """Activation rows to fp32, transposed in blocks of MTW rows (the buffer is zeroed: padding rows stay 0)."""
-    return (
-        f"  for (int64_t i = 0; i < {rows}; ++i) for (int64_t k = 0; k < {cols}; ++k)\n"
-        f"    {dst}[packed_at(i, k, {cols})] = elem_to_f32({src}[i * {cols} + k]);\n"
-    )
-
-
 def _packed_pass(knobs: dict[str, Any], n_rows: str, k: str, x: str, weights: list[tuple[str, str]],
                  store: Callable[..., str]) -> str:
     """`_row_pass` for packed panels: each thread widens a panel of NR rows of every weight matrix into its own
@@ -382,11 +374,14 @@ def _packed_pass(knobs: dict[str, Any], n_rows: str, k: str, x: str, weights: li
 """
 
 
-def _convert_x(dst: str, src: str, rows: str, cols: str) -> str:
-    """Activation rows to the dot product's operand type and layout."""
+def _convert_x(dst: str, src: str, rows: str, cols: str, packed: bool = False) -> str:
+    """Activation rows to the dot product's operand type and layout; `packed`: to fp32, transposed in blocks of MTW
+    rows (packed_at; the buffer is zeroed, so padding rows stay 0)."""
+    value = f"elem_to_f32({src}[i * {cols} + k])"
+    at, value = (f"packed_at(i, k, {cols})", value) if packed else (f"i * {cols} + x_pos(k, {cols})", f"x_from_f32({value})")
     return (
         f"  for (int64_t i = 0; i < {rows}; ++i) for (int64_t k = 0; k < {cols}; ++k)\n"
-        f"    {dst}[i * {cols} + x_pos(k, {cols})] = x_from_f32(elem_to_f32({src}[i * {cols} + k]));\n"
+        f"    {dst}[{at}] = {value};\n"
     )
 
 
@@ -457,7 +452,7 @@ def _gemv_kernel(w: Workload, knobs: dict[str, Any]) -> str:
     store = lambda n, v: f"out[m * N + {n}] = f32_to_elem({v});"  # noqa: E731
     if knobs["pack"]:
         helpers, rows = _packed_helpers(knobs), _packed_pass(knobs, "N", "K", "xv", [("w", "res")], store)
-        activation = "  float *xv = (float *)calloc(PADDED(M) * K, sizeof(float));\n" + _pack_x("xv", "x", "M", "K")
+        activation = "  float *xv = (float *)calloc(PADDED(M) * K, sizeof(float));\n" + _convert_x("xv", "x", "M", "K", packed=True)
     else:
         helpers, rows = _gemv_helpers(knobs), _row_pass(knobs, "N", "K", "xv", [("w", "res")], store)
         activation = "  xval_t *xv = (xval_t *)malloc(sizeof(xval_t) * M * K);\n" + _convert_x("xv", "x", "M", "K")
@@ -505,7 +500,7 @@ def _mlp_kernel(w: Workload, knobs: dict[str, Any]) -> str:
     down = row_pass(knobs, "H", "I", "hv", [("wd", "res")], lambda n, v: f"out[m * H + {n}] = f32_to_elem({v});")
     if packed:
         activations = ("  float *xv = (float *)calloc(PADDED(B) * H, sizeof(float));\n"
-                       "  float *hv = (float *)calloc(PADDED(B) * I, sizeof(float));\n" + _pack_x("xv", "x", "B", "H"))
+                       "  float *hv = (float *)calloc(PADDED(B) * I, sizeof(float));\n" + _convert_x("xv", "x", "B", "H", packed=True))
     else:
         activations = ("  xval_t *xv = (xval_t *)malloc(sizeof(xval_t) * B * H);\n"
                        "  xval_t *hv = (xval_t *)malloc(sizeof(xval_t) * B * I);\n")
