@@ -324,14 +324,19 @@ def test_show_matches_a_literal_key_prefix(tmp_path):
         assert cache.show(keys[0]).key == keys[0] and cache.show(keys[0][:12]).key == keys[0]
 
 
-def test_cli_cache_show_refuses_an_empty_or_ambiguous_prefix(capsys):
-    from autocomp_compile import cli
-
-    with KernelCache() as cache:  # the default cache, in this test's AUTOCOMP_CACHE_DIR
+def _seventeen_in_the_default_cache() -> tuple[list[str], str]:
+    """17 entries in the default cache (this test's AUTOCOMP_CACHE_DIR): their keys, and a first digit two share."""
+    with KernelCache() as cache:
         for n in range(1, 18):
             cache.put(FakeTarget(), gemm(n=8 * n), cand(f"int k{n};", 1.0))
         keys = [e.key for e in cache.entries()]
-    shared = next(c for c in "0123456789abcdef" if sum(k.startswith(c) for k in keys) > 1)
+    return keys, next(c for c in "0123456789abcdef" if sum(k.startswith(c) for k in keys) > 1)
+
+
+def test_cli_cache_show_refuses_an_empty_or_ambiguous_prefix(capsys):
+    from autocomp_compile import cli
+
+    keys, shared = _seventeen_in_the_default_cache()
     assert cli.main(["cache", "show", shared]) == 2
     err = capsys.readouterr().err
     assert "matches" in err and all(k in err for k in keys if k.startswith(shared))
@@ -343,11 +348,7 @@ def test_cli_cache_show_refuses_an_empty_or_ambiguous_prefix(capsys):
 def test_cli_cache_rm_deletes_only_when_every_key_names_one_entry(capsys):
     from autocomp_compile import cli
 
-    with KernelCache() as cache:  # the default cache, in this test's AUTOCOMP_CACHE_DIR
-        for n in range(1, 18):
-            cache.put(FakeTarget(), gemm(n=8 * n), cand(f"int k{n};", 1.0))
-        keys = [e.key for e in cache.entries()]
-    shared = next(c for c in "0123456789abcdef" if sum(k.startswith(c) for k in keys) > 1)
+    keys, shared = _seventeen_in_the_default_cache()
     assert cli.main(["cache", "rm", keys[0], shared]) == 2 and "matches" in capsys.readouterr().err
     assert cli.main(["cache", "rm", keys[0], "%"]) == 2 and "no cache entry with key '%'" in capsys.readouterr().err
     with KernelCache() as cache:
