@@ -15,7 +15,7 @@ from tests.helpers import exported_cpu_kernel, small
 
 
 def _entry(key, knobs):
-    return SimpleNamespace(key=key, knobs=knobs, menu_ids=["m1"], workload={"params": {"m": 1}})
+    return SimpleNamespace(key=key, kind="gemm", knobs=knobs, menu_ids=["m1"], workload={"params": {"m": 1}})
 
 
 def test_a_cached_schedule_that_does_not_legalise_is_skipped_with_a_warning(caplog):
