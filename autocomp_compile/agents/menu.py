@@ -125,6 +125,7 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                 lambda k, r: _with_m_tile(w, k, r.choice(_m_tile_options(w, k))),
             ))
         if activation_rows(w) > 1 and simd:
+            other_tile = lambda k, r: {**k, **dict(zip(("pack", "pack_rows"), r.choice(_pack_options(w, k))))}  # noqa: E731
             items += [
                 MenuItem(
                     "pack_panels", "Packed weight panels (outer products)",
@@ -134,14 +135,14 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                     "for NR + V loads, no conversions and no horizontal sums (the classic GEMM micro-kernel, for "
                     "prefill GEMMs that are bound by compute).",
                     lambda k: not k["pack"] and k["isa"] != "scalar" and bool(_pack_options(w, k)),
-                    lambda k, r: {**k, **dict(zip(("pack", "pack_rows"), r.choice(_pack_options(w, k))))},
+                    other_tile,
                 ),
                 MenuItem(
                     "panel_shape", "Reshape the packed tile",
                     "Change the packed tile's activation vectors (V) and weight rows (NR) within the vector "
                     "registers: more rows reuse each activation load, more vectors each broadcast weight.",
                     lambda k: bool(k["pack"]) and bool(_pack_options(w, k)),
-                    lambda k, r: {**k, **dict(zip(("pack", "pack_rows"), r.choice(_pack_options(w, k))))},
+                    other_tile,
                 ),
             ]
         if w.dtype == "bf16" and any(i in ("avx2", "avx512") for i in isas):

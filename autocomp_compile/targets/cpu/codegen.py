@@ -141,8 +141,8 @@ def legalize(w: Workload, knobs: dict[str, Any], isas: list[str]) -> dict[str, A
 
 
 def _legalize_pack(w: Workload, out: dict[str, Any], isas: list[str]) -> None:
-    """Packed panels need a vector ISA and several activation rows; the tile is shrunk (weight rows first) to fit
-    the output rows and the registers, and the knobs only the dot-product kernels read are reset."""
+    """Packed panels need a vector ISA and several activation rows; the tile's weight rows are cut to fit the output
+    rows and the registers, and the knobs only the dot-product kernels read are reset."""
     if out["isa"] == "scalar" or activation_rows(w) < 2:
         out["pack"] = 0
     if not out["pack"]:
@@ -150,14 +150,9 @@ def _legalize_pack(w: Workload, out: dict[str, Any], isas: list[str]) -> None:
         return
     if out["isa"] == "avx512bf16" and "avx512" in isas:
         out["isa"] = "avx512"  # the packed tile multiplies fp32 panels: the same code without vdpbf16ps
-    choices = KNOB_CHOICES["gemv"]["pack_rows"]
-    while out["pack_rows"] > 1 and out["pack_rows"] > output_rows(w):
-        out["pack_rows"] = choices[choices.index(out["pack_rows"]) - 1]
-    while not pack_fits(out["isa"], out["pack"], out["pack_rows"]):
-        if out["pack_rows"] > 1:
-            out["pack_rows"] = choices[choices.index(out["pack_rows"]) - 1]
-        else:
-            out["pack"] -= 1
+    # One weight row always fits: `pack` <= 4 vectors take at most 9 registers.
+    out["pack_rows"] = max(r for r in KNOB_CHOICES["gemv"]["pack_rows"] if r <= out["pack_rows"] and
+                           (r == 1 or (r <= output_rows(w) and pack_fits(out["isa"], out["pack"], r))))
     out.update(PACKED_RESETS)
 
 
