@@ -26,7 +26,7 @@ from rich.table import Table
 from autocomp_compile import get_target, make_workload
 from autocomp_compile.evaluation.worker import IsolatedWorker
 from autocomp_compile.optimize import schedule_seed
-from autocomp_compile.passes.kernels import build_loader, check_loaded, load_kernel
+from autocomp_compile.passes.kernels import build_loader, check_loaded, load_built
 from autocomp_compile.targets.base import require_available
 from autocomp_compile.workload import Workload
 
@@ -61,8 +61,8 @@ def compare(target, w: Workload, schedules: dict[str, dict], rounds: int, timing
     loaders, legal = {}, {}
     for label, knobs in schedules.items():
         cand = schedule_seed(target, w, knobs, f"given: {knobs}", [], f"benchmark:{label}")
-        check_loaded(load_kernel(target, w, cand), w)  # raises on a wrong result: nothing wrong is timed
         loaders[label], legal[label] = build_loader(target, w, cand), cand.knobs
+        check_loaded(load_built(loaders[label]), w)  # raises on a wrong result: nothing wrong is timed
     runs = []
     for _ in range(rounds):  # every build is done before the first timing
         with IsolatedWorker() as worker:

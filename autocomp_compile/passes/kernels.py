@@ -63,7 +63,12 @@ def build_loader(target: Target, workload: Workload, candidate: Candidate) -> tu
 
 def load_kernel(target: Target, workload: Workload, candidate: Candidate) -> KernelFn:
     """Build `candidate` and load it into this process."""
-    loader, args = build_loader(target, workload, candidate)
+    return load_built(build_loader(target, workload, candidate))
+
+
+def load_built(built: tuple[str, tuple]) -> KernelFn:
+    """Load into this process the kernel that `build_loader` built (its loader and the loader's args)."""
+    loader, args = built
     module, _, fn = loader.partition(":")
     try:
         return getattr(importlib.import_module(module), fn)(*args)
