@@ -228,22 +228,41 @@ class Llama(nn.Module):
                 layer.self_attn.kv_cache = KVCache(batch, c.kv_heads, c.max_seq_len, c.head_dim, self.dtype, device)
         self.batch_size = batch
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Logits for every position, or for the last one only (`last_only`, what generation needs)."""
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for every position, for the last one only (`last_only`, what generation needs), or for the
+        sequence indices in `logits_at` (a 1-D int64 tensor on the tokens' device; [batch, len(logits_at), vocab]):
+        the last real token of a prompt padded to a prefill bucket. An index tensor, not an int, so that one
+        compiled graph serves every index."""
         if tokens.dim() != 2 or tokens.shape[0] != self.batch_size:
             raise ValueError(f"tokens must be [batch={self.batch_size}, seq], got {tuple(tokens.shape)}; "
                              "call setup_caches(batch) first")
+        if last_only and logits_at is not None:
+            raise ValueError("pass last_only or logits_at, not both")
         if not torch.compiler.is_compiling():
             self._check_positions(input_pos, tokens.shape[1])
+            if logits_at is not None:
+                self._check_logits_at(logits_at, tokens.shape[1])
         x = self.model.embed_tokens(tokens)
         cos = self.rope_cos[input_pos].to(x.dtype)
         sin = self.rope_sin[input_pos].to(x.dtype)
         mask = self.causal_mask[None, None, input_pos]
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, input_pos)
-        if last_only:
+        if logits_at is not None:
+            x = x.index_select(1, logits_at)
+        elif last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
+
+    @staticmethod
+    def _check_logits_at(logits_at: torch.Tensor, seq: int) -> None:
+        """Refuse indices that are not sequence positions of this call (eager only; values on the CPU only)."""
+        if logits_at.dim() != 1 or logits_at.numel() < 1 or logits_at.dtype != torch.int64:
+            raise ValueError(f"logits_at must be a 1-D int64 tensor of sequence indices, got {logits_at.dtype} of "
+                             f"shape {tuple(logits_at.shape)}")
+        if logits_at.device.type == "cpu" and not (0 <= int(logits_at.min()) and int(logits_at.max()) < seq):
+            raise ValueError(f"logits_at {logits_at.tolist()} must lie in [0, {seq}) (the call's sequence length)")
 
     def _check_positions(self, input_pos: torch.Tensor, seq: int) -> None:
         """Refuse positions the static cache cannot take; eager only (a compiled graph traces no checks).

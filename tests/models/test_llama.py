@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from autocomp_compile.models import build_llama, config_from_hf, generate, get_config, load_pretrained
+from autocomp_compile.models.generate import PrefillChunk, prefill_chunks
 from autocomp_compile.models.llama import LlamaConfig, rope_frequencies
 from autocomp_compile.workload import WorkloadError
 
@@ -28,6 +29,24 @@ def test_forward_shapes_and_last_only():
         last = model(tokens, torch.arange(5), last_only=True)
     assert full.shape == (2, 5, 256) and last.shape == (2, 1, 256)
     torch.testing.assert_close(last[:, 0], full[:, -1])
+
+
+def test_forward_logits_at_picks_sequence_positions_and_checks_them():
+    model = build_llama("tiny-llama", "fp32")
+    model.setup_caches(2)
+    tokens = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        full = model(tokens, torch.arange(6))
+        model.setup_caches(2)
+        picked = model(tokens, torch.arange(6), logits_at=torch.tensor([3, 0]))
+    assert picked.shape == (2, 2, 256)
+    torch.testing.assert_close(picked, full[:, [3, 0]])
+    with pytest.raises(ValueError, match=r"logits_at \[6\] must lie in \[0, 6\)"):
+        model(tokens, torch.arange(6), logits_at=torch.tensor([6]))
+    with pytest.raises(ValueError, match="1-D int64"):
+        model(tokens, torch.arange(6), logits_at=torch.tensor(2))
+    with pytest.raises(ValueError, match="not both"):
+        model(tokens, torch.arange(6), last_only=True, logits_at=torch.tensor([5]))
 
 
 def test_forward_requires_caches_for_the_batch():
@@ -159,3 +178,60 @@ def test_generate_runs_the_prompt_through_prefill_forward():
     g = generate(model, prompt, 4, prefill_forward=prefill)
     assert seen == [5]  # the prompt only; the decode steps used the model
     assert torch.equal(g.tokens, generate(model, prompt, 4).tokens)
+
+
+@pytest.mark.parametrize("length, buckets, chunks", [
+    (5, (), [(0, 5, 5)]),
+    (1, (8, 4), [(0, 1, 4)]),
+    (5, (4, 8), [(0, 5, 8)]),
+    (8, (4, 8), [(0, 8, 8)]),
+    (13, (4, 8, 8), [(0, 8, 8), (8, 5, 8)]),
+    (18, (4, 8), [(0, 8, 8), (8, 8, 8), (16, 2, 4)]),
+    (122, (48,), [(0, 48, 48), (48, 48, 48), (96, 26, 26)]),  # a pad to 144 would run past the 128 positions
+])
+def test_prefill_chunks_pad_to_the_smallest_bucket_and_split_at_the_largest(length, buckets, chunks):
+    assert prefill_chunks(length, buckets, max_seq_len=128) == [PrefillChunk(*c) for c in chunks]
+
+
+@pytest.mark.parametrize("buckets", [(0,), (8, 129), (4.0,), (True,)])
+def test_prefill_buckets_outside_the_cache_are_refused_before_anything_runs(buckets):
+    model = build_llama("tiny-llama", "fp32")
+    ran = []
+    with pytest.raises(ValueError, match=r"prefill buckets must be integers in \[1, max_seq_len=128\]"):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), 2, forward=lambda *a, **k: ran.append(a),
+                 prefill_buckets=buckets)
+    assert not ran
+
+
+@pytest.mark.parametrize("length", [1, 5, 8, 13, 30, 122])
+def test_bucketed_prefill_decodes_the_unpadded_tokens_and_logits(length):
+    """Right padding is exact: no real token attends to a pad, and decoding overwrites each padded cache position
+    before reading it (after 122 tokens, the last chunk runs unpadded: a pad would pass the 128 positions)."""
+    model = build_llama("tiny-llama", "fp32", seed=2)
+    prompt = torch.randint(0, 256, (2, length), generator=torch.Generator().manual_seed(length))
+    steps = min(6, 129 - length)
+    plain = generate(model, prompt, steps, keep_logits=True)
+    for buckets in ((4, 8), (48,)):
+        padded = generate(model, prompt, steps, keep_logits=True, prefill_buckets=buckets)
+        assert torch.equal(padded.tokens, plain.tokens)
+        for a, b in zip(padded.logits, plain.logits):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_buckets_compile_one_graph_per_bucket():
+    """With buckets, prompts of any length reuse the bucket's compiled prefill graph (dynamic=False)."""
+    torch._dynamo.reset()
+    model = build_llama("tiny-llama", "fp32", seed=0)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(example_inputs)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=counting, dynamic=False)
+    for length in (3, 6, 8, 11):
+        prompt = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length))
+        got = generate(model, prompt, 3, forward=compiled, prefill_buckets=(8,))
+        assert torch.equal(got.tokens, generate(model, prompt, 3).tokens)
+    assert len(graphs) == 2  # the 8-token prefill and the 1-token decode step
+    torch._dynamo.reset()

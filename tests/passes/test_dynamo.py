@@ -120,6 +120,26 @@ def test_compact_llama_search_mode_matches_eager_and_never_recompiles_while_deco
     assert configs and all(c["eval"]["timing_budget_ms"] == 20 for c in configs)  # options["timing_ms"]
 
 
+def test_prefill_buckets_serve_every_prompt_length_with_one_prefill_graph_and_its_kernels(dirs):
+    torch._dynamo.reset()
+    model = build_llama("tiny-llama", "fp32", seed=0)
+    compiled = torch.compile(model, backend="autocomp", dynamic=False, options=search_options(dirs))
+    before = len(reports())
+    for length in (5, 8, 13):  # padded to 8; 8; 8 + 5 padded to 8 (a chunk at position 8: attention by PyTorch)
+        prompt = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length))
+        got = generate(model, prompt, 4, forward=compiled, prefill_buckets=(8,), keep_logits=True)
+        eager = generate(model, prompt, 4, keep_logits=True)
+        assert torch.equal(got.tokens, eager.tokens)
+        for a, b in zip(got.logits, eager.logits):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    graphs = reports()[before:]
+    assert len(graphs) == 2, "a prompt length compiled a graph of its own"
+    prefill = next(r for r in graphs if any(d.workload.startswith("mlp_fp32_batch8_") for d in r.decisions))
+    # the LM head reads the last real token's row (index_select), as the decode graph's reads its one row
+    assert {d.workload.split("_")[0] for d in prefill.decisions if d.replaced} >= {"mlp", "attention", "lm"}
+    assert any(d.workload.startswith("lm_head_fp32_batch1_") and d.replaced for d in prefill.decisions)
+
+
 def test_cache_only_reuses_the_searched_kernels_and_reports_misses(dirs):
     torch._dynamo.reset()
     model = build_llama("tiny-llama", "fp32", seed=0)
