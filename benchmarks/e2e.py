@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import datetime
 import hashlib
 import importlib.util
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -43,7 +45,7 @@ from rich.table import Table
 
 import autocomp_compile  # noqa: F401  (registers the backend)
 from autocomp_compile.models import build_llama, config_from_hf, generate, get_config, load_pretrained
-from autocomp_compile.models.generate import Generation
+from autocomp_compile.models.generate import Generation, prefill_chunks
 from autocomp_compile.passes.dynamo import reports
 from autocomp_compile.workload import WorkloadError
 
@@ -53,12 +55,12 @@ import peer_llama_cpp
 console = Console(width=140)
 
 
-def warm(model: str, batch: int, prompt_len: int | None, budget: int, target: str = "cpu") -> None:
+def warm(model: str, batch: int, prefill_lens: list[int], budget: int, target: str = "cpu") -> None:
     """Fill the cache for the decode (and prefill) kernels (in a child process: nothing else runs meanwhile)."""
     cmd = [sys.executable, "-m", "autocomp_compile.cli", "warm", "--model", model, "--batch", str(batch),
            "--target", target, "--budget", str(budget), "--quiet"]
-    if prompt_len:
-        cmd += ["--prefill", str(prompt_len)]
+    for n in prefill_lens:
+        cmd += ["--prefill", str(n)]
     console.print(f"[bold]warming:[/] {' '.join(cmd[2:])}")
     subprocess.run(cmd, check=True)
 
@@ -171,11 +173,14 @@ def autocomp_breakdown(fn, batch: int, pos: int, vocab: int, step: Step = compac
 
 
 def run_variant(name: str, fns: dict, model, prompt: torch.Tensor, steps: int, prefill_fn,
-                ggufs: dict[str, Path], gen: Callable[..., Generation] = generate) -> Generation:
+                ggufs: dict[str, Path], gen: Callable[..., Generation] = generate,
+                buckets: tuple[int, ...] = ()) -> Generation:
     """Greedy decoding by one variant (`gen`: `generate`, or `hf_llama.generate_hf` for transformers' model);
-    llama.cpp's (in a child process) keeps the prompt's logits."""
+    llama.cpp's (in a child process) keeps the prompt's logits. The autocomp variants run the prompt padded to
+    `buckets` (`generate(..., prefill_buckets=...)`), the others as it is."""
     if name not in ggufs:
-        return gen(model, prompt, steps, forward=fns[name], prefill_forward=prefill_fn)
+        extra = {"prefill_buckets": buckets} if buckets and name.startswith("autocomp") else {}
+        return gen(model, prompt, steps, forward=fns[name], prefill_forward=prefill_fn, **extra)
     # 8-bit weights without llama.cpp's AMX repacking: its AMX kernels died with SIGILL on the Xeon (see the module)
     r = peer_llama_cpp.time_llama_cpp(ggufs[name], prompt[0].tolist(), steps, threads=torch.get_num_threads(),
                                       extra_buffers=name == "llama.cpp")
@@ -227,6 +232,7 @@ def run(args: argparse.Namespace) -> dict:
                      "weights": args.weights or "random (seed 0)", "dtype": args.dtype,
                      "device": describe_device(args.device),
                      "threads": torch.get_num_threads(), "eager_prefill": args.eager_prefill,
+                     "autocomp_prefill_buckets": args.prefill_buckets,
                      "date": datetime.datetime.now().isoformat(timespec="seconds"), "runs": [],
                      "torch": torch.__version__}
     if ggufs:
@@ -240,6 +246,7 @@ def run(args: argparse.Namespace) -> dict:
         prompt = torch.randint(0, cfg.vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
         prompt = prompt.to(args.device)
         prefill_fn = model if args.eager_prefill else None
+        buckets = tuple(args.prefill_buckets) if prefill_fn is None else ()
         samples: dict[str, dict[str, list[float]]] = {}
         tokens: dict[str, torch.Tensor] = {}
         llama_cpp_logits: dict[str, torch.Tensor] = {}
@@ -254,7 +261,7 @@ def run(args: argparse.Namespace) -> dict:
         for name in names:
             t0 = time.perf_counter()
             try:
-                run_variant(name, fns, model, prompt, 3, prefill_fn, ggufs, gen)
+                run_variant(name, fns, model, prompt, 3, prefill_fn, ggufs, gen, buckets)
             except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the others
                 failed[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 console.print(f"  [red]{name}: failed[/] {failed[name]}")
@@ -262,11 +269,14 @@ def run(args: argparse.Namespace) -> dict:
             samples[name] = {"prefill": [], "decode": []}
             console.print(f"  {name}: warm-up {time.perf_counter() - t0:.1f} s")
         row: dict = {"batch": batch, "prompt_len": prompt_len, "decode_steps": steps, "failed": failed}
+        if buckets:
+            row["autocomp_prefill_chunks"] = [dataclasses.asdict(c) for c in
+                                              prefill_chunks(prompt_len, buckets, cfg.max_seq_len)]
         results["runs"].append(row)
         for r in range(rounds):
             for name in list(samples):
                 try:
-                    g = run_variant(name, fns, model, prompt, steps, prefill_fn, ggufs, gen)
+                    g = run_variant(name, fns, model, prompt, steps, prefill_fn, ggufs, gen, buckets)
                 except Exception as exc:  # noqa: BLE001 - e.g. llama.cpp's child crashing: the others go on
                     failed[name] = f"round {r + 1}: {type(exc).__name__}: {str(exc)[:300]}"
                     console.print(f"  [red]{name}: failed[/] {failed[name]}")
@@ -301,8 +311,8 @@ def run(args: argparse.Namespace) -> dict:
                 ref0 = generate(model, prompt, 1, forward=model, keep_logits=True).logits[0]
                 row[name]["first_logits_rel_err_vs_eager"] = float((got - ref0).abs().max() / ref0.abs().max())
             elif name != "eager":
-                got = gen(model, prompt, 2, forward=fns[name], prefill_forward=prefill_fn,
-                          keep_logits=True).logits[first]
+                got = run_variant(name, fns, model, prompt, 2, prefill_fn, {}, partial(gen, keep_logits=True),
+                                  buckets).logits[first]
                 row[name]["first_logits_rel_err_vs_eager"] = float((got - ref).abs().max() / ref.abs().max())
         pos = prompt_len + steps // 2
         if args.breakdown and args.device == "cpu":
@@ -421,6 +431,9 @@ def main() -> None:
                    help="also time inductor and autocomp under CUDA graphs (GPU only)")
     p.add_argument("--eager-prefill", action="store_true",
                    help="run every variant's prompt through eager; only decode graphs are compiled")
+    p.add_argument("--prefill-buckets", type=int, nargs="+", default=[], metavar="N",
+                   help="run the autocomp variants' prompts padded to these lengths (generate's prefill_buckets: "
+                   "one compiled graph and one set of warmed kernels per bucket); the others run them unpadded")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the per-step breakdown")
     p.add_argument("--verbose", action="store_true", help="print the backend's replacement summaries")
     p.add_argument("--llama-cpp", nargs="*", choices=peer_llama_cpp.WEIGHT_TYPES, metavar="WEIGHTS",
@@ -456,10 +469,20 @@ def main() -> None:
         missing = peer_llama_cpp.missing_packages()
         if missing:
             p.error(f"--llama-cpp needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+    if args.prefill_buckets:
+        if args.hf or args.eager_prefill:
+            p.error("--prefill-buckets pads the compact model's compiled prefill: not with --hf or --eager-prefill")
+        longest = get_config(args.model).max_seq_len
+        if not all(1 <= n <= longest for n in args.prefill_buckets):
+            p.error(f"--prefill-buckets must lie in [1, {longest}] (the model's max_seq_len)")
     if args.warm:
         for batch in args.batch:
             prompt_len = None if args.eager_prefill else (args.prompt_len if batch == 1 else args.prompt_len_batched)
-            warm(args.model, batch, prompt_len, args.warm, target=args.device)
+            lens = [] if prompt_len is None else [prompt_len]
+            if args.prefill_buckets and prompt_len:
+                lens = sorted({c.padded for c in prefill_chunks(prompt_len, args.prefill_buckets,
+                                                                  get_config(args.model).max_seq_len)})
+            warm(args.model, batch, lens, args.warm, target=args.device)
     res = run(args)
     print_tables(res)
     for d in res["autocomp_replaced"]:
