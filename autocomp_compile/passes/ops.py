@@ -175,6 +175,21 @@ def is_causal_from_start(mask: Optional[Tensor], seq: int, kv_len: int, is_causa
     return bool((valid == expected).all())
 
 
+def attended_keys(mask: Optional[Tensor], kv_len: int) -> int:
+    """How many leading keys some query may see under a mask in host memory over all `kv_len` keys (the last
+    allowed key + 1), so that PyTorch's fallback attends to the filled part of a static cache only, as the
+    model's eager code does on the CPU (a prompt's later chunk over a 2048-position cache, say). `kv_len` when
+    nothing can be cut: no mask, a mask off the CPU (reading it back would stall the device), one broadcast
+    over the keys, a bias, or one that allows no key."""
+    if mask is None or mask.device.type != "cpu" or mask.dim() < 1 or mask.shape[-1] != kv_len:
+        return kv_len
+    allowed = _allowed(mask)
+    if allowed is None:
+        return kv_len
+    seen = torch.nonzero(allowed.reshape(-1, kv_len).any(0))
+    return int(seen[-1]) + 1 if seen.numel() else kv_len
+
+
 def _per_query_row(allowed: Tensor, seq: int, kv_len: int) -> Optional[Tensor]:
     """`allowed` broadcast as SDPA broadcasts a mask (a [B, 1, 1, 1] mask allows every key, a [B, 1, 1, L]
     padding mask applies to every query) and flattened to [-1, seq, kv_len]; None when it does not broadcast."""
@@ -194,9 +209,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal
     """GQA attention, q [B, H, S, D] over k, v [B, Hkv, L, D] (the whole static cache for decode).
 
     Decode (S == 1) runs the kernel with the KV length the mask allows; prefill runs it when the mask
-    is causal from position 0. Anything else is computed by PyTorch, and so is every call made while a
-    CUDA graph is being captured: reading the mask back would break the capture, and a replayed graph
-    would keep the KV length of the step it was captured at.
+    is causal from position 0. Anything else is computed by PyTorch (over the keys the mask lets some query
+    see, `attended_keys`), and so is every call made while a CUDA graph is being captured: reading the mask
+    back would break the capture, and a replayed graph would keep the KV length of the step it was captured at.
     """
     b, h, s, d = q.shape
     result = _bshd(q)
@@ -210,6 +225,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal
             out = q.new_empty(b, h, s, d)
             if _run(key, [q, k[:, :, :s], v[:, :, :s]], out):
                 return result.copy_(out)
+    n = k.shape[2] if is_causal else attended_keys(mask, k.shape[2])  # is_causal aligns to key 0: no cut
+    if n < k.shape[2]:
+        k, v, mask = k[:, :, :n], v[:, :, :n], mask[..., :n]
     return result.copy_(_sdpa(q, k, v, mask, is_causal, 1.0 / math.sqrt(d)))
 
 

@@ -94,6 +94,35 @@ def test_ops_without_a_kernel_compute_the_pytorch_result():
     torch.testing.assert_close(ops.ATTENTION(q, k, k, mask, False, "no-such-key"), want)
 
 
+def test_attended_keys_is_the_last_key_some_query_may_see():
+    causal = torch.ones(64, 64, dtype=torch.bool).tril()
+    chunk = causal[None, None, 8:16]  # the second 8-token chunk of a prompt over a 64-position cache
+    assert ops.attended_keys(chunk, 64) == 16
+    additive = torch.zeros(chunk.shape).masked_fill(~chunk, float("-inf"))
+    assert ops.attended_keys(additive, 64) == 16
+    assert ops.attended_keys(None, 64) == 64
+    assert ops.attended_keys(torch.ones(1, 1, 8, 1, dtype=torch.bool), 64) == 64  # broadcast over the keys
+    assert ops.attended_keys(torch.randn(1, 1, 8, 64), 64) == 64  # a bias: nothing is cut
+    assert ops.attended_keys(torch.zeros(1, 1, 8, 64, dtype=torch.bool), 64) == 64  # no key at all
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_attention_fallback_attends_to_the_keys_the_mask_allows_only(monkeypatch, additive):
+    """A prompt's later chunk over a long static cache: PyTorch computes it over the filled part only, exactly."""
+    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 256, 16), torch.randn(1, 2, 256, 16)
+    mask = torch.ones(256, 256, dtype=torch.bool).tril()[None, None, 40:48]
+    if additive:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    keys = []
+    sdpa = ops._sdpa
+    monkeypatch.setattr(ops, "_sdpa", lambda q, k, *a: keys.append(k.shape[2]) or sdpa(q, k, *a))
+    torch.testing.assert_close(ops.ATTENTION(q, k, v, mask, False, "no-such-key"), want)
+    assert keys == [48]
+    ops.ATTENTION(q, k[:, :, :8], v[:, :, :8], None, True, "no-such-key")  # is_causal: nothing is cut
+    assert keys == [48, 8]
+
+
 @pytest.fixture
 def fake_kernel():
     """A registered 'kernel' (a Python function) for a decode attention workload, recording its calls."""
