@@ -16,6 +16,10 @@ import torch
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+# Per kind, the parameter that counts activation rows (see `Workload.rows_param`).
+ROWS_PARAM = {"gemm": "m", "lm_head": "batch", "mlp": "batch", "rmsnorm": "rows"}
+
+
 class WorkloadError(ValueError):
     """A workload that cannot exist: unknown kind or dtype, impossible shape."""
 
@@ -104,6 +108,13 @@ class Workload:
                 return "tall" if m > n else "wide"
             return "square" if k <= 4 * max(m, n) else "deep"
         return "rows"
+
+    def rows_param(self) -> str | None:
+        """The parameter that counts activation rows (tokens x batch, or a prefill's tokens): what differs between
+        a workload warmed for one prompt length and the same computation at another; None for decode attention."""
+        if self.kind == "attention":
+            return "seq_len" if self.params["phase"] == "prefill" else None
+        return ROWS_PARAM.get(self.kind)
 
     def bytes_moved(self) -> int:
         """Bytes a kernel must read and write at the tuned runtime dims (the roofline's numerator)."""

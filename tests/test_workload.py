@@ -349,3 +349,12 @@ def test_flops_count_multiply_adds_twice():
     mlp = make_workload("mlp", "bf16", batch=2, hidden=64, intermediate=96)
     assert mlp.flops() == 2 * 2 * (2 * 64 * 96 + 96 * 64)
     assert make_workload("rmsnorm", "bf16", rows=1, hidden=64).flops() is None
+
+
+def test_rows_param_names_what_a_prompt_length_changes():
+    assert make_workload("gemm", m=64).rows_param() == "m"
+    assert make_workload("mlp", batch=64).rows_param() == "batch"
+    assert make_workload("lm_head").rows_param() == "batch"
+    assert make_workload("rmsnorm").rows_param() == "rows"
+    assert make_workload("attention", phase="prefill", seq_len=64).rows_param() == "seq_len"
+    assert make_workload("attention").rows_param() is None  # decode: one token, a runtime KV length

@@ -325,6 +325,20 @@ class KernelCache:
             return list(self._entries("WHERE target = ? ORDER BY kind, updated", (target,)))
         return list(self._entries("ORDER BY target, kind, updated"))
 
+    def row_counts(self, target: Any, workload: Workload) -> list[int]:
+        """The other row counts (`Workload.rows_param`: tokens) for which this machine's cache holds `workload`'s
+        computation, every other parameter and the dtype equal: the lengths a prompt can be padded to."""
+        name = workload.rows_param()
+        if name is None:
+            return []
+        fp = target.fingerprint()
+        rows = self._entries("WHERE fingerprint_hash = ? AND codegen = ? AND kind = ?",
+                             (fingerprint_hash(fp), fp.get("codegen", ""), workload.kind))
+        rest = {k: v for k, v in workload.params.items() if k != name}
+        return sorted({e.workload["params"][name] for e in rows if e.workload.get("dtype") == workload.dtype
+                       and {k: v for k, v in e.workload["params"].items() if k != name} == rest}
+                      - {workload.params[name]})
+
     def nearest(self, target: Any, workload: Workload, limit: int = 3) -> list[CacheEntry]:
         """Solved workloads of the same kind (or of a kind that shares its schedule space on this target:
         `target.schedule_kinds`) on the same target, most similar first: same shape class before other

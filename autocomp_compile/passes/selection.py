@@ -144,7 +144,12 @@ class KernelSelector:
                 return Decision(kind, name, 0, False, reason="search found no correct kernel")
         if entry is None:
             warm = "`autocomp-compile warm --deterministic`" if self.deterministic else "`autocomp-compile warm`"
-            return Decision(kind, name, 0, False, reason=f"not in the kernel cache (run {warm} or use mode='search')")
+            reason = f"not in the kernel cache (run {warm} or use mode='search')"
+            others = self.cache.row_counts(self.target, workload)
+            if others:
+                reason += (f"; cached for {workload.rows_param()} = {', '.join(map(str, others))} "
+                           "(generate(..., prefill_buckets=...) pads prompts to warmed lengths)")
+            return Decision(kind, name, 0, False, reason=reason)
         speedup = entry.speedup
         if self.deterministic and not entry.reproducible:
             return Decision(kind, name, 0, False, source, speedup, key=entry.key,

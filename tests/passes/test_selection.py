@@ -91,3 +91,30 @@ def test_an_imported_kernel_is_checked_here_before_it_replaces_a_subgraph(tmp_pa
     else:
         assert len(left) == 1 and not left[0].unchecked and left[0].latency_ms > 1e-6
         assert d.speedup == pytest.approx(left[0].speedup)
+
+
+def _cache_naive(cache_dir, w):
+    cpu = get_target("cpu")
+    cand = cpu.lower(w)
+    cand.result = EvalResult(correct=True, stage="ok", latency_ms=1.0, baseline_ms=2.0)
+    with KernelCache(cache_dir / "kernels.sqlite") as cache:
+        assert cache.put(cpu, w, cand)
+
+
+def test_a_miss_names_the_row_counts_the_cache_holds_for_that_shape(tmp_path):
+    """A prompt length nobody warmed: the miss says which lengths are cached, and how to pad prompts to them."""
+    for m in (8, 4):
+        _cache_naive(tmp_path, make_workload("gemm", "fp32", m=m, n=16, k=32))
+    _cache_naive(tmp_path, make_workload("gemm", "fp32", m=16, n=24, k=32))  # another shape: not named
+    _cache_naive(tmp_path, make_workload("gemm", "bf16", m=16, n=16, k=32))  # another dtype: not named
+    sel = KernelSelector(get_target("cpu"), cache_dir=str(tmp_path), verbose=False)
+    try:
+        miss = sel.decide(make_workload("gemm", "fp32", m=5, n=16, k=32))
+        other = sel.decide(make_workload("gemm", "fp32", m=5, n=8, k=32))
+    finally:
+        sel.close()
+        REGISTRY.clear()
+    assert not miss.replaced
+    assert miss.reason.endswith("; cached for m = 4, 8 (generate(..., prefill_buckets=...) pads prompts to warmed "
+                                "lengths)"), miss.reason
+    assert other.reason == "not in the kernel cache (run `autocomp-compile warm` or use mode='search')"
