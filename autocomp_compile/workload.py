@@ -109,6 +109,11 @@ class Workload:
             return "square" if k <= 4 * max(m, n) else "deep"
         return "rows"
 
+    def arithmetic_intensity(self) -> float | None:
+        """Flops per byte moved (`flops() / bytes_moved()`) of a GEMV-family workload; None for the other kinds."""
+        flops = self.flops()
+        return None if flops is None else flops / self.bytes_moved()
+
     def rows_param(self) -> str | None:
         """The parameter that counts activation rows (tokens x batch, or a prefill's tokens): what differs between
         a workload warmed for one prompt length and the same computation at another; None for decode attention."""

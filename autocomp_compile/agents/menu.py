@@ -13,7 +13,7 @@ from typing import Any, Callable
 from autocomp_compile.targets.cpu.codegen import (
     KNOB_CHOICES, activation_rows, family, isa_applies, m_tile_fits, output_rows, pack_fits, spans_fit,
 )
-from autocomp_compile.targets.cpu.isa import VECTOR_WIDTH
+from autocomp_compile.targets.cpu.isa import VECTOR_REGISTERS, VECTOR_WIDTH
 from autocomp_compile.workload import Workload
 
 Knobs = dict[str, Any]
@@ -26,6 +26,9 @@ class MenuItem:
     description: str
     applies: Callable[[Knobs], bool]
     apply: Callable[[Knobs, random.Random], Knobs]
+    # "compute" for an item that raises arithmetic throughput (more FMAs per instruction, per load, per
+    # conversion), which a compute-bound workload needs first (`ScheduleProposer`); "" for the others.
+    relieves: str = ""
 
     def as_text(self) -> str:
         return f"- [{self.id}] {self.title}: {self.description}"
@@ -50,6 +53,7 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
             f"({', '.join(simd)}), converting bf16 to fp32 in registers.",
             lambda k: k["isa"] == "scalar",
             lambda k, r: {**k, "isa": r.choice(simd)},
+            "compute",
         ))
     wider = [i for i in simd if i.startswith("avx512")]
     if wider:
@@ -59,6 +63,7 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
             lambda k: k["isa"] == "avx2",
             # a packed kernel multiplies fp32 panels: with AVX512-BF16 it is the AVX-512 kernel (legalize)
             lambda k, r: {**k, "isa": r.choice([i for i in wider if not (k.get("pack") and i == "avx512bf16")] or wider)},
+            "compute",
         ))
     items += [
         MenuItem(
@@ -123,6 +128,7 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                 "compute, not by memory).",
                 lambda k: dots(k) and bool(_m_tile_options(w, k)),
                 lambda k, r: _with_m_tile(w, k, r.choice(_m_tile_options(w, k))),
+                "compute",
             ))
         if activation_rows(w) > 1 and simd:
             other_tile = lambda k, r: {**k, **dict(zip(("pack", "pack_rows"), r.choice(_pack_options(w, k))))}  # noqa: E731
@@ -135,7 +141,8 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                     "for NR + V loads, no conversions and no horizontal sums (the classic GEMM micro-kernel, for "
                     "prefill GEMMs that are bound by compute).",
                     lambda k: not k["pack"] and k["isa"] != "scalar" and bool(_pack_options(w, k)),
-                    other_tile,
+                    lambda k, r: {**k, **dict(zip(("pack", "pack_rows"), _first_panel(w, k)))},
+                    "compute",
                 ),
                 MenuItem(
                     "panel_shape", "Reshape the packed tile",
@@ -143,6 +150,7 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                     "registers: more rows reuse each activation load, more vectors each broadcast weight.",
                     lambda k: bool(k["pack"]) and bool(_pack_options(w, k)),
                     other_tile,
+                    "compute",
                 ),
             ]
         if w.dtype == "bf16" and any(i in ("avx2", "avx512") for i in isas):
@@ -159,6 +167,7 @@ def cpu_menu(w: Workload, isas: list[str]) -> list[MenuItem]:
                 "Keep the activation in bf16 and use vdpbf16ps: 32 products per instruction, fp32 accumulation.",
                 lambda k: dots(k) and k["isa"] != "avx512bf16",
                 lambda k, r: {**k, "isa": "avx512bf16", "bf16_split": False},
+                "compute",
             ))
         if w.kind == "mlp":
             items.append(MenuItem(
@@ -286,6 +295,17 @@ def _with_m_tile(w: Workload, k: Knobs, m_tile: int) -> Knobs:
     unroll = k["unroll"] if m_tile_fits(w, m_tile, 1, k["unroll"]) else 1
     fits = [r for r in KNOB_CHOICES["gemv"]["rows"] if r <= k["rows"] and m_tile_fits(w, m_tile, r, unroll)]
     return {**k, "m_tile": m_tile, "unroll": unroll, "rows": max(fits, default=1), "spans": 1}
+
+
+def _first_panel(w: Workload, k: Knobs) -> tuple[int, int]:
+    """The packed tile `pack_panels` starts from: the most FMAs per load (V x NR over V + NR loads) among the tiles
+    that leave a vector register spare, larger tiles first among equals: the analytical choice of a GEMM micro-kernel
+    (2 x 6 on AVX2's 16 registers, the fastest tile measured on an AMD EPYC; a random tile, as before, was most
+    often a small one, slower than the dot-product kernels, and the search dropped panels there). `panel_shape`
+    then tries the others."""
+    options = _pack_options(w, k)
+    spare = [(v, r) for v, r in options if v * r + v + 2 <= VECTOR_REGISTERS.get(k["isa"], 0)] or options
+    return max(spare, key=lambda t: (t[0] * t[1] / (t[0] + t[1]), t[0] * t[1]))
 
 
 def _pack_options(w: Workload, k: Knobs) -> list[tuple[int, int]]:

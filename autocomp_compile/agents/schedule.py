@@ -18,6 +18,14 @@ class Proposer(Protocol):
         """Children of `parent`: up to n_plans plans with up to n_impls implementations each."""
 
 
+def bound_by(workload: Workload, target: Any) -> str:
+    """"compute" when the workload's arithmetic intensity reaches the target's `compute_bound_intensity` (flops
+    per byte from which arithmetic, not memory, bounds it there); "" otherwise or when either does not say."""
+    ridge = getattr(target, "compute_bound_intensity", None)
+    intensity = workload.arithmetic_intensity()
+    return "compute" if ridge is not None and intensity is not None and intensity >= ridge else ""
+
+
 class ScheduleProposer:
     """Menu-driven schedule transformations (the offline stand-in for an LLM planner)."""
 
@@ -42,14 +50,19 @@ class ScheduleProposer:
         if knobs is None:
             return []  # code without a schedule (e.g. LLM-written) cannot be transformed offline
         applicable = [m for m in target.menu(workload) if m.applies(knobs)]
+        bound = bound_by(workload, target)
         children: list[Candidate] = []
         seen: set[str] = set()
         for p in range(n_plans):
             if not applicable:
                 break
+            # A parent's first plan relieves what bounds the workload where the menu says which items do: a
+            # prefill GEMM's search otherwise spends most of its budget on prefetching and threading and can
+            # end without ever trying packed panels (2x on a 64-row MLP).
+            favoured = [m for m in applicable if bound and m.relieves == bound] if p == 0 else []
             # Plans for one parent are distinct menu items: a second draw of the same item would mostly
             # re-propose the first one's kernels and spend the budget on near-duplicates.
-            item = self._draw_plan(applicable, rng)
+            item = self._draw_plan(favoured or applicable, rng)
             applicable = [m for m in applicable if m is not item]
             for i in range(n_impls):
                 new = target.legalize(workload, item.apply(dict(knobs), rng))

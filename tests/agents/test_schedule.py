@@ -94,3 +94,30 @@ def test_high_dropout_still_proposes():
     root = TARGET.lower(w)
     children = ScheduleProposer(dropout=0.99, max_redraws=1).propose(root, w, TARGET, "", 2, 1, random.Random(0), 1)
     assert children
+
+
+def test_a_compute_bound_workload_gets_a_compute_item_as_each_parents_first_plan():
+    """A 64-row GEMM (60 flops per byte, above the CPU target's 16): each parent's first plan relieves compute
+    when such an item applies; its other plans, and every plan of a decode GEMV (1 flop per byte), come from the
+    whole menu."""
+    from autocomp_compile.agents.schedule import bound_by
+    from autocomp_compile.workload import make_workload
+
+    prefill, decode = make_workload("gemm", "bf16", m=64, n=256, k=512), make_workload("gemm", "bf16", m=1, n=256, k=512)
+    assert (bound_by(prefill, TARGET), bound_by(decode, TARGET)) == ("compute", "")
+    vectorized = TARGET.lower(prefill)
+    vectorized.knobs = TARGET.legalize(prefill, {**vectorized.knobs, "isa": "avx2", "threads": "static"})
+    relieves = {m.id: m.relieves for m in TARGET.menu(prefill)}
+    firsts, others = set(), set()
+    for seed in range(30):
+        children = _propose(vectorized, prefill, seed, n_plans=3, n_impls=1)
+        plans = [c.menu_ids[-1] for c in children]
+        firsts.add(plans[0])
+        others.update(plans[1:])
+    assert firsts and all(relieves[i] == "compute" for i in firsts), firsts
+    assert {"pack_panels", "register_tile"} <= firsts
+    assert any(relieves[i] != "compute" for i in others)
+    decode_root = TARGET.lower(decode)
+    decode_root.knobs = TARGET.legalize(decode, {**decode_root.knobs, "isa": "avx2", "threads": "static"})
+    decode_firsts = {_propose(decode_root, decode, s, n_plans=1, n_impls=1)[0].menu_ids[-1] for s in range(30)}
+    assert any({m.id: m.relieves for m in TARGET.menu(decode)}[i] != "compute" for i in decode_firsts)

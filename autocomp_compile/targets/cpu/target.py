@@ -24,6 +24,10 @@ class CpuTarget(ScheduleSpaceTarget):
     language = "c"
     codegen = codegen
     naive_plan = "Naive translation of the PyTorch reference: scalar loops, one thread."
+    # Flops per byte moved from which a workload is bound by arithmetic here: above the ridge point of the hosts
+    # measured (an AVX2 EPYC: 178 GFLOP/s over 17-35 GB/s, 5-10; an AVX-512 Xeon about 11). Prefill and batch-32
+    # GEMMs (32-64 flops per byte in bf16) are above it, decode GEMVs (about 1) far below.
+    compute_bound_intensity = 16.0
 
     def __init__(self, isas: list[str] | None = None):
         self.isas = isas or supported_isas()
