@@ -19,27 +19,18 @@ def test_unknown_model_and_bad_config_are_clear_errors():
         LlamaConfig(hidden=64, intermediate=128, heads=4, kv_heads=3, head_dim=16, vocab=10, layers=1)
 
 
-def test_forward_shapes_and_last_only():
-    model = build_llama("tiny-llama", "fp32")
-    model.setup_caches(2)
-    tokens = torch.randint(0, 256, (2, 5))
-    with torch.no_grad():
-        full = model(tokens, torch.arange(5))
-        model.setup_caches(2)
-        last = model(tokens, torch.arange(5), last_only=True)
-    assert full.shape == (2, 5, 256) and last.shape == (2, 1, 256)
-    torch.testing.assert_close(last[:, 0], full[:, -1])
-
-
-def test_forward_logits_at_picks_sequence_positions_and_checks_them():
+def test_forward_shapes_last_only_and_logits_at():
     model = build_llama("tiny-llama", "fp32")
     model.setup_caches(2)
     tokens = torch.randint(0, 256, (2, 6))
     with torch.no_grad():
         full = model(tokens, torch.arange(6))
         model.setup_caches(2)
+        last = model(tokens, torch.arange(6), last_only=True)
+        model.setup_caches(2)
         picked = model(tokens, torch.arange(6), logits_at=torch.tensor([3, 0]))
-    assert picked.shape == (2, 2, 256)
+    assert full.shape == (2, 6, 256) and last.shape == (2, 1, 256) and picked.shape == (2, 2, 256)
+    torch.testing.assert_close(last[:, 0], full[:, -1])
     torch.testing.assert_close(picked, full[:, [3, 0]])
     with pytest.raises(ValueError, match=r"logits_at \[6\] must lie in \[0, 6\)"):
         model(tokens, torch.arange(6), logits_at=torch.tensor([6]))
