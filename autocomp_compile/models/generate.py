@@ -1,6 +1,7 @@
 """Greedy generation over the compact Llama's static KV cache, with per-phase timings."""
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -49,12 +50,14 @@ def prefill_chunks(length: int, buckets: Sequence[int], max_seq_len: int) -> lis
     bucket lengths (one graph and one set of cached kernels per bucket, whatever the prompt's length). A pad that
     would run past the cache's `max_seq_len` positions is left off (that last chunk runs at its own length).
     """
-    bad = [b for b in buckets if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= max_seq_len]
+    buckets = list(buckets)  # a NumPy array has no truth value
+    bad = [b for b in buckets
+           if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 1 <= b <= max_seq_len]
     if bad:
         raise ValueError(f"prefill buckets must be integers in [1, max_seq_len={max_seq_len}], got {bad}")
     if not buckets:
         return [PrefillChunk(0, length, length)]
-    sizes = sorted(set(buckets))
+    sizes = sorted({int(b) for b in buckets})  # NumPy integers too
     chunks, start = [], 0
     while length - start > sizes[-1]:
         chunks.append(PrefillChunk(start, sizes[-1], sizes[-1]))
@@ -119,7 +122,7 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, forward: F
                          "max_seq_len holds more")
     forward = model if forward is None else forward
     prefill_forward = forward if prefill_forward is None else prefill_forward
-    if prefill_buckets:
+    if len(prefill_buckets):
         prefill = bucketed_prefill(prefill_forward, prefill_buckets, model.config.max_seq_len)
     else:
         prefill = lambda ids, pos: prefill_forward(ids, pos, last_only=True)[:, -1]  # noqa: E731

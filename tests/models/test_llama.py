@@ -184,6 +184,17 @@ def test_prefill_chunks_pad_to_the_smallest_bucket_and_split_at_the_largest(leng
     assert prefill_chunks(length, buckets, max_seq_len=128) == [PrefillChunk(*c) for c in chunks]
 
 
+def test_prefill_buckets_may_be_numpy_integers():
+    import numpy as np
+
+    chunks = prefill_chunks(13, np.array([4, 8]), max_seq_len=128)
+    assert chunks == [PrefillChunk(0, 8, 8), PrefillChunk(8, 5, 8)] and type(chunks[0].padded) is int
+    model = build_llama("tiny-llama", "fp32", seed=2)
+    prompt = torch.randint(0, 256, (1, 13), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(generate(model, prompt, 3, prefill_buckets=np.array([4, 8])).tokens,
+                       generate(model, prompt, 3).tokens)
+
+
 @pytest.mark.parametrize("buckets", [(0,), (8, 129), (4.0,), (True,)])
 def test_prefill_buckets_outside_the_cache_are_refused_before_anything_runs(buckets):
     model = build_llama("tiny-llama", "fp32")
