@@ -99,7 +99,7 @@ class Workload:
         if self.kind == "attention":
             return str(self.params["phase"])
         if self.kind in ("gemm", "lm_head", "mlp"):
-            m = self.params.get("m", self.params.get("batch", 1))
+            m = self.params[self.rows_param()]
             if m <= 8:
                 return "gemv"
             n = self.params.get("n", self.params.get("vocab", self.params.get("hidden", 1)))

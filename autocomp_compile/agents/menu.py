@@ -13,7 +13,7 @@ from typing import Any, Callable
 from autocomp_compile.targets.cpu.codegen import (
     KNOB_CHOICES, activation_rows, family, isa_applies, m_tile_fits, output_rows, pack_fits, spans_fit,
 )
-from autocomp_compile.targets.cpu.isa import VECTOR_REGISTERS, VECTOR_WIDTH
+from autocomp_compile.targets.cpu.isa import VECTOR_WIDTH
 from autocomp_compile.workload import Workload
 
 Knobs = dict[str, Any]
@@ -304,7 +304,7 @@ def _first_panel(w: Workload, k: Knobs) -> tuple[int, int]:
     often a small one, slower than the dot-product kernels, and the search dropped panels there). `panel_shape`
     then tries the others."""
     options = _pack_options(w, k)
-    spare = [(v, r) for v, r in options if v * r + v + 2 <= VECTOR_REGISTERS.get(k["isa"], 0)] or options
+    spare = [(v, r) for v, r in options if pack_fits(k["isa"], v, r, spare=1)] or options
     return max(spare, key=lambda t: (t[0] * t[1] / (t[0] + t[1]), t[0] * t[1]))
 
 

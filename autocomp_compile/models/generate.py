@@ -68,14 +68,15 @@ def prefill_chunks(length: int, buckets: Sequence[int], max_seq_len: int) -> lis
     return chunks
 
 
-def bucketed_prefill(forward: Forward, buckets: Sequence[int], max_seq_len: int) -> Step:
-    """A prefill step that runs the prompt through `forward` in `prefill_chunks`, each padded on the right with
-    token 0, and returns the logits of the prompt's last real token. Exact for a causal model over a static cache:
-    no real token attends to a pad, and decoding overwrites each padded cache position before it reads it."""
+def bucketed_prefill(forward: Forward, chunks: Sequence[PrefillChunk]) -> Step:
+    """A prefill step that runs the prompt through `forward` in `chunks` (`prefill_chunks` of its length), each
+    padded on the right with token 0, and returns the logits of the prompt's last real token. Exact for a causal
+    model over a static cache: no real token attends to a pad, and decoding overwrites each padded cache position
+    before it reads it."""
 
     def run(prompt: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         logits = None
-        for c in prefill_chunks(prompt.shape[1], buckets, max_seq_len):
+        for c in chunks:
             # a new tensor: a slice of a longer prompt keeps its strides, on which a compiled graph guards
             ids = prompt.new_zeros(prompt.shape[0], c.padded)
             ids[:, : c.tokens] = prompt[:, c.start : c.start + c.tokens]
@@ -111,7 +112,7 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, forward: F
                          f"{int(prompt.min())}..{int(prompt.max())}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    prefill_chunks(length, prefill_buckets, model.config.max_seq_len)  # bad buckets fail before anything runs
+    chunks = prefill_chunks(length, prefill_buckets, model.config.max_seq_len)  # bad buckets fail before anything runs
     if max_new_tokens == 0:  # nothing to generate: the prompt is not run
         return Generation(torch.empty(batch, 0, dtype=torch.long), prefill_s=0.0)
     # the last new token is never fed back: positions up to length + max_new_tokens - 2 are written
@@ -123,7 +124,7 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, forward: F
     forward = model if forward is None else forward
     prefill_forward = forward if prefill_forward is None else prefill_forward
     if len(prefill_buckets):
-        prefill = bucketed_prefill(prefill_forward, prefill_buckets, model.config.max_seq_len)
+        prefill = bucketed_prefill(prefill_forward, chunks)
     else:
         prefill = lambda ids, pos: prefill_forward(ids, pos, last_only=True)[:, -1]  # noqa: E731
     model.setup_caches(batch)

@@ -64,10 +64,10 @@ def m_tile_fits(w: Workload, m_tile: int, rows: int, unroll: int) -> bool:
     return m_tile <= activation_rows(w) and m_tile * rows * unroll <= MAX_ACCUMULATORS
 
 
-def pack_fits(isa: str, pack: int, pack_rows: int) -> bool:
+def pack_fits(isa: str, pack: int, pack_rows: int, spare: int = 0) -> bool:
     """Whether a packed-panel tile of `pack` activation vectors x `pack_rows` weight rows fits the ISA's vector
-    registers: an accumulator per pair, the `pack` activation vectors and one broadcast weight."""
-    return pack * pack_rows + pack + 1 <= VECTOR_REGISTERS.get(isa, 0)
+    registers: an accumulator per pair, the `pack` activation vectors and one broadcast weight (and `spare` more)."""
+    return pack * pack_rows + pack + 1 + spare <= VECTOR_REGISTERS.get(isa, 0)
 
 
 def spans_fit(w: Workload, spans: int, rows: int, unroll: int) -> bool:
